@@ -1,0 +1,78 @@
+from django.contrib import admin
+from django.db.models import Count
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from steering_app.models import ApiToken, Dataset, Feature, LanguageModel, SteeringRun, Training
+
+
+@admin.register(LanguageModel)
+class LanguageModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "architecture", "num_layers", "hidden_size", "status", "created_at"]
+    list_filter = ["status", "architecture"]
+    search_fields = ["name", "source"]
+    readonly_fields = ["architecture", "num_layers", "hidden_size", "created_at"]
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    list_display = ["name", "source", "num_tokens"]
+    search_fields = ["name", "source", "description"]
+
+
+@admin.register(Training)
+class TrainingAdmin(admin.ModelAdmin):
+    list_display = ["id", "model", "dataset", "encoder_type", "hook_layer", "d_sae", "status", "feature_count",
+                    "created_at"]
+    list_filter = ["status", "encoder_type", "model"]
+    search_fields = ["hook_name", "model__name", "dataset__name"]
+    readonly_fields = ["stats", "d_in", "d_sae", "hook_name", "checkpoint_path", "created_at", "completed_at",
+                       "features_link"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("model", "dataset").annotate(
+            _feature_count=Count("features")
+        )
+
+    @admin.display(description="features", ordering="_feature_count")
+    def feature_count(self, training):
+        return training._feature_count
+
+    @admin.display(description="features")
+    def features_link(self, training):
+        url = reverse("admin:steering_app_feature_changelist") + f"?training__id__exact={training.pk}"
+        return format_html('<a href="{}">{} features</a>', url, training.features.count())
+
+
+@admin.register(Feature)
+class FeatureAdmin(admin.ModelAdmin):
+    list_display = ["index", "label", "training", "max_activation", "activation_frequency"]
+    list_filter = ["training"]
+    search_fields = ["label", "description", "=index"]
+    readonly_fields = ["training", "index", "max_activation", "activation_frequency", "top_tokens"]
+    list_select_related = ["training__model", "training__dataset"]
+
+
+@admin.register(SteeringRun)
+class SteeringRunAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "training", "method", "status", "created_at", "finished_at"]
+    list_filter = ["status", "method", "training"]
+    search_fields = ["prompt", "owner__username"]
+    readonly_fields = ["unsteered_output", "steered_output", "metrics", "timings", "error", "created_at",
+                       "started_at", "finished_at"]
+    list_select_related = ["owner", "training__model", "training__dataset"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["user", "name", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at"]
+    search_fields = ["user__username", "name"]
+    readonly_fields = ["token_hash", "created_at", "last_used_at"]
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset):
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} token(s).")

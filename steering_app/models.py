@@ -1,0 +1,220 @@
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class LanguageModel(models.Model):
+    class Status(models.TextChoices):
+        READY = "ready"
+        ERROR = "error"
+
+    name = models.CharField(max_length=200, unique=True)
+    source = models.CharField(max_length=1000, help_text="Hub id, local directory, .gguf path or smollm2-demo")
+    architecture = models.CharField(max_length=100)
+    num_layers = models.PositiveIntegerField()
+    hidden_size = models.PositiveIntegerField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.READY)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=["ready", "error"]), name="languagemodel_status_valid"),
+            models.CheckConstraint(condition=Q(num_layers__gte=1), name="languagemodel_num_layers_positive"),
+            models.CheckConstraint(condition=Q(hidden_size__gte=1), name="languagemodel_hidden_size_positive"),
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class Dataset(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    source = models.CharField(max_length=1000, help_text="Text file, directory of text files, or demo")
+    description = models.TextField(blank=True)
+    num_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class Training(models.Model):
+    """An SAE training job; a completed one defines a feature space over one layer of one model."""
+
+    class EncoderType(models.TextChoices):
+        STANDARD = "standard"
+        TOPK = "topk"
+        JUMPRELU = "jumprelu"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+
+    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="trainings")
+    dataset = models.ForeignKey(Dataset, on_delete=models.SET_NULL, null=True, blank=True, related_name="trainings")
+    encoder_type = models.CharField(max_length=10, choices=EncoderType.choices)
+    hook_layer = models.PositiveIntegerField()
+    hook_name = models.CharField(max_length=200)
+    d_in = models.PositiveIntegerField()
+    d_sae = models.PositiveIntegerField()
+    checkpoint_path = models.CharField(max_length=1000)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    error = models.TextField(blank=True)
+    stats = models.JSONField(default=dict, blank=True, help_text="explained_variance, l0, dead_fraction")
+    created_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "-created_at"], name="training_status_created")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(encoder_type__in=["standard", "topk", "jumprelu"]), name="training_encoder_type_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["pending", "running", "completed", "failed"]), name="training_status_valid"
+            ),
+            models.CheckConstraint(condition=Q(d_in__gte=1) & Q(d_sae__gte=1), name="training_dims_positive"),
+        ]
+
+    def __str__(self):
+        dataset = self.dataset.name if self.dataset_id else "no dataset"
+        return f"{self.get_encoder_type_display()} SAE • {self.model.name} • {dataset} • layer {self.hook_layer}"
+
+    @property
+    def is_completed(self) -> bool:
+        return self.status == self.Status.COMPLETED
+
+
+class Feature(models.Model):
+    training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="features")
+    index = models.PositiveIntegerField()
+    label = models.CharField(max_length=300, blank=True)
+    description = models.TextField(blank=True)
+    max_activation = models.FloatField(null=True, blank=True, help_text="Empty when unknown: steering then uses 1")
+    activation_frequency = models.FloatField(null=True, blank=True)
+    top_tokens = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["training", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["training", "index"], name="feature_unique_index_per_training"),
+            models.CheckConstraint(
+                condition=Q(activation_frequency__isnull=True)
+                | (Q(activation_frequency__gte=0) & Q(activation_frequency__lte=1)),
+                name="feature_activation_frequency_range",
+            ),
+        ]
+        indexes = [models.Index(fields=["training", "label"], name="feature_training_label")]
+
+    def __str__(self):
+        return f"#{self.index} {self.label}"
+
+    @property
+    def steering_scale(self) -> float:
+        """a_i of the additive steering formula: the strongest observed activation, 1 when unknown."""
+        return self.max_activation if self.max_activation and self.max_activation > 0 else 1.0
+
+
+class SteeringRun(models.Model):
+    class Method(models.TextChoices):
+        ADDITIVE = "additive"
+        MULTIPLICATIVE = "multiplicative"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="steering_runs")
+    training = models.ForeignKey(Training, on_delete=models.PROTECT, related_name="runs")
+    prompt = models.TextField()
+    features = models.JSONField(default=list, help_text='[{"feature_id": index, "coefficient": c}]')
+    intervention_layers = models.JSONField(default=list)
+    method = models.CharField(max_length=20, choices=Method.choices, default=Method.ADDITIVE)
+    temperature = models.FloatField(default=0.7)
+    max_new_tokens = models.PositiveIntegerField(default=64)
+    seed = models.BigIntegerField()
+    chat = models.BooleanField(default=False)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    unsteered_output = models.TextField(blank=True)
+    steered_output = models.TextField(blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    timings = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"], name="run_owner_created"),
+            models.Index(fields=["status", "created_at"], name="run_status_created"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(method__in=["additive", "multiplicative"]), name="run_method_valid"),
+            models.CheckConstraint(
+                condition=Q(status__in=["queued", "running", "completed", "failed"]), name="run_status_valid"
+            ),
+            models.CheckConstraint(condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="run_temperature_range"),
+            models.CheckConstraint(condition=Q(max_new_tokens__gte=1), name="run_max_new_tokens_positive"),
+        ]
+
+    def __str__(self):
+        return f"Run {self.pk} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
+
+    @property
+    def group_name(self) -> str:
+        return f"steering-run-{self.pk}"
+
+
+class ApiToken(models.Model):
+    """A per-user bearer token for scripts; only its SHA-256 is stored, the token is shown once."""
+
+    PREFIX = "stl_"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.user} {self.name or self.pk}"
+
+    @staticmethod
+    def hash(raw: str) -> str:
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name: str = "") -> tuple["ApiToken", str]:
+        raw = cls.PREFIX + secrets.token_urlsafe(32)
+        return cls.objects.create(user=user, name=name, token_hash=cls.hash(raw)), raw
+
+    @classmethod
+    def user_for(cls, raw: str):
+        token = cls.objects.select_related("user").filter(token_hash=cls.hash(raw), revoked_at__isnull=True).first()
+        if token is None or not token.user.is_active:
+            return None
+        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        return token.user

@@ -1,0 +1,99 @@
+"""Parsing of SteerLab's environment variables.
+
+Each parser takes the environment mapping explicitly so tests can feed it a dict; a bad value raises
+ImproperlyConfigured naming the variable, so a misconfigured deployment fails at start-up, not mid-run.
+"""
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ImproperlyConfigured(f"{name} must be one of 1/0, true/false, yes/no, on/off; got {raw!r}")
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer; got {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}; got {value}")
+    return value
+
+
+def env_list(env: Mapping[str, str], name: str, default: list[str]) -> list[str]:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def secret_key(env: Mapping[str, str], debug: bool) -> str:
+    key = env.get("SECRET_KEY", "")
+    if key:
+        return key
+    if debug:
+        return "insecure-development-key-only-for-debug"
+    raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+
+
+def device(env: Mapping[str, str]) -> str:
+    value = env.get("STEERLAB_DEVICE", "auto").strip().lower() or "auto"
+    if not DEVICE_PATTERN.match(value):
+        raise ImproperlyConfigured(f"STEERLAB_DEVICE must be auto, cpu, cuda or cuda:N; got {value!r}")
+    return value
+
+
+def data_dir(env: Mapping[str, str], base_dir: Path) -> Path:
+    raw = env.get("STEERLAB_DATA_DIR", "").strip()
+    path = Path(raw) if raw else base_dir / "var"
+    if path.exists() and not path.is_dir():
+        raise ImproperlyConfigured(f"STEERLAB_DATA_DIR must be a directory; {path} is a file")
+    return path.resolve()
+
+
+def database(env: Mapping[str, str], data_path: Path) -> dict:
+    url = env.get("DATABASE_URL", "").strip()
+    if not url:
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": data_path / "steerlab.sqlite3"}
+    import dj_database_url
+
+    if not url.startswith(("postgres://", "postgresql://", "sqlite://")):
+        raise ImproperlyConfigured(f"DATABASE_URL must be a postgres:// or sqlite:// URL; got {url!r}")
+    try:
+        return dj_database_url.parse(url, conn_max_age=60)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"DATABASE_URL is malformed: {error}") from None
+
+
+def channel_layers(env: Mapping[str, str]) -> dict:
+    url = env.get("REDIS_URL", "").strip()
+    if not url:
+        return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL; got {url!r}")
+    return {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [url], "capacity": 1500, "expiry": 120},
+        }
+    }

@@ -1,0 +1,101 @@
+"""SteerLab settings: one file, driven by environment variables (see README, "Configuration").
+
+With no variables set this is the embedded default: SQLite under the data dir, an in-memory channel layer
+and a worker thread inside the daphne process. DATABASE_URL and REDIS_URL switch to the lab deployment.
+"""
+
+import os
+from pathlib import Path
+
+from steerproject import env
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+ENV = os.environ
+
+DEBUG = env.env_bool(ENV, "DEBUG", default=False)
+SECRET_KEY = env.secret_key(ENV, DEBUG)
+ALLOWED_HOSTS = env.env_list(ENV, "ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env.env_list(ENV, "CSRF_TRUSTED_ORIGINS", [])
+
+STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
+STEERLAB_DEVICE = env.device(ENV)
+STEERLAB_MAX_NEW_TOKENS = env.env_int(ENV, "STEERLAB_MAX_NEW_TOKENS", default=512)
+STEERLAB_RUN_TIMEOUT = env.env_int(ENV, "STEERLAB_RUN_TIMEOUT", default=120)
+# daphne serves /static/ itself unless a front proxy does (set STEERLAB_SERVE_STATIC=0 behind nginx).
+STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
+# The engine reads these two from the environment (it imports nothing from Django): keep them in step.
+os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
+os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
+STEERLAB_DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "template_partials",
+    "channels",
+    "steering_app",
+    "presets_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "steerproject.urls"
+ASGI_APPLICATION = "steerproject.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.database(ENV, STEERLAB_DATA_DIR)}
+CHANNEL_LAYERS = env.channel_layers(ENV)
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/steering/"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = STEERLAB_DATA_DIR / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {"steering_app": {"level": "INFO"}, "presets_app": {"level": "INFO"}},
+}
