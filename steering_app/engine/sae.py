@@ -1,0 +1,251 @@
+"""Sparse autoencoders in the SAELens layout: load, validate, encode, decode, save.
+
+A checkpoint is a directory holding ``cfg.json`` and ``sae_weights.safetensors`` with
+W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] and, for jumprelu,
+threshold [d_sae].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+_HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class SAEFormatError(ValueError):
+    """The checkpoint is not a usable SAELens SAE; the message names the problem."""
+
+
+def hook_layer_from_name(hook_name: str) -> int:
+    """Index of the decoder block whose output the hook reads.
+
+    ``blocks.L.hook_resid_post`` is the output of block L; ``blocks.L.hook_resid_pre`` is the
+    input of block L, i.e. the output of block L-1.
+    """
+    match = _HOOK_NAME.match(hook_name or "")
+    if not match:
+        raise SAEFormatError(
+            f"hook_name {hook_name!r} is not a residual-stream hook "
+            "(expected blocks.<L>.hook_resid_post or blocks.<L>.hook_resid_pre)"
+        )
+    layer = int(match.group(1))
+    if match.group(2) == "post":
+        return layer
+    if layer == 0:
+        raise SAEFormatError("hook_name blocks.0.hook_resid_pre reads the embeddings, not a block output")
+    return layer - 1
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise SAEFormatError(f"cfg.json: unsupported dtype {name!r}")
+    return _DTYPES[key]
+
+
+class SAE(torch.nn.Module):
+    def __init__(
+        self,
+        cfg: dict,
+        W_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+        threshold: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in = int(cfg["d_in"])
+        self.d_sae = int(cfg["d_sae"])
+        self.architecture = cfg.get("architecture", "standard")
+        self.k = int(cfg["k"]) if self.architecture == "topk" else None
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", False))
+        self.W_enc = torch.nn.Parameter(W_enc, requires_grad=False)
+        self.W_dec = torch.nn.Parameter(W_dec, requires_grad=False)
+        self.b_enc = torch.nn.Parameter(b_enc, requires_grad=False)
+        self.b_dec = torch.nn.Parameter(b_dec, requires_grad=False)
+        if threshold is not None:
+            self.threshold = torch.nn.Parameter(threshold, requires_grad=False)
+        else:
+            self.threshold = None
+
+    @property
+    def hook_name(self) -> str | None:
+        metadata = self.cfg.get("metadata") or {}
+        return metadata.get("hook_name") or self.cfg.get("hook_name")
+
+    @property
+    def hook_layer(self) -> int | None:
+        """The block whose output this SAE reads, when cfg.json says so."""
+        name = self.hook_name
+        return hook_layer_from_name(name) if name else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    def _sae_in(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
+    def _activate(self, pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+        if self.architecture == "jumprelu":
+            return pre * (pre > threshold)
+        return torch.relu(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations f(x), shape [..., d_sae]."""
+        pre = self._sae_in(x) @ self.W_enc + self.b_enc
+        if self.architecture == "topk":
+            values, indices = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return self._activate(pre, self.threshold)
+
+    def encode_features(self, x: torch.Tensor, indices) -> torch.Tensor:
+        """Activations of the given latents only, shape [..., len(indices)].
+
+        Standard and jumprelu latents are independent of each other, so only their encoder
+        columns are needed; a topk latent depends on all the others.
+        """
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.device)
+        if self.architecture == "topk":
+            return self.encode(x).index_select(-1, idx)
+        pre = self._sae_in(x) @ self.W_enc.index_select(1, idx) + self.b_enc.index_select(0, idx)
+        threshold = self.threshold.index_select(0, idx) if self.threshold is not None else None
+        return self._activate(pre, threshold)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def _read_cfg(path: Path) -> dict:
+    cfg_path = path / CFG_FILE
+    if not cfg_path.is_file():
+        raise SAEFormatError(f"{cfg_path}: missing file {CFG_FILE}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SAEFormatError(f"{cfg_path}: malformed cfg.json ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{cfg_path}: malformed cfg.json (top level is not an object)")
+    return cfg
+
+
+def validate_cfg(cfg: dict) -> dict:
+    """Check cfg.json's keys; return it with SAELens defaults filled in."""
+    cfg = dict(cfg)
+    for key in ("d_in", "d_sae"):
+        if key not in cfg:
+            raise SAEFormatError(f"cfg.json: missing key {key!r}")
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise SAEFormatError(f"cfg.json: {key} must be a positive integer, got {cfg[key]!r}")
+    cfg.setdefault("architecture", "standard")
+    if cfg["architecture"] not in ARCHITECTURES:
+        raise SAEFormatError(
+            f"cfg.json: unknown architecture {cfg['architecture']!r} "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    if cfg["architecture"] == "topk":
+        k = cfg.get("k")
+        if k is None:
+            raise SAEFormatError("cfg.json: missing key 'k' (required by architecture topk)")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg["d_sae"]:
+            raise SAEFormatError(f"cfg.json: k must be an integer in [1, d_sae], got {k!r}")
+    normalize = cfg.get("normalize_activations")
+    if normalize not in (None, "none"):
+        raise SAEFormatError(
+            f"cfg.json: normalize_activations {normalize!r} is not supported (only 'none')"
+        )
+    cfg.setdefault("apply_b_dec_to_input", False)
+    cfg.setdefault("dtype", "float32")
+    parse_dtype(cfg["dtype"])
+    if "metadata" in cfg and not isinstance(cfg["metadata"], dict):
+        raise SAEFormatError("cfg.json: metadata must be an object")
+    return cfg
+
+
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if cfg["architecture"] == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    return shapes
+
+
+def load_sae(path, device="cpu", dtype: torch.dtype | None = None) -> SAE:
+    """Load an SAELens checkpoint directory; raise SAEFormatError naming what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SAEFormatError(f"{path}: not a directory (an SAE is a directory with {CFG_FILE} and {WEIGHTS_FILE})")
+    cfg = validate_cfg(_read_cfg(path))
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise SAEFormatError(f"{weights_path}: missing file {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SAEFormatError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
+    for name, shape in _expected_shapes(cfg).items():
+        if name not in tensors:
+            raise SAEFormatError(f"{WEIGHTS_FILE}: missing tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise SAEFormatError(
+                f"{WEIGHTS_FILE}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}"
+            )
+    dtype = dtype or parse_dtype(cfg["dtype"])
+    moved = {name: tensors[name].to(device=device, dtype=dtype) for name in _expected_shapes(cfg)}
+    return SAE(cfg, **moved)
+
+
+def save_sae(path, W_enc, W_dec, b_enc, b_dec, cfg: dict, threshold=None) -> Path:
+    """Write an SAELens checkpoint directory (cfg.json + sae_weights.safetensors)."""
+    path = Path(path)
+    cfg = dict(cfg)
+    cfg.setdefault("d_in", int(W_enc.shape[0]))
+    cfg.setdefault("d_sae", int(W_enc.shape[1]))
+    cfg.setdefault("architecture", "jumprelu" if threshold is not None else "standard")
+    cfg.setdefault("dtype", str(W_enc.dtype).removeprefix("torch."))
+    cfg.setdefault("normalize_activations", "none")
+    cfg = validate_cfg(cfg)
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    for name, shape in _expected_shapes(cfg).items():
+        if name not in tensors:
+            raise SAEFormatError(f"save_sae: missing tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise SAEFormatError(
+                f"save_sae: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
+    (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    return path
