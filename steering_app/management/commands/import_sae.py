@@ -1,0 +1,105 @@
+import json
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+from django.utils import timezone
+
+from steering_app.models import Dataset, Feature, LanguageModel, Training
+
+STAT_KEYS = ("explained_variance", "l0", "dead_fraction")
+FEATURE_FIELDS = ("label", "description", "max_activation", "activation_frequency", "top_tokens")
+
+
+def read_feature_table(path: Path, d_sae: int) -> dict[int, dict]:
+    """Neuronpedia-style explanations [{"index", "description"}] or SteerLab's feature table (more keys)."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"Cannot read labels file {path}: {error}") from error
+    except json.JSONDecodeError as error:
+        raise CommandError(f"Labels file {path} is not valid JSON: {error}") from error
+    if not isinstance(rows, list):
+        raise CommandError(f"Labels file {path} must hold a JSON list of {{index, description}} objects")
+    table = {}
+    for position, row in enumerate(rows):
+        index = row.get("index") if isinstance(row, dict) else None
+        if isinstance(index, str) and index.isdigit():
+            index = int(index)
+        if not isinstance(index, int) or not 0 <= index < d_sae:
+            raise CommandError(f"Labels file entry {position}: index {index!r} is not in 0..{d_sae - 1}")
+        table[index] = {key: row[key] for key in FEATURE_FIELDS if row.get(key) is not None}
+    return table
+
+
+def feature_row(training: Training, index: int, info: dict) -> Feature:
+    description = str(info.get("description", ""))
+    label = str(info.get("label") or description or f"feature #{index}")
+    return Feature(
+        training=training,
+        index=index,
+        label=label[:300],
+        description=description,
+        max_activation=info.get("max_activation"),
+        activation_frequency=info.get("activation_frequency"),
+        top_tokens=info.get("top_tokens", []),
+    )
+
+
+class Command(BaseCommand):
+    help = "Import an SAE checkpoint in the SAELens layout (cfg.json + sae_weights.safetensors) as a completed training."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--model", required=True, help="name of a registered language model")
+        parser.add_argument("--path", required=True, help="SAELens-layout checkpoint directory")
+        parser.add_argument("--layer", type=int, help="decoder block whose output the SAE reads (default: from cfg)")
+        parser.add_argument("--labels", help="JSON list of {index, description[, label, max_activation, ...]}")
+        parser.add_argument("--dataset", help="name of the dataset it was trained on (created if new)")
+
+    def handle(self, **options):
+        from steering_app.engine.sae import SAEFormatError, hook_layer_from_name, load_sae
+
+        model = LanguageModel.objects.filter(name=options["model"]).first()
+        if model is None:
+            raise CommandError(f"Unknown model {options['model']!r}: register it first with register_model")
+        path = Path(options["path"]).resolve()
+        try:
+            sae = load_sae(path)
+            hook_name = sae.cfg.get("metadata", {}).get("hook_name") or sae.cfg.get("hook_name")
+            layer = options["layer"] if options["layer"] is not None else hook_layer_from_name(hook_name or "")
+        except SAEFormatError as error:
+            raise CommandError(f"Invalid SAE checkpoint at {path}: {error}") from error
+        if sae.d_in != model.hidden_size:
+            raise CommandError(f"SAE d_in {sae.d_in} does not match {model.name}'s hidden size {model.hidden_size}")
+        if not 0 <= layer < model.num_layers:
+            raise CommandError(f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}")
+        table = read_feature_table(Path(options["labels"]), sae.d_sae) if options["labels"] else {}
+        training = self.create_training(model, sae, path, layer, hook_name, table, options["dataset"])
+        self.stdout.write(
+            f"Imported training {training.pk}: {training.encoder_type} SAE, {sae.d_sae} features, "
+            f"{model.name} layer {layer}, {len(table)} labelled"
+        )
+
+    @transaction.atomic
+    def create_training(self, model, sae, path, layer, hook_name, table, dataset_name) -> Training:
+        dataset = None
+        if dataset_name:
+            dataset, _ = Dataset.objects.get_or_create(name=dataset_name, defaults={"source": dataset_name})
+        metadata = sae.cfg.get("metadata", {})
+        training = Training.objects.create(
+            model=model,
+            dataset=dataset,
+            encoder_type=sae.architecture,
+            hook_layer=layer,
+            hook_name=hook_name or f"blocks.{layer}.hook_resid_post",
+            d_in=sae.d_in,
+            d_sae=sae.d_sae,
+            checkpoint_path=str(path),
+            status=Training.Status.COMPLETED,
+            stats={key: metadata[key] for key in STAT_KEYS if key in metadata},
+            completed_at=timezone.now(),
+        )
+        Feature.objects.bulk_create(
+            (feature_row(training, index, table.get(index, {})) for index in range(sae.d_sae)), batch_size=2000
+        )
+        return training

@@ -1,0 +1,66 @@
+"""Fixtures shared by the Django-side tests: the four kinds of user and a small feature space."""
+
+import pytest
+from django.utils import timezone
+
+from steering_app.models import Feature, LanguageModel, Training
+
+
+def make_user(django_user_model, username: str, **extra):
+    return django_user_model.objects.create_user(username=username, password="pw-" + username, **extra)
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return make_user(django_user_model, "owner")
+
+
+@pytest.fixture
+def teammate(django_user_model):
+    return make_user(django_user_model, "teammate")
+
+
+@pytest.fixture
+def stranger(django_user_model):
+    return make_user(django_user_model, "stranger")
+
+
+@pytest.fixture
+def staff(django_user_model):
+    return make_user(django_user_model, "staff", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def language_model(db):
+    return LanguageModel.objects.create(
+        name="tiny-llama", source="/nonexistent/tiny", architecture="LlamaForCausalLM", num_layers=4, hidden_size=16
+    )
+
+
+@pytest.fixture
+def training(language_model):
+    """A completed 32-feature training at layer 2; features 0..31, labels 'feature #i' except a few words."""
+    training = Training.objects.create(
+        model=language_model,
+        encoder_type=Training.EncoderType.TOPK,
+        hook_layer=2,
+        hook_name="blocks.2.hook_resid_post",
+        d_in=16,
+        d_sae=32,
+        checkpoint_path="/nonexistent/sae",
+        status=Training.Status.COMPLETED,
+        stats={"explained_variance": 0.8, "l0": 8, "dead_fraction": 0.05},
+        completed_at=timezone.now(),
+    )
+    words = {3: "weather and rain", 7: "python code", 12: "cooking recipes"}
+    Feature.objects.bulk_create(
+        Feature(
+            training=training,
+            index=i,
+            label=words.get(i, f"feature #{i}"),
+            max_activation=float(i + 1),
+            activation_frequency=0.01,
+        )
+        for i in range(32)
+    )
+    return training
