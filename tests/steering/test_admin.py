@@ -1,0 +1,60 @@
+import pytest
+from django.urls import reverse
+
+from steering_app.models import ApiToken, SteeringRun
+
+pytestmark = pytest.mark.django_db
+
+CHANGELISTS = ["languagemodel", "dataset", "training", "feature", "steeringrun", "apitoken"]
+
+
+@pytest.fixture
+def populated(training, owner):
+    SteeringRun.objects.create(owner=owner, training=training, prompt="Hi", seed=1,
+                               features=[{"feature_id": 3, "coefficient": 2.0}], intervention_layers=[2])
+    ApiToken.issue(owner, "script")
+    return training
+
+
+@pytest.mark.parametrize("model_name", CHANGELISTS)
+def test_it_shows_each_changelist_to_staff(client, staff, populated, model_name):
+    client.force_login(staff)
+    response = client.get(reverse(f"admin:steering_app_{model_name}_changelist"))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("model_name", CHANGELISTS)
+def test_it_redirects_anonymous_users_to_the_admin_login(client, populated, model_name):
+    url = reverse(f"admin:steering_app_{model_name}_changelist")
+    response = client.get(url)
+    assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
+
+
+def test_it_keeps_members_who_are_not_staff_out(client, owner, populated):
+    client.force_login(owner)
+    response = client.get(reverse("admin:steering_app_training_changelist"))
+    assert response.status_code == 302
+
+
+def test_it_shows_a_trainings_feature_count_and_links_to_its_features(client, staff, training):
+    client.force_login(staff)
+    changelist = client.get(reverse("admin:steering_app_training_changelist")).content.decode()
+    assert '<td class="field-feature_count">32</td>' in changelist
+    change = client.get(reverse("admin:steering_app_training_change", args=[training.pk])).content.decode()
+    assert f"?training__id__exact={training.pk}" in change and "32 features" in change
+
+
+@pytest.mark.parametrize(("query", "expected"), [("weather", ["weather and rain"]), ("12", ["cooking recipes"])])
+def test_it_searches_features_by_label_description_and_index(client, staff, training, query, expected):
+    client.force_login(staff)
+    response = client.get(reverse("admin:steering_app_feature_changelist"), {"q": query})
+    assert [feature.label for feature in response.context["cl"].result_list] == expected
+
+
+def test_it_revokes_api_tokens_from_the_admin_action(client, staff, owner):
+    token, raw = ApiToken.issue(owner)
+    client.force_login(staff)
+    client.post(reverse("admin:steering_app_apitoken_changelist"),
+                {"action": "revoke", "_selected_action": [token.pk]})
+    token.refresh_from_db()
+    assert token.revoked_at is not None and ApiToken.user_for(raw) is None

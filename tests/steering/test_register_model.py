@@ -1,0 +1,70 @@
+import pytest
+from django.core.management import CommandError, call_command
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from steering_app.models import LanguageModel
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def tiny_gpt2_dir(tmp_path):
+    config = GPT2Config(n_layer=3, n_embd=24, n_head=2, vocab_size=64, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    config = LlamaConfig(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def test_it_registers_a_local_gpt2_directory(tiny_gpt2_dir):
+    call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir))
+
+    model = LanguageModel.objects.get(name="tiny-gpt2")
+    assert (model.architecture, model.num_layers, model.hidden_size) == ("GPT2LMHeadModel", 3, 24)
+    assert model.status == LanguageModel.Status.READY and model.source == str(tiny_gpt2_dir)
+
+
+def test_it_updates_a_model_registered_again_instead_of_duplicating(tiny_gpt2_dir, tiny_llama_dir):
+    call_command("register_model", "lab-model", str(tiny_gpt2_dir))
+    call_command("register_model", "lab-model", str(tiny_llama_dir))
+
+    model = LanguageModel.objects.get()
+    assert (model.architecture, model.num_layers, model.hidden_size) == ("LlamaForCausalLM", 5, 32)
+
+
+@pytest.mark.slow
+def test_it_registers_the_smollm2_gguf_and_caches_it_as_safetensors():
+    from steering_app.engine import loader
+
+    call_command("register_model", "SmolLM2-135M-Instruct", "smollm2-demo")
+
+    model = LanguageModel.objects.get()
+    assert (model.architecture, model.num_layers, model.hidden_size) == ("LlamaForCausalLM", 30, 576)
+    cache = loader.data_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    assert (cache / "config.json").is_file() and list(cache.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("/nonexistent/model.gguf", "no such GGUF file"),
+        ("no-such-org/no-such-model", "no-such-org/no-such-model"),
+    ],
+)
+def test_it_refuses_a_source_it_cannot_load(source, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("register_model", "broken", source)
+    assert not LanguageModel.objects.exists()
+
+
+def test_it_refuses_a_directory_without_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CommandError, match="Cannot load model source"):
+        call_command("register_model", "broken", str(tmp_path / "empty"))
+    assert not LanguageModel.objects.exists()
