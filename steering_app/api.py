@@ -1,3 +1,288 @@
-from ninja import Router
+"""JSON API of the steering app: trainings, features, models, steering runs. Mounted at /api/."""
 
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+from ninja import Path, Query, Router
+from ninja.errors import HttpError
+
+from steering_app import services, worker
+from steering_app.models import Feature, LanguageModel, SteeringRun, Training
+from steering_app.schemas import (
+    MAX_ID,
+    MAX_INDEX,
+    MAX_PAGE,
+    MAX_SEARCH_CHARS,
+    NO_NUL,
+    CompletedTrainingPage,
+    FeaturePage,
+    GenerateAccepted,
+    GenerateIn,
+    GenerateOut,
+    ModelOut,
+    RunOut,
+    RunPage,
+    TrainingOut,
+    error_responses,
+)
+
+logger = logging.getLogger(__name__)
 router = Router(tags=["steering"])
+
+Id = Path(..., ge=1, le=MAX_ID)
+Limit = Query(100, ge=1, le=MAX_PAGE)
+Offset = Query(0, ge=0, le=MAX_ID)
+# The longest pause between two looks at a run the API waits for: completion is noticed within it.
+POLL_CEILING_S = 0.25
+
+
+def page(queryset, limit: int, offset: int) -> tuple[list, int]:
+    return list(queryset[offset : offset + limit]), queryset.count()
+
+
+@router.get("/trainings/completed", response={200: CompletedTrainingPage, **error_responses()})
+def list_completed_trainings(request, limit: int = Limit, offset: int = Offset):
+    """Completed SAE trainings, newest first: the feature spaces one can steer with."""
+    queryset = Training.objects.filter(status=Training.Status.COMPLETED).select_related("model", "dataset")
+    trainings, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
+    return {
+        "trainings": [
+            {
+                "id": training.pk,
+                "encoder_type": training.encoder_type,
+                "model_id": training.model_id,
+                "model_name": training.model.name,
+                "dataset_name": training.dataset.name if training.dataset_id else None,
+                "hook_layer": training.hook_layer,
+                "created_at": training.created_at,
+            }
+            for training in trainings
+        ],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def get_training(training_id: int) -> Training:
+    training = Training.objects.select_related("model", "dataset").filter(pk=training_id).first()
+    if training is None:
+        raise services.NotFound(f"Training {training_id} does not exist.", "training_id")
+    return training
+
+
+@router.get("/trainings/{training_id}", response={200: TrainingOut, **error_responses(404)})
+def get_training_detail(request, training_id: int = Id):
+    training = get_training(training_id)
+    return {
+        "id": training.pk,
+        "model_id": training.model_id,
+        "model_name": training.model.name,
+        "dataset_id": training.dataset_id,
+        "dataset_name": training.dataset.name if training.dataset_id else None,
+        "encoder_type": training.encoder_type,
+        "hook_layer": training.hook_layer,
+        "hook_name": training.hook_name,
+        "d_in": training.d_in,
+        "d_sae": training.d_sae,
+        "stats": training.stats,
+        "status": training.status,
+        "error": training.error,
+        "created_at": training.created_at,
+        "completed_at": training.completed_at,
+    }
+
+
+@router.get("/trainings/{training_id}/features", response={200: FeaturePage, **error_responses(404)})
+def list_features(
+    request,
+    training_id: int = Id,
+    search: str = Query(
+        "", max_length=MAX_SEARCH_CHARS, pattern=NO_NUL, description="Words in the label or description, or an index."
+    ),
+    limit: int = Limit,
+    offset: int = Offset,
+):
+    """A training's features by index; `search` matches label and description (case-insensitive) or the index."""
+    training = get_training(training_id)
+    queryset = Feature.objects.filter(training=training).order_by("index")
+    search = search.strip()
+    if search:
+        match = Q(label__icontains=search) | Q(description__icontains=search)
+        if search.isdecimal() and int(search) <= MAX_INDEX:
+            match |= Q(index=int(search))
+        queryset = queryset.filter(match)
+    features, total = page(queryset, limit, offset)
+    return {
+        "features": [
+            {
+                "index": feature.index,
+                "label": feature.label,
+                "description": feature.description,
+                "max_activation": feature.max_activation,
+                "activation_frequency": feature.activation_frequency,
+            }
+            for feature in features
+        ],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.get("/models/{model_id}", response={200: ModelOut, **error_responses(404)})
+def get_model(request, model_id: int = Id):
+    model = LanguageModel.objects.filter(pk=model_id).first()
+    if model is None:
+        raise services.NotFound(f"Model {model_id} does not exist.", "model_id")
+    return model
+
+
+def steering_request(payload: GenerateIn) -> services.SteeringRequest:
+    return services.SteeringRequest(
+        training_id=payload.training_id,
+        model_id=payload.model_id,
+        prompt=payload.prompt,
+        features=[item.model_dump() for item in payload.features],
+        intervention_layers=payload.intervention_layers,
+        method=payload.method,
+        temperature=payload.temperature,
+        max_new_tokens=payload.max_tokens,
+        seed=payload.seed,
+        chat=payload.chat,
+    )
+
+
+def give_up(run_id: int, reason: str) -> None:
+    """Fail a run nobody finished; a worker that finishes it later still records its result."""
+    SteeringRun.objects.filter(
+        pk=run_id, status__in=[SteeringRun.Status.QUEUED, SteeringRun.Status.RUNNING]
+    ).update(status=SteeringRun.Status.FAILED, error=reason, finished_at=timezone.now())
+
+
+async def wait_for_run(run_id: int, timeout: float) -> SteeringRun:
+    """Poll the run until it ends or `timeout` passes; awaiting keeps Django's one sync thread free meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.02
+    while True:
+        run = await SteeringRun.objects.aget(pk=run_id)
+        remaining = deadline - loop.time()
+        if run.is_finished or remaining <= 0:
+            return run
+        await asyncio.sleep(min(pause, remaining))
+        pause = min(pause * 2, POLL_CEILING_S)
+
+
+@router.post(
+    "/steering/generate",
+    response={200: GenerateOut, 202: GenerateAccepted, **error_responses(403, 404, 409, 503, 507)},
+)
+async def generate(
+    request,
+    payload: GenerateIn,
+    run_async: bool = Query(False, alias="async", description="Answer 202 {run_id} at once instead of waiting."),
+):
+    """Generate unsteered and steered text side by side, with metrics.
+
+    Waits up to STEERLAB_RUN_TIMEOUT seconds for the worker (503 after that, and the run fails);
+    with `?async=true` it answers 202 at once: poll GET /api/steering/runs/{run_id}.
+    """
+    run = await sync_to_async(services.create_run)(request.auth, steering_request(payload))
+    try:
+        await sync_to_async(worker.submit)(run.pk)
+    except Exception:
+        logger.exception("Could not hand run %s to a worker", run.pk)
+        await sync_to_async(give_up)(run.pk, "no worker available")
+        raise HttpError(503, "No steering worker is available; try again later.") from None
+    if run_async:
+        return 202, {"run_id": run.pk}
+
+    timeout = settings.STEERLAB_RUN_TIMEOUT
+    run = await wait_for_run(run.pk, timeout)
+    if not run.is_finished:
+        await sync_to_async(give_up)(run.pk, f"timed out after {timeout} s")
+        picked = "did not finish" if run.started_at else "was not picked up by a worker"
+        raise HttpError(503, f"Run {run.pk} {picked} within {timeout} s; it was cancelled.")
+    if run.status == SteeringRun.Status.FAILED:
+        if run.error == services.OOM_MESSAGE:
+            raise HttpError(507, services.OOM_MESSAGE)
+        if run.started_at is None:
+            raise HttpError(503, f"Run {run.pk} was not picked up by a worker: {run.error}")
+        raise HttpError(500, f"Run {run.pk} failed: {run.error}")
+    return 200, {
+        "run_id": run.pk,
+        "unsteered_output": run.unsteered_output,
+        "steered_output": run.steered_output,
+        "seed": run.seed,
+        "metrics": run.metrics,
+    }
+
+
+def run_out(run: SteeringRun) -> dict:
+    return {
+        "id": run.pk,
+        "owner": run.owner.get_username(),
+        "status": run.status,
+        "settings": {
+            "training_id": run.training_id,
+            "model_id": run.training.model_id,
+            "prompt": run.prompt,
+            "features": run.features,
+            "intervention_layers": run.intervention_layers,
+            "temperature": run.temperature,
+            "max_tokens": run.max_new_tokens,
+            "seed": run.seed,
+            "method": run.method,
+            "chat": run.chat,
+        },
+        "unsteered_output": run.unsteered_output,
+        "steered_output": run.steered_output,
+        "metrics": run.metrics or None,
+        "error": run.error,
+        "timings": run.timings,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    }
+
+
+def runs_for_user(user):
+    runs = SteeringRun.objects.select_related("owner", "training")
+    return runs if user.is_staff else runs.filter(owner=user)
+
+
+def get_run_for_user(user, run_id: int) -> SteeringRun:
+    """Another user's run is a 404, like an unknown one: its existence is not the caller's business."""
+    run = runs_for_user(user).filter(pk=run_id).first()
+    if run is None:
+        raise services.NotFound(f"Run {run_id} does not exist.", "run_id")
+    return run
+
+
+@router.get("/steering/runs/{run_id}", response={200: RunOut, **error_responses(404)})
+def get_run(request, run_id: int = Id):
+    """One run: status, the settings that made it, outputs, metrics and error. Staff see every run."""
+    services.fail_stale_runs()
+    return run_out(get_run_for_user(request.auth, run_id))
+
+
+@router.get("/steering/runs", response={200: RunPage, **error_responses()})
+def list_runs(
+    request,
+    limit: int = Query(20, ge=1, le=MAX_PAGE),
+    offset: int = Offset,
+    everyone: bool = Query(False, alias="all", description="Staff only: list every user's runs."),
+):
+    """The caller's runs, newest first."""
+    services.fail_stale_runs()
+    user = request.auth
+    queryset = runs_for_user(user) if everyone else SteeringRun.objects.select_related("owner", "training").filter(
+        owner=user
+    )
+    runs, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
+    return {"runs": [run_out(run) for run in runs], "total": total, "limit": limit, "offset": offset}

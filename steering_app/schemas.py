@@ -1,0 +1,177 @@
+"""Request and response shapes of the JSON API (spec sections 2, 5 and 7)."""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from django.conf import settings
+from ninja import Field, Schema
+
+from steering_app.services import MAX_ABS_COEFFICIENT, MAX_FEATURES, MAX_LAYERS, MAX_PROMPT_CHARS
+
+# Larger numbers would overflow the database's integer columns in a query: a 500 instead of a 400.
+MAX_ID = 2**63 - 1
+MAX_INDEX = 2**31 - 1
+MAX_PAGE = 1000
+MAX_SEARCH_CHARS = 300
+
+
+class Error(Schema):
+    """The one error body of every non-2xx response."""
+
+    detail: str = Field(description="What went wrong, for a person to read.")
+    field: str | None = Field(description="The input at fault (dotted path), or null.")
+
+
+def error_responses(*codes: int) -> dict[int, type[Error]]:
+    """Every operation documents 400, 401 and 500; callers add their own codes."""
+    return {code: Error for code in sorted({400, 401, 500, *codes})}
+
+
+# PostgreSQL refuses NUL in text: refuse it at validation as a 400 instead of a 500 in the query.
+NO_NUL = r"^[^\x00]*$"
+
+
+def reject_nul(value: str) -> str:
+    """NO_NUL as a pydantic field validator, for schemas that prefer one."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class Page(Schema):
+    total: int
+    limit: int
+    offset: int
+
+
+class CompletedTrainingOut(Schema):
+    id: int
+    encoder_type: str
+    model_id: int
+    model_name: str
+    dataset_name: str | None
+    hook_layer: int
+    created_at: datetime
+
+
+class CompletedTrainingPage(Page):
+    trainings: list[CompletedTrainingOut]
+
+
+class TrainingOut(Schema):
+    id: int
+    model_id: int
+    model_name: str
+    dataset_id: int | None
+    dataset_name: str | None
+    encoder_type: str
+    hook_layer: int
+    hook_name: str
+    d_in: int
+    d_sae: int
+    stats: dict[str, Any]
+    status: str
+    error: str
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class ModelOut(Schema):
+    id: int
+    name: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    status: str
+
+
+class FeatureOut(Schema):
+    index: int
+    label: str
+    description: str
+    max_activation: float | None
+    activation_frequency: float | None
+
+
+class FeaturePage(Page):
+    features: list[FeatureOut]
+
+
+class FeatureCoefficient(Schema):
+    feature_id: int = Field(ge=0, le=MAX_INDEX, description="The feature's index in the training's SAE.")
+    coefficient: float = Field(ge=-MAX_ABS_COEFFICIENT, le=MAX_ABS_COEFFICIENT)
+
+
+class GenerateIn(Schema):
+    training_id: int = Field(ge=1, le=MAX_ID)
+    model_id: int = Field(ge=1, le=MAX_ID, description="Must be the training's model.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
+    features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
+    intervention_layers: list[Annotated[int, Field(ge=0, le=MAX_INDEX)]] = Field(
+        min_length=1, max_length=MAX_LAYERS, description="Decoder blocks to steer, each below the model's layer count."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy decoding.")
+    max_tokens: int = Field(64, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    seed: int | None = Field(None, ge=0, le=MAX_ID, description="Random when omitted; returned either way.")
+    method: Literal["additive", "multiplicative"] = "additive"
+    chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
+
+
+class FeatureActivationOut(Schema):
+    feature_id: int
+    unsteered: float | None
+    steered: float | None
+
+
+class MetricsOut(Schema):
+    kl_divergence: float | None = None
+    perplexity_delta: float | None = None
+    semantic_similarity: float | None = None
+    word_overlap: float | None = None
+    feature_activation: list[FeatureActivationOut] = []
+
+
+class GenerateOut(Schema):
+    run_id: int
+    unsteered_output: str
+    steered_output: str
+    seed: int
+    metrics: MetricsOut
+
+
+class GenerateAccepted(Schema):
+    run_id: int
+
+
+class RunSettingsOut(Schema):
+    """The request that made the run: POSTing it to /api/steering/generate runs it again."""
+
+    training_id: int
+    model_id: int
+    prompt: str
+    features: list[FeatureCoefficient]
+    intervention_layers: list[int]
+    temperature: float
+    max_tokens: int
+    seed: int
+    method: str
+    chat: bool
+
+
+class RunOut(Schema):
+    id: int
+    owner: str
+    status: Literal["queued", "running", "completed", "failed"]
+    settings: RunSettingsOut
+    unsteered_output: str
+    steered_output: str
+    metrics: MetricsOut | None
+    error: str
+    timings: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunPage(Page):
+    runs: list[RunOut]

@@ -1,0 +1,94 @@
+"""API fixtures: bearer tokens, a stubbed worker, runs in each state. Users and trainings come from tests/conftest.py."""
+
+import pytest
+from django.utils import timezone
+
+from steering_app import services
+from steering_app.models import ApiToken, SteeringRun
+
+FAKE_METRICS = {
+    "kl_divergence": 0.25,
+    "perplexity_delta": 1.5,
+    "semantic_similarity": 0.9,
+    "word_overlap": 0.5,
+    "feature_activation": [{"feature_id": 3, "unsteered": 0.1, "steered": 2.0}],
+}
+
+
+@pytest.fixture
+def bearer(db):
+    """bearer(user) -> headers that authenticate as the user with a fresh API token."""
+
+    def headers(user) -> dict:
+        _, raw = ApiToken.issue(user, "tests")
+        return {"Authorization": f"Bearer {raw}"}
+
+    return headers
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """Runs execute at once in the request's thread, with canned outputs instead of a model."""
+    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+
+    def execute(run, emit):
+        run.unsteered_output = f"clean: {run.prompt}"
+        run.steered_output = f"steered: {run.prompt}"
+        run.metrics = FAKE_METRICS
+        run.timings = {"generate_s": 0.01}
+
+    monkeypatch.setattr(services, "execute", execute)
+
+
+@pytest.fixture
+def failing_engine(monkeypatch):
+    """failing_engine(error): the inline worker's engine raises `error`."""
+    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+
+    def use(error: Exception):
+        def execute(run, emit):
+            raise error
+
+        monkeypatch.setattr(services, "execute", execute)
+
+    return use
+
+
+@pytest.fixture
+def generate_body(training):
+    return {
+        "training_id": training.pk,
+        "model_id": training.model_id,
+        "prompt": "The weather today is",
+        "features": [{"feature_id": 3, "coefficient": 2.0}],
+        "intervention_layers": [2],
+        "temperature": 0.0,
+        "max_tokens": 8,
+        "seed": 7,
+    }
+
+
+@pytest.fixture
+def make_run(training):
+    """make_run(user, **fields) -> a stored run; completed with outputs unless fields say otherwise."""
+
+    def make(user, **fields) -> SteeringRun:
+        values = {
+            "owner": user,
+            "training": training,
+            "prompt": "Once upon a time",
+            "features": [{"feature_id": 3, "coefficient": 1.0}],
+            "intervention_layers": [2],
+            "seed": 11,
+            "status": SteeringRun.Status.COMPLETED,
+            "unsteered_output": "clean",
+            "steered_output": "steered",
+            "metrics": FAKE_METRICS,
+            "started_at": timezone.now(),
+            "finished_at": timezone.now(),
+        }
+        values.update(fields)
+        return SteeringRun.objects.create(**values)
+
+    return make
+
