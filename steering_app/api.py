@@ -7,7 +7,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
-from ninja import Path, Query, Router
+from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError
 
 from steering_app import services, worker
@@ -200,7 +200,7 @@ async def generate(
         await sync_to_async(give_up)(run.pk, "no worker available")
         raise HttpError(503, "No steering worker is available; try again later.") from None
     if run_async:
-        return 202, {"run_id": run.pk}
+        return Status(202, {"run_id": run.pk})
 
     timeout = settings.STEERLAB_RUN_TIMEOUT
     run = await wait_for_run(run.pk, timeout)
@@ -214,7 +214,7 @@ async def generate(
         if run.started_at is None:
             raise HttpError(503, f"Run {run.pk} was not picked up by a worker: {run.error}")
         raise HttpError(500, f"Run {run.pk} failed: {run.error}")
-    return 200, {
+    return {
         "run_id": run.pk,
         "unsteered_output": run.unsteered_output,
         "steered_output": run.steered_output,

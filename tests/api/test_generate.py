@@ -1,0 +1,239 @@
+import asyncio
+import time
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient, Client
+
+from steering_app.models import SteeringRun, Training
+from steering_app.services import OOM_MESSAGE
+from tests.api.conftest import FAKE_METRICS
+from tests.api.support import assert_error
+
+URL = "/api/steering/generate"
+
+
+def post(client, body, headers, query=""):
+    return client.post(URL + query, body, content_type="application/json", headers=headers)
+
+
+def test_it_runs_the_comparison_and_answers_both_outputs_with_metrics(client, owner, bearer, generate_body, fake_engine):
+    response = post(client, generate_body, bearer(owner))
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    run = SteeringRun.objects.get()
+    assert body == {
+        "run_id": run.pk,
+        "unsteered_output": "clean: The weather today is",
+        "steered_output": "steered: The weather today is",
+        "seed": 7,
+        "metrics": FAKE_METRICS,
+    }
+    assert run.owner == owner and run.status == "completed"
+    assert run.features == [{"feature_id": 3, "coefficient": 2.0}]
+    assert run.max_new_tokens == 8 and run.temperature == 0.0 and run.method == "additive" and not run.chat
+
+
+def test_it_draws_a_seed_when_none_is_given_and_returns_it(client, owner, bearer, generate_body, fake_engine):
+    del generate_body["seed"]
+
+    body = post(client, generate_body, bearer(owner)).json()
+
+    assert body["seed"] == SteeringRun.objects.get().seed
+
+
+def test_it_stores_layers_sorted_and_passes_method_and_chat(client, owner, bearer, generate_body, fake_engine):
+    generate_body.update(intervention_layers=[3, 0, 2], chat=True)
+
+    assert post(client, generate_body, bearer(owner)).status_code == 200
+
+    run = SteeringRun.objects.get()
+    assert run.intervention_layers == [0, 2, 3] and run.chat
+
+
+def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer, generate_body, monkeypatch):
+    submitted = []
+    monkeypatch.setattr("steering_app.worker.submit", submitted.append)
+
+    response = post(client, generate_body, bearer(owner), "?async=true")
+
+    assert response.status_code == 202
+    run = SteeringRun.objects.get()
+    assert response.json() == {"run_id": run.pk}
+    assert submitted == [run.pk] and run.status == "queued"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"intervention_layers": []}, "intervention_layers"),
+        ({"intervention_layers": list(range(21))}, "intervention_layers"),
+        ({"intervention_layers": [4]}, "intervention_layers"),  # the model has layers 0..3
+        ({"intervention_layers": [-1]}, "intervention_layers.0"),
+        ({"features": []}, "features"),
+        ({"features": [{"feature_id": 99, "coefficient": 1.0}]}, "features"),  # not in the training
+        ({"features": [{"feature_id": 3, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]}, "features"),
+        ({"features": [{"feature_id": 3, "coefficient": 101}]}, "features.0.coefficient"),
+        ({"features": [{"feature_id": 3}]}, "features.0.coefficient"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),  # a type error: ninja's 422, the API's 400
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"method": "replace"}, "method"),
+        ({"method": "multiplicative", "intervention_layers": [1]}, "intervention_layers"),  # SAE is at layer 2
+        ({"model_id": 999}, "model_id"),
+        ({"training_id": "one"}, "training_id"),
+        ({"model_id": None}, "model_id"),
+    ],
+)
+def test_it_refuses_invalid_input_as_400_naming_the_field(client, owner, bearer, generate_body, changes, field):
+    generate_body.update(changes)
+
+    assert_error(post(client, generate_body, bearer(owner)), 400, field)
+
+    assert not SteeringRun.objects.exists()
+
+
+def test_it_refuses_a_missing_field_as_400(client, owner, bearer, generate_body):
+    del generate_body["training_id"]
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 400, "training_id")
+
+    assert "required" in body["detail"].lower()
+
+
+def test_it_refuses_a_body_that_is_not_json_as_400(client, owner, bearer, training):
+    response = client.post(URL, "{not json", content_type="application/json", headers=bearer(owner))
+
+    assert_error(response, 400)
+
+
+def test_it_answers_404_for_an_unknown_training(client, owner, bearer, generate_body):
+    generate_body["training_id"] += 1
+
+    assert_error(post(client, generate_body, bearer(owner)), 404, "training_id")
+
+
+def test_it_answers_409_for_a_training_that_is_not_completed(client, owner, bearer, generate_body, training):
+    Training.objects.filter(pk=training.pk).update(status=Training.Status.RUNNING)
+
+    assert_error(post(client, generate_body, bearer(owner)), 409, "training_id")
+    assert not SteeringRun.objects.exists()
+
+
+def test_it_answers_503_and_fails_the_run_when_no_worker_takes_it(
+    client, owner, bearer, generate_body, monkeypatch, settings
+):
+    # The channel worker mode with nobody listening on the channel: the run stays queued.
+    monkeypatch.setenv("STEERLAB_WORKER_MODE", "channel")
+    settings.STEERLAB_RUN_TIMEOUT = 0.3
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 503)
+
+    run = SteeringRun.objects.get()
+    assert "not picked up" in body["detail"]
+    assert run.status == "failed" and "timed out" in run.error
+
+
+def test_it_answers_503_when_the_run_cannot_be_handed_to_a_worker(client, owner, bearer, generate_body, monkeypatch):
+    def broken_submit(run_id):
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr("steering_app.worker.submit", broken_submit)
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 503)
+
+    assert "redis" not in body["detail"]
+    assert SteeringRun.objects.get().status == "failed"
+
+
+def test_it_answers_507_with_advice_when_generation_runs_out_of_memory(
+    client, owner, bearer, generate_body, failing_engine
+):
+    failing_engine(MemoryError())
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 507)
+
+    assert body["detail"] == OOM_MESSAGE
+    assert SteeringRun.objects.get().error == OOM_MESSAGE
+
+
+def test_it_answers_500_with_the_reason_but_no_traceback_when_the_engine_fails(
+    client, owner, bearer, generate_body, failing_engine
+):
+    failing_engine(FileNotFoundError("no SAE checkpoint at /data/sae"))
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 500)
+
+    assert "FileNotFoundError: no SAE checkpoint" in body["detail"]
+    assert SteeringRun.objects.get().status == "failed"
+
+
+def test_it_answers_anonymous_requests_with_401(client, generate_body):
+    assert_error(post(client, generate_body, {}), 401)
+    assert not SteeringRun.objects.exists()
+
+
+def test_it_answers_a_revoked_token_with_401(client, owner, generate_body, fake_engine):
+    from steering_app.models import ApiToken
+
+    token, raw = ApiToken.issue(owner)
+    token.revoked_at = token.created_at
+    token.save()
+
+    body = assert_error(post(client, generate_body, {"Authorization": f"Bearer {raw}"}), 401)
+
+    assert "revoked" in body["detail"]
+
+
+def test_it_does_not_fall_back_to_the_session_when_a_bad_token_is_sent(client, owner, generate_body, fake_engine):
+    client.force_login(owner)
+
+    assert_error(post(client, generate_body, {"Authorization": "Bearer stl_wrong"}), 401)
+
+
+def test_it_accepts_a_session_with_its_csrf_token(owner, generate_body, fake_engine):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+    client.get("/login/")  # sets the csrftoken cookie, as any page of the app does
+
+    response = post(client, generate_body, {"X-CSRFToken": client.cookies["csrftoken"].value})
+
+    assert response.status_code == 200
+
+
+def test_it_refuses_a_session_without_the_csrf_token_with_403(owner, generate_body, fake_engine):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+
+    assert_error(post(client, generate_body, {}), 403)
+    assert not SteeringRun.objects.exists()
+
+
+def test_it_keeps_serving_other_requests_while_it_waits_for_the_worker(
+    owner, bearer, generate_body, monkeypatch, settings
+):
+    # Under ASGI Django runs every sync view on one thread: a generate that blocked it would stall this listing.
+    monkeypatch.setenv("STEERLAB_WORKER_MODE", "channel")
+    settings.STEERLAB_RUN_TIMEOUT = 2
+    headers = bearer(owner)
+    client = AsyncClient()
+
+    async def generate_and_list_meanwhile():
+        generate = asyncio.create_task(client.post(URL, generate_body, content_type="application/json", headers=headers))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        listing = await client.get("/api/trainings/completed", headers=headers)
+        elapsed = time.monotonic() - started
+        assert not generate.done()
+        return listing, elapsed, await generate
+
+    listing, elapsed, generated = async_to_sync(generate_and_list_meanwhile)()
+
+    assert listing.status_code == 200 and elapsed < 0.5
+    assert generated.status_code == 503

@@ -1,0 +1,64 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from steering_app.models import SteeringRun
+from tests.api.support import assert_error
+
+URL = "/api/steering/runs"
+
+
+def test_it_lists_only_the_callers_runs_newest_first(client, owner, teammate, bearer, make_run):
+    older = make_run(owner, created_at=timezone.now() - timedelta(hours=1))
+    newer = make_run(owner)
+    make_run(teammate)
+
+    body = client.get(URL, headers=bearer(owner)).json()
+
+    assert [run["id"] for run in body["runs"]] == [newer.pk, older.pk]
+    assert body["total"] == 2 and body["limit"] == 20 and body["offset"] == 0
+    assert body["runs"][0]["settings"]["prompt"] == "Once upon a time"
+
+
+def test_it_pages_with_limit_and_offset(client, owner, bearer, make_run):
+    runs = [make_run(owner, created_at=timezone.now() - timedelta(minutes=i)) for i in range(5)]
+
+    body = client.get(URL, {"limit": 2, "offset": 2}, headers=bearer(owner)).json()
+
+    assert [run["id"] for run in body["runs"]] == [runs[2].pk, runs[3].pk]
+    assert body["total"] == 5
+
+
+def test_it_lists_everyones_runs_to_staff_who_ask_for_all(client, owner, teammate, staff, bearer, make_run):
+    make_run(owner)
+    make_run(teammate)
+    headers = bearer(staff)
+
+    assert client.get(URL, headers=headers).json()["total"] == 0
+    assert client.get(URL, {"all": "true"}, headers=headers).json()["total"] == 2
+
+
+def test_it_ignores_all_for_users_who_are_not_staff(client, owner, teammate, bearer, make_run):
+    make_run(owner)
+    make_run(teammate)
+
+    assert client.get(URL, {"all": "true"}, headers=bearer(owner)).json()["total"] == 1
+
+
+def test_it_expires_stale_queued_runs_when_listing(client, owner, bearer, make_run, settings):
+    settings.STEERLAB_RUN_TIMEOUT = 60
+    make_run(owner, status=SteeringRun.Status.QUEUED, created_at=timezone.now() - timedelta(minutes=5))
+
+    body = client.get(URL, headers=bearer(owner)).json()
+
+    assert body["runs"][0]["status"] == "failed"
+
+
+@pytest.mark.parametrize(("params", "field"), [({"limit": 0}, "limit"), ({"offset": -5}, "offset"), ({"all": "maybe"}, "all")])
+def test_it_refuses_bad_parameters_as_400(client, owner, bearer, params, field):
+    assert_error(client.get(URL, params, headers=bearer(owner)), 400, field)
+
+
+def test_it_answers_anonymous_requests_with_401(client, db):
+    assert_error(client.get(URL), 401)
