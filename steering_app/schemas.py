@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from ninja import Field, Schema
+from pydantic import ConfigDict
 
 from steering_app.services import MAX_ABS_COEFFICIENT, MAX_FEATURES, MAX_LAYERS, MAX_PROMPT_CHARS
 
@@ -97,12 +98,20 @@ class FeaturePage(Page):
     features: list[FeatureOut]
 
 
+# JSON bodies are validated strictly: a schema-violating value ("1", 0 for false) is a 400, not coerced.
+STRICT = ConfigDict(strict=True)
+
+
 class FeatureCoefficient(Schema):
+    model_config = STRICT
+
     feature_id: int = Field(ge=0, le=MAX_INDEX, description="The feature's index in the training's SAE.")
     coefficient: float = Field(ge=-MAX_ABS_COEFFICIENT, le=MAX_ABS_COEFFICIENT)
 
 
 class GenerateIn(Schema):
+    model_config = STRICT
+
     training_id: int = Field(ge=1, le=MAX_ID)
     model_id: int = Field(ge=1, le=MAX_ID, description="Must be the training's model.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)

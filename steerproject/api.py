@@ -2,9 +2,10 @@
 
 import logging
 
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
+from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
@@ -77,6 +78,13 @@ def on_not_found(request, exc: Http404):
 @api.exception_handler(PermissionDenied)
 def on_permission_denied(request, exc: PermissionDenied):
     return error(request, 403, str(exc) or "Permission denied.")
+
+
+@api.exception_handler(MultiPartParserError)
+@api.exception_handler(SuspiciousOperation)
+def on_malformed_request(request, exc: Exception):
+    # A broken multipart body or one over Django's size limits: the client's fault, not a 500.
+    return error(request, 400, f"Malformed request: {exc}")
 
 
 @api.exception_handler(Exception)

@@ -1,5 +1,14 @@
 """The error shape every router of /api/ shares, for failures no single endpoint owns."""
 
+import json
+
+import pytest
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.http import Http404
+from django.http.multipartparser import MultiPartParserError
+
+from steering_app.services import InvalidInput
+from steerproject.api import api
 from tests.api.support import assert_error
 
 
@@ -35,3 +44,21 @@ def test_it_documents_bearer_and_session_authentication(client, db):
 
     assert {"type": "http", "scheme": "bearer"} in schemes.values()
     assert any(scheme["type"] == "apiKey" and scheme["in"] == "cookie" for scheme in schemes.values())
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (MultiPartParserError("Invalid boundary in multipart: None"), 400),
+        (RequestDataTooBig("Request body exceeded settings.DATA_UPLOAD_MAX_MEMORY_SIZE."), 400),
+        (PermissionDenied(), 403),
+        (Http404(), 404),
+        (InvalidInput("name is taken", "name"), 400),
+    ],
+)
+def test_it_maps_django_and_domain_exceptions_to_the_error_shape(rf, exc, status):
+    response = api.on_exception(rf.get("/api/anything"), exc)
+
+    body = json.loads(response.content)
+    assert response.status_code == status
+    assert set(body) == {"detail", "field"} and body["detail"]
