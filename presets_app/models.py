@@ -1,0 +1,49 @@
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from steering_app.models import SteeringRun, Training
+
+
+class SteeringPreset(models.Model):
+    """A saved steering configuration within one training's feature space, shared with every lab member."""
+
+    training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="presets")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="steering_presets"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    features = models.JSONField(default=list, help_text='[{"feature_id": index, "coefficient": c}]')
+    intervention_layers = models.JSONField(default=list)
+    method = models.CharField(
+        max_length=20, choices=SteeringRun.Method.choices, default=SteeringRun.Method.ADDITIVE
+    )
+    temperature = models.FloatField(default=0.7)
+    max_tokens = models.PositiveIntegerField(default=64)
+    is_favorite = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-is_favorite", "-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["training", "name"], name="preset_unique_name_per_training"),
+            models.CheckConstraint(
+                condition=Q(method__in=["additive", "multiplicative"]), name="preset_method_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="preset_temperature_range"
+            ),
+            models.CheckConstraint(condition=Q(max_tokens__gte=1), name="preset_max_tokens_positive"),
+        ]
+        indexes = [
+            models.Index(fields=["training", "-is_favorite", "-created_at"], name="preset_training_listing")
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def can_modify(self, user) -> bool:
+        return user.is_authenticated and (user.is_staff or user.pk == self.owner_id)

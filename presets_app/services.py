@@ -1,0 +1,344 @@
+"""Steering presets: the one validation (API, panel, admin and import all call it), export and import."""
+
+import json
+from collections import defaultdict
+
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from presets_app.models import SteeringPreset
+from steering_app.models import Feature, SteeringRun, Training
+from steering_app.schemas import MAX_ID, MAX_INDEX
+from steering_app.services import (
+    InvalidInput,
+    NotFound,
+    SteeringError,
+    SteeringRequest,
+    TrainingNotCompleted,
+    completed_training,
+    validate_features,
+    validate_layers,
+    validate_numbers,
+)
+
+FORMAT = "steerlab.presets"
+VERSION = 1
+MAX_IMPORT_BYTES = 1024 * 1024
+MAX_EXPORT_IDS = 1000
+MAX_NAME_CHARS = SteeringPreset._meta.get_field("name").max_length
+MAX_DESCRIPTION_CHARS = 2000
+SETTINGS = (
+    "name",
+    "description",
+    "features",
+    "intervention_layers",
+    "method",
+    "temperature",
+    "max_tokens",
+    "is_favorite",
+)
+DEFAULTS = {
+    "description": "",
+    "method": SteeringRun.Method.ADDITIVE,
+    "temperature": 0.7,
+    "max_tokens": 64,
+    "is_favorite": False,
+}
+
+
+class Forbidden(SteeringError):
+    status_code = 403
+
+
+def clean_preset(training: Training, data: dict) -> dict:
+    """Check a preset's settings against `training` the way a steering run is checked.
+
+    Returns the values to store; raises InvalidInput naming the field at fault. A blank name becomes the
+    automatic name of the specification.
+    """
+    if not training.is_completed:
+        raise TrainingNotCompleted(
+            f"Training {training.pk} is {training.status}; presets need a completed training.", "training_id"
+        )
+    values = {**DEFAULTS, **{key: value for key, value in data.items() if value is not None}}
+    name, description = values.get("name") or "", values["description"]
+    if not isinstance(name, str):
+        raise InvalidInput("name must be text.", "name")
+    if not isinstance(description, str):
+        raise InvalidInput("description must be text.", "description")
+    if "\x00" in name or "\x00" in description:
+        raise InvalidInput(
+            "Text must not contain NUL characters.", "name" if "\x00" in name else "description"
+        )
+    if len(name.strip()) > MAX_NAME_CHARS:
+        raise InvalidInput(f"The name is longer than {MAX_NAME_CHARS} characters.", "name")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidInput(
+            f"The description is longer than {MAX_DESCRIPTION_CHARS} characters.", "description"
+        )
+    if not isinstance(values["is_favorite"], bool):
+        raise InvalidInput("is_favorite must be true or false.", "is_favorite")
+    validate_numbers(
+        SteeringRequest(
+            training_id=training.pk,
+            prompt="",
+            features=[],
+            method=values["method"],
+            temperature=values["temperature"],
+            max_new_tokens=values["max_tokens"],
+        )
+    )
+    layers, features = values.get("intervention_layers"), values.get("features")
+    if not isinstance(layers, list):
+        raise InvalidInput("intervention_layers must be a list of layer numbers.", "intervention_layers")
+    if not isinstance(features, list) or not all(isinstance(item, dict) for item in features):
+        raise InvalidInput('features must be a list of {"feature_id", "coefficient"} objects.', "features")
+    layers = validate_layers(layers, training, values["method"])
+    beyond = [
+        item["feature_id"]
+        for item in features
+        if _is_int(item.get("feature_id")) and item["feature_id"] > MAX_INDEX
+    ]
+    if beyond:
+        raise InvalidInput(f"Features {beyond} do not belong to training {training.pk}.", "features")
+    features = validate_features(features, training)
+    return {
+        "name": name.strip() or auto_name(len(features), layers),
+        "description": description.strip(),
+        "features": features,
+        "intervention_layers": layers,
+        "method": values["method"],
+        "temperature": float(values["temperature"]),
+        "max_tokens": values["max_tokens"],
+        "is_favorite": values["is_favorite"],
+    }
+
+
+def auto_name(feature_count: int, layers: list[int], now=None) -> str:
+    hhmm = timezone.localtime(now).strftime("%H%M")
+    if len(layers) == 1:
+        return f"steering_{feature_count}features_layer{layers[0]}_{hhmm}"
+    return f"steering_{feature_count}features_layers{min(layers)}-{max(layers)}_{hhmm}"
+
+
+def free_name(name: str, taken: set[str]) -> str:
+    """`name`, or `name (2)`, `name (3)`... whichever is not taken, within the length limit."""
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        suffix = f" ({number})"
+        candidate = name[: MAX_NAME_CHARS - len(suffix)] + suffix
+    return candidate
+
+
+def taken_names(training: Training) -> set[str]:
+    return set(SteeringPreset.objects.filter(training=training).values_list("name", flat=True))
+
+
+def list_presets(training_id: int | None = None, search: str = "", favorites_only: bool = False):
+    """Every member sees every preset: favorites first, then the newest."""
+    presets = SteeringPreset.objects.select_related("owner", "training__model")
+    if training_id is not None:
+        presets = presets.filter(training_id=training_id)
+    if search:
+        presets = presets.filter(Q(name__icontains=search) | Q(description__icontains=search))
+    if favorites_only:
+        presets = presets.filter(is_favorite=True)
+    return presets.order_by("-is_favorite", "-created_at", "-id")
+
+
+def attach_feature_labels(presets: list[SteeringPreset]) -> None:
+    """Give each preset `labelled_features`: its features in order, each with its label in the training."""
+    wanted = defaultdict(set)
+    for preset in presets:
+        wanted[preset.training_id].update(item["feature_id"] for item in preset.features)
+    labels = {}
+    for training_id, indices in wanted.items():
+        rows = Feature.objects.filter(training_id=training_id, index__in=indices).values_list(
+            "index", "label"
+        )
+        labels.update(((training_id, index), label) for index, label in rows)
+    for preset in presets:
+        preset.labelled_features = [
+            {**item, "label": labels.get((preset.training_id, item["feature_id"]), "")}
+            for item in preset.features
+        ]
+
+
+def get_preset(pk: int) -> SteeringPreset:
+    within_range = 1 <= pk <= MAX_ID
+    preset = (
+        within_range
+        and SteeringPreset.objects.select_related("owner", "training__model").filter(pk=pk).first()
+    )
+    if not preset:
+        raise NotFound(f"Preset {pk} does not exist.", "id")
+    return preset
+
+
+def get_preset_to_modify(user, pk: int) -> SteeringPreset:
+    preset = get_preset(pk)
+    if not preset.can_modify(user):
+        raise Forbidden("Only the preset's owner or staff can change or delete it.")
+    return preset
+
+
+def create_preset(owner, training_id: int, data: dict) -> SteeringPreset:
+    training = completed_training(training_id)
+    values = clean_preset(training, data)
+    if (data.get("name") or "").strip():
+        check_name_free(training, values["name"])
+    else:
+        values["name"] = free_name(values["name"], taken_names(training))
+    return _save(SteeringPreset(training=training, owner=owner, **values))
+
+
+def update_preset(preset: SteeringPreset, changes: dict) -> SteeringPreset:
+    current = {field: getattr(preset, field) for field in SETTINGS}
+    values = clean_preset(preset.training, {**current, **changes})
+    check_name_free(preset.training, values["name"], exclude_pk=preset.pk)
+    for field, value in values.items():
+        setattr(preset, field, value)
+    return _save(preset)
+
+
+def toggle_favorite(preset: SteeringPreset) -> SteeringPreset:
+    preset.is_favorite = not preset.is_favorite
+    preset.save(update_fields=["is_favorite", "updated_at"])
+    return preset
+
+
+def check_name_free(training: Training, name: str, exclude_pk: int | None = None) -> None:
+    if SteeringPreset.objects.filter(training=training, name=name).exclude(pk=exclude_pk).exists():
+        raise InvalidInput(f"A preset named “{name}” already exists for this training.", "name")
+
+
+def _save(preset: SteeringPreset) -> SteeringPreset:
+    try:
+        with transaction.atomic():
+            preset.save()
+    except IntegrityError as error:  # a concurrent save took the name between the check and the write
+        raise InvalidInput(
+            f"A preset named “{preset.name}” already exists for this training.", "name"
+        ) from error
+    return preset
+
+
+def export_document(presets) -> dict:
+    """A versioned document naming each preset's training portably, so another installation can import it."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "exported_at": timezone.now().isoformat(),
+        "presets": [
+            {
+                "name": preset.name,
+                "description": preset.description,
+                "training": {
+                    "id": preset.training_id,
+                    "model_name": preset.training.model.name,
+                    "hook_layer": preset.training.hook_layer,
+                    "d_sae": preset.training.d_sae,
+                },
+                "features": preset.features,
+                "intervention_layers": preset.intervention_layers,
+                "method": preset.method,
+                "temperature": preset.temperature,
+                "max_tokens": preset.max_tokens,
+                "is_favorite": preset.is_favorite,
+            }
+            for preset in presets
+        ],
+    }
+
+
+def export_json(presets) -> str:
+    return json.dumps(export_document(presets), indent=2, ensure_ascii=False)
+
+
+def export_filename() -> str:
+    return f"steerlab-presets-{timezone.localtime():%Y%m%d-%H%M%S}.json"
+
+
+def parse_document(raw: bytes) -> object:
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise InvalidInput(f"The document is larger than {MAX_IMPORT_BYTES // 1024 // 1024} MB.", "file")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"The document is not valid JSON: {error}.", "file") from error
+
+
+def import_document(owner, document: object) -> list[SteeringPreset]:
+    """Import every preset of the document as `owner`'s, or none: all are validated before the first write."""
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise InvalidInput(f'Not a SteerLab presets document: "format" must be "{FORMAT}".', "format")
+    if document.get("version") != VERSION:
+        raise InvalidInput(
+            f"Unsupported document version {document.get('version')!r}; this installation reads {VERSION}.",
+            "version",
+        )
+    items = document.get("presets")
+    if not isinstance(items, list) or not items:
+        raise InvalidInput('"presets" must be a non-empty list.', "presets")
+    trainings: dict[tuple, Training] = {}
+    cleaned = []
+    for position, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise InvalidInput("A preset must be an object.")
+            training = _match_training(item.get("training"), trainings)
+            cleaned.append((training, clean_preset(training, item)))
+        except SteeringError as error:
+            field = f"presets[{position}]" + (f".{error.field}" if error.field else "")
+            raise InvalidInput(f"Preset {position + 1} ({field}): {error.message}", field) from error
+    names: dict[int, set[str]] = {}
+    try:
+        with transaction.atomic():
+            created = []
+            for training, values in cleaned:
+                taken = names.setdefault(training.pk, taken_names(training))
+                values["name"] = free_name(values["name"], taken)
+                taken.add(values["name"])
+                created.append(SteeringPreset.objects.create(training=training, owner=owner, **values))
+    except IntegrityError as error:  # a concurrent save took one of the names; nothing was imported
+        raise InvalidInput(
+            "A preset name was taken while importing; nothing was imported, try again.", "presets"
+        ) from error
+    return created
+
+
+def _match_training(reference: object, cache: dict[tuple, Training]) -> Training:
+    """The training a document names: the same id when it matches, else a completed one of the same shape."""
+    shape = "training must name model_name, hook_layer and d_sae (and id)."
+    if not isinstance(reference, dict):
+        raise InvalidInput(shape, "training")
+    model_name, hook_layer, d_sae, pk = (
+        reference.get(key) for key in ("model_name", "hook_layer", "d_sae", "id")
+    )
+    if (
+        not isinstance(model_name, str)
+        or "\x00" in model_name
+        or not all(_is_int(v) and 0 <= v <= MAX_INDEX for v in (hook_layer, d_sae))
+    ):
+        raise InvalidInput(shape, "training")
+    key = (model_name, hook_layer, d_sae, pk if _is_int(pk) and 1 <= pk <= MAX_ID else None)
+    if key not in cache:
+        same_shape = Training.objects.select_related("model").filter(
+            model__name=model_name, hook_layer=hook_layer, d_sae=d_sae, status=Training.Status.COMPLETED
+        )
+        training = (
+            same_shape.filter(pk=key[3]).first() if key[3] is not None else None
+        ) or same_shape.order_by("-created_at", "-id").first()
+        if training is None:
+            raise InvalidInput(
+                f"No completed training of {model_name} at layer {hook_layer} with {d_sae} features here.",
+                "training",
+            )
+        cache[key] = training
+    return cache[key]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
