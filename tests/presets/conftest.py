@@ -1,0 +1,72 @@
+"""Preset fixtures. Users and the 32-feature training come from tests/conftest.py."""
+
+import pytest
+from django.test.signals import template_rendered
+from template_partials.templatetags.partials import TemplateProxy
+
+from presets_app.models import SteeringPreset
+from steering_app.models import Training
+
+
+@pytest.fixture(autouse=True)
+def partials_report_their_context(monkeypatch):
+    """django-template-partials renders "page.html#part" past the test client's instrumentation: without this,
+    response.context is None for every HTMX partial."""
+    render = TemplateProxy._render
+
+    def instrumented(self, context):
+        template_rendered.send(sender=self, template=self, context=context)
+        return render(self, context)
+
+    monkeypatch.setattr(TemplateProxy, "_render", instrumented)
+
+
+@pytest.fixture
+def make_preset(training, owner):
+    """make_preset(**fields) -> a stored preset of `owner` in `training` unless fields say otherwise."""
+    counter = iter(range(1, 1000))
+
+    def make(**fields) -> SteeringPreset:
+        values = {
+            "training": training,
+            "owner": owner,
+            "name": f"preset {next(counter)}",
+            "features": [{"feature_id": 3, "coefficient": 2.0}, {"feature_id": 7, "coefficient": -1.5}],
+            "intervention_layers": [1, 2],
+            "temperature": 0.5,
+            "max_tokens": 40,
+        }
+        values.update(fields)
+        return SteeringPreset.objects.create(**values)
+
+    return make
+
+
+@pytest.fixture
+def preset(make_preset):
+    return make_preset(name="rainy python", description="rain and code")
+
+
+@pytest.fixture
+def pending_training(language_model):
+    return Training.objects.create(
+        model=language_model,
+        encoder_type=Training.EncoderType.STANDARD,
+        hook_layer=1,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=16,
+        d_sae=32,
+        checkpoint_path="/nonexistent/sae2",
+        status=Training.Status.RUNNING,
+    )
+
+
+@pytest.fixture
+def login(client):
+    """login(user) -> the test client, logged in as the user."""
+
+    def log_in(user):
+        client.force_login(user)
+        return client
+
+    return log_in

@@ -1,0 +1,27 @@
+"""Helpers shared by the preset tests."""
+
+from presets_app.models import SteeringPreset
+
+SETTINGS = (
+    "name",
+    "description",
+    "features",
+    "intervention_layers",
+    "method",
+    "temperature",
+    "max_tokens",
+    "is_favorite",
+)
+
+
+def snapshot() -> list[tuple]:
+    """Every preset's stored values, to show that a refused request changed nothing."""
+    return list(
+        SteeringPreset.objects.order_by("pk").values_list(
+            "pk", "training_id", "owner_id", *SETTINGS, "updated_at"
+        )
+    )
+
+
+def settings_of(preset: SteeringPreset) -> dict:
+    return {field: getattr(preset, field) for field in SETTINGS if field != "name"}

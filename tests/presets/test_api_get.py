@@ -1,0 +1,31 @@
+from tests.api.support import assert_error
+
+
+def url(pk):
+    return f"/api/presets/steering/{pk}"
+
+
+def test_it_shows_any_members_preset(login, stranger, preset):
+    response = login(stranger).get(url(preset.pk))
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["id"], body["name"], body["owner"], body["training_id"]) == (
+        preset.pk,
+        "rainy python",
+        "owner",
+        preset.training_id,
+    )
+    assert body["features"] == preset.features
+
+
+def test_it_answers_404_for_an_unknown_preset(login, owner):
+    assert_error(login(owner).get(url(999)), 404, "id")
+
+
+def test_it_answers_404_for_an_id_too_large_for_the_database(login, owner):
+    assert_error(login(owner).get(url(2**70)), 404, "id")
+
+
+def test_it_refuses_anonymous_users(client, preset):
+    assert_error(client.get(url(preset.pk)), 401)
