@@ -1,13 +1,24 @@
-import json
+import asyncio
+from datetime import timedelta
+from urllib.parse import parse_qs
 
 from channels.consumer import SyncConsumer
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.template.loader import render_to_string
+from django.utils import timezone
 
+from steering_app import services
 from steering_app.models import SteeringRun
 from steering_app.worker import WORKER_CHANNEL, execute_run, group_name
 
 __all__ = ["WORKER_CHANNEL", "RunStreamConsumer", "SteeringWorkerConsumer"]
+
+RESULT_TEMPLATE = "steering/_result.html"
+# How often an open page checks the database for an end the event stream did not bring (no worker took
+# the run, or its terminal event was lost): the page must never show "Generating..." forever.
+WATCH_SECONDS = 3.0
 
 
 class SteeringWorkerConsumer(SyncConsumer):
@@ -25,30 +36,111 @@ def visible_run(user, run_id: int) -> SteeringRun | None:
     return runs.filter(pk=run_id).first()
 
 
+@database_sync_to_async
+def current_run(run_id: int) -> SteeringRun:
+    run = SteeringRun.objects.select_related("training").get(pk=run_id)
+    if run.status == SteeringRun.Status.QUEUED and run.created_at < timezone.now() - timedelta(
+        seconds=settings.STEERLAB_RUN_TIMEOUT
+    ):
+        services.fail_stale_runs()
+        run.refresh_from_db()
+    return run
+
+
+@database_sync_to_async
+def render_final(run: SteeringRun, unsteered: str, steered: str) -> str:
+    from steering_app.views import result_context
+
+    return render_to_string(
+        f"{RESULT_TEMPLATE}#final", {**result_context(run, unsteered, steered), "oob": True}
+    )
+
+
 class RunStreamConsumer(AsyncWebsocketConsumer):
-    """ws/steering/runs/<id>/: streams one run's events to its owner (or staff)."""
+    """ws/steering/runs/<id>/: streams one run to its owner (or staff) as HTML for htmx's ws extension.
+
+    Token deltas are appended out of band to #unsteered-output / #steered-output; the end of the run
+    replaces #run-result with the stored comparison (full text, metrics or the failure) and closes the
+    socket. A page that just submitted the run passes ?stream=<token>: it then reads the run's events
+    from the mailbox the view subscribed before submitting, so it sees every token from the first.
+    """
 
     async def connect(self):
-        run_id = self.scope["url_route"]["kwargs"]["run_id"]
-        run = await visible_run(self.scope["user"], run_id)
+        self.run_id = self.scope["url_route"]["kwargs"]["run_id"]
+        self.finished = False
+        self.tasks: list[asyncio.Task] = []
+        self.streamed = {"unsteered": "", "steered": ""}
+        run = await visible_run(self.scope["user"], self.run_id)
         if run is None:
             await self.close(code=4403)
             return
-        self.group = group_name(run_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.mailbox = self.requested_mailbox()
+        if self.mailbox is None:
+            await self.channel_layer.group_add(group_name(self.run_id), self.channel_name)
         await self.accept()
         # The run may have finished before the socket opened: tell the client so it never waits forever.
-        run = await database_sync_to_async(SteeringRun.objects.get)(pk=run_id)
+        run = await current_run(self.run_id)
         if run.is_finished:
-            await self.send_event({"event": run.status, "run_id": run_id, "error": run.error})
+            await self.finish(run)
+            return
+        if self.mailbox is not None:
+            self.tasks.append(asyncio.create_task(self.drain_mailbox()))
+        self.tasks.append(asyncio.create_task(self.watch()))
+
+    def requested_mailbox(self) -> str | None:
+        from steering_app.views import read_stream_token
+
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        token = (query.get("stream") or [""])[0]
+        return read_stream_token(token, self.run_id) if token else None
 
     async def disconnect(self, code):
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        for task in getattr(self, "tasks", []):
+            task.cancel()
+        if getattr(self, "mailbox", None) is None and hasattr(self, "run_id"):
+            await self.channel_layer.group_discard(group_name(self.run_id), self.channel_name)
+
+    async def drain_mailbox(self):
+        while not self.finished:
+            message = await self.channel_layer.receive(self.mailbox)
+            await self.run_event(message)
+
+    async def watch(self):
+        while not self.finished:
+            await asyncio.sleep(WATCH_SECONDS)
+            run = await current_run(self.run_id)
+            if run.is_finished:
+                await self.finish(run)
 
     async def run_event(self, message):
-        await self.send_event(message)
+        if self.finished:
+            return
+        event = message.get("event")
+        if event == "delta":
+            unsteered, steered = message.get("unsteered", ""), message.get("steered", "")
+            self.streamed["unsteered"] += unsteered
+            self.streamed["steered"] += steered
+            html = render_to_string(f"{RESULT_TEMPLATE}#delta", {"unsteered": unsteered, "steered": steered})
+            if html.strip():
+                await self.send(text_data=html)
+        elif event == "started":
+            html = render_to_string(
+                f"{RESULT_TEMPLATE}#status", {"state": SteeringRun.Status.RUNNING, "status_oob": True}
+            )
+            await self.send(text_data=html)
+        elif event in (SteeringRun.Status.COMPLETED, SteeringRun.Status.FAILED):
+            await self.finish(await current_run(self.run_id))
 
-    async def send_event(self, message):
-        payload = {key: value for key, value in message.items() if key != "type"}
-        await self.send(text_data=json.dumps(payload))
+    async def finish(self, run: SteeringRun):
+        if self.finished:
+            return
+        self.finished = True
+        html = await render_final(run, self.streamed["unsteered"], self.streamed["steered"])
+        await self.send(text_data=html)
+        if self.mailbox is not None:
+            await self.channel_layer.group_discard(group_name(self.run_id), self.mailbox)
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+        await self.close()

@@ -4,4 +4,13 @@ from steering_app import views
 
 urlpatterns = [
     path("", views.panel, name="steering-panel"),
+    path("generate/", views.generate, name="steering-generate"),
+    path("trainings/<int:training_id>/features/", views.feature_search, name="steering-feature-search"),
+    path(
+        "trainings/<int:training_id>/features/<int:index>/card/",
+        views.feature_card,
+        name="steering-feature-card",
+    ),
+    path("runs/", views.run_list, name="steering-runs"),
+    path("runs/<int:pk>/", views.run_detail, name="steering-run"),
 ]

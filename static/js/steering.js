@@ -1,0 +1,162 @@
+// The steering panel's client-side state: selected feature cards, coefficient sliders, layer grid and the
+// Generate button. Requests and streaming are htmx's; this file only keeps the form consistent.
+(function () {
+  "use strict";
+
+  const CONFIRM_TRAINING_CHANGE = "Changing training job will clear selected features. Continue?";
+  const MANY_LAYERS = 4;
+
+  function form() {
+    return document.getElementById("steering-form");
+  }
+
+  function featureCards() {
+    return document.querySelectorAll("#selected-features .feature-card");
+  }
+
+  function syncFeatures() {
+    const count = featureCards().length;
+    const counter = document.getElementById("feature-count");
+    if (counter) counter.textContent = String(count);
+    const empty = document.getElementById("features-empty");
+    if (empty) empty.hidden = count > 0;
+    const notice = document.getElementById("training-notice");
+    if (notice) notice.hidden = count === 0;
+    document.querySelectorAll("#feature-results .feature-result").forEach(function (row) {
+      const added = !!document.querySelector('#selected-features .feature-card[data-feature-id="' + row.dataset.featureId + '"]');
+      const button = row.querySelector(".btn-add");
+      if (button) {
+        button.disabled = added;
+        button.textContent = added ? "Added" : "+ Add";
+      }
+    });
+  }
+
+  function syncLayers() {
+    const boxes = document.querySelectorAll('#layers input[name="layers"]');
+    let checked = 0;
+    boxes.forEach(function (box) {
+      if (box.checked) checked += 1;
+      box.closest(".layer-chip").classList.toggle("checked", box.checked);
+    });
+    const count = document.getElementById("layer-count");
+    if (count) count.textContent = String(checked);
+    const warning = document.getElementById("layers-warning");
+    if (warning) {
+      warning.hidden = checked <= MANY_LAYERS;
+      document.getElementById("layers-warning-count").textContent = String(checked);
+    }
+  }
+
+  function syncGenerate() {
+    const f = form();
+    const button = document.getElementById("generate-button");
+    if (!f || !button) return;
+    const streaming = !!document.querySelector('#run-result[data-state="streaming"]');
+    const busy = streaming || f.classList.contains("htmx-request");
+    const hasPrompt = f.elements.prompt.value.trim() !== "";
+    button.classList.toggle("is-generating", busy);
+    button.disabled = busy || !hasPrompt || featureCards().length === 0;
+    button.setAttribute("aria-busy", busy ? "true" : "false");
+  }
+
+  function syncAll() {
+    syncFeatures();
+    syncLayers();
+    syncGenerate();
+  }
+
+  function setCoefficient(card, value) {
+    const slider = card.querySelector('input[name="coefficient"]');
+    slider.value = String(value);
+    showCoefficient(slider);
+  }
+
+  function showCoefficient(slider) {
+    const output = slider.closest(".feature-card").querySelector(".coefficient-value");
+    output.textContent = Number(slider.value).toFixed(2);
+  }
+
+  function copyText(text, button) {
+    const done = function () {
+      const old = button.textContent;
+      button.textContent = "✓";
+      setTimeout(function () { button.textContent = old; }, 1200);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done);
+      return;
+    }
+    const area = document.createElement("textarea");
+    area.value = text;
+    document.body.appendChild(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+    done();
+  }
+
+  document.addEventListener("click", function (event) {
+    const target = event.target.closest("button");
+    if (!target) return;
+    const card = target.closest(".feature-card");
+    if (target.dataset.action === "remove-feature" && card) {
+      card.remove();
+      syncAll();
+    } else if (target.dataset.coefficient !== undefined && card) {
+      setCoefficient(card, Number(target.dataset.coefficient));
+    } else if (target.dataset.action === "select-all-layers") {
+      document.querySelectorAll('#layers input[name="layers"]').forEach(function (box) { box.checked = true; });
+      syncLayers();
+    } else if (target.dataset.action === "clear-layers") {
+      // "Clear" returns to the training's own layer: steering needs at least one.
+      const keep = target.dataset.defaultLayer;
+      document.querySelectorAll('#layers input[name="layers"]').forEach(function (box) { box.checked = box.value === keep; });
+      syncLayers();
+    } else if (target.dataset.copyTarget) {
+      const source = document.querySelector(target.dataset.copyTarget);
+      if (source) copyText(source.textContent, target);
+    }
+  });
+
+  document.addEventListener("input", function (event) {
+    if (event.target.matches('.feature-card input[name="coefficient"]')) showCoefficient(event.target);
+    if (event.target.closest("#steering-form")) syncGenerate();
+  });
+
+  document.addEventListener("change", function (event) {
+    const target = event.target;
+    if (target.matches('#layers input[name="layers"]')) syncLayers();
+    if (target.id === "training-select") {
+      if (featureCards().length > 0 && !window.confirm(CONFIRM_TRAINING_CHANGE)) {
+        target.value = target.dataset.current;
+        return;
+      }
+      window.location.assign(target.dataset.panelUrl + "?training=" + encodeURIComponent(target.value));
+    }
+  });
+
+  // Enter in the search box or a preset field must not start a comparison.
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Enter" || !event.target.matches("#steering-form input")) return;
+    const name = event.target.name || "";
+    if (name === "q" || name.indexOf("preset_") === 0) event.preventDefault();
+  });
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    // A feature already on the list is not added twice.
+    const source = event.detail.elt;
+    if (source.classList && source.classList.contains("btn-add")) {
+      const id = source.closest(".feature-result").dataset.featureId;
+      if (document.querySelector('#selected-features .feature-card[data-feature-id="' + id + '"]')) {
+        event.preventDefault();
+      }
+    }
+  });
+
+  document.addEventListener("htmx:afterRequest", syncGenerate);
+  document.addEventListener("DOMContentLoaded", function () {
+    syncAll();
+    htmx.onLoad(syncAll);
+  });
+})();

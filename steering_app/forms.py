@@ -1,0 +1,90 @@
+"""The steering panel's form: parses the browser's fields into a SteeringRequest.
+
+Only types are checked here; ranges, ownership of features and layer rules are the service's job, so the
+panel and the JSON API reject the same requests with the same messages.
+"""
+
+from django import forms
+
+from steering_app.models import SteeringRun
+from steering_app.services import SteeringRequest
+
+# services.SteeringError.field -> the form field that shows the message
+SERVICE_FIELDS = {
+    "training_id": "training",
+    "model_id": "training",
+    "prompt": "prompt",
+    "features": "features",
+    "intervention_layers": "layers",
+    "temperature": "temperature",
+    "max_tokens": "max_tokens",
+    "seed": "seed",
+    "method": "method",
+    "chat": "chat",
+}
+
+
+class SteeringForm(forms.Form):
+    training = forms.IntegerField(label="Training Job")
+    prompt = forms.CharField(label="Prompt", required=False, strip=False, widget=forms.Textarea)
+    method = forms.ChoiceField(label="Method", choices=SteeringRun.Method.choices)
+    temperature = forms.FloatField(label="Temperature")
+    max_tokens = forms.IntegerField(label="Max Tokens")
+    seed = forms.IntegerField(label="Seed", required=False)
+    chat = forms.BooleanField(label="Chat template", required=False)
+    # Repeated inputs; parsed in clean() from the raw lists.
+    layers = forms.Field(label="Intervention Layers", required=False)
+    features = forms.Field(label="Selected Features", required=False)
+
+    def clean(self):
+        cleaned = super().clean()
+        cleaned["layers"] = self._integers("layers", self.data.getlist("layers"))
+        cleaned["features"] = self._features()
+        return cleaned
+
+    def _integers(self, field: str, raw: list[str]) -> list[int]:
+        try:
+            return [int(value) for value in raw]
+        except ValueError:
+            self.add_error(field, "Every value must be a whole number.")
+            return []
+
+    def _features(self) -> list[dict]:
+        indices = self.data.getlist("feature_id")
+        coefficients = self.data.getlist("coefficient")
+        if len(indices) != len(coefficients):
+            self.add_error("features", "Each feature needs exactly one coefficient.")
+            return []
+        try:
+            return [
+                {"feature_id": int(index), "coefficient": float(coefficient)}
+                for index, coefficient in zip(indices, coefficients, strict=True)
+            ]
+        except ValueError:
+            self.add_error("features", "Feature ids must be whole numbers and coefficients numbers.")
+            return []
+
+    def steering_request(self) -> SteeringRequest:
+        data = self.cleaned_data
+        return SteeringRequest(
+            training_id=data["training"],
+            prompt=data["prompt"],
+            features=data["features"],
+            intervention_layers=data["layers"],
+            method=data["method"],
+            temperature=data["temperature"],
+            max_new_tokens=data["max_tokens"],
+            seed=data["seed"],
+            chat=data["chat"],
+        )
+
+    def add_service_error(self, error) -> None:
+        self.add_error(SERVICE_FIELDS.get(error.field), error.message)
+
+    def error_list(self) -> list[tuple[str, str]]:
+        """(field label, message) pairs, so a message always says which input it is about."""
+        items = []
+        for name, errors in self.errors.items():
+            label = self.fields[name].label if name in self.fields else "Request"
+            items.extend((label, str(message)) for message in errors)
+        return items

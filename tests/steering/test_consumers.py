@@ -1,0 +1,315 @@
+"""ws/steering/runs/<id>/: the run stream, as htmx ws-extension fragments."""
+
+import re
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+from django.utils import timezone
+
+from steering_app import consumers, views, worker
+from steering_app.models import SteeringRun
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = (b"origin", b"http://127.0.0.1")
+TIMEOUT = 5
+
+
+@pytest.fixture(autouse=True)
+def in_memory_layer(settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+@pytest.fixture
+def application():
+    from steerproject.asgi import application
+
+    return application
+
+
+def make_run(owner, training, **changes) -> SteeringRun:
+    values = {
+        "owner": owner,
+        "training": training,
+        "prompt": "Rain?",
+        "features": [{"feature_id": 3, "coefficient": 2.0}],
+        "intervention_layers": [2],
+        "seed": 5,
+    }
+    values.update(changes)
+    return SteeringRun.objects.create(**values)
+
+
+def cookie_for(user) -> tuple[bytes, bytes]:
+    client = Client()
+    client.force_login(user)
+    return b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+def headers_for(user=None, origin=ORIGIN) -> list:
+    """Built before the event loop runs: logging in touches the database synchronously."""
+    return [origin] + ([cookie_for(user)] if user is not None else [])
+
+
+def communicator(application, run, headers, query=""):
+    path = f"/ws/steering/runs/{run.pk}/" + (f"?{query}" if query else "")
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+def publish(run, event, **payload):
+    async_to_sync(get_channel_layer().group_send)(
+        worker.group_name(run.pk), {"type": "run.event", "run_id": run.pk, "event": event, **payload}
+    )
+
+
+def finish(run, **fields):
+    defaults = {
+        "status": "completed",
+        "unsteered_output": "It is dry.",
+        "steered_output": "It pours.",
+        "metrics": {
+            "kl_divergence": 0.5,
+            "perplexity_delta": -1.0,
+            "semantic_similarity": 0.5,
+            "word_overlap": 0.25,
+            "feature_activation": [],
+        },
+        "started_at": timezone.now(),
+        "finished_at": timezone.now(),
+    }
+    defaults.update(fields)
+    SteeringRun.objects.filter(pk=run.pk).update(**defaults)
+
+
+def text(html) -> str:
+    return re.sub(r"\s+", " ", html)
+
+
+def test_the_owner_receives_tokens_status_and_the_final_comparison(application, owner, training):
+    run = make_run(owner, training)
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        assert connected
+        await publish_async(run, "started")
+        status = await ws.receive_from(TIMEOUT)
+        await publish_async(run, "delta", unsteered="It", steered="It")
+        first = await ws.receive_from(TIMEOUT)
+        await publish_async(run, "delta", unsteered=" is <dry>", steered=" pours")
+        second = await ws.receive_from(TIMEOUT)
+        await finish_async(run)
+        await publish_async(run, "completed")
+        final = await ws.receive_from(TIMEOUT)
+        closed = await ws.receive_output(TIMEOUT)
+        await ws.disconnect()
+        return status, first, second, final, closed
+
+    status, first, second, final, closed = async_to_sync(scenario)()
+
+    assert 'id="run-status"' in status and 'hx-swap-oob="true"' in status and "Generating" in status
+    assert first == (
+        '<div hx-swap-oob="beforeend:#unsteered-output">It</div>'
+        '<div hx-swap-oob="beforeend:#steered-output">It</div>'
+    )
+    assert '<div hx-swap-oob="beforeend:#unsteered-output"> is &lt;dry&gt;</div>' in second
+    assert '<section id="run-result"' in final and 'hx-swap-oob="true"' in final
+    assert 'data-state="completed"' in final and "It pours." in final and "ws-connect" not in final
+    for card in ("KL Divergence", "Perplexity Δ", "Similarity", "Word Overlap"):
+        assert card in final
+    assert closed["type"] == "websocket.close"
+
+
+def test_a_stranger_is_refused(application, owner, stranger, training):
+    run = make_run(owner, training)
+
+    headers = headers_for(stranger)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, code = await ws.connect()
+        await ws.disconnect()
+        return connected, code
+
+    assert async_to_sync(scenario)() == (False, 4403)
+
+
+def test_an_anonymous_visitor_is_refused(application, owner, training):
+    run = make_run(owner, training)
+
+    headers = headers_for()
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        await ws.disconnect()
+        return connected
+
+    assert async_to_sync(scenario)() is False
+
+
+def test_a_foreign_origin_is_refused(application, owner, training):
+    run = make_run(owner, training)
+
+    headers = headers_for(owner, origin=(b"origin", b"http://evil.example"))
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        await ws.disconnect()
+        return connected
+
+    assert async_to_sync(scenario)() is False
+
+
+def test_staff_may_watch_any_run(application, owner, staff, training):
+    run = make_run(owner, training)
+
+    headers = headers_for(staff)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        await publish_async(run, "delta", unsteered="a", steered="b")
+        message = await ws.receive_from(TIMEOUT)
+        await ws.disconnect()
+        return connected, message
+
+    connected, message = async_to_sync(scenario)()
+    assert connected and "beforeend:#steered-output" in message
+
+
+def test_a_run_that_finished_before_the_socket_opened_is_sent_at_once(application, owner, training):
+    run = make_run(owner, training)
+    finish(run, status="failed", error="RuntimeError: boom", metrics={})
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        final = await ws.receive_from(TIMEOUT)
+        closed = await ws.receive_output(TIMEOUT)
+        await ws.disconnect()
+        return connected, final, closed
+
+    connected, final, closed = async_to_sync(scenario)()
+    assert connected and 'data-state="failed"' in final and "RuntimeError: boom" in final
+    assert closed["type"] == "websocket.close"
+
+
+def test_the_submitting_page_gets_the_events_sent_before_it_connected(
+    application, owner, training, monkeypatch
+):
+    run = make_run(owner, training)
+    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    url = views.start_run(run)  # the view subscribes the mailbox, then submits
+    publish(run, "started")
+    publish(run, "delta", unsteered="Early", steered="Early")
+    publish(run, "delta", unsteered=" bird", steered=" worm")
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers, query=url.split("?", 1)[1])
+        connected, _ = await ws.connect()
+        received = [await ws.receive_from(TIMEOUT) for _ in range(3)]
+        await finish_async(run)
+        await publish_async(run, "completed")
+        received.append(await ws.receive_from(TIMEOUT))
+        await ws.disconnect()
+        return connected, received
+
+    connected, received = async_to_sync(scenario)()
+    assert connected
+    assert "Generating" in received[0]
+    assert ">Early</div>" in received[1] and "> worm</div>" in received[2]
+    assert 'data-state="completed"' in received[3]
+
+
+def test_a_token_for_another_run_does_not_open_its_mailbox(application, owner, training, monkeypatch):
+    run, other = make_run(owner, training), make_run(owner, training)
+    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    url = views.start_run(other)
+    publish(run, "delta", unsteered="before", steered="before")
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers, query=url.split("?", 1)[1])
+        connected, _ = await ws.connect()
+        nothing = await ws.receive_nothing(0.3)
+        await publish_async(run, "delta", unsteered="after", steered="after")
+        message = await ws.receive_from(TIMEOUT)
+        await ws.disconnect()
+        return connected, nothing, message
+
+    connected, nothing, message = async_to_sync(scenario)()
+    assert connected and nothing and ">after</div>" in message
+
+
+def test_a_failed_run_keeps_the_text_streamed_so_far(application, owner, training):
+    run = make_run(owner, training)
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        await ws.connect()
+        await publish_async(run, "delta", unsteered="Half", steered="Half")
+        await ws.receive_from(TIMEOUT)
+        await finish_async(
+            run,
+            status="failed",
+            error="Out of memory during generation.",
+            unsteered_output="",
+            steered_output="",
+            metrics={},
+        )
+        await publish_async(run, "failed", error="Out of memory during generation.")
+        final = await ws.receive_from(TIMEOUT)
+        await ws.disconnect()
+        return final
+
+    final = text(async_to_sync(scenario)())
+    assert "Run failed:</strong> Out of memory during generation." in final
+    assert '<div id="unsteered-output" class="output-text">Half</div>' in final
+
+
+def test_a_run_no_worker_takes_fails_and_the_page_is_told(
+    application, owner, training, settings, monkeypatch
+):
+    settings.STEERLAB_RUN_TIMEOUT = 1
+    monkeypatch.setattr(consumers, "WATCH_SECONDS", 0.05)
+    run = make_run(owner, training, created_at=timezone.now() - timezone.timedelta(seconds=5))
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        final = await ws.receive_from(TIMEOUT)
+        await ws.disconnect()
+        return connected, final
+
+    connected, final = async_to_sync(scenario)()
+    assert connected and 'data-state="failed"' in final and "no worker available" in final
+    run.refresh_from_db()
+    assert run.status == SteeringRun.Status.FAILED and run.error == "no worker available"
+
+
+async def publish_async(run, event, **payload):
+    await get_channel_layer().group_send(
+        worker.group_name(run.pk), {"type": "run.event", "run_id": run.pk, "event": event, **payload}
+    )
+
+
+async def finish_async(run, **fields):
+    from channels.db import database_sync_to_async
+
+    await database_sync_to_async(finish)(run, **fields)

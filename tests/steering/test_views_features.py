@@ -1,0 +1,99 @@
+"""Feature search and the feature card partial of the panel."""
+
+import re
+
+import pytest
+
+from steering_app.models import Feature, Training
+
+pytestmark = pytest.mark.django_db
+
+
+def search(client, training, q):
+    return client.get(f"/steering/trainings/{training.pk}/features/", {"q": q}, HTTP_HX_REQUEST="true")
+
+
+def found(response) -> list[int]:
+    return [
+        int(index) for index in re.findall(r'class="feature-result" data-feature-id="(\d+)"', response.text)
+    ]
+
+
+def test_it_requires_login(client, training):
+    response = search(client, training, "rain")
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_it_searches_labels_case_insensitively(client, owner, training):
+    client.force_login(owner)
+    response = search(client, training, "RAIN")
+    assert response.status_code == 200 and found(response) == [3]
+    assert "weather and rain" in response.text and "max act 4.00" in response.text
+
+
+def test_it_searches_descriptions(client, owner, training):
+    Feature.objects.filter(training=training, index=20).update(description="fires on Python decorators")
+    client.force_login(owner)
+    assert found(search(client, training, "decorators")) == [20]
+
+
+@pytest.mark.parametrize("q", ["12", "#12"])
+def test_it_finds_a_feature_by_index(client, owner, training, q):
+    client.force_login(owner)
+    assert 12 in found(search(client, training, q))
+
+
+def test_it_returns_nothing_for_an_empty_query(client, owner, training):
+    client.force_login(owner)
+    response = search(client, training, "  ")
+    assert response.status_code == 200 and found(response) == []
+
+
+def test_it_stays_within_the_training(client, owner, training):
+    other = Training.objects.create(
+        model=training.model,
+        encoder_type="standard",
+        hook_layer=1,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=16,
+        d_sae=4,
+        checkpoint_path="/x",
+        status="completed",
+    )
+    Feature.objects.create(training=other, index=0, label="rain elsewhere")
+    client.force_login(owner)
+    assert found(search(client, training, "rain")) == [3]
+
+
+def test_it_limits_the_number_of_results(client, owner, training):
+    client.force_login(owner)
+    assert len(found(search(client, training, "feature"))) == 20
+
+
+def test_it_404s_for_a_training_that_is_not_completed(client, owner, training):
+    Training.objects.filter(pk=training.pk).update(status="running")
+    client.force_login(owner)
+    assert search(client, training, "rain").status_code == 404
+
+
+def test_the_card_has_the_features_inputs_and_a_zero_coefficient(client, owner, training):
+    client.force_login(owner)
+    response = client.get(f"/steering/trainings/{training.pk}/features/7/card/", HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    assert 'name="feature_id" value="7"' in response.text
+    assert 'name="coefficient"' in response.text and 'value="0"' in response.text
+    assert "python code" in response.text
+    for button in ("Suppress", "Reset", "Amplify"):
+        assert button in response.text
+
+
+def test_the_card_says_when_the_max_activation_is_unknown(client, owner, training):
+    Feature.objects.filter(training=training, index=7).update(max_activation=None)
+    client.force_login(owner)
+    response = client.get(f"/steering/trainings/{training.pk}/features/7/card/")
+    assert "Max activation unknown: additive steering uses 1." in response.text
+
+
+def test_the_card_404s_for_a_feature_outside_the_training(client, owner, training):
+    client.force_login(owner)
+    assert client.get(f"/steering/trainings/{training.pk}/features/32/card/").status_code == 404

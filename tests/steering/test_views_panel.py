@@ -1,0 +1,206 @@
+"""The steering panel page: /steering/ with ?training, ?run and ?preset."""
+
+import pytest
+from django.utils import timezone
+
+from steering_app.models import LanguageModel, SteeringRun, Training
+
+pytestmark = pytest.mark.django_db
+
+PANEL = "/steering/"
+
+
+def make_run(owner, training, **changes) -> SteeringRun:
+    values = {
+        "owner": owner,
+        "training": training,
+        "prompt": "Tell me about rain",
+        "features": [{"feature_id": 3, "coefficient": 2.5}],
+        "intervention_layers": [1, 2],
+        "method": "additive",
+        "temperature": 0.3,
+        "max_new_tokens": 17,
+        "seed": 1234,
+        "chat": False,
+    }
+    values.update(changes)
+    return SteeringRun.objects.create(**values)
+
+
+def test_it_redirects_anonymous_users_to_login(client):
+    response = client.get(PANEL)
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_it_preselects_the_newest_completed_training(client, owner, training, language_model):
+    older = Training.objects.create(
+        model=language_model,
+        encoder_type="standard",
+        hook_layer=1,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=16,
+        d_sae=8,
+        checkpoint_path="/x",
+        status="completed",
+        created_at=timezone.now() - timezone.timedelta(days=3),
+    )
+    Training.objects.create(  # newer but not completed: not offered
+        model=language_model,
+        encoder_type="jumprelu",
+        hook_layer=1,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=16,
+        d_sae=8,
+        checkpoint_path="/x",
+        status="running",
+    )
+    client.force_login(owner)
+
+    response = client.get(PANEL)
+
+    assert response.status_code == 200
+    assert response.context["training"] == training
+    assert [t.pk for t in response.context["trainings"]] == [training.pk, older.pk]
+    label = response.context["trainings"][0].label
+    assert label.startswith("topk SAE • tiny-llama • no dataset • Started ")
+    assert list(response.context["layer_choices"]) == [0, 1, 2, 3]
+    assert response.context["state"].layers == [training.hook_layer]
+
+
+def test_it_shows_the_empty_state_without_completed_trainings(client, owner, language_model):
+    client.force_login(owner)
+    response = client.get(PANEL)
+    assert response.status_code == 200
+    assert response.context["training"] is None
+    assert "No completed trainings available. Complete a training first to use steering." in response.text
+
+
+def test_it_opens_on_the_requested_training(client, owner, training, language_model):
+    other = Training.objects.create(
+        model=language_model,
+        encoder_type="standard",
+        hook_layer=0,
+        hook_name="blocks.0.hook_resid_post",
+        d_in=16,
+        d_sae=8,
+        checkpoint_path="/x",
+        status="completed",
+        created_at=timezone.now() - timezone.timedelta(days=1),
+    )
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"training": other.pk})
+
+    assert response.status_code == 200 and response.context["training"] == other
+    assert response.context["state"].layers == [0]
+
+
+@pytest.mark.parametrize("value", ["999999", "abc"])
+def test_it_404s_for_an_unknown_training(client, owner, training, value):
+    client.force_login(owner)
+    assert client.get(PANEL, {"training": value}).status_code == 404
+
+
+def test_it_404s_for_a_training_that_is_not_completed(client, owner, training):
+    training.status = Training.Status.FAILED
+    training.save()
+    client.force_login(owner)
+    assert client.get(PANEL, {"training": training.pk}).status_code == 404
+
+
+def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training):
+    run = make_run(owner, training, chat=True)
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"run": run.pk})
+
+    state = response.context["state"]
+    assert response.status_code == 200 and response.context["training"] == training
+    assert (
+        state.prompt,
+        state.layers,
+        state.method,
+        state.temperature,
+        state.max_tokens,
+        state.seed,
+        state.chat,
+    ) == ("Tell me about rain", [1, 2], "additive", 0.3, 17, 1234, True)
+    assert [(f.index, f.label, f.coefficient) for f in state.features] == [(3, "weather and rain", 2.5)]
+    assert 'name="feature_id" value="3"' in response.text
+
+
+def test_it_does_not_fill_from_another_users_run(client, owner, stranger, training):
+    run = make_run(owner, training)
+    client.force_login(stranger)
+    assert client.get(PANEL, {"run": run.pk}).status_code == 404
+
+
+def test_staff_can_fill_from_any_run(client, owner, staff, training):
+    run = make_run(owner, training)
+    client.force_login(staff)
+    assert client.get(PANEL, {"run": run.pk}).status_code == 200
+
+
+def test_it_fills_the_panel_from_a_preset(client, owner, training):
+    from presets_app.models import SteeringPreset
+
+    preset = SteeringPreset.objects.create(
+        training=training,
+        owner=owner,
+        name="rainy",
+        features=[{"feature_id": 12, "coefficient": -8.0}],
+        intervention_layers=[0, 2],
+        method="additive",
+        temperature=1.2,
+        max_tokens=33,
+    )
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"preset": preset.pk})
+
+    state = response.context["state"]
+    assert response.status_code == 200 and response.context["training"] == training
+    assert (state.layers, state.temperature, state.max_tokens) == ([0, 2], 1.2, 33)
+    [card] = state.features
+    assert (card.index, card.label, card.coefficient) == (12, "cooking recipes", -8.0)
+    assert (card.slider_min, card.slider_max) == (-8.0, 5.0)  # the slider can show the preset's value
+
+
+def test_it_404s_for_an_unknown_preset(client, owner, training):
+    client.force_login(owner)
+    assert client.get(PANEL, {"preset": 424242}).status_code == 404
+
+
+def test_it_works_while_the_presets_app_has_no_model(client, owner, training, monkeypatch):
+    from django.apps import apps
+
+    real_get_model = apps.get_model
+
+    def missing(app_label, model_name=None, require_ready=True):
+        if app_label == "presets_app":
+            raise LookupError(f"{app_label}.{model_name}")
+        return real_get_model(app_label, model_name, require_ready)
+
+    monkeypatch.setattr(apps, "get_model", missing)
+    client.force_login(owner)
+    assert client.get(PANEL, {"preset": 1}).status_code == 404
+
+
+def test_it_offers_the_chat_toggle_only_for_models_with_a_chat_template(client, owner, training, tmp_path):
+    client.force_login(owner)
+    assert client.get(PANEL).context["chat_available"] is False
+
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    LanguageModel.objects.filter(pk=training.model_id).update(source=str(tmp_path))
+    response = client.get(PANEL)
+    assert response.context["chat_available"] is True
+    assert 'name="chat"' in response.text
+
+
+def test_the_form_carries_the_fields_of_the_panel_contract(client, owner, training):
+    client.force_login(owner)
+    html = client.get(PANEL).text
+    assert 'id="steering-form"' in html
+    for name in ("training", "prompt", "method", "temperature", "max_tokens", "seed", "layers"):
+        assert f'name="{name}"' in html
+    assert 'id="presets-section"' in html or "presets/_section.html" not in html

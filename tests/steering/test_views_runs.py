@@ -1,0 +1,146 @@
+"""/steering/runs/ and /steering/runs/<id>/: stored comparisons."""
+
+import pytest
+from django.utils import timezone
+
+from steering_app.models import SteeringRun
+
+pytestmark = pytest.mark.django_db
+
+METRICS = {
+    "kl_divergence": 0.123456,
+    "perplexity_delta": 2.5,
+    "perplexity_unsteered": 10.0,
+    "perplexity_steered": 12.5,
+    "semantic_similarity": 0.8123,
+    "word_overlap": 0.5,
+    "feature_activation": [{"feature_id": 3, "unsteered": 0.25, "steered": 3.5}],
+}
+
+
+def make_run(owner, training, **changes) -> SteeringRun:
+    values = {
+        "owner": owner,
+        "training": training,
+        "prompt": "Tell me about rain",
+        "features": [{"feature_id": 3, "coefficient": 2.0}],
+        "intervention_layers": [2],
+        "seed": 42,
+    }
+    values.update(changes)
+    return SteeringRun.objects.create(**values)
+
+
+def completed(owner, training, **changes) -> SteeringRun:
+    now = timezone.now()
+    return make_run(
+        owner,
+        training,
+        status="completed",
+        unsteered_output="It is dry.",
+        steered_output="It rains and pours.",
+        metrics=METRICS,
+        started_at=now - timezone.timedelta(seconds=3),
+        finished_at=now,
+        **changes,
+    )
+
+
+def listed(response) -> list[int]:
+    return [run.pk for run in response.context["page"].object_list]
+
+
+def test_the_list_requires_login(client):
+    response = client.get("/steering/runs/")
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_the_list_shows_only_the_users_runs_newest_first(client, owner, stranger, training):
+    now = timezone.now()
+    old = make_run(owner, training, created_at=now - timezone.timedelta(hours=2))
+    new = make_run(owner, training, created_at=now)
+    make_run(stranger, training)
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/")
+
+    assert response.status_code == 200 and listed(response) == [new.pk, old.pk]
+    assert response.context["show_owner"] is False
+
+
+def test_staff_see_every_run_with_its_owner(client, owner, stranger, staff, training):
+    runs = [make_run(owner, training), make_run(stranger, training)]
+    client.force_login(staff)
+    response = client.get("/steering/runs/")
+    assert sorted(listed(response)) == sorted(run.pk for run in runs)
+    assert response.context["show_owner"] is True and "stranger" in response.text
+
+
+def test_the_list_is_paginated(client, owner, training):
+    now = timezone.now()
+    for minutes in range(25):
+        make_run(owner, training, created_at=now - timezone.timedelta(minutes=minutes))
+    client.force_login(owner)
+
+    first, second = client.get("/steering/runs/"), client.get("/steering/runs/", {"page": 2})
+
+    assert len(listed(first)) == 20 and len(listed(second)) == 5
+    assert not set(listed(first)) & set(listed(second))
+    assert client.get("/steering/runs/", {"page": 99}).status_code == 200  # the last page, not an error
+
+
+def test_the_detail_requires_login(client, owner, training):
+    run = make_run(owner, training)
+    response = client.get(f"/steering/runs/{run.pk}/")
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_another_users_run_is_404(client, owner, stranger, training):
+    run = completed(owner, training)
+    client.force_login(stranger)
+    assert client.get(f"/steering/runs/{run.pk}/").status_code == 404
+
+
+def test_staff_can_open_any_run(client, owner, staff, training):
+    run = completed(owner, training)
+    client.force_login(staff)
+    assert client.get(f"/steering/runs/{run.pk}/").status_code == 200
+
+
+def test_the_detail_shows_the_stored_comparison_settings_and_metrics(client, owner, training):
+    run = completed(owner, training)
+    client.force_login(owner)
+
+    response = client.get(f"/steering/runs/{run.pk}/")
+
+    html = response.text
+    assert response.status_code == 200
+    assert "It is dry." in html and "It rains and pours." in html
+    assert "0.1235" in html and "+2.50" in html and "Higher uncertainty" in html
+    assert "81.2%" in html and "50.0%" in html
+    assert "weather and rain" in html and "0.250 → " in html and "3.500" in html
+    assert "Seed 42" in html and "Tell me about rain" in html
+    assert f'href="/steering/?run={run.pk}"' in html  # Re-run
+    assert "ws-connect" not in html  # nothing left to stream
+
+
+def test_a_lower_perplexity_is_emerald(client, owner, training):
+    run = completed(owner, training)
+    SteeringRun.objects.filter(pk=run.pk).update(metrics={**METRICS, "perplexity_delta": -1.25})
+    client.force_login(owner)
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    assert '<div class="metric-value text-emerald">-1.25</div>' in html and "Lower uncertainty" in html
+
+
+def test_a_failed_run_shows_its_reason(client, owner, training):
+    run = make_run(owner, training, status="failed", error="no worker available", finished_at=timezone.now())
+    client.force_login(owner)
+    response = client.get(f"/steering/runs/{run.pk}/")
+    assert response.status_code == 200 and "no worker available" in response.text
+
+
+def test_an_unfinished_run_connects_to_its_stream(client, owner, training):
+    run = make_run(owner, training)
+    client.force_login(owner)
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    assert f'ws-connect="/ws/steering/runs/{run.pk}/"' in html and 'data-state="streaming"' in html
