@@ -1,0 +1,59 @@
+import os
+import secrets
+from pathlib import Path
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from steering_app.models import LanguageModel, Training
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
+DEMO_CHECKPOINT = DEMO_DIR / "sae"
+DEMO_FEATURES = DEMO_DIR / "features.json"
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEMO_DATASET = "smollm2-demo-corpus"
+DEMO_USER = "demo"
+
+
+class Command(BaseCommand):
+    help = "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, user demo."
+
+    def handle(self, **options):
+        if not (DEMO_CHECKPOINT / "cfg.json").is_file():
+            raise CommandError(f"The demo SAE is missing from {DEMO_CHECKPOINT}")
+        model = self.ensure_model()
+        self.ensure_training(model)
+        self.ensure_user()
+
+    def ensure_model(self) -> LanguageModel:
+        model = LanguageModel.objects.filter(name=DEMO_MODEL_NAME, status=LanguageModel.Status.READY).first()
+        if model is None:
+            call_command("register_model", DEMO_MODEL_NAME, "smollm2-demo", stdout=self.stdout)
+            model = LanguageModel.objects.get(name=DEMO_MODEL_NAME)
+        return model
+
+    def ensure_training(self, model: LanguageModel) -> None:
+        checkpoint = str(DEMO_CHECKPOINT.resolve())
+        if Training.objects.filter(model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED).exists():
+            self.stdout.write("Demo training already imported.")
+            return
+        call_command(
+            "import_sae", "--model", model.name, "--path", checkpoint, "--labels", str(DEMO_FEATURES),
+            "--dataset", DEMO_DATASET, stdout=self.stdout,
+        )
+
+    def ensure_user(self) -> None:
+        configured = os.environ.get("DEMO_PASSWORD")
+        user = get_user_model().objects.filter(username=DEMO_USER).first()
+        if user is not None and not configured:
+            self.stdout.write(f"User {DEMO_USER} exists (set DEMO_PASSWORD to reset its password).")
+            return
+        password = configured or secrets.token_urlsafe(9)
+        if user is None:
+            get_user_model().objects.create_user(DEMO_USER, password=password)
+        else:
+            user.set_password(password)
+            user.save(update_fields=["password"])
+        shown = "the one in DEMO_PASSWORD" if configured else password
+        self.stdout.write(self.style.SUCCESS(f"Log in at http://127.0.0.1:8000/ as {DEMO_USER}, password {shown}"))
