@@ -5,8 +5,7 @@ from typing import Annotated, Literal
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from ninja import Field, Query, Router, Schema, Status
-from pydantic import field_validator
+from ninja import Field, Path, Query, Router, Schema, Status
 
 from presets_app import services
 from presets_app.models import SteeringPreset
@@ -15,10 +14,11 @@ from steering_app.schemas import (
     MAX_INDEX,
     MAX_PAGE,
     MAX_SEARCH_CHARS,
+    NO_NUL,
+    STRICT,
     FeatureCoefficient,
     Page,
     error_responses,
-    reject_nul,
 )
 from steering_app.services import MAX_FEATURES, MAX_LAYERS, InvalidInput
 
@@ -26,16 +26,22 @@ router = Router(tags=["presets"])
 
 Method = Literal["additive", "multiplicative"]
 Layers = list[Annotated[int, Field(ge=0, le=MAX_INDEX)]]
+PresetId = Path(..., ge=1, le=MAX_ID)
 
 
 class PresetIn(Schema):
+    model_config = STRICT
+
     training_id: int = Field(
         ge=1, le=MAX_ID, description="The completed training whose feature space it uses."
     )
     name: str = Field(
-        "", max_length=services.MAX_NAME_CHARS, description="Unique per training; blank: automatic."
+        "",
+        max_length=services.MAX_NAME_CHARS,
+        pattern=NO_NUL,
+        description="Unique per training; blank: automatic.",
     )
-    description: str = Field("", max_length=services.MAX_DESCRIPTION_CHARS)
+    description: str = Field("", max_length=services.MAX_DESCRIPTION_CHARS, pattern=NO_NUL)
     features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
     intervention_layers: Layers = Field(min_length=1, max_length=MAX_LAYERS)
     method: Method = "additive"
@@ -43,22 +49,20 @@ class PresetIn(Schema):
     max_tokens: int = Field(64, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
     is_favorite: bool = False
 
-    _text_without_nul = field_validator("name", "description")(reject_nul)
-
 
 class PresetPatch(Schema):
     """Only the fields sent change; the result is validated whole, as on creation."""
 
-    name: str | None = Field(None, min_length=1, max_length=services.MAX_NAME_CHARS)
-    description: str | None = Field(None, max_length=services.MAX_DESCRIPTION_CHARS)
+    model_config = STRICT
+
+    name: str | None = Field(None, min_length=1, max_length=services.MAX_NAME_CHARS, pattern=NO_NUL)
+    description: str | None = Field(None, max_length=services.MAX_DESCRIPTION_CHARS, pattern=NO_NUL)
     features: list[FeatureCoefficient] | None = Field(None, min_length=1, max_length=MAX_FEATURES)
     intervention_layers: Layers | None = Field(None, min_length=1, max_length=MAX_LAYERS)
     method: Method | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
     is_favorite: bool | None = None
-
-    _text_without_nul = field_validator("name", "description")(reject_nul)
 
 
 class PresetOut(Schema):
@@ -124,14 +128,12 @@ def _to_dicts(items) -> list[dict]:
 def list_presets(
     request: HttpRequest,
     training_id: int | None = Query(None, ge=1, le=MAX_ID),
-    search: str = Query("", max_length=MAX_SEARCH_CHARS),
+    search: str = Query("", max_length=MAX_SEARCH_CHARS, pattern=NO_NUL),
     favorites_only: bool = False,
     limit: int = Query(50, ge=1, le=MAX_PAGE),
     offset: int = Query(0, ge=0, le=MAX_INDEX),
 ):
     """Every member's presets, favorites first, then the newest; search looks in name and description."""
-    if "\x00" in search:
-        raise InvalidInput("search must not contain NUL characters.", "search")
     presets = services.list_presets(training_id, search.strip(), favorites_only)
     return {
         "presets": list(presets[offset : offset + limit]),
@@ -220,15 +222,15 @@ def import_payload(request: HttpRequest) -> bytes:
     return request.body
 
 
-@router.get("/{int:preset_id}", response={200: PresetOut, **error_responses(404)}, summary="Get a preset")
-def get_preset(request: HttpRequest, preset_id: int):
+@router.get("/{preset_id}", response={200: PresetOut, **error_responses(404)}, summary="Get a preset")
+def get_preset(request: HttpRequest, preset_id: int = PresetId):
     return services.get_preset(preset_id)
 
 
 @router.patch(
-    "/{int:preset_id}", response={200: PresetOut, **error_responses(403, 404)}, summary="Update a preset"
+    "/{preset_id}", response={200: PresetOut, **error_responses(403, 404)}, summary="Update a preset"
 )
-def update_preset(request: HttpRequest, preset_id: int, payload: PresetPatch):
+def update_preset(request: HttpRequest, payload: PresetPatch, preset_id: int = PresetId):
     """Owner or staff only."""
     preset = services.get_preset_to_modify(request.auth, preset_id)
     changes = payload.model_dump(exclude_unset=True, exclude_none=True)
@@ -237,20 +239,18 @@ def update_preset(request: HttpRequest, preset_id: int, payload: PresetPatch):
     return services.update_preset(preset, changes)
 
 
-@router.delete(
-    "/{int:preset_id}", response={204: None, **error_responses(403, 404)}, summary="Delete a preset"
-)
-def delete_preset(request: HttpRequest, preset_id: int):
+@router.delete("/{preset_id}", response={204: None, **error_responses(403, 404)}, summary="Delete a preset")
+def delete_preset(request: HttpRequest, preset_id: int = PresetId):
     """Owner or staff only."""
     services.get_preset_to_modify(request.auth, preset_id).delete()
     return Status(204, None)
 
 
 @router.post(
-    "/{int:preset_id}/favorite",
+    "/{preset_id}/favorite",
     response={200: PresetOut, **error_responses(403, 404)},
     summary="Toggle favorite",
 )
-def toggle_favorite(request: HttpRequest, preset_id: int):
+def toggle_favorite(request: HttpRequest, preset_id: int = PresetId):
     """Owner or staff only."""
     return services.toggle_favorite(services.get_preset_to_modify(request.auth, preset_id))

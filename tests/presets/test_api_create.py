@@ -121,9 +121,12 @@ def test_it_refuses_multiplicative_steering_off_the_sae_layer(login, owner, body
         ("max_tokens", 10**6),
         ("method", "sideways"),
         ("features", []),
+        ("is_favorite", 0),
+        ("name", "nul\x00"),
+        ("temperature", "0.5"),
     ],
 )
-def test_it_refuses_numbers_out_of_range(login, owner, body, field, value):
+def test_it_refuses_values_out_of_range_or_of_the_wrong_type(login, owner, body, field, value):
     body[field] = value
 
     assert_error(login(owner).post(URL, body, content_type="application/json"), 400, field)

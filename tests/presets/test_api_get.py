@@ -23,8 +23,9 @@ def test_it_answers_404_for_an_unknown_preset(login, owner):
     assert_error(login(owner).get(url(999)), 404, "id")
 
 
-def test_it_answers_404_for_an_id_too_large_for_the_database(login, owner):
-    assert_error(login(owner).get(url(2**70)), 404, "id")
+def test_it_answers_400_for_an_id_that_cannot_be_one(login, owner):
+    assert_error(login(owner).get(url(2**70)), 400, "preset_id")
+    assert_error(login(owner).get(url("rain")), 400, "preset_id")
 
 
 def test_it_refuses_anonymous_users(client, preset):
