@@ -127,14 +127,19 @@ class GenerateIn(Schema):
 
 
 class FeatureActivationOut(Schema):
+    """A steered feature's mean activation (clean model, SAE layer) over each continuation."""
+
     feature_id: int
     unsteered: float | None
     steered: float | None
+    steered_in_run: float | None = Field(None, description="Inside the steered run itself, after the intervention.")
 
 
 class MetricsOut(Schema):
-    kl_divergence: float | None = None
+    kl_divergence: float | None = Field(None, description="Mean KL(P_clean || P_steered), nats per token.")
     perplexity_delta: float | None = None
+    perplexity_unsteered: float | None = None
+    perplexity_steered: float | None = None
     semantic_similarity: float | None = None
     word_overlap: float | None = None
     feature_activation: list[FeatureActivationOut] = []

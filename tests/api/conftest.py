@@ -9,9 +9,11 @@ from steering_app.models import ApiToken, SteeringRun
 FAKE_METRICS = {
     "kl_divergence": 0.25,
     "perplexity_delta": 1.5,
+    "perplexity_unsteered": 3.0,
+    "perplexity_steered": 4.5,
     "semantic_similarity": 0.9,
     "word_overlap": 0.5,
-    "feature_activation": [{"feature_id": 3, "unsteered": 0.1, "steered": 2.0}],
+    "feature_activation": [{"feature_id": 3, "unsteered": 0.1, "steered": 2.0, "steered_in_run": 2.5}],
 }
 
 

@@ -110,3 +110,4 @@ def test_it_refuses_the_token_of_an_inactive_user_with_401(client, owner, bearer
     owner.save()
 
     assert_error(client.get(url(make_run(owner)), headers=headers), 401)
+
