@@ -79,9 +79,8 @@
 
   function copyText(text, button) {
     const done = function () {
-      const old = button.textContent;
-      button.textContent = "✓";
-      setTimeout(function () { button.textContent = old; }, 1200);
+      button.classList.add("copied");
+      setTimeout(function () { button.classList.remove("copied"); }, 1200);
     };
     if (navigator.clipboard && window.isSecureContext) {
       navigator.clipboard.writeText(text).then(done);

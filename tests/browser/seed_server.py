@@ -1,0 +1,102 @@
+"""Prepare the browser test's server database: a user and a completed SmolLM2 training with features.
+
+Run as `python tests/browser/seed_server.py WORKDIR USERNAME PASSWORD` with the server's environment. Uses the
+demo SAE (bootstrap_demo) when the repository ships it; otherwise a random SAE at layer 10 written into
+WORKDIR, so the panel has real weights to steer with. Prints one JSON line: the user and a feature to search.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import django
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "steerproject.settings")
+django.setup()
+
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from steering_app.models import Feature, Training  # noqa: E402
+
+DEMO_SAE = Path(__file__).resolve().parents[2] / "steering_app" / "demo" / "sae" / "cfg.json"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+RANDOM_LABELS = [
+    {
+        "index": 5,
+        "label": "weather and rain",
+        "description": "rain, storms, forecasts",
+        "max_activation": 6.0,
+    },
+    {
+        "index": 9,
+        "label": "cooking recipes",
+        "description": "ingredients and kitchens",
+        "max_activation": 4.5,
+    },
+    {"index": 17, "label": "python code", "description": "def, import, self", "max_activation": 5.0},
+]
+
+
+def random_training(workdir: Path) -> None:
+    import torch
+
+    from steering_app.engine.sae import save_sae
+
+    generator = torch.Generator().manual_seed(0)
+    d_in, d_sae = 576, 64
+    W_dec = torch.randn(d_sae, d_in, generator=generator)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    path = save_sae(
+        workdir / "random-sae",
+        W_enc=W_dec.T.contiguous(),
+        W_dec=W_dec,
+        b_enc=torch.zeros(d_sae),
+        b_dec=torch.zeros(d_in),
+        cfg={
+            "architecture": "standard",
+            "metadata": {"model_name": MODEL_NAME, "hook_name": "blocks.10.hook_resid_post"},
+        },
+    )
+    labels = workdir / "labels.json"
+    labels.write_text(json.dumps(RANDOM_LABELS))
+    call_command("register_model", MODEL_NAME, "smollm2-demo")
+    call_command(
+        "import_sae",
+        "--model",
+        MODEL_NAME,
+        "--path",
+        str(path),
+        "--labels",
+        str(labels),
+        "--dataset",
+        "random-test-sae",
+    )
+
+
+def main(workdir: Path, username: str, password: str) -> None:
+    if DEMO_SAE.is_file():
+        call_command("bootstrap_demo")
+    else:
+        random_training(workdir)
+    get_user_model().objects.create_user(username, password=password)
+    training = Training.objects.filter(status=Training.Status.COMPLETED).first()
+    feature = (
+        Feature.objects.filter(training=training)
+        .exclude(label="")
+        .exclude(label__startswith="feature #")
+        .order_by("index")
+        .first()
+    )
+    word = max(feature.label.split(), key=len)
+    print(
+        json.dumps(
+            {"training": training.pk, "feature": feature.index, "label": feature.label, "search": word}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -1,0 +1,177 @@
+"""The steering panel in a real browser against a real server and the SmolLM2 model.
+
+Log in, keep the preselected training, search a feature, add it, Amplify, type a prompt, Generate: tokens
+stream into both columns over the websocket, then the metric cards appear. The first comparison warms the
+model; the second is timed from the click to the first streamed token.
+"""
+
+import time
+
+import pytest
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the chromium_path fixture skips these tests (or fails them under REQUIRE_BROWSER=1)
+    expect = None
+
+pytestmark = pytest.mark.browser
+
+FIRST_RUN_SECONDS = 600  # cold: loads SmolLM2, the SAE and the sentence embedder in the server
+WARM_RUN_SECONDS = 180
+PROMPT = "Tell me about the weather in the mountains."
+
+# Records every change of the two output columns with its time, and the moment Generate is clicked.
+RECORDER = """
+() => {
+  window.__stream = [];
+  window.__clickAt = null;
+  document.getElementById("generate-button").addEventListener(
+    "click", () => { window.__clickAt = performance.now(); window.__stream = []; }, {capture: true});
+  const sample = () => {
+    const result = document.getElementById("run-result");
+    const unsteered = document.getElementById("unsteered-output");
+    const steered = document.getElementById("steered-output");
+    window.__stream.push({
+      t: performance.now(),
+      state: result ? result.dataset.state || "" : "",
+      u: unsteered ? unsteered.textContent.length : 0,
+      s: steered ? steered.textContent.length : 0,
+    });
+  };
+  new MutationObserver(sample).observe(document.body, {childList: true, subtree: true, characterData: true});
+}
+"""
+
+
+def log_in(page, server):
+    page.goto(f"{server.url}/steering/")
+    assert "/login/" in page.url
+    page.fill("#id_username", server.username)
+    page.fill("#id_password", server.password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server.url}/steering/")
+
+
+def prepare_comparison(page, server, max_tokens: int):
+    seed = server.seed
+    selected = page.locator("#training-select option:checked")
+    assert selected.get_attribute("value") == str(seed["training"])  # the newest completed training
+    assert " SAE • SmolLM2-135M-Instruct • " in selected.inner_text()
+
+    page.fill("#feature-search", seed["search"])
+    result = page.locator(f'#feature-results .feature-result[data-feature-id="{seed["feature"]}"]')
+    result.wait_for()
+    result.locator(".btn-add").click()
+    card = page.locator(f'#selected-features .feature-card[data-feature-id="{seed["feature"]}"]')
+    card.wait_for()
+    expect(page.locator("#feature-count")).to_have_text("1")
+    card.get_by_role("button", name="Amplify").click()
+    expect(card.locator(".coefficient-value")).to_have_text("2.00")
+    assert card.locator('input[name="coefficient"]').input_value() == "2"
+
+    expect(page.locator("#generate-button")).to_be_disabled()  # no prompt yet
+    page.fill("#prompt", PROMPT)
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#seed", "1234")
+    page.check('input[name="chat"]')  # SmolLM2-Instruct answers a chat turn instead of ending at once
+    expect(page.locator("#generate-button")).to_be_enabled()
+
+
+def wait_for_result(page, seconds: float):
+    page.locator('#run-result[data-state="completed"], #run-result[data-state="failed"]').wait_for(
+        timeout=seconds * 1000
+    )
+    failure = page.locator('#run-result[data-state="failed"] .notice-error')
+    assert failure.count() == 0, failure.inner_text()
+
+
+def test_a_lab_member_steers_and_watches_both_columns_stream(page, server, tmp_path, capsys):
+    log_in(page, server)
+    prepare_comparison(page, server, max_tokens=4)
+    page.click("#generate-button")
+    wait_for_result(page, FIRST_RUN_SECONDS)  # warm-up: the server loads the model on its first run
+
+    page.evaluate(RECORDER)
+    page.fill("#max-tokens", "24")
+    started = time.monotonic()
+    page.click("#generate-button")
+    page.locator("#generate-button.is-generating").wait_for(timeout=5000)  # "Generating..." meanwhile
+    assert page.locator("#generate-button").is_disabled()
+    wait_for_result(page, WARM_RUN_SECONDS)
+    elapsed = time.monotonic() - started
+
+    samples = page.evaluate("window.__stream")
+    click_at = page.evaluate("window.__clickAt")
+    streaming = [s for s in samples if s["state"] == "streaming"]
+    unsteered_updates = sorted({s["u"] for s in streaming if s["u"] > 0})
+    steered_updates = sorted({s["s"] for s in streaming if s["s"] > 0})
+    texts = page.locator("#unsteered-output").inner_text(), page.locator("#steered-output").inner_text()
+    assert len(unsteered_updates) >= 2 and len(steered_updates) >= 2, (texts, samples)
+    first_token_ms = min(s["t"] for s in streaming if s["u"] > 0 or s["s"] > 0) - click_at
+
+    for name in ("KL Divergence", "Perplexity Δ", "Similarity", "Word Overlap"):
+        page.locator(".metric-card", has_text=name).wait_for()
+    assert page.locator(".metric-card .metric-value.text-purple").inner_text()
+    assert page.locator(".metric-card[data-metric=similarity] .metric-value").inner_text().endswith("%")
+    assert page.locator(".activation-list .activation").count() == 1
+    assert page.locator("#seed-used").inner_text() == "Seed 1234"
+    assert page.locator("#unsteered-output").inner_text().strip()
+    assert page.locator("#steered-output").inner_text().strip()
+    expect(page.locator("#generate-button")).to_be_enabled()  # back to "Generate Comparison"
+
+    screenshot = tmp_path / "steering-panel.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    page.set_viewport_size({"width": 800, "height": 900})
+    page.screenshot(path=str(tmp_path / "steering-panel-800.png"), full_page=True)
+    narrow_overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert narrow_overflow <= 0  # readable at 800 px: nothing wider than the window
+
+    # The stored run survives the page; Re-run opens the panel filled with it.
+    page.click("#run-result .result-meta a")
+    page.wait_for_url("**/steering/runs/*/")
+    expect(page.locator("#run-result[data-state=completed] .metric-card")).to_have_count(4)
+    page.click("#rerun")
+    page.wait_for_url("**/steering/?run=*")
+    expect(page.locator("#prompt")).to_have_value(PROMPT)
+    expect(page.locator("#selected-features .feature-card .coefficient-value")).to_have_text("2.00")
+    with capsys.disabled():
+        print(
+            f"\n[browser] click-to-first-streamed-token {first_token_ms:.0f} ms (model warm), "
+            f"whole comparison {elapsed:.1f} s, {len(unsteered_updates)}/{len(steered_updates)} streamed updates "
+            f"(unsteered/steered); screenshot {screenshot}"
+        )
+
+
+def test_form_errors_name_the_field(page, server):
+    log_in(page, server)
+    prepare_comparison(page, server, max_tokens=4)
+    page.fill("#temperature", "1.5")
+    page.evaluate("document.getElementById('temperature').value = '7'")  # past the input's own max
+    page.evaluate("document.getElementById('steering-form').noValidate = true")
+    page.click("#generate-button")
+    errors = page.locator("#form-errors")
+    errors.wait_for()
+    assert "Temperature: temperature must be between 0 and 2." in errors.inner_text()
+    expect(page.locator("#error-temperature")).to_have_text("temperature must be between 0 and 2.")
+
+
+def test_changing_the_training_asks_first_when_features_are_selected(page, server):
+    log_in(page, server)
+    prepare_comparison(page, server, max_tokens=4)
+    messages = []
+
+    def dismiss(dialog):
+        messages.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    page.evaluate(
+        """() => { const select = document.getElementById("training-select");
+                   select.add(new Option("other", "999999")); select.value = "999999";
+                   select.dispatchEvent(new Event("change", {bubbles: true})); }"""
+    )
+    assert messages == ["Changing training job will clear selected features. Continue?"]
+    assert page.locator("#training-select").input_value() == str(server.seed["training"])
+    assert page.locator("#selected-features .feature-card").count() == 1
