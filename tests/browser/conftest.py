@@ -115,6 +115,7 @@ def server(chromium_path, tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=SEED_SECONDS,
+        check=False,
     )
     assert seeded.returncode == 0, seeded.stderr[-4000:]
     seed = json.loads(seeded.stdout.strip().splitlines()[-1])

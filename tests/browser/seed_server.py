@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "steerproject.settings")
 django.setup()
 
-from django.contrib.auth import get_user_model  # noqa: E402
-from django.core.management import call_command  # noqa: E402
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
 
-from steering_app.models import Feature, Training  # noqa: E402
+from steering_app.models import Feature, Training
 
 DEMO_SAE = Path(__file__).resolve().parents[2] / "steering_app" / "demo" / "sae" / "cfg.json"
 MODEL_NAME = "SmolLM2-135M-Instruct"
