@@ -1,0 +1,85 @@
+"""SteerLab's steering engine: pure PyTorch + transformers, nothing from Django.
+
+run_comparison is the one call the service makes; the modules below it are usable on their own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .generate import Comparison, compare
+from .loader import LoadedModel, get_embedder
+from .metrics import comparison_metrics
+from .sae import SAE, SAEFormatError
+from .steer import SpecError, SteeringSpec, validate
+
+__all__ = [
+    "SAE",
+    "Comparison",
+    "ComparisonResult",
+    "SAEFormatError",
+    "SpecError",
+    "SteeringSpec",
+    "compare",
+    "comparison_metrics",
+    "run_comparison",
+    "validate",
+]
+
+
+@dataclass
+class ComparisonResult:
+    unsteered_text: str
+    steered_text: str
+    seed: int
+    metrics: dict
+    timings: dict
+
+
+def run_comparison(
+    lm: LoadedModel,
+    sae: SAE,
+    *,
+    prompt: str,
+    spec: SteeringSpec,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    chat: bool = False,
+    on_step: Callable[[str, str], None] | None = None,
+    sae_layer: int | None = None,
+    top_p: float | None = None,
+    embedder=None,
+) -> ComparisonResult:
+    """Both continuations and all metrics; the model is held for the whole call.
+
+    Raises SpecError (a ValueError naming the field) for an invalid request.
+    """
+    started = time.perf_counter()
+    embedder = embedder or get_embedder()
+    with lm.lock:
+        comparison = compare(
+            lm,
+            sae,
+            prompt,
+            spec,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            top_p=top_p,
+            chat=chat,
+            on_step=on_step,
+            sae_layer=sae_layer,
+        )
+        metrics = comparison_metrics(lm, sae, comparison, spec, embedder)
+    timings = dict(comparison.timings)
+    timings["total"] = time.perf_counter() - started
+    return ComparisonResult(
+        unsteered_text=comparison.unsteered_text,
+        steered_text=comparison.steered_text,
+        seed=comparison.seed,
+        metrics=metrics,
+        timings=timings,
+    )

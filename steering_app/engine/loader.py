@@ -34,7 +34,8 @@ class LoadedModel:
     architecture: str
     num_layers: int
     hidden_size: int
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Reentrant: run_comparison holds it around compare and comparison_metrics, which take it too.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,7 +116,10 @@ def _load_pretrained(source: str):
         if not (target / "config.json").is_file():
             _dequantize_gguf(path, target)
         source = str(target)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # Eager attention: the two rows of a comparison must get bit-identical results for identical
+    # inputs (all coefficients 0 means identical outputs and KL exactly 0), and PyTorch's CPU SDPA
+    # kernel does not guarantee that across batch rows.
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
 
