@@ -102,7 +102,10 @@ def list_features(
     request,
     training_id: int = Id,
     search: str = Query(
-        "", max_length=MAX_SEARCH_CHARS, pattern=NO_NUL, description="Words in the label or description, or an index."
+        "",
+        max_length=MAX_SEARCH_CHARS,
+        pattern=NO_NUL,
+        description="Words in the label or description, or an index.",
     ),
     limit: int = Limit,
     offset: int = Offset,
@@ -185,7 +188,9 @@ async def wait_for_run(run_id: int, timeout: float) -> SteeringRun:
 async def generate(
     request,
     payload: GenerateIn,
-    run_async: bool = Query(False, alias="async", description="Answer 202 {run_id} at once instead of waiting."),
+    run_async: bool = Query(
+        False, alias="async", description="Answer 202 {run_id} at once instead of waiting."
+    ),
 ):
     """Generate unsteered and steered text side by side, with metrics.
 
@@ -280,9 +285,7 @@ def list_runs(
 ):
     """The caller's runs, newest first."""
     services.fail_stale_runs()
-    user = request.auth
-    queryset = runs_for_user(user) if everyone else SteeringRun.objects.select_related("owner", "training").filter(
-        owner=user
-    )
+    visible = runs_for_user(request.auth)
+    queryset = visible if everyone else visible.filter(owner=request.auth)
     runs, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
     return {"runs": [run_out(run) for run in runs], "total": total, "limit": limit, "offset": offset}

@@ -35,7 +35,9 @@ class SessionCsrfAuth(APIKeyCookie):
         if not user.is_authenticated:
             return None
         if check_csrf(request):
-            raise HttpError(403, "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header.")
+            raise HttpError(
+                403, "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header."
+            )
         return user
 
 

@@ -117,7 +117,9 @@ class GenerateIn(Schema):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
     features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
     intervention_layers: list[Annotated[int, Field(ge=0, le=MAX_INDEX)]] = Field(
-        min_length=1, max_length=MAX_LAYERS, description="Decoder blocks to steer, each below the model's layer count."
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="Decoder blocks to steer, each below the model's layer count.",
     )
     temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy decoding.")
     max_tokens: int = Field(64, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
@@ -132,7 +134,9 @@ class FeatureActivationOut(Schema):
     feature_id: int
     unsteered: float | None
     steered: float | None
-    steered_in_run: float | None = Field(None, description="Inside the steered run itself, after the intervention.")
+    steered_in_run: float | None = Field(
+        None, description="Inside the steered run itself, after the intervention."
+    )
 
 
 class MetricsOut(Schema):
@@ -142,7 +146,7 @@ class MetricsOut(Schema):
     perplexity_steered: float | None = None
     semantic_similarity: float | None = None
     word_overlap: float | None = None
-    feature_activation: list[FeatureActivationOut] = []
+    feature_activation: list[FeatureActivationOut] = Field(default_factory=list)
 
 
 class GenerateOut(Schema):

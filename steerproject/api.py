@@ -40,7 +40,9 @@ def dotted(location: tuple) -> str | None:
 def on_validation_error(request, exc: ValidationError):
     # ninja answers 422; the API promises 400 for every invalid input, type errors included.
     fields = [dotted(tuple(item.get("loc", ("body",)))) for item in exc.errors]
-    messages = [f"{field}: {item['msg']}" if field else item["msg"] for field, item in zip(fields, exc.errors)]
+    messages = [
+        f"{field}: {item['msg']}" if field else item["msg"] for field, item in zip(fields, exc.errors)
+    ]
     return error(request, 400, "; ".join(messages) or "Invalid request.", fields[0] if fields else None)
 
 
@@ -59,8 +61,10 @@ def on_model_validation_error(request, exc: DjangoValidationError):
 
 @api.exception_handler(AuthenticationError)
 def on_authentication_error(request, exc: AuthenticationError):
-    detail = exc.message if exc.message != "Unauthorized" else (
-        "Authentication required: log in, or send the header Authorization: Bearer <token>."
+    detail = (
+        exc.message
+        if exc.message != "Unauthorized"
+        else ("Authentication required: log in, or send the header Authorization: Bearer <token>.")
     )
     return error(request, 401, detail)
 

@@ -93,4 +93,3 @@ def make_run(training):
         return SteeringRun.objects.create(**values)
 
     return make
-

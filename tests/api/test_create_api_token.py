@@ -24,7 +24,9 @@ def test_it_prints_a_new_token_and_stores_only_its_hash(owner):
 def test_its_token_authenticates_api_requests(client, owner, training):
     raw = create_token("owner")
 
-    assert client.get("/api/trainings/completed", headers={"Authorization": f"Bearer {raw}"}).status_code == 200
+    assert (
+        client.get("/api/trainings/completed", headers={"Authorization": f"Bearer {raw}"}).status_code == 200
+    )
 
 
 def test_it_issues_a_different_token_each_time(owner):

@@ -12,7 +12,9 @@ from steerproject.api import api
 from tests.api.support import assert_error
 
 
-def test_it_answers_an_unexpected_exception_with_500_and_no_traceback(client, owner, bearer, training, monkeypatch):
+def test_it_answers_an_unexpected_exception_with_500_and_no_traceback(
+    client, owner, bearer, training, monkeypatch
+):
     def explode(training_id):
         raise RuntimeError("secret internals")
 

@@ -67,7 +67,9 @@ def test_it_answers_an_empty_page_when_nothing_matches(client, owner, bearer, tr
 
 
 def test_it_answers_404_for_an_unknown_training(client, owner, bearer, training):
-    assert_error(client.get(f"/api/trainings/{training.pk + 1}/features", headers=bearer(owner)), 404, "training_id")
+    assert_error(
+        client.get(f"/api/trainings/{training.pk + 1}/features", headers=bearer(owner)), 404, "training_id"
+    )
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ def post(client, body, headers, query=""):
     return client.post(URL + query, body, content_type="application/json", headers=headers)
 
 
-def test_it_runs_the_comparison_and_answers_both_outputs_with_metrics(client, owner, bearer, generate_body, fake_engine):
+def test_it_runs_the_comparison_and_answers_both_outputs_with_metrics(
+    client, owner, bearer, generate_body, fake_engine
+):
     response = post(client, generate_body, bearer(owner))
 
     assert response.status_code == 200, response.content
@@ -43,7 +45,9 @@ def test_it_draws_a_seed_when_none_is_given_and_returns_it(client, owner, bearer
     assert body["seed"] == SteeringRun.objects.get().seed
 
 
-def test_it_stores_layers_sorted_and_passes_method_and_chat(client, owner, bearer, generate_body, fake_engine):
+def test_it_stores_layers_sorted_and_passes_method_and_chat(
+    client, owner, bearer, generate_body, fake_engine
+):
     generate_body.update(intervention_layers=[3, 0, 2], chat=True)
 
     assert post(client, generate_body, bearer(owner)).status_code == 200
@@ -73,7 +77,10 @@ def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer
         ({"intervention_layers": [-1]}, "intervention_layers.0"),
         ({"features": []}, "features"),
         ({"features": [{"feature_id": 99, "coefficient": 1.0}]}, "features"),  # not in the training
-        ({"features": [{"feature_id": 3, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]}, "features"),
+        (
+            {"features": [{"feature_id": 3, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]},
+            "features",
+        ),
         ({"features": [{"feature_id": 3, "coefficient": 101}]}, "features.0.coefficient"),
         ({"features": [{"feature_id": 3}]}, "features.0.coefficient"),
         ({"temperature": 2.5}, "temperature"),
@@ -85,13 +92,18 @@ def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer
         ({"prompt": "   "}, "prompt"),
         ({"prompt": "a\x00b"}, "prompt"),
         ({"method": "replace"}, "method"),
-        ({"method": "multiplicative", "intervention_layers": [1]}, "intervention_layers"),  # SAE is at layer 2
+        (
+            {"method": "multiplicative", "intervention_layers": [1]},
+            "intervention_layers",
+        ),  # SAE is at layer 2
         ({"model_id": 999}, "model_id"),
         ({"training_id": "one"}, "training_id"),
         ({"model_id": None}, "model_id"),
     ],
 )
-def test_it_refuses_invalid_input_as_400_naming_the_field(client, owner, bearer, generate_body, changes, field):
+def test_it_refuses_invalid_input_as_400_naming_the_field(
+    client, owner, bearer, generate_body, changes, field
+):
     generate_body.update(changes)
 
     assert_error(post(client, generate_body, bearer(owner)), 400, field)
@@ -140,7 +152,9 @@ def test_it_answers_503_and_fails_the_run_when_no_worker_takes_it(
     assert run.status == "failed" and "timed out" in run.error
 
 
-def test_it_answers_503_when_the_run_cannot_be_handed_to_a_worker(client, owner, bearer, generate_body, monkeypatch):
+def test_it_answers_503_when_the_run_cannot_be_handed_to_a_worker(
+    client, owner, bearer, generate_body, monkeypatch
+):
     def broken_submit(run_id):
         raise ConnectionError("redis is down")
 
@@ -191,7 +205,9 @@ def test_it_answers_a_revoked_token_with_401(client, owner, generate_body, fake_
     assert "revoked" in body["detail"]
 
 
-def test_it_does_not_fall_back_to_the_session_when_a_bad_token_is_sent(client, owner, generate_body, fake_engine):
+def test_it_does_not_fall_back_to_the_session_when_a_bad_token_is_sent(
+    client, owner, generate_body, fake_engine
+):
     client.force_login(owner)
 
     assert_error(post(client, generate_body, {"Authorization": "Bearer stl_wrong"}), 401)
@@ -225,7 +241,9 @@ def test_it_keeps_serving_other_requests_while_it_waits_for_the_worker(
     client = AsyncClient()
 
     async def generate_and_list_meanwhile():
-        generate = asyncio.create_task(client.post(URL, generate_body, content_type="application/json", headers=headers))
+        generate = asyncio.create_task(
+            client.post(URL, generate_body, content_type="application/json", headers=headers)
+        )
         await asyncio.sleep(0.3)
         started = time.monotonic()
         listing = await client.get("/api/trainings/completed", headers=headers)

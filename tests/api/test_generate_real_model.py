@@ -26,7 +26,12 @@ def smollm2_training(db, tmp_path):
         W_dec=torch.randn(D_SAE, hidden, generator=generator) / hidden**0.5,
         b_enc=torch.zeros(D_SAE),
         b_dec=torch.zeros(hidden),
-        cfg={"metadata": {"model_name": "SmolLM2-135M-Instruct", "hook_name": f"blocks.{SAE_LAYER}.hook_resid_post"}},
+        cfg={
+            "metadata": {
+                "model_name": "SmolLM2-135M-Instruct",
+                "hook_name": f"blocks.{SAE_LAYER}.hook_resid_post",
+            }
+        },
     )
     model = LanguageModel.objects.create(
         name="SmolLM2-135M-Instruct",
@@ -65,7 +70,9 @@ def test_it_gives_identical_outputs_and_zero_kl_at_coefficient_zero(
         "seed": 1234,
     }
 
-    response = client.post("/api/steering/generate", body, content_type="application/json", headers=bearer(owner))
+    response = client.post(
+        "/api/steering/generate", body, content_type="application/json", headers=bearer(owner)
+    )
 
     assert response.status_code == 200, response.content
     result = response.json()

@@ -40,14 +40,18 @@ def test_its_settings_can_be_posted_back_to_generate(client, owner, bearer, make
     headers = bearer(owner)
     settings = client.get(url(make_run(owner)), headers=headers).json()["settings"]
 
-    response = client.post("/api/steering/generate", settings, content_type="application/json", headers=headers)
+    response = client.post(
+        "/api/steering/generate", settings, content_type="application/json", headers=headers
+    )
 
     assert response.status_code == 200
     assert response.json()["seed"] == 11
 
 
 def test_it_shows_a_queued_run_without_metrics(client, owner, bearer, make_run):
-    run = make_run(owner, status=SteeringRun.Status.QUEUED, metrics={}, unsteered_output="", steered_output="")
+    run = make_run(
+        owner, status=SteeringRun.Status.QUEUED, metrics={}, unsteered_output="", steered_output=""
+    )
 
     body = client.get(url(run), headers=bearer(owner)).json()
 
@@ -64,7 +68,9 @@ def test_it_shows_the_reason_of_a_failed_run(client, owner, bearer, make_run):
 
 def test_it_expires_a_run_no_worker_took_in_time_when_read(client, owner, bearer, make_run, settings):
     settings.STEERLAB_RUN_TIMEOUT = 60
-    stale = make_run(owner, status=SteeringRun.Status.QUEUED, created_at=timezone.now() - timedelta(seconds=61))
+    stale = make_run(
+        owner, status=SteeringRun.Status.QUEUED, created_at=timezone.now() - timedelta(seconds=61)
+    )
 
     body = client.get(url(stale), headers=bearer(owner)).json()
 
@@ -110,4 +116,3 @@ def test_it_refuses_the_token_of_an_inactive_user_with_401(client, owner, bearer
     owner.save()
 
     assert_error(client.get(url(make_run(owner)), headers=headers), 401)
-

@@ -55,7 +55,9 @@ def test_it_expires_stale_queued_runs_when_listing(client, owner, bearer, make_r
     assert body["runs"][0]["status"] == "failed"
 
 
-@pytest.mark.parametrize(("params", "field"), [({"limit": 0}, "limit"), ({"offset": -5}, "offset"), ({"all": "maybe"}, "all")])
+@pytest.mark.parametrize(
+    ("params", "field"), [({"limit": 0}, "limit"), ({"offset": -5}, "offset"), ({"all": "maybe"}, "all")]
+)
 def test_it_refuses_bad_parameters_as_400(client, owner, bearer, params, field):
     assert_error(client.get(URL, params, headers=bearer(owner)), 400, field)
 

@@ -24,9 +24,13 @@ def add_training(training, **fields):
     return Training.objects.create(**values)
 
 
-def test_it_lists_completed_trainings_newest_first_with_model_and_dataset_names(client, owner, bearer, training):
+def test_it_lists_completed_trainings_newest_first_with_model_and_dataset_names(
+    client, owner, bearer, training
+):
     dataset = Dataset.objects.create(name="openwebtext-1m", source="demo")
-    newer = add_training(training, dataset=dataset, encoder_type="jumprelu", created_at=timezone.now() + timedelta(1))
+    newer = add_training(
+        training, dataset=dataset, encoder_type="jumprelu", created_at=timezone.now() + timedelta(1)
+    )
     add_training(training, status=Training.Status.RUNNING)
     add_training(training, status=Training.Status.FAILED)
 
@@ -58,7 +62,12 @@ def test_it_pages_with_limit_and_offset(client, owner, bearer, training):
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"offset": -1}, "offset"), ({"limit": "ten"}, "limit")],
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"limit": "ten"}, "limit"),
+    ],
 )
 def test_it_refuses_bad_paging_as_400(client, owner, bearer, training, params, field):
     assert_error(client.get(URL, params, headers=bearer(owner)), 400, field)

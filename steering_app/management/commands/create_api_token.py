@@ -9,7 +9,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("username")
-        parser.add_argument("--name", default="", help="A label to tell the user's tokens apart in the admin.")
+        parser.add_argument(
+            "--name", default="", help="A label to tell the user's tokens apart in the admin."
+        )
 
     def handle(self, *args, username, name, **options):
         user = get_user_model().objects.filter(username=username).first()
