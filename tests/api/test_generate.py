@@ -2,6 +2,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client
 from django.utils import timezone
@@ -126,6 +127,14 @@ def test_it_refuses_a_body_that_is_not_json_as_400(client, owner, bearer, traini
     assert_error(response, 400)
 
 
+def test_it_refuses_an_empty_body_as_400_listing_the_required_fields(client, owner, bearer, training):
+    body = assert_error(
+        client.post(URL, content_type="application/json", headers=bearer(owner)), 400, "training_id"
+    )
+
+    assert "prompt: Field required" in body["detail"]
+
+
 def test_it_answers_404_for_an_unknown_training(client, owner, bearer, generate_body):
     generate_body["training_id"] += 1
 
@@ -167,10 +176,11 @@ def test_it_answers_503_when_the_run_cannot_be_handed_to_a_worker(
     assert SteeringRun.objects.get().status == "failed"
 
 
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory")])
 def test_it_answers_507_with_advice_when_generation_runs_out_of_memory(
-    client, owner, bearer, generate_body, failing_engine
+    client, owner, bearer, generate_body, failing_engine, error
 ):
-    failing_engine(MemoryError())
+    failing_engine(error)
 
     body = assert_error(post(client, generate_body, bearer(owner)), 507)
 
@@ -266,8 +276,6 @@ D_SAE = 64
 @pytest.fixture
 def smollm2_training(db, tmp_path):
     """SmolLM2 with a random 64-feature SAE at layer 10, in the SAELens layout."""
-    import torch
-
     from steering_app.engine import loader
     from steering_app.engine.sae import save_sae
 
