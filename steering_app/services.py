@@ -182,11 +182,19 @@ def fail_run(run: SteeringRun, reason: str) -> None:
 
 
 def fail_stale_runs() -> int:
-    """Runs that no worker took within STEERLAB_RUN_TIMEOUT seconds fail instead of waiting forever."""
-    cutoff = timezone.now() - timedelta(seconds=settings.STEERLAB_RUN_TIMEOUT)
-    return SteeringRun.objects.filter(status=SteeringRun.Status.QUEUED, created_at__lt=cutoff).update(
-        status=SteeringRun.Status.FAILED, error="no worker available", finished_at=timezone.now()
-    )
+    """End runs that can no longer finish, so that none stays queued or running forever.
+
+    A queued run no worker took within STEERLAB_RUN_TIMEOUT seconds, and a running one whose worker has been
+    silent for STEERLAB_RUN_MAX_SECONDS (the process died mid-run), fail with the reason.
+    """
+    now = timezone.now()
+    queued = SteeringRun.objects.filter(
+        status=SteeringRun.Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_TIMEOUT)
+    ).update(status=SteeringRun.Status.FAILED, error="no worker available", finished_at=now)
+    abandoned = SteeringRun.objects.filter(
+        status=SteeringRun.Status.RUNNING, started_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
+    ).update(status=SteeringRun.Status.FAILED, error="the worker stopped before finishing", finished_at=now)
+    return queued + abandoned
 
 
 def steering_spec(run: SteeringRun):
@@ -234,6 +242,31 @@ def execute(run: SteeringRun, emit: Emit) -> None:
     run.timings = result.timings
 
 
+def finite_json(value):
+    """JSON columns refuse NaN and infinities (SQLite and PostgreSQL alike): store them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def complete_run(run: SteeringRun) -> bool:
+    """Store the results unless the run was ended meanwhile (timed out by a waiting caller)."""
+    return bool(
+        SteeringRun.objects.filter(pk=run.pk, status=SteeringRun.Status.RUNNING).update(
+            status=SteeringRun.Status.COMPLETED,
+            finished_at=timezone.now(),
+            unsteered_output=run.unsteered_output,
+            steered_output=run.steered_output,
+            metrics=finite_json(run.metrics),
+            timings=finite_json(run.timings),
+        )
+    )
+
+
 def run_steering(run_id: int, emit: Emit) -> SteeringRun | None:
     """Execute one queued run end to end; the worker calls this. The run always ends completed or failed."""
     run = claim_run(run_id)
@@ -242,16 +275,15 @@ def run_steering(run_id: int, emit: Emit) -> SteeringRun | None:
     emit("started", {})
     try:
         execute(run, emit)
+        completed = complete_run(run)
     except Exception as error:  # noqa: BLE001 - any failure must end the run, with its reason
         reason = failure_reason(error)
         logger.exception("Steering run %s failed: %s", run_id, reason)
         fail_run(run, reason)
         emit("failed", {"error": reason})
         return run
-    run.status = SteeringRun.Status.COMPLETED
-    run.finished_at = timezone.now()
-    run.save(update_fields=["unsteered_output", "steered_output", "metrics", "timings", "status", "finished_at"])
-    emit("completed", {})
+    run.refresh_from_db()
+    emit("completed" if completed else run.status, {"error": run.error})
     return run
 
 

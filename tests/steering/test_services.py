@@ -118,3 +118,57 @@ def test_it_names_out_of_memory_in_the_words_users_act_on():
     import torch
 
     assert services.failure_reason(torch.OutOfMemoryError("CUDA out of memory")) == services.OOM_MESSAGE
+
+
+def fake_execute(metrics):
+    def execute(run, emit):
+        emit("delta", {"unsteered": "sun", "steered": "rain"})
+        run.unsteered_output, run.steered_output = "sun", "rain"
+        run.metrics, run.timings = metrics, {"generate_s": 0.1}
+
+    return execute
+
+
+def test_it_completes_a_run_and_stores_non_finite_numbers_as_null(owner, training, monkeypatch):
+    monkeypatch.setattr(services, "execute", fake_execute({"kl_divergence": math.inf, "word_overlap": 0.5}))
+    run = services.create_run(owner, request_for(training))
+    events = []
+
+    services.run_steering(run.pk, lambda event, payload: events.append(event))
+
+    run.refresh_from_db()
+    assert run.status == SteeringRun.Status.COMPLETED and run.finished_at is not None
+    assert (run.unsteered_output, run.steered_output) == ("sun", "rain")
+    assert run.metrics == {"kl_divergence": None, "word_overlap": 0.5}
+    assert events == ["started", "delta", "completed"]
+
+
+def test_it_keeps_a_run_failed_when_it_was_ended_while_generating(owner, training, monkeypatch):
+    def ended_meanwhile(run, emit):
+        SteeringRun.objects.filter(pk=run.pk).update(status=SteeringRun.Status.FAILED, error="timed out")
+        fake_execute({})(run, emit)
+
+    monkeypatch.setattr(services, "execute", ended_meanwhile)
+    run = services.create_run(owner, request_for(training))
+    events = []
+
+    services.run_steering(run.pk, lambda event, payload: events.append(event))
+
+    run.refresh_from_db()
+    assert (run.status, run.error, run.steered_output) == (SteeringRun.Status.FAILED, "timed out", "")
+    assert events[-1] == "failed"
+
+
+def test_it_fails_runs_whose_worker_died_mid_run(owner, training, settings):
+    from django.utils import timezone
+
+    settings.STEERLAB_RUN_MAX_SECONDS = 60
+    run = services.create_run(owner, request_for(training))
+    SteeringRun.objects.filter(pk=run.pk).update(
+        status=SteeringRun.Status.RUNNING, started_at=timezone.now() - timezone.timedelta(seconds=61)
+    )
+
+    assert services.fail_stale_runs() == 1
+
+    run.refresh_from_db()
+    assert (run.status, run.error) == (SteeringRun.Status.FAILED, "the worker stopped before finishing")
