@@ -120,6 +120,21 @@ class Feature(models.Model):
     def __str__(self):
         return f"#{self.index} {self.label}"
 
+    @classmethod
+    def from_description(cls, training: "Training", index: int, info: dict) -> "Feature":
+        """A row from a feature-table entry (Neuronpedia explanation or SteerLab description), unsaved."""
+        description = str(info.get("description") or "")
+        label = str(info.get("label") or description or f"feature #{index}")
+        return cls(
+            training=training,
+            index=index,
+            label=label[:300],
+            description=description,
+            max_activation=info.get("max_activation"),
+            activation_frequency=info.get("activation_frequency"),
+            top_tokens=info.get("top_tokens") or [],
+        )
+
     @property
     def steering_scale(self) -> float:
         """a_i of the additive steering formula: the strongest observed activation, 1 when unknown."""

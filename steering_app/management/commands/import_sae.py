@@ -32,20 +32,6 @@ def read_feature_table(path: Path, d_sae: int) -> dict[int, dict]:
     return table
 
 
-def feature_row(training: Training, index: int, info: dict) -> Feature:
-    description = str(info.get("description", ""))
-    label = str(info.get("label") or description or f"feature #{index}")
-    return Feature(
-        training=training,
-        index=index,
-        label=label[:300],
-        description=description,
-        max_activation=info.get("max_activation"),
-        activation_frequency=info.get("activation_frequency"),
-        top_tokens=info.get("top_tokens", []),
-    )
-
-
 class Command(BaseCommand):
     help = "Import an SAE checkpoint in the SAELens layout (cfg.json + sae_weights.safetensors) as a completed training."
 
@@ -100,6 +86,6 @@ class Command(BaseCommand):
             completed_at=timezone.now(),
         )
         Feature.objects.bulk_create(
-            (feature_row(training, index, table.get(index, {})) for index in range(sae.d_sae)), batch_size=2000
+            (Feature.from_description(training, index, table.get(index, {})) for index in range(sae.d_sae)), batch_size=2000
         )
         return training

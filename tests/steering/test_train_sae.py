@@ -1,0 +1,92 @@
+import random
+
+import pytest
+from django.core.management import CommandError, call_command
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from steering_app.engine import loader
+from steering_app.engine import train as engine_train
+from steering_app.models import Dataset, Feature, LanguageModel, Training
+
+pytestmark = pytest.mark.django_db
+
+WORDS = "rain sun cloud storm river tree stone bread cheese music guitar dance code python train ship".split()
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A 3-layer random Llama with SmolLM2's tokenizer, registered as `tiny`."""
+    tokenizer = loader.load_model("smollm2-demo").tokenizer
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256)
+    directory = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    call_command("register_model", "tiny", str(directory))
+    return LanguageModel.objects.get(name="tiny")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rng = random.Random(0)
+    sentences = (" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(600))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(sentences))
+    return path
+
+
+def train(text_file, out, *extra):
+    call_command("train_sae", "--model", "tiny", "--layer", "1", "--dataset", str(text_file), "--d-sae", "64",
+                 "--k", "4", "--tokens", "4000", "--epochs", "2", "--out", str(out), *extra)
+
+
+def test_it_trains_records_and_writes_a_checkpoint_import_sae_reads_back(tiny_model, text_file, tmp_path):
+    train(text_file, tmp_path / "sae")
+
+    training = Training.objects.get()
+    assert training.status == Training.Status.COMPLETED and training.completed_at is not None
+    assert (training.encoder_type, training.hook_layer, training.d_in, training.d_sae) == ("topk", 1, 32, 64)
+    assert set(training.stats) == {"explained_variance", "l0", "dead_fraction"}
+    assert 0 < training.stats["l0"] <= 4 and training.stats["explained_variance"] > 0
+    assert training.features.count() == 64
+    assert training.features.filter(max_activation__gt=0).exclude(label="").exists()
+    assert Dataset.objects.get().num_tokens >= 4000
+
+    call_command("import_sae", "--model", "tiny", "--path", str(tmp_path / "sae"))
+
+    imported = Training.objects.exclude(pk=training.pk).get()
+    assert (imported.encoder_type, imported.hook_layer, imported.d_sae) == ("topk", 1, 64)
+
+
+def test_it_marks_an_interrupted_training_failed(tiny_model, text_file, tmp_path, monkeypatch):
+    original = engine_train.train_sae
+
+    def interrupted_after_one_step(*args, **kwargs):
+        def on_step(stats):
+            raise KeyboardInterrupt
+
+        return original(*args, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(engine_train, "train_sae", interrupted_after_one_step)
+
+    with pytest.raises(CommandError, match="interrupted"):
+        train(text_file, tmp_path / "sae")
+
+    training = Training.objects.get()
+    assert (training.status, training.error) == (Training.Status.FAILED, "interrupted")
+    assert not Feature.objects.exists() and not (tmp_path / "sae" / "cfg.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope", "--layer", "1", "--dataset", "demo"], "Unknown model"),
+        (["--model", "tiny", "--layer", "3", "--dataset", "demo"], "out of range"),
+        (["--model", "tiny", "--layer", "1", "--dataset", "/no/such/text"], "Unknown dataset"),
+        (["--model", "tiny", "--layer", "1", "--dataset", "demo", "--k", "99", "--d-sae", "64"], "--k"),
+    ],
+)
+def test_it_refuses_bad_arguments_and_creates_no_training(tiny_model, args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("train_sae", *args)
+    assert not Training.objects.exists()
