@@ -1,0 +1,94 @@
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from steering_app.engine import loader
+from steering_app.engine.loader import (
+    SMOLLM2_DEMO,
+    data_dir,
+    describe_model,
+    get_embedder,
+    load_model,
+    load_sae_cached,
+    resolve_device,
+    resolve_source,
+)
+
+from .conftest import random_sae
+
+
+def test_it_resolves_the_demo_model_to_the_bundled_gguf():
+    path = Path(resolve_source(SMOLLM2_DEMO))
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_it_reads_the_data_dir_and_device_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEERLAB_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
+    monkeypatch.setenv("STEERLAB_DEVICE", "cpu")
+    assert resolve_device() == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="tpu"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_it_caches_the_dequantized_gguf_as_safetensors(smollm2):
+    assert load_model(SMOLLM2_DEMO, device="cpu") is smollm2
+    assert (smollm2.architecture, smollm2.num_layers, smollm2.hidden_size) == ("LlamaForCausalLM", 30, 576)
+    cached = data_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
+    assert "quantization_config" not in json.loads((cached / "config.json").read_text())
+    assert describe_model(SMOLLM2_DEMO) == {"architecture": "LlamaForCausalLM", "num_layers": 30, "hidden_size": 576}
+
+
+def test_it_loads_a_local_directory_once_for_concurrent_callers(smollm2, tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2.tokenizer), n_embd=16, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path
+    )
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    calls = []
+    real = loader._load_pretrained
+
+    def counting(source):
+        calls.append(source)
+        return real(source)
+
+    monkeypatch.setattr(loader, "_load_pretrained", counting)
+    results = [None] * 4
+    start = threading.Barrier(4)
+
+    def worker(i):
+        start.wait()
+        results[i] = load_model(str(tmp_path), device="cpu")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and all(result is results[0] for result in results)
+    assert (results[0].architecture, results[0].num_layers, results[0].hidden_size) == ("GPT2LMHeadModel", 2, 16)
+    assert describe_model(str(tmp_path)) == {"architecture": "GPT2LMHeadModel", "num_layers": 2, "hidden_size": 16}
+
+
+def test_it_caches_saes_on_the_models_device_and_dtype(smollm2, tmp_path):
+    random_sae(tmp_path, d_in=576, d_sae=8)
+    sae = load_sae_cached(tmp_path, smollm2)
+    assert load_sae_cached(str(tmp_path), smollm2) is sae
+    assert sae.W_dec.dtype == smollm2.dtype and sae.W_dec.device == smollm2.device
+
+
+def test_it_loads_the_embedder_offline_from_the_bundled_package(monkeypatch):
+    embedder = get_embedder()
+    assert get_embedder() is embedder
+    monkeypatch.setenv("STEERLAB_EMBEDDER", loader.embedder_source())
+    assert get_embedder() is embedder
