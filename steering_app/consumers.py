@@ -1,4 +1,5 @@
 import asyncio
+import logging
 from datetime import timedelta
 from urllib.parse import parse_qs
 
@@ -14,6 +15,8 @@ from steering_app.models import SteeringRun
 from steering_app.worker import WORKER_CHANNEL, execute_run, group_name
 
 __all__ = ["WORKER_CHANNEL", "RunStreamConsumer", "SteeringWorkerConsumer"]
+
+logger = logging.getLogger(__name__)
 
 RESULT_TEMPLATE = "steering/_result.html"
 # How often an open page checks the database for an end the event stream did not bring (no worker took
@@ -101,9 +104,12 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(group_name(self.run_id), self.channel_name)
 
     async def drain_mailbox(self):
-        while not self.finished:
-            message = await self.channel_layer.receive(self.mailbox)
-            await self.run_event(message)
+        try:
+            while not self.finished:
+                message = await self.channel_layer.receive(self.mailbox)
+                await self.run_event(message)
+        except Exception:  # the channel layer failed; watch() still ends the page when the run ends
+            logger.exception("Stream of run %s lost its mailbox", self.run_id)
 
     async def watch(self):
         while not self.finished:

@@ -1,4 +1,4 @@
-"""Prepare the browser test's server database: a user and a completed SmolLM2 training with features.
+"""Prepare a test server's database (browser and scale-out tests): a user and a completed SmolLM2 training.
 
 Run as `python tests/browser/seed_server.py WORKDIR USERNAME PASSWORD` with the server's environment. Uses the
 demo SAE (bootstrap_demo) when the repository ships it; otherwise a random SAE at layer 10 written into

@@ -1,0 +1,66 @@
+"""Create COUNT steering runs, hand them all to the worker channel at once, wait for them to finish.
+
+Run as `python tests/scaleout/drive_runs.py COUNT SECONDS` with the deployment's environment (DATABASE_URL,
+REDIS_URL). Prints one JSON line: every run's id, status, error and the worker that executed it.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import django
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "steerproject.settings")
+django.setup()
+
+from django.contrib.auth import get_user_model
+
+from steering_app import services, worker
+from steering_app.models import Feature, SteeringRun, Training
+
+
+def main(count: int, seconds: float) -> None:
+    assert worker.worker_mode() == "channel", "REDIS_URL must be set: runs go to runworker processes"
+    user = get_user_model().objects.get(username="alice")
+    training = Training.objects.filter(status=Training.Status.COMPLETED).first()
+    feature = Feature.objects.filter(training=training).order_by("index").first()
+    runs = [
+        services.create_run(
+            user,
+            services.SteeringRequest(
+                training_id=training.pk,
+                prompt=f"Run {i}: the weather in the mountains is",
+                features=[{"feature_id": feature.index, "coefficient": 2.0}],
+                intervention_layers=[training.hook_layer],
+                max_new_tokens=6,
+                seed=i,
+            ),
+        )
+        for i in range(count)
+    ]
+    for run in runs:  # all at once, before any of them can finish
+        worker.submit(run.pk)
+    ids = [run.pk for run in runs]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not SteeringRun.objects.filter(pk__in=ids).exclude(status__in=["completed", "failed"]).exists():
+            break
+        time.sleep(0.5)
+    report = [
+        {
+            "id": run.pk,
+            "status": run.status,
+            "error": run.error,
+            "worker": run.timings.get("worker"),
+            "steered": run.steered_output,
+        }
+        for run in SteeringRun.objects.filter(pk__in=ids).order_by("pk")
+    ]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), float(sys.argv[2]))

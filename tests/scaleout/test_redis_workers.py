@@ -1,0 +1,160 @@
+"""Scale-out against the real Redis: two `runworker steering-worker` processes share six runs.
+
+The lab deployment: PostgreSQL (a fresh database on 127.0.0.1:5432, or a shared SQLite file when PostgreSQL is
+not there) and channels_redis on 127.0.0.1:6379, in a Redis database no one else is using. Skips with the
+reason when Redis is missing; REQUIRE_REDIS=1 turns the skip into a failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.scaleout.support import REDIS_HOST, REDIS_PORT, redis_client
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parents[2]
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+RUNS = 6
+WORKERS = 2
+SETUP_SECONDS = 600  # migrate, and SmolLM2's GGUF dequantized on a fresh machine
+LISTEN_SECONDS = 180
+RUN_SECONDS = 480
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory):
+    """A fresh PostgreSQL database, dropped afterwards; a shared SQLite file when PostgreSQL is not there."""
+    import psycopg
+
+    name = f"steerlab_scaleout_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{POSTGRES}/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        yield f"sqlite:///{tmp_path_factory.mktemp('scaleout') / 'db.sqlite3'}"
+        return
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{POSTGRES}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def environment(database_url: str, redis_db: int) -> dict:
+    env = dict(os.environ)
+    env.pop("STEERLAB_WORKER_MODE", None)
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+        SECRET_KEY="scaleout-test-secret-key",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def listening_workers(client, redis_db: int) -> int:
+    """Worker connections blocked on the channel: channels_redis receives with BZPOPMIN."""
+    return sum(
+        1 for c in client.client_list() if c.get("cmd") == "bzpopmin" and int(c.get("db", -1)) == redis_db
+    )
+
+
+def test_two_workers_share_six_runs_and_none_is_lost(redis_db, database_url, tmp_path, capsys):
+    env = environment(database_url, redis_db)
+    python = sys.executable
+    subprocess.run(
+        [python, "manage.py", "migrate", "--noinput"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=SETUP_SECONDS,
+    )
+    subprocess.run(
+        [python, str(ROOT / "tests/browser/seed_server.py"), str(tmp_path), "alice", "pw-alice-123"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=SETUP_SECONDS,
+    )
+
+    client, _ = redis_client(redis_db)
+    logs = [tmp_path / f"worker-{i}.log" for i in range(WORKERS)]
+    workers = []
+    try:
+        for log in logs:
+            with log.open("w") as out:
+                workers.append(
+                    subprocess.Popen(
+                        [python, "manage.py", "runworker", "steering-worker"],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + LISTEN_SECONDS
+        while listening_workers(client, redis_db) < WORKERS:
+            dead = [w.returncode for w in workers if w.poll() is not None]
+            assert not dead, f"a worker exited ({dead}):\n" + "\n".join(
+                log.read_text()[-3000:] for log in logs
+            )
+            assert time.monotonic() < deadline, f"workers did not listen within {LISTEN_SECONDS} s"
+            time.sleep(0.2)
+
+        started = time.monotonic()
+        output = tmp_path / "driver.out"
+        with output.open("w") as out:
+            driver = subprocess.Popen(
+                [python, str(ROOT / "tests/scaleout/drive_runs.py"), str(RUNS), str(RUN_SECONDS)],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            # A worker that dies mid-way would leave runs queued: fail at once, with its log.
+            while driver.poll() is None:
+                dead = [w.returncode for w in workers if w.poll() is not None]
+                assert not dead, f"a worker exited ({dead}):\n" + "\n".join(
+                    log.read_text()[-3000:] for log in logs
+                )
+                assert time.monotonic() - started < RUN_SECONDS + 60, "the driver did not finish"
+                time.sleep(0.5)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait(timeout=15)
+        elapsed = time.monotonic() - started
+        worker_logs = "\n".join(log.read_text()[-3000:] for log in logs)
+        assert driver.returncode == 0, output.read_text()[-4000:] + worker_logs
+        runs = json.loads(output.read_text().strip().splitlines()[-1])
+    finally:
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=15)
+        client.flushdb()
+
+    assert len(runs) == RUNS
+    assert [run["status"] for run in runs] == ["completed"] * RUNS, (runs, worker_logs)
+    assert all(run["steered"] for run in runs)
+    pids = {worker.pid for worker in workers}
+    ran_by = [run["worker"] for run in runs]
+    assert all(ran_by), f"runs do not record their worker (timings['worker'] = 'host:pid'): {runs}"
+    assert {int(name.rsplit(":", 1)[1]) for name in ran_by} == pids, ran_by
+    with capsys.disabled():
+        counts = {pid: sum(name.endswith(f":{pid}") for name in ran_by) for pid in pids}
+        print(f"\n[scale-out] {RUNS} runs completed in {elapsed:.1f} s by {WORKERS} workers: {counts}")
