@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from steering_app import services
 from steering_app.models import SteeringRun
+from steering_app.views import read_stream_token, result_context
 from steering_app.worker import WORKER_CHANNEL, execute_run, group_name
 
 __all__ = ["WORKER_CHANNEL", "RunStreamConsumer", "SteeringWorkerConsumer"]
@@ -52,8 +53,6 @@ def current_run(run_id: int) -> SteeringRun:
 
 @database_sync_to_async
 def render_final(run: SteeringRun, unsteered: str, steered: str) -> str:
-    from steering_app.views import result_context
-
     return render_to_string(
         f"{RESULT_TEMPLATE}#final", {**result_context(run, unsteered, steered), "oob": True}
     )
@@ -91,8 +90,6 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         self.tasks.append(asyncio.create_task(self.watch()))
 
     def requested_mailbox(self) -> str | None:
-        from steering_app.views import read_stream_token
-
         query = parse_qs(self.scope.get("query_string", b"").decode())
         token = (query.get("stream") or [""])[0]
         return read_stream_token(token, self.run_id) if token else None

@@ -27,7 +27,6 @@ from steering_app.models import Feature, SteeringRun, Training
 
 RUNS_PER_PAGE = 20
 SEARCH_LIMIT = 20
-DEFAULT_PROMPT = ""
 # Slots next to the inputs where the panel shows a field's error (ids error-<name>).
 ERROR_SLOTS = (
     "training",
@@ -143,7 +142,7 @@ class SelectedFeature:
 @dataclass
 class PanelState:
     training: Training | None
-    prompt: str = DEFAULT_PROMPT
+    prompt: str = ""
     features: list[SelectedFeature] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
     method: str = SteeringRun.Method.ADDITIVE
@@ -197,17 +196,17 @@ def state_from_preset(preset) -> PanelState:
     training = _get_completed_training(preset.training_id)
     return PanelState(
         training=training,
-        features=selected_features(training, preset.features or []),
-        layers=list(getattr(preset, "intervention_layers", None) or []),
-        method=getattr(preset, "method", None) or SteeringRun.Method.ADDITIVE,
-        temperature=getattr(preset, "temperature", 0.7),
-        max_tokens=getattr(preset, "max_tokens", 64),
+        features=selected_features(training, preset.features),
+        layers=list(preset.intervention_layers),
+        method=preset.method,
+        temperature=preset.temperature,
+        max_tokens=preset.max_tokens,
     )
 
 
 def state_from_form(form: SteeringForm, fallback: Training | None) -> PanelState:
     """What the user submitted, to show it again beside the errors (no-JavaScript path)."""
-    data = form.cleaned_data if hasattr(form, "cleaned_data") else {}
+    data = form.cleaned_data
     training = completed_trainings().filter(pk=data.get("training")).first() or fallback
     state = PanelState(training=training, prompt=form.data.get("prompt", ""))
     if training is None:
