@@ -2,7 +2,9 @@
 
 import logging
 import math
+import os
 import random
+import socket
 from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -239,7 +241,8 @@ def execute(run: SteeringRun, emit: Emit) -> None:
     run.unsteered_output = result.unsteered_text
     run.steered_output = result.steered_text
     run.metrics = result.metrics
-    run.timings = result.timings
+    # Which worker ran it: the run page shows it, and scale-out tests check that the work was shared.
+    run.timings = {**result.timings, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def finite_json(value):

@@ -94,6 +94,8 @@ def channel_layers(env: Mapping[str, str]) -> dict:
     return {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [url], "capacity": 1500, "expiry": 120},
+            # redis-py 8 reads with a 5 s socket timeout by default; an idle channel receive would hit it and
+            # kill runworker processes and websocket streams (redis/redis-py#4091, channels_redis#422).
+            "CONFIG": {"hosts": [{"address": url, "socket_timeout": None}], "capacity": 1500, "expiry": 120},
         }
     }

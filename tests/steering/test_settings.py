@@ -58,7 +58,7 @@ def test_it_switches_to_postgres_and_redis_from_urls(tmp_path):
     engine, name, layer = eval(result.stdout)
     assert engine == "django.db.backends.postgresql" and name == "lab"
     assert layer["BACKEND"] == "channels_redis.core.RedisChannelLayer"
-    assert layer["CONFIG"]["hosts"] == ["redis://cache:6379/1"]
+    assert layer["CONFIG"]["hosts"] == [{"address": "redis://cache:6379/1", "socket_timeout": None}]
 
 
 def test_it_parses_lists_booleans_and_devices():
