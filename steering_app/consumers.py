@@ -13,7 +13,7 @@ from django.utils import timezone
 from steering_app import services
 from steering_app.models import SteeringRun
 from steering_app.views import read_stream_token, result_context
-from steering_app.worker import WORKER_CHANNEL, execute_run, group_name
+from steering_app.worker import WORKER_CHANNEL, execute_next_queued, group_name
 
 __all__ = ["WORKER_CHANNEL", "RunStreamConsumer", "SteeringWorkerConsumer"]
 
@@ -29,7 +29,7 @@ class SteeringWorkerConsumer(SyncConsumer):
     """`python manage.py runworker steering-worker`: executes the runs sent to the worker channel."""
 
     def run_steering(self, message):
-        execute_run(message["run_id"])
+        execute_next_queued()
 
 
 @database_sync_to_async

@@ -270,11 +270,25 @@ def complete_run(run: SteeringRun) -> bool:
     )
 
 
+def claim_next_run() -> SteeringRun | None:
+    """Take the oldest queued run, whichever it is; None when there is none left."""
+    queued = SteeringRun.objects.filter(status=SteeringRun.Status.QUEUED).order_by("created_at", "id")
+    for run_id in queued.values_list("id", flat=True)[:20]:
+        run = claim_run(run_id)
+        if run is not None:
+            return run
+    return None
+
+
 def run_steering(run_id: int, emit: Emit) -> SteeringRun | None:
-    """Execute one queued run end to end; the worker calls this. The run always ends completed or failed."""
+    """Execute one queued run end to end. The run always ends completed or failed."""
     run = claim_run(run_id)
-    if run is None:
-        return None
+    return process_run(run, emit) if run is not None else None
+
+
+def process_run(run: SteeringRun, emit: Emit) -> SteeringRun:
+    """Execute a claimed (running) run and store its outcome; emit reports progress to its watchers."""
+    run_id = run.pk
     emit("started", {})
     try:
         execute(run, emit)

@@ -35,6 +35,15 @@ def execute_run(run_id: int) -> None:
     services.run_steering(run_id, lambda event, payload: publish(run_id, event, payload))
 
 
+def execute_next_queued() -> None:
+    """Run the oldest queued run. `runworker` takes channel messages faster than it runs them, so a busy
+    worker holds a backlog of messages; treating each message as "work is waiting" rather than "run this
+    one" lets a free worker take the runs whose messages went to a busy one."""
+    run = services.claim_next_run()
+    if run is not None:
+        services.process_run(run, lambda event, payload: publish(run.pk, event, payload))
+
+
 def worker_mode() -> str:
     mode = os.environ.get("STEERLAB_WORKER_MODE", "")
     if mode:

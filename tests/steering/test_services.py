@@ -172,3 +172,12 @@ def test_it_fails_runs_whose_worker_died_mid_run(owner, training, settings):
 
     run.refresh_from_db()
     assert (run.status, run.error) == (SteeringRun.Status.FAILED, "the worker stopped before finishing")
+
+
+def test_it_hands_a_free_worker_the_oldest_queued_run_whichever_message_it_holds(owner, training):
+    first = services.create_run(owner, request_for(training))
+    second = services.create_run(owner, request_for(training))
+
+    assert services.claim_next_run().pk == first.pk
+    assert services.claim_next_run().pk == second.pk
+    assert services.claim_next_run() is None
