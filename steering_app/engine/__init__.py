@@ -6,8 +6,8 @@ run_comparison is the one call the service makes; the modules below it are usabl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .generate import Comparison, compare
 from .loader import LoadedModel, get_embedder
@@ -51,6 +51,7 @@ def run_comparison(
     on_step: Callable[[str, str], None] | None = None,
     sae_layer: int | None = None,
     top_p: float | None = None,
+    min_new_tokens: int = 0,
     embedder=None,
 ) -> ComparisonResult:
     """Both continuations and all metrics; the model is held for the whole call.
@@ -72,6 +73,7 @@ def run_comparison(
             chat=chat,
             on_step=on_step,
             sae_layer=sae_layer,
+            min_new_tokens=min_new_tokens,
         )
         metrics = comparison_metrics(lm, sae, comparison, spec, embedder)
     timings = dict(comparison.timings)

@@ -7,15 +7,16 @@
 - semantic_similarity: cosine of the sentence embeddings of the two continuations.
 - word_overlap: Jaccard index of the sets of tokens of the two continuations.
 - feature_activation: per steered feature, its mean SAE activation (clean model, SAE layer) over the
-  unsteered and over the steered continuation's tokens; steered_in_run adds the activation inside the
-  steered run itself (after the intervention) at the positions that produced the steered tokens.
+  unsteered and over the steered continuation, read at the positions that produce the continuation's
+  tokens (the last prompt position and every continuation token but the last); steered_in_run is the
+  same inside the steered run itself, after the intervention.
 
 Generation already computed most of this: the clean row's logits are P_clean on the unsteered
-continuation, and until the continuations diverge (index d) both rows share their context, so the
-steered row's logits are P_steered there and the clean row's logits score the steered continuation
-too. One extra forward over three rows, continuing the generation's KV cache from position P + d,
-supplies the rest: row 0 clean on the steered tokens, row 1 steered on the unsteered tokens, row 2
-clean on the unsteered tokens.
+continuation and its activations read it, and until the continuations diverge (index d) both rows
+share their context, so the steered row's logits are P_steered there and the clean row's logits and
+activations serve the steered continuation too. One extra forward over two rows, continuing the
+generation's KV cache from position P + d, supplies the rest: row 0 is the clean model reading the
+steered tokens, row 1 the steered model reading the unsteered ones.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from .generate import (
     CLEAN,
     STEERED,
     Comparison,
-    capture_hook,
     cache_is_plain,
+    capture_hook,
     eos_token_ids,
     model_forward,
     new_cache,
     reshape_cache,
+    skinny_linears,
 )
 from .layers import decoder_blocks
 from .loader import LoadedModel
@@ -108,61 +110,64 @@ def _model_metrics(lm: LoadedModel, sae: SAE, comparison: Comparison, spec: Stee
     P, d = len(prompt), comparison.divergence
     n_u, n_s = len(unsteered), len(steered)
 
+    # Beyond d: row 0 = clean model reading the steered tokens, row 1 = steered model reading the
+    # unsteered ones. The last token of each continuation is only predicted, never read.
     cache = comparison.cache
     comparison.cache = None
     if cache is not None and cache_is_plain(cache):
         start = P + d
-        reshape_cache(cache, [CLEAN, STEERED, CLEAN], start)
+        rows = [steered[d : n_s - 1], unsteered[d : n_u - 1]]
     else:
-        cache, start = new_cache(model), 0
-
-    eos = eos_token_ids(lm)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else min(eos, default=0)
-    full_s, full_u = prompt + steered, prompt + unsteered
-    rows = [full_s[start:], full_u[start:], full_u[start:]]
+        start = 0
+        rows = [prompt + steered[: n_s - 1], prompt + unsteered[: n_u - 1]]
     width = max(len(row) for row in rows)
-    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
-    special_ids = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), device=device, dtype=torch.long)
-
-    blocks = decoder_blocks(model)
-    with (
-        steering_hooks(
-            blocks, sae, spec, comparison.sae_layer, rows=(1,), special_mask=torch.isin(input_ids, special_ids)
-        ),
-        capture_hook(blocks, comparison.sae_layer, sae, spec.feature_ids, rows=(0, 2)) as records,
-    ):
-        logits = model_forward(model, input_ids, cache)  # [3, width, V]; index j is position start + j
+    logits = activations = None
+    if width:
+        if start:
+            reshape_cache(cache, [CLEAN, STEERED], start)
+        else:
+            cache = new_cache(model)
+        eos = eos_token_ids(lm)
+        pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else min(eos, default=0)
+        input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+        special_ids = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), device=device, dtype=torch.long)
+        blocks = decoder_blocks(model)
+        with (
+            skinny_linears(model, device),
+            steering_hooks(
+                blocks, sae, spec, comparison.sae_layer, rows=(STEERED,),
+                special_mask=torch.isin(input_ids, special_ids),
+            ),
+            capture_hook(blocks, comparison.sae_layer, sae, spec.feature_ids, rows=(CLEAN,)) as records,
+        ):
+            logits = model_forward(model, input_ids, cache)  # [2, width, V]; index j is position start + j
+        activations = records[0]
     del cache
 
-    def predicting(t: int) -> int:
-        """Index in the pass of the position whose logits predict continuation token t."""
+    def before(t: int) -> int:
+        """Index in the pass of position P + t - 1, whose logits predict continuation token t."""
         return P + t - 1 - start
 
-    after = range(d + 1, n_u)
-    q_logits = torch.cat(
-        [comparison.steered_logits[: min(d + 1, n_u)], logits[1, [predicting(t) for t in after]].float()]
-    )
-    kl = _kl(comparison.clean_logits[:n_u], q_logits)
+    def extend(shared: torch.Tensor, row: int, tokens: int) -> torch.Tensor:
+        """Per-token logits up to d from generation, then the pass's row for the tokens after d."""
+        later = range(d + 1, tokens)
+        if not later:
+            return shared[:tokens]
+        return torch.cat([shared[: d + 1], logits[row, [before(t) for t in later]].float()])
 
+    kl = _kl(comparison.clean_logits[:n_u], extend(comparison.steered_logits, STEERED, n_u))
     ppl_unsteered = _perplexity(comparison.clean_logits[:n_u], unsteered)
-    s_logits = torch.cat(
-        [comparison.clean_logits[: min(d + 1, n_s)], logits[0, [predicting(t) for t in range(d + 1, n_s)]].float()]
-    )
-    ppl_steered = _perplexity(s_logits, steered)
+    ppl_steered = _perplexity(extend(comparison.clean_logits, CLEAN, n_s), steered)
 
     feature_activation = []
     if spec.feature_ids:
-        pass_acts = records[0]  # [2, width, k]: rows 0 (clean on steered) and 2 (clean on unsteered)
-
-        def reading(tokens: list[int], pass_row: int) -> torch.Tensor:
-            """Clean activations at the positions of the continuation's tokens (a final EOS excluded)."""
-            count = len(tokens) - (1 if tokens and tokens[-1] in eos else 0)
-            shared = comparison.clean_activations[1 : 1 + min(d, count)]
-            later = pass_acts[pass_row, [P + t - start for t in range(d, count)]]
-            return torch.cat([shared, later])
-
-        unsteered_acts = reading(unsteered, 1)
-        steered_acts = reading(steered, 0)
+        # Activations at the positions that produce each continuation token (the last prompt
+        # position and every continuation token but the last): the same positions as steered_in_run.
+        unsteered_acts = comparison.clean_activations[:n_u]
+        later = range(d + 1, n_s)
+        steered_acts = comparison.clean_activations[: min(d + 1, n_s)]
+        if later:
+            steered_acts = torch.cat([steered_acts, activations[0, [before(t) for t in later]]])
         in_run = comparison.steered_activations[:n_s]
         for column, feature_id in enumerate(spec.feature_ids):
             feature_activation.append(

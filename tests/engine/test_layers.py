@@ -4,7 +4,7 @@ import transformers
 
 from steering_app.engine.layers import block_hidden, decoder_blocks, replace_block_hidden
 
-TINY = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, num_hidden_layers=3)
+TINY = {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 3}
 
 
 def _model(name: str):

@@ -48,14 +48,12 @@ def _reference(lm, sae, comparison, spec):
 
     log_p = torch.log_softmax(clean_u[n - 1 : n - 1 + len(U)], -1)
     log_q = torch.log_softmax(steer_u[n - 1 : n - 1 + len(U)], -1)
-    eos = lm.tokenizer.eos_token_id
-    count = lambda tokens: len(tokens) - (tokens[-1] == eos)  # noqa: E731
     return {
         "kl_divergence": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
         "perplexity_unsteered": math.exp(nll(clean_u, U)),
         "perplexity_steered": math.exp(nll(clean_s, S)),
-        "unsteered": acts_u[n : n + count(U)].mean(0),
-        "steered": acts_s[n : n + count(S)].mean(0),
+        "unsteered": acts_u[n - 1 : n - 1 + len(U)].mean(0),
+        "steered": acts_s[n - 1 : n - 1 + len(S)].mean(0),
         "steered_in_run": run_s[n - 1 : n - 1 + len(S)].mean(0),
     }
 

@@ -57,7 +57,7 @@ def test_it_adds_c_times_scale_times_direction_at_prompt_and_generated_positions
 def test_it_scales_the_feature_by_its_own_activation_when_multiplicative(tiny, tmp_path):
     sae = random_sae(tmp_path, d_in=32)
     spec = SteeringSpec("multiplicative", ((5, 2.0), (9, -1.0)), (1,))
-    comparison, probe = _run_probed(tiny, sae, spec, 1)
+    _comparison, probe = _run_probed(tiny, sae, spec, 1)
     assert len(probe.before) == 6
     fired = 0
     for before, after in zip(probe.before, probe.after):
@@ -99,10 +99,9 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
     sae = random_sae(tmp_path, d_in=32)
     blocks = decoder_blocks(tiny.model)
     spec = SteeringSpec("additive", ((5, 1.0),), (0, 1, 2))
-    with pytest.raises(type(interrupt)):
-        with steering_hooks(blocks, sae, spec, 1):
-            assert len(hooks_everywhere(tiny.model)) == 3
-            raise interrupt
+    with pytest.raises(type(interrupt)), steering_hooks(blocks, sae, spec, 1):
+        assert len(hooks_everywhere(tiny.model)) == 3
+        raise interrupt
     assert hooks_everywhere(tiny.model) == []
 
     def on_step(unsteered, steered):
@@ -116,17 +115,17 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        (dict(layers=(4,)), "layers"),
-        (dict(layers=(-1,)), "layers"),
-        (dict(layers=()), "layers"),
-        (dict(features=((16, 1.0),)), "features[0].feature_id"),
-        (dict(features=((-1, 1.0),)), "features[0].feature_id"),
-        (dict(features=((1, 1.0), (2, math.nan))), "features[1].coefficient"),
-        (dict(features=((1, math.inf),)), "features[0].coefficient"),
-        (dict(features=((1, -100.5),)), "features[0].coefficient"),
-        (dict(method="multiplicative", layers=(2,)), "layers"),
-        (dict(method="rotate"), "method"),
-        (dict(feature_scales={1: math.nan}), "feature_scales"),
+        ({"layers": (4,)}, "layers"),
+        ({"layers": (-1,)}, "layers"),
+        ({"layers": ()}, "layers"),
+        ({"features": ((16, 1.0),)}, "features[0].feature_id"),
+        ({"features": ((-1, 1.0),)}, "features[0].feature_id"),
+        ({"features": ((1, 1.0), (2, math.nan))}, "features[1].coefficient"),
+        ({"features": ((1, math.inf),)}, "features[0].coefficient"),
+        ({"features": ((1, -100.5),)}, "features[0].coefficient"),
+        ({"method": "multiplicative", "layers": (2,)}, "layers"),
+        ({"method": "rotate"}, "method"),
+        ({"feature_scales": {1: math.nan}}, "feature_scales"),
     ],
 )
 def test_it_rejects_invalid_specs_naming_the_field(tiny, tmp_path, change, field):
@@ -154,16 +153,16 @@ def test_it_rejects_an_sae_of_another_width(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(max_new_tokens=-3), "max_new_tokens"),
-        (dict(temperature=-0.1), "temperature"),
-        (dict(temperature=math.nan), "temperature"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(seed=-1), "seed"),
-        (dict(prompt=""), "prompt"),
-        (dict(prompt="word " * 40), "prompt"),
-        (dict(prompt="word " * 20, max_new_tokens=20), "max_new_tokens"),
-        (dict(sae_layer=7), "sae_layer"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"seed": -1}, "seed"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "word " * 40}, "prompt"),
+        ({"prompt": "word " * 20, "max_new_tokens": 20}, "max_new_tokens"),
+        ({"sae_layer": 7}, "sae_layer"),
     ],
 )
 def test_it_rejects_invalid_generation_arguments_naming_the_field(smollm2, tmp_path, kwargs, field):
@@ -171,6 +170,6 @@ def test_it_rejects_invalid_generation_arguments_naming_the_field(smollm2, tmp_p
 
     tiny = tiny_lm("gpt2", smollm2.tokenizer, context=32)
     sae = random_sae(tmp_path, d_in=32)
-    args = dict(prompt="Hello", temperature=0.5, max_new_tokens=4, seed=0, sae_layer=1) | kwargs
+    args = {"prompt": "Hello", "temperature": 0.5, "max_new_tokens": 4, "seed": 0, "sae_layer": 1} | kwargs
     with pytest.raises(ValueError, match=f"^{field}:"):
         compare(tiny, sae, spec=SteeringSpec("additive", ((1, 1.0),), (1,)), **args)

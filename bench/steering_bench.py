@@ -1,0 +1,277 @@
+"""Steering benchmark: SmolLM2-135M-Instruct, prompt "The weather today is", 64 new tokens (min = max),
+one feature at layer 10 ("Amplify", coefficient 2), temperature 0.7, warm caches.
+
+- F: plain `model.generate` of the unsteered continuation alone (the floor).
+- S: the specification's reference approach (seed section 2) reproduced faithfully: two sequential
+  `generate` calls with output_scores, the encode / scale / clamp / decode hook, a SentenceTransformer
+  constructed inside the call, its four metrics.
+- O: ours, `run_comparison`: both continuations and all five metrics.
+
+The three run interleaved in one process (the order rotates each round); each reports the median of
+--runs timed runs after one untimed warm-up. Prints a table and, last, `O/F=<ratio> S/O=<ratio>`.
+
+    .venv/bin/python bench/steering_bench.py [--runs 7] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from steering_app.engine import SteeringSpec, run_comparison
+from steering_app.engine.layers import decoder_blocks
+from steering_app.engine.loader import (
+    SMOLLM2_DEMO,
+    embedder_source,
+    get_embedder,
+    load_model,
+    load_sae_cached,
+)
+from steering_app.engine.sae import save_sae
+
+PROMPT = "The weather today is"
+NEW_TOKENS = 64
+LAYER = 10
+TEMPERATURE = 0.7
+COEFFICIENT = 2.0  # the specification UI's "Amplify" preset
+D_SAE = 8 * 576  # a usual 8x expansion
+
+
+def build_sae(lm, directory: Path):
+    """A random SAE at layer 10 (unit decoder rows, tied encoder) and the latent that fires most on the prompt."""
+    generator = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(D_SAE, lm.hidden_size, generator=generator)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    save_sae(
+        directory,
+        W_dec.T.clone(),
+        W_dec,
+        torch.zeros(D_SAE),
+        torch.zeros(lm.hidden_size),
+        {"metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post", "model_name": "SmolLM2-135M-Instruct"}},
+    )
+    sae = load_sae_cached(directory, lm)
+    seen = []
+    handle = decoder_blocks(lm.model)[LAYER].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.inference_mode():
+        lm.model(lm.tokenizer(PROMPT, return_tensors="pt").input_ids.to(lm.device))
+    handle.remove()
+    hidden = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+    feature = int(sae.encode(hidden[0]).mean(0).argmax())
+    return sae, feature
+
+
+def run_floor(lm, seed: int) -> str:
+    tokenizer, model = lm.tokenizer, lm.model
+    torch.manual_seed(seed)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(lm.device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, temperature=TEMPERATURE
+        )
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+class SpecSteeringService:
+    """Seed section 2's SteeringService, kept as written except where this environment forces a change:
+    no async, the model's own device instead of .cuda(), the decoder blocks found for Llama instead of
+    model.transformer.h (GPT-2 only), the embedder from the bundled files instead of a hub download,
+    and min_new_tokens so that every approach generates the same 64 tokens."""
+
+    def __init__(self, lm, sae):
+        self.lm = lm
+        self.hook_handles = []
+        self.sae_encoder = torch.nn.Linear(sae.d_in, sae.d_sae).to(lm.device)
+        self.sae_decoder = torch.nn.Linear(sae.d_sae, sae.d_in).to(lm.device)
+        with torch.no_grad():
+            self.sae_encoder.weight.copy_(sae.W_enc.T)
+            self.sae_encoder.bias.copy_(sae.b_enc)
+            self.sae_decoder.weight.copy_(sae.W_dec.T)
+            self.sae_decoder.bias.copy_(sae.b_dec)
+
+    def generate_with_steering(self, prompt, features, intervention_layer, temperature, max_tokens, seed=None):
+        model, tokenizer = self.lm.model, self.lm.tokenizer
+        sae_encoder, sae_decoder = self.sae_encoder, self.sae_decoder
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        input_ids = tokenizer.encode(prompt, return_tensors="pt").to(self.lm.device)
+        with torch.no_grad():
+            unsteered_outputs = model.generate(
+                input_ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                temperature=temperature,
+                do_sample=True,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+        unsteered_text = tokenizer.decode(unsteered_outputs.sequences[0], skip_special_tokens=True)
+        unsteered_logprobs = torch.stack(unsteered_outputs.scores, dim=1)
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        steering_config = {f["feature_id"]: f["coefficient"] for f in features}
+        self._register_steering_hook(model, sae_encoder, sae_decoder, intervention_layer, steering_config)
+        try:
+            with torch.no_grad():
+                steered_outputs = model.generate(
+                    input_ids,
+                    max_new_tokens=max_tokens,
+                    min_new_tokens=max_tokens,
+                    temperature=temperature,
+                    do_sample=True,
+                    return_dict_in_generate=True,
+                    output_scores=True,
+                )
+            steered_text = tokenizer.decode(steered_outputs.sequences[0], skip_special_tokens=True)
+            steered_logprobs = torch.stack(steered_outputs.scores, dim=1)
+        finally:
+            self._cleanup_hooks()
+
+        metrics = self._calculate_metrics(unsteered_text, steered_text, unsteered_logprobs, steered_logprobs, tokenizer)
+        return {"unsteered_output": unsteered_text, "steered_output": steered_text, "metrics": metrics}
+
+    def _register_steering_hook(self, model, sae_encoder, sae_decoder, intervention_layer, steering_config):
+        def steering_hook(module, input, output):
+            activations = output[0] if isinstance(output, tuple) else output
+            feature_activations = torch.relu(sae_encoder(activations))
+            for feature_id, coefficient in steering_config.items():
+                feature_activations[:, :, feature_id] *= 1 + coefficient
+            feature_activations = torch.clamp(feature_activations, min=-10, max=10)
+            steered_activations = sae_decoder(feature_activations)
+            return (steered_activations,) if isinstance(output, tuple) else steered_activations
+
+        target_layer = decoder_blocks(model)[intervention_layer]
+        self.hook_handles.append(target_layer.register_forward_hook(steering_hook))
+
+    def _cleanup_hooks(self):
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles.clear()
+
+    def _calculate_metrics(self, unsteered_text, steered_text, unsteered_logprobs, steered_logprobs, tokenizer):
+        p_unsteered = torch.softmax(unsteered_logprobs, dim=-1)
+        p_steered = torch.softmax(steered_logprobs, dim=-1)
+        kl_div = torch.sum(p_unsteered * torch.log(p_unsteered / (p_steered + 1e-10)), dim=-1).mean().item()
+
+        unsteered_nll = -torch.max(unsteered_logprobs, dim=-1).values.mean()
+        steered_nll = -torch.max(steered_logprobs, dim=-1).values.mean()
+        perplexity_delta = torch.exp(steered_nll).item() - torch.exp(unsteered_nll).item()
+
+        from sentence_transformers import SentenceTransformer
+
+        sentence_model = SentenceTransformer(embedder_source(), device=str(self.lm.device))
+        embeddings = sentence_model.encode([unsteered_text, steered_text], convert_to_tensor=True)
+        similarity = torch.nn.functional.cosine_similarity(
+            embeddings[0].unsqueeze(0), embeddings[1].unsqueeze(0)
+        ).item()
+
+        tokens_unsteered = set(tokenizer.tokenize(unsteered_text))
+        tokens_steered = set(tokenizer.tokenize(steered_text))
+        union = len(tokens_unsteered | tokens_steered)
+        word_overlap = len(tokens_unsteered & tokens_steered) / union if union > 0 else 0.0
+        return {
+            "kl_divergence": round(kl_div, 4),
+            "perplexity_delta": round(perplexity_delta, 2),
+            "semantic_similarity": round(similarity, 2),
+            "word_overlap": round(word_overlap, 2),
+        }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per approach (at least 5)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    args = parser.parse_args()
+    if args.runs < 5:
+        parser.error("--runs must be at least 5")
+
+    load_before = os.getloadavg()
+    lm = load_model(SMOLLM2_DEMO, device=args.device)
+    embedder = get_embedder()
+    with tempfile.TemporaryDirectory() as directory:
+        sae, feature = build_sae(lm, Path(directory))
+    spec = SteeringSpec("multiplicative", ((feature, COEFFICIENT),), (LAYER,))
+    service = SpecSteeringService(lm, sae)
+    details: dict[str, object] = {}
+
+    def floor(seed):
+        details["F"] = run_floor(lm, seed)
+
+    def reference(seed):
+        details["S"] = service.generate_with_steering(
+            PROMPT, [{"feature_id": feature, "coefficient": COEFFICIENT}], LAYER, TEMPERATURE, NEW_TOKENS, seed
+        )
+
+    def ours(seed):
+        result = run_comparison(
+            lm, sae, prompt=PROMPT, spec=spec, temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS, seed=seed, sae_layer=LAYER, embedder=embedder,
+        )
+        details["O"] = result
+        phases.append(result.timings)
+
+    approaches = {"F": floor, "S": reference, "O": ours}
+    labels = {
+        "F": "plain generate, unsteered only (floor)",
+        "S": "specification section 2 (reference)",
+        "O": "ours: both continuations + 5 metrics",
+    }
+    times: dict[str, list[float]] = {name: [] for name in approaches}
+    phases: list[dict] = []
+    for name, run in approaches.items():  # warm-up
+        run(1000)
+    phases.clear()
+    order = list(approaches)
+    for round_ in range(args.runs):
+        for name in order[round_ % 3 :] + order[: round_ % 3]:
+            _synchronize(lm.device)
+            started = time.perf_counter()
+            approaches[name](round_)
+            _synchronize(lm.device)
+            times[name].append(time.perf_counter() - started)
+    load_after = os.getloadavg()
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"device: {lm.device} ({torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else 'CPU'}), "
+          f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(f"prompt {PROMPT!r}, {NEW_TOKENS} new tokens, layer {LAYER}, feature {feature} of {D_SAE}, "
+          f"coefficient {COEFFICIENT}, temperature {TEMPERATURE}, {args.runs} interleaved runs each")
+    print()
+    print(f"{'':2} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
+    for name in approaches:
+        values = times[name]
+        print(
+            f"{name:2} {labels[name]:40} {medians[name]:9.3f} {min(values):7.3f} {max(values):7.3f} "
+            f"{1000 * medians[name] / NEW_TOKENS:9.1f} {medians[name] / medians['F']:6.2f}"
+        )
+    phase_names = ["prefill", "decode", "metrics_forward", "embed"]
+    print()
+    print("O phases, median s: " + ", ".join(
+        f"{phase} {statistics.median(p.get(phase, 0.0) for p in phases):.3f}" for phase in phase_names
+    ))
+    last = details["O"]
+    print(f"O last run: KL {last.metrics['kl_divergence']:.4f}, similarity {last.metrics['semantic_similarity']:.2f}, "
+          f"steered differs: {last.steered_text != last.unsteered_text}")
+    print(f"O/F={medians['O'] / medians['F']:.2f} S/O={medians['S'] / medians['O']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
