@@ -152,7 +152,7 @@ def collect_activations(
         raise _StopForward
 
     acts, positions, rows = [], [], []
-    kept = 0
+    kept = sequences_done = 0
     handle = blocks[layer].register_forward_hook(hook)
     bar = tqdm(total=max_tokens, desc=f"activations at block {layer}", unit="tok", disable=not progress)
     try:
@@ -188,8 +188,9 @@ def collect_activations(
             flat = keep.flatten().nonzero().squeeze(1)
             flat = flat[: max_tokens - kept]
             acts.append(hidden.reshape(-1, hidden.shape[-1])[flat].half())
-            positions.append(flat + len(rows) * seq_len)
+            positions.append(flat + sequences_done * seq_len)
             rows.append(ids)
+            sequences_done += len(ids)
             kept += len(flat)
             bar.update(len(flat))
     finally:

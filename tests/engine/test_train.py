@@ -55,7 +55,9 @@ def test_it_collects_block_outputs_without_special_tokens_and_stops_after_the_bl
     later_calls = []
     handle = decoder_blocks(gpt2)[2].register_forward_hook(lambda *args: later_calls.append(1))
     try:
-        acts = train.collect_activations(gpt2, tokenizer, texts, 1, max_tokens=600, seq_len=64, progress=False)
+        acts = train.collect_activations(
+            gpt2, tokenizer, texts, 1, max_tokens=600, seq_len=16, batch_size=4, progress=False
+        )
     finally:
         handle.remove()
 
@@ -63,10 +65,12 @@ def test_it_collects_block_outputs_without_special_tokens_and_stops_after_the_bl
     assert acts.acts.shape == (600, 32) and acts.acts.dtype == torch.float16
     kept_ids = acts.token_ids.flatten()[acts.positions]
     assert tokenizer.eos_token_id not in kept_ids.tolist()
-    # Row r of the activations is the block-1 output at that token, as a plain forward pass gives it.
-    row, pos = divmod(int(acts.positions[100]), 64)
-    expected = gpt2(acts.token_ids[row : row + 1], output_hidden_states=True).hidden_states[2][0, pos]
-    assert torch.allclose(acts.acts[100].float(), expected, atol=1e-2, rtol=1e-2)
+    # Row i of the activations is the block-1 output at the token positions[i] names (batches of 4
+    # sequences of 16 tokens: rows from several batches).
+    for i in (5, 100, 599):
+        row, pos = divmod(int(acts.positions[i]), 16)
+        expected = gpt2(acts.token_ids[row : row + 1], output_hidden_states=True).hidden_states[2][0, pos]
+        assert torch.allclose(acts.acts[i].float(), expected, atol=1e-2, rtol=1e-2)
 
 
 def test_it_refuses_a_layer_the_model_does_not_have(gpt2, tokenizer):
