@@ -85,7 +85,9 @@ class SpecSteeringService:
     """Seed section 2's SteeringService, kept as written except where this environment forces a change:
     no async, the model's own device instead of .cuda(), the decoder blocks found for Llama instead of
     model.transformer.h (GPT-2 only), the embedder from the bundled files instead of a hub download,
-    and min_new_tokens so that every approach generates the same 64 tokens."""
+    and min_new_tokens so that every approach generates the same 64 tokens. Its SAE encoder and
+    decoder are built once, outside the timed call (the specification loads them per call), which
+    favours S."""
 
     def __init__(self, lm, sae):
         self.lm = lm

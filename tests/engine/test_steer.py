@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from steering_app.engine.generate import compare
+from steering_app.engine.generate import _SkinnyLinear, compare
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.steer import SpecError, SteeringSpec, steering_hooks, validate
 
@@ -110,6 +110,7 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
     with pytest.raises(type(interrupt)):
         compare(tiny, sae, "Hello there", spec, 0.8, 8, seed=1, sae_layer=1, on_step=on_step)
     assert hooks_everywhere(tiny.model) == []
+    assert not any(isinstance(module, _SkinnyLinear) for module in tiny.model.modules())
 
 
 @pytest.mark.parametrize(
