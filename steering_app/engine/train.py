@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -509,6 +510,12 @@ def write_checkpoint(sae: SAE, path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         save_sae(staging, sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, sae.cfg)
+        # mkdtemp makes the directory private; a checkpoint is as readable as any other file.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        for file in staging.iterdir():
+            file.chmod(0o666 & ~umask)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
@@ -629,49 +636,67 @@ def describe_features(
                 }
             )
             continue
-        token_counts: Counter[str] = Counter()
-        word_counts: Counter[str] = Counter()
-        word_forms: dict[str, Counter[str]] = {}
-        contexts = []
+        tokens, words, contexts = [], [], []
         live = top_vals[:, index] > 0
         for value, row_index in zip(top_vals[live, index].tolist(), top_rows[live, index].tolist()):
             flat = int(positions[row_index])
             row, pos = token_rows[flat // seq_len], flat % seq_len
-            token = decode(row[pos]).strip() or decode(row[pos])
-            token_counts[token] += 1
-            word = _word_at(row, pos, decode)
-            key = word.lower()
-            word_counts[key] += 1
-            word_forms.setdefault(key, Counter())[word] += 1
+            tokens.append(decode(row[pos]).strip() or decode(row[pos]))
+            words.append(_word_at(row, pos, decode) or tokens[-1])
             if len(contexts) < num_contexts:
                 contexts.append(f"{_context(row, pos, decode, context_before, context_after)} ({value:.1f})")
         features.append(
             {
                 "index": index,
-                **_label(word_counts, word_forms, token_counts, int(live.sum()), frequency, max_activation, contexts),
+                **_label(tokens, words, frequency, max_activation, contexts),
                 "max_activation": round(max_activation, 4),
                 "activation_frequency": round(frequency, 6),
-                "top_tokens": [token for token, _ in token_counts.most_common(num_top_tokens)],
+                "top_tokens": _most_common_forms(tokens)[:num_top_tokens],
                 "examples": contexts,
             }
         )
     return features
 
 
-def _label(word_counts, word_forms, token_counts, n_examples, frequency, max_activation, contexts) -> dict:
-    ranked = [(word_forms[key].most_common(1)[0][0], count) for key, count in word_counts.most_common()]
-    head, head_count = ranked[0]
-    share = head_count / n_examples
-    others = [word for word, _ in ranked[1:4] if word]
-    if not head:
-        head = next(iter(token_counts))
-    if share >= 0.25 or len(ranked) == 1:
-        label = f'"{head}"' + (f" ({', '.join(others)})" if others else "")
+def _most_common_forms(items: list[str]) -> list[str]:
+    """Distinct items by frequency, case folded together; each shown in its most frequent spelling."""
+    forms: dict[str, Counter[str]] = {}
+    for item in items:
+        forms.setdefault(item.lower(), Counter())[item] += 1
+    ranked = sorted(forms.values(), key=lambda spellings: -sum(spellings.values()))
+    return [spellings.most_common(1)[0][0] for spellings in ranked]
+
+
+def _show(token: str) -> str:
+    """A token as a label shows it: whitespace made visible."""
+    if token.strip():
+        return token
+    return "⏎" if "\n" in token else "␣"
+
+
+def _label(tokens: list[str], words: list[str], frequency: float, max_activation: float, contexts) -> dict:
+    """A label from the tokens (and the whole words around them) at the strongest activations.
+
+    One token behind at least 30% of them: '"head" (next, words)', the head shown as the whole
+    word when the token is mostly one word's piece. Otherwise the four most frequent words.
+    """
+    n = len(tokens)
+    head_key, head_count = Counter(token.lower() for token in tokens).most_common(1)[0]
+    head_words = [word for token, word in zip(tokens, words) if token.lower() == head_key]
+    ranked_words = _most_common_forms(words)
+    if head_count >= 0.3 * n:
+        whole, whole_count = Counter(head_words).most_common(1)[0]
+        head_token = _most_common_forms([t for t in tokens if t.lower() == head_key])[0]
+        head = whole if whole_count >= 0.5 * head_count else head_token
+        taken = {_show(head).lower(), *(_show(word).lower() for word in head_words)}
+        others = _most_common_forms([_show(w) for w in words if _show(w).lower() not in taken])[:3]
+        label = f'"{_show(head)}"' + (f" ({', '.join(others)})" if others else "")
     else:
-        label = "mixed: " + ", ".join([head] + others)
-    words = ", ".join(f"{_fmt(word)} ({count})" for word, count in ranked[:6])
+        label = " / ".join(_most_common_forms([_show(word) for word in words])[:4])
+    counts = Counter(word.lower() for word in words)
+    summary = ", ".join(f"{_fmt(word)} ({counts[word.lower()]})" for word in ranked_words[:6])
     description = (
-        f"Strongest on {words} of its top {n_examples} activations. "
+        f"Strongest on {summary} of its top {n} activations. "
         f"Active on {frequency:.2%} of tokens, max activation {max_activation:.1f}. "
         f"Examples: " + " | ".join(contexts)
     )
@@ -831,8 +856,8 @@ def main(argv=None) -> None:
     demo = sub.add_parser("demo", help="rebuild the demo SAE of SmolLM2-135M-Instruct, layer 10")
     demo.add_argument("--out", default=str(DEMO_DIR))
     demo.add_argument("--work", help="where the corpus and activation cache go (default: <data dir>/demo)")
-    demo.add_argument("--prompts", type=int, default=400, help="sampled answers in the corpus")
-    demo.add_argument("--offline-tokens", type=int, default=300_000, help="stdlib prose tokens in the corpus")
+    demo.add_argument("--prompts", type=int, default=560, help="sampled answers in the corpus")
+    demo.add_argument("--offline-tokens", type=int, default=260_000, help="stdlib prose tokens in the corpus")
     demo.add_argument("--tokens", type=int, default=400_000)
     demo.add_argument("--d-sae", type=int, default=2048)
     demo.add_argument("--k", type=int, default=32)
