@@ -5,9 +5,11 @@ the run's seed), so equal distributions give equal tokens and any difference bet
 caused by the steering. The clean row's computation never depends on the steered row's content, so
 the unsteered continuation is the same whatever the features.
 
-The prompt is the same in both rows, so blocks up to the lowest intervention layer run once over the
-prompt (batch 1) and their output is forked into the two rows; the decode steps then run both rows
-through every block.
+Every forward runs both rows through every block, prompt included. Sharing the blocks below the
+lowest intervention layer while the rows hold the same tokens would save time, but it would run the
+clean row at batch size 1 for some blocks and 2 for others, depending on the features and on when
+the rows diverge, and matrix kernels do not give bit-identical results across batch sizes: the
+unsteered continuation would then depend (rarely, in the last bits) on the features.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layers import block_hidden, decoder_blocks, replace_block_hidden
+from .layers import block_hidden, decoder_blocks
 from .loader import LoadedModel
 from .sae import SAE
 from .steer import SpecError, SteeringSpec, steering_hooks, validate
@@ -65,19 +67,11 @@ def new_cache(model):
 
 
 def cache_is_plain(cache) -> bool:
-    """True when every layer is a plain growing KV layer that can be forked, cropped and re-indexed."""
+    """True when every layer is a plain growing KV layer that can be cropped and re-indexed."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def widen_cache(cache, batch: int) -> None:
-    """Repeat the layers that were computed once for the shared prompt into every row."""
-    for layer in cache.layers:
-        if layer.is_initialized and layer.keys.shape[0] == 1 and batch > 1:
-            layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:]).contiguous()
-            layer.values = layer.values.expand(batch, *layer.values.shape[1:]).contiguous()
 
 
 def reshape_cache(cache, rows: list[int], length: int) -> None:
@@ -101,24 +95,6 @@ def model_forward(model, input_ids, cache, logits_last_only=False):
 
 
 @contextmanager
-def fork_hook(blocks, layer: int, batch: int):
-    """While active, the output of block `layer` is repeated from batch 1 into `batch` rows."""
-    state = {"active": True}
-
-    def hook(module, args, output):
-        hidden = block_hidden(output)
-        if not state["active"] or hidden.shape[0] != 1:
-            return None
-        return replace_block_hidden(output, hidden.expand(batch, *hidden.shape[1:]).contiguous())
-
-    handle = blocks[layer].register_forward_hook(hook, prepend=True)
-    try:
-        yield state
-    finally:
-        handle.remove()
-
-
-@contextmanager
 def capture_hook(blocks, layer: int, sae: SAE, feature_ids, rows):
     """Record the SAE activations of the given features in the given rows at block `layer`'s output.
 
@@ -133,9 +109,7 @@ def capture_hook(blocks, layer: int, sae: SAE, feature_ids, rows):
             records.append(None)
             return
         hidden = block_hidden(output)
-        # Below the fork the rows are still shared: row r reads batch row min(r, batch - 1).
-        picked = [min(row, hidden.shape[0] - 1) for row in rows]
-        records.append(sae.encode_features(hidden[picked], feature_ids).float())
+        records.append(sae.encode_features(hidden[list(rows)], feature_ids).float())
         return
 
     handle = blocks[layer].register_forward_hook(hook)
@@ -334,10 +308,7 @@ def _generate(
     pad_id = next(iter(sorted(eos_ids)), 0) if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = new_cache(model)
-    share_prompt = cache_is_plain(cache)
-    fork_layer = min(spec.layers)
-
-    prompt = torch.tensor([prompt_ids], device=device)
+    prompt = torch.tensor([prompt_ids, prompt_ids], device=device)
     tokens = [[], []]
     finished = [False, False]
     clean_logits: list[torch.Tensor] = []
@@ -351,13 +322,9 @@ def _generate(
             steering_hooks(blocks, sae, spec, sae_layer, rows=(STEERED,), special_mask=torch.isin(prompt, special_ids))
         )
         records = stack.enter_context(capture_hook(blocks, sae_layer, sae, spec.feature_ids, rows=(CLEAN, STEERED)))
-        fork = stack.enter_context(fork_hook(blocks, fork_layer, batch=2)) if share_prompt else None
 
         t0 = time.perf_counter()
-        logits = model_forward(model, prompt if share_prompt else prompt.repeat(2, 1), cache, logits_last_only=True)
-        if share_prompt:
-            fork["active"] = False
-            widen_cache(cache, 2)
+        logits = model_forward(model, prompt, cache, logits_last_only=True)
         timings["prefill"] = time.perf_counter() - t0
         t0 = time.perf_counter()
 

@@ -41,8 +41,9 @@ def test_it_keeps_the_unsteered_continuation_whatever_the_features(smollm2, smol
         SteeringSpec("additive", ((5, 60.0),), (0,)),
         SteeringSpec("multiplicative", ((0, -1.0), (1, 3.0)), (SAE_LAYER,)),
     ]
-    for seed in (0, 7):
-        runs = [_compare(smollm2, smollm2_sae, spec, seed, tokens=12) for spec in specs]
+    # The short prompt matters: with few rows, matrix kernels differ between batch sizes.
+    for prompt, seed in ((PROMPT, 7), ("The weather today is", 0)):
+        runs = [_compare(smollm2, smollm2_sae, spec, seed, tokens=12, prompt=prompt) for spec in specs]
         assert len({tuple(run.unsteered_ids) for run in runs}) == 1
         assert all(torch.equal(run.clean_logits, runs[0].clean_logits) for run in runs)
         assert sum(run.steered_ids != run.unsteered_ids for run in runs) >= 2  # the steering did act
