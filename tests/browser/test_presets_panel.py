@@ -48,7 +48,9 @@ def test_save_a_preset_reload_load_it_and_generate(page, server):
     page.click("#preset-save-button")
     listed = page.locator("#presets-body li.preset", has_text=PRESET_NAME)
     listed.wait_for()
-    assert page.locator("#presets-body .error").count() == 0, page.locator("#presets-body .error").inner_text()
+    assert page.locator("#presets-body .error").count() == 0, page.locator(
+        "#presets-body .error"
+    ).inner_text()
     expect(page.locator("#presets-body .notice")).to_be_visible()
 
     page.reload()
