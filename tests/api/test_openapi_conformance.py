@@ -16,6 +16,20 @@ EXAMPLES_PER_OPERATION = 30
 schema = schemathesis.openapi.from_wsgi("/api/openapi.json", get_wsgi_application())
 
 
+@pytest.fixture(autouse=True)
+def keep_the_test_connection():
+    """The raw WSGI app closes the database connection at each request's end (Django's test client turns
+    that off); on PostgreSQL that would drop the test's transaction, so turn it off here too."""
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    yield
+    request_started.connect(close_old_connections)
+    request_finished.connect(close_old_connections)
+
+
 @pytest.fixture
 def owner_headers(owner, bearer, make_run):
     make_run(owner)
