@@ -6,7 +6,7 @@ from django.utils.html import format_html_join
 
 from presets_app import services
 from presets_app.models import SteeringPreset
-from steering_app.services import SteeringError
+from steering_app.errors import SteeringError
 
 
 class SteeringPresetForm(forms.ModelForm):

@@ -8,19 +8,10 @@ from django.db.models import Q
 from django.utils import timezone
 
 from presets_app.models import SteeringPreset
+from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError
+from steering_app.limits import MAX_ID, MAX_INDEX
 from steering_app.models import Feature, SteeringRun, Training
-from steering_app.schemas import MAX_ID, MAX_INDEX
-from steering_app.services import (
-    InvalidInput,
-    NotFound,
-    SteeringError,
-    SteeringRequest,
-    TrainingNotCompleted,
-    completed_training,
-    validate_features,
-    validate_layers,
-    validate_numbers,
-)
+from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, SteeringSettings, is_integer
 
 FORMAT = "steerlab.presets"
 VERSION = 1
@@ -41,14 +32,10 @@ SETTINGS = (
 DEFAULTS = {
     "description": "",
     "method": SteeringRun.Method.ADDITIVE,
-    "temperature": 0.7,
-    "max_tokens": 64,
+    "temperature": DEFAULT_TEMPERATURE,
+    "max_tokens": DEFAULT_MAX_TOKENS,
     "is_favorite": False,
 }
-
-
-class Forbidden(SteeringError):
-    status_code = 403
 
 
 def clean_preset(training: Training, data: dict) -> dict:
@@ -58,61 +45,42 @@ def clean_preset(training: Training, data: dict) -> dict:
     automatic name of the specification.
     """
     if not training.is_completed:
-        raise TrainingNotCompleted(
+        raise Conflict(
             f"Training {training.pk} is {training.status}; presets need a completed training.", "training_id"
         )
     values = {**DEFAULTS, **{key: value for key, value in data.items() if value is not None}}
-    name, description = values.get("name") or "", values["description"]
-    if not isinstance(name, str):
-        raise InvalidInput("name must be text.", "name")
-    if not isinstance(description, str):
-        raise InvalidInput("description must be text.", "description")
-    if "\x00" in name or "\x00" in description:
-        raise InvalidInput(
-            "Text must not contain NUL characters.", "name" if "\x00" in name else "description"
-        )
-    if len(name.strip()) > MAX_NAME_CHARS:
-        raise InvalidInput(f"The name is longer than {MAX_NAME_CHARS} characters.", "name")
-    if len(description) > MAX_DESCRIPTION_CHARS:
-        raise InvalidInput(
-            f"The description is longer than {MAX_DESCRIPTION_CHARS} characters.", "description"
-        )
+    name = _text(values.get("name") or "", "name", MAX_NAME_CHARS)
+    description = _text(values["description"], "description", MAX_DESCRIPTION_CHARS)
     if not isinstance(values["is_favorite"], bool):
         raise InvalidInput("is_favorite must be true or false.", "is_favorite")
-    validate_numbers(
-        SteeringRequest(
-            training_id=training.pk,
-            prompt="",
-            features=[],
-            method=values["method"],
-            temperature=values["temperature"],
-            max_new_tokens=values["max_tokens"],
-        )
-    )
-    layers, features = values.get("intervention_layers"), values.get("features")
-    if not isinstance(layers, list):
-        raise InvalidInput("intervention_layers must be a list of layer numbers.", "intervention_layers")
-    if not isinstance(features, list) or not all(isinstance(item, dict) for item in features):
-        raise InvalidInput('features must be a list of {"feature_id", "coefficient"} objects.', "features")
-    layers = validate_layers(layers, training, values["method"])
-    beyond = [
-        item["feature_id"]
-        for item in features
-        if _is_int(item.get("feature_id")) and item["feature_id"] > MAX_INDEX
-    ]
-    if beyond:
-        raise InvalidInput(f"Features {beyond} do not belong to training {training.pk}.", "features")
-    features = validate_features(features, training)
+    steering = SteeringSettings(
+        features=values.get("features"),
+        layers=values.get("intervention_layers"),
+        method=values["method"],
+        temperature=values["temperature"],
+        max_tokens=values["max_tokens"],
+    ).validate(training)
+    features, layers = steering.features, steering.layers
     return {
         "name": name.strip() or auto_name(len(features), layers),
         "description": description.strip(),
         "features": features,
         "intervention_layers": layers,
-        "method": values["method"],
-        "temperature": float(values["temperature"]),
-        "max_tokens": values["max_tokens"],
+        "method": steering.method,
+        "temperature": steering.temperature,
+        "max_tokens": steering.max_tokens,
         "is_favorite": values["is_favorite"],
     }
+
+
+def _text(value: object, field: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be text.", field)
+    if "\x00" in value:
+        raise InvalidInput("Text must not contain NUL characters.", field)
+    if len(value.strip()) > limit:
+        raise InvalidInput(f"The {field} is longer than {limit} characters.", field)
+    return value
 
 
 def auto_name(feature_count: int, layers: list[int], now=None) -> str:
@@ -185,7 +153,7 @@ def get_preset_to_modify(user, pk: int) -> SteeringPreset:
 
 
 def create_preset(owner, training_id: int, data: dict) -> SteeringPreset:
-    training = completed_training(training_id)
+    training = Training.objects.get_completed(training_id)
     values = clean_preset(training, data)
     if (data.get("name") or "").strip():
         check_name_free(training, values["name"])
@@ -320,10 +288,10 @@ def _match_training(reference: object, cache: dict[tuple, Training]) -> Training
     if (
         not isinstance(model_name, str)
         or "\x00" in model_name
-        or not all(_is_int(v) and 0 <= v <= MAX_INDEX for v in (hook_layer, d_sae))
+        or not all(is_integer(v) and 0 <= v <= MAX_INDEX for v in (hook_layer, d_sae))
     ):
         raise InvalidInput(shape, "training")
-    key = (model_name, hook_layer, d_sae, pk if _is_int(pk) and 1 <= pk <= MAX_ID else None)
+    key = (model_name, hook_layer, d_sae, pk if is_integer(pk) and 1 <= pk <= MAX_ID else None)
     if key not in cache:
         same_shape = Training.objects.select_related("model").filter(
             model__name=model_name, hook_layer=hook_layer, d_sae=d_sae, status=Training.Status.COMPLETED
@@ -340,5 +308,5 @@ def _match_training(reference: object, cache: dict[tuple, Training]) -> Training
     return cache[key]
 
 
-def _is_int(value: object) -> bool:
+def is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -6,6 +6,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from steering_app.errors import Conflict, NotFound
+from steering_app.limits import MAX_ID, MAX_INDEX
+
 
 class LanguageModel(models.Model):
     class Status(models.TextChoices):
@@ -46,6 +49,21 @@ class Dataset(models.Model):
         return self.name
 
 
+class TrainingQuerySet(models.QuerySet):
+    def completed(self) -> "TrainingQuerySet":
+        """The trainings one can steer with: completed ones define a feature space."""
+        return self.filter(status=Training.Status.COMPLETED).select_related("model", "dataset")
+
+    def get_completed(self, pk: int) -> "Training":
+        """The training with this id when it is completed; NotFound or Conflict naming training_id."""
+        training = self.select_related("model", "dataset").filter(pk=pk).first() if 1 <= pk <= MAX_ID else None
+        if training is None:
+            raise NotFound(f"Training {pk} does not exist.", "training_id")
+        if not training.is_completed:
+            raise Conflict(f"Training {pk} is {training.status}; steering needs a completed training.", "training_id")
+        return training
+
+
 class Training(models.Model):
     """An SAE training job; a completed one defines a feature space over one layer of one model."""
 
@@ -74,6 +92,8 @@ class Training(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
 
+    objects = TrainingQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["status", "-created_at"], name="training_status_created")]
@@ -88,12 +108,34 @@ class Training(models.Model):
         ]
 
     def __str__(self):
+        return self.label
+
+    @property
+    def label(self) -> str:
+        """How the panel's training picker (the specification's mock), admin and run pages name it."""
         dataset = self.dataset.name if self.dataset_id else "no dataset"
-        return f"{self.get_encoder_type_display()} SAE • {self.model.name} • {dataset} • layer {self.hook_layer}"
+        started = self.created_at
+        return (
+            f"{self.encoder_type} SAE • {self.model.name} • {dataset} • "
+            f"Started {started.month}/{started.day}/{started.year}"
+        )
 
     @property
     def is_completed(self) -> bool:
         return self.status == self.Status.COMPLETED
+
+
+class FeatureQuerySet(models.QuerySet):
+    def search(self, query: str) -> "FeatureQuerySet":
+        """Features whose label or description contains the words, or whose index is the number (#12 or 12)."""
+        query = query.strip()
+        if not query:
+            return self.none()
+        matches = Q(label__icontains=query) | Q(description__icontains=query)
+        number = query.removeprefix("#")
+        if number.isdecimal() and int(number) <= MAX_INDEX:
+            matches |= Q(index=int(number))
+        return self.filter(matches).order_by("index")
 
 
 class Feature(models.Model):
@@ -104,6 +146,8 @@ class Feature(models.Model):
     max_activation = models.FloatField(null=True, blank=True, help_text="Empty when unknown: steering then uses 1")
     activation_frequency = models.FloatField(null=True, blank=True)
     top_tokens = models.JSONField(default=list, blank=True)
+
+    objects = FeatureQuerySet.as_manager()
 
     class Meta:
         ordering = ["training", "index"]
@@ -141,6 +185,14 @@ class Feature(models.Model):
         return self.max_activation if self.max_activation and self.max_activation > 0 else 1.0
 
 
+class SteeringRunQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "SteeringRunQuerySet":
+        """The runs `user` may read: their own; staff read every run; nobody else reads any."""
+        if not user.is_authenticated:
+            return self.none()
+        return self if user.is_staff else self.filter(owner=user)
+
+
 class SteeringRun(models.Model):
     class Method(models.TextChoices):
         ADDITIVE = "additive"
@@ -172,6 +224,8 @@ class SteeringRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    objects = SteeringRunQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [
@@ -194,9 +248,6 @@ class SteeringRun(models.Model):
     def is_finished(self) -> bool:
         return self.status in (self.Status.COMPLETED, self.Status.FAILED)
 
-    @property
-    def group_name(self) -> str:
-        return f"steering-run-{self.pk}"
 
 
 class ApiToken(models.Model):

@@ -7,13 +7,18 @@ from django.conf import settings
 from ninja import Field, Schema
 from pydantic import ConfigDict
 
-from steering_app.services import MAX_ABS_COEFFICIENT, MAX_FEATURES, MAX_LAYERS, MAX_PROMPT_CHARS
+from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 
-# Larger numbers would overflow the database's integer columns in a query: a 500 instead of a 400.
-MAX_ID = 2**63 - 1
-MAX_INDEX = 2**31 - 1
-MAX_PAGE = 1000
-MAX_SEARCH_CHARS = 300
+from steering_app.limits import (
+    MAX_ABS_COEFFICIENT,
+    MAX_FEATURES,
+    MAX_ID,
+    MAX_INDEX,
+    MAX_LAYERS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+)
 
 
 class Error(Schema):
@@ -121,9 +126,9 @@ class GenerateIn(Schema):
         max_length=MAX_LAYERS,
         description="Decoder blocks to steer, each below the model's layer count.",
     )
-    temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy decoding.")
-    max_tokens: int = Field(64, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
-    seed: int | None = Field(None, ge=0, le=MAX_ID, description="Random when omitted; returned either way.")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding.")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
     method: Literal["additive", "multiplicative"] = "additive"
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
 

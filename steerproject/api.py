@@ -10,7 +10,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from steering_app.auth import api_auth
-from steering_app.services import SteeringError
+from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError, WorkerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,23 @@ def on_validation_error(request, exc: ValidationError):
     return error(request, 400, "; ".join(messages) or "Invalid request.", fields[0] if fields else None)
 
 
+# The one mapping of domain errors to HTTP status codes.
+STATUS_CODES: dict[type[SteeringError], int] = {
+    InvalidInput: 400,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    WorkerUnavailable: 503,
+}
+
+
+def status_code(exc: SteeringError) -> int:
+    return next((code for kind, code in STATUS_CODES.items() if isinstance(exc, kind)), 400)
+
+
 @api.exception_handler(SteeringError)
 def on_steering_error(request, exc: SteeringError):
-    return error(request, exc.status_code, exc.message, exc.field)
+    return error(request, status_code(exc), exc.message, exc.field)
 
 
 @api.exception_handler(DjangoValidationError)

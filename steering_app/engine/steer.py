@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steering_app.limits import MAX_ABS_COEFFICIENT  # plain constants: the engine stays free of Django
+
 from .layers import block_hidden, replace_block_hidden
 from .sae import SAE
 
 METHODS = ("additive", "multiplicative")
-MAX_ABS_COEFFICIENT = 100.0
 
 
 class SpecError(ValueError):

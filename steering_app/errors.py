@@ -1,0 +1,34 @@
+"""The domain's errors: what went wrong and which input is at fault.
+
+They know nothing of HTTP. The API maps each kind to a status code in one place
+(steerproject/api.py, STATUS_CODES); the pages turn them into form errors, 404 or 403.
+"""
+
+
+class SteeringError(Exception):
+    """A request that cannot be served; `field` names the input at fault, when there is one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(SteeringError):
+    """The request breaks a rule: the caller must change it."""
+
+
+class NotFound(SteeringError):
+    """The request names something that does not exist, or that the caller may not see."""
+
+
+class Forbidden(SteeringError):
+    """The caller may see it but not change it (only the owner or staff may)."""
+
+
+class Conflict(SteeringError):
+    """It exists but its state does not allow this (a training that has not completed, a finished run)."""
+
+
+class WorkerUnavailable(SteeringError):
+    """No steering worker took the run; the run is failed with this message."""

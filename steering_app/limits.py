@@ -1,0 +1,17 @@
+"""Limits on what one request may ask for, shared by validation, forms, the API's schemas and presets.
+
+The cap on generated tokens is a setting (STEERLAB_MAX_NEW_TOKENS): it depends on the hardware.
+"""
+
+MAX_LAYERS = 20
+MAX_FEATURES = 32
+MAX_ABS_COEFFICIENT = 100.0
+MAX_PROMPT_CHARS = 20_000
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**63 - 1
+
+# Larger numbers would overflow the database's integer columns in a query: a 500 instead of a 400.
+MAX_ID = 2**63 - 1
+MAX_INDEX = 2**31 - 1
+MAX_PAGE = 1000
+MAX_SEARCH_CHARS = 300

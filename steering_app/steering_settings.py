@@ -1,0 +1,123 @@
+"""SteeringSettings: what a run steers with and a preset saves, and the one check of it.
+
+Runs, presets, the panel's forms and the API all build a SteeringSettings and call validate(training):
+one set of rules, one set of messages, each naming the field at fault.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+
+from django.conf import settings
+
+from steering_app.errors import InvalidInput
+from steering_app.limits import MAX_ABS_COEFFICIENT, MAX_FEATURES, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE
+from steering_app.models import Feature, SteeringRun, Training
+
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    """features: [{"feature_id": index, "coefficient": c}]; layers: the decoder blocks to steer."""
+
+    features: list[dict] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    method: str = SteeringRun.Method.ADDITIVE
+    temperature: float = DEFAULT_TEMPERATURE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def validate(self, training: Training) -> "SteeringSettings":
+        """The cleaned settings (layers sorted and unique, numbers as floats); raises InvalidInput."""
+        method = _method(self.method)
+        return replace(
+            self,
+            method=method,
+            temperature=_temperature(self.temperature),
+            max_tokens=_max_tokens(self.max_tokens),
+            layers=_layers(self.layers, training, method),
+            features=_features(self.features, training),
+        )
+
+
+def is_integer(value: object) -> bool:
+    """JSON's true and false are ints to Python; a rule that wants a number must refuse them."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return is_integer(value) or isinstance(value, float)
+
+
+def _method(method: object) -> str:
+    if method not in SteeringRun.Method.values:
+        raise InvalidInput("method must be additive or multiplicative.", "method")
+    return method
+
+
+def _temperature(temperature: object) -> float:
+    if not is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidInput(f"temperature must be between 0 and {MAX_TEMPERATURE:g}.", "temperature")
+    return float(temperature)
+
+
+def _max_tokens(max_tokens: object) -> int:
+    cap = settings.STEERLAB_MAX_NEW_TOKENS
+    if not is_integer(max_tokens) or not 1 <= max_tokens <= cap:
+        raise InvalidInput(f"max_tokens must be between 1 and {cap}.", "max_tokens")
+    return max_tokens
+
+
+def _layers(layers: object, training: Training, method: str) -> list[int]:
+    if not isinstance(layers, list | tuple) or not layers:
+        raise InvalidInput("Select at least one intervention layer.", "intervention_layers")
+    if len(set(layers)) > MAX_LAYERS:
+        raise InvalidInput(f"At most {MAX_LAYERS} intervention layers.", "intervention_layers")
+    num_layers = training.model.num_layers
+    for layer in layers:
+        if not is_integer(layer) or not 0 <= layer < num_layers:
+            raise InvalidInput(
+                f"Layer {layer} is out of range: {training.model.name} has layers 0..{num_layers - 1}.",
+                "intervention_layers",
+            )
+    cleaned = sorted(set(layers))
+    if method == SteeringRun.Method.MULTIPLICATIVE and cleaned != [training.hook_layer]:
+        raise InvalidInput(
+            f"Multiplicative steering acts only at the SAE's own layer {training.hook_layer}.",
+            "intervention_layers",
+        )
+    return cleaned
+
+
+def _features(features: object, training: Training) -> list[dict]:
+    if not isinstance(features, list | tuple) or not features:
+        raise InvalidInput("Add at least one feature.", "features")
+    if len(features) > MAX_FEATURES:
+        raise InvalidInput(f"At most {MAX_FEATURES} features.", "features")
+    cleaned = [_feature(item) for item in features]
+    indices = [item["feature_id"] for item in cleaned]
+    repeated = sorted({index for index in indices if indices.count(index) > 1})
+    if repeated:
+        raise InvalidInput(f"Feature {repeated[0]} is listed twice.", "features")
+    # An index past the database's integer range cannot be looked up (the query would overflow): unknown.
+    storable = [index for index in indices if index <= MAX_INDEX]
+    known = set(Feature.objects.filter(training=training, index__in=storable).values_list("index", flat=True))
+    missing = [index for index in indices if index not in known]
+    if missing:
+        raise InvalidInput(f"Features {missing} do not belong to training {training.pk}.", "features")
+    return cleaned
+
+
+def _feature(item: object) -> dict:
+    if not isinstance(item, dict):
+        raise InvalidInput('Each feature must be {"feature_id": index, "coefficient": c}.', "features")
+    index, coefficient = item.get("feature_id"), item.get("coefficient")
+    if not is_integer(index) or index < 0:
+        raise InvalidInput(f"feature_id must be a non-negative integer; got {index!r}.", "features")
+    if not is_number(coefficient):
+        raise InvalidInput(f"Coefficient of feature {index} must be a number.", "features")
+    if not math.isfinite(coefficient) or abs(coefficient) > MAX_ABS_COEFFICIENT:
+        raise InvalidInput(
+            f"Coefficient of feature {index} must be finite and within ±{MAX_ABS_COEFFICIENT:g}.", "features"
+        )
+    return {"feature_id": index, "coefficient": float(coefficient)}
