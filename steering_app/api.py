@@ -1,22 +1,16 @@
 """JSON API of the steering app: trainings, features, models, steering runs. Mounted at /api/."""
 
-import asyncio
-import logging
-
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models import Q
-from django.utils import timezone
 from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError
 
-from steering_app import services, worker
+from steering_app import runs
+from steering_app.errors import NotFound
+from steering_app.limits import MAX_ID, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
+from steering_app.steering_settings import SteeringSettings
 from steering_app.schemas import (
-    MAX_ID,
-    MAX_INDEX,
-    MAX_PAGE,
-    MAX_SEARCH_CHARS,
     NO_NUL,
     CompletedTrainingPage,
     FeaturePage,
@@ -30,14 +24,11 @@ from steering_app.schemas import (
     error_responses,
 )
 
-logger = logging.getLogger(__name__)
 router = Router(tags=["steering"])
 
 Id = Path(..., ge=1, le=MAX_ID)
 Limit = Query(100, ge=1, le=MAX_PAGE)
 Offset = Query(0, ge=0, le=MAX_ID)
-# The longest pause between two looks at a run the API waits for: completion is noticed within it.
-POLL_CEILING_S = 0.25
 
 
 def page(queryset, limit: int, offset: int) -> tuple[list, int]:
@@ -47,8 +38,7 @@ def page(queryset, limit: int, offset: int) -> tuple[list, int]:
 @router.get("/trainings/completed", response={200: CompletedTrainingPage, **error_responses()})
 def list_completed_trainings(request, limit: int = Limit, offset: int = Offset):
     """Completed SAE trainings, newest first: the feature spaces one can steer with."""
-    queryset = Training.objects.filter(status=Training.Status.COMPLETED).select_related("model", "dataset")
-    trainings, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
+    trainings, total = page(Training.objects.completed().order_by("-created_at", "-id"), limit, offset)
     return {
         "trainings": [
             {
@@ -71,7 +61,7 @@ def list_completed_trainings(request, limit: int = Limit, offset: int = Offset):
 def get_training(training_id: int) -> Training:
     training = Training.objects.select_related("model", "dataset").filter(pk=training_id).first()
     if training is None:
-        raise services.NotFound(f"Training {training_id} does not exist.", "training_id")
+        raise NotFound(f"Training {training_id} does not exist.", "training_id")
     return training
 
 
@@ -111,14 +101,8 @@ def list_features(
     offset: int = Offset,
 ):
     """A training's features by index; `search` matches label and description (case-insensitive) or the index."""
-    training = get_training(training_id)
-    queryset = Feature.objects.filter(training=training).order_by("index")
-    search = search.strip()
-    if search:
-        match = Q(label__icontains=search) | Q(description__icontains=search)
-        if search.isdecimal() and int(search) <= MAX_INDEX:
-            match |= Q(index=int(search))
-        queryset = queryset.filter(match)
+    features = Feature.objects.filter(training=get_training(training_id))
+    queryset = features.search(search) if search.strip() else features.order_by("index")
     features, total = page(queryset, limit, offset)
     return {
         "features": [
@@ -141,44 +125,25 @@ def list_features(
 def get_model(request, model_id: int = Id):
     model = LanguageModel.objects.filter(pk=model_id).first()
     if model is None:
-        raise services.NotFound(f"Model {model_id} does not exist.", "model_id")
+        raise NotFound(f"Model {model_id} does not exist.", "model_id")
     return model
 
 
-def steering_request(payload: GenerateIn) -> services.SteeringRequest:
-    return services.SteeringRequest(
+def run_request(payload: GenerateIn) -> runs.RunRequest:
+    return runs.RunRequest(
         training_id=payload.training_id,
         model_id=payload.model_id,
         prompt=payload.prompt,
-        features=[item.model_dump() for item in payload.features],
-        intervention_layers=payload.intervention_layers,
-        method=payload.method,
-        temperature=payload.temperature,
-        max_new_tokens=payload.max_tokens,
+        settings=SteeringSettings(
+            features=[item.model_dump() for item in payload.features],
+            layers=payload.intervention_layers,
+            method=payload.method,
+            temperature=payload.temperature,
+            max_tokens=payload.max_tokens,
+        ),
         seed=payload.seed,
         chat=payload.chat,
     )
-
-
-def give_up(run_id: int, reason: str) -> None:
-    """Fail a run nobody finished; a worker that finishes it later still records its result."""
-    SteeringRun.objects.filter(
-        pk=run_id, status__in=[SteeringRun.Status.QUEUED, SteeringRun.Status.RUNNING]
-    ).update(status=SteeringRun.Status.FAILED, error=reason, finished_at=timezone.now())
-
-
-async def wait_for_run(run_id: int, timeout: float) -> SteeringRun:
-    """Poll the run until it ends or `timeout` passes; awaiting keeps Django's one sync thread free meanwhile."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pause = 0.02
-    while True:
-        run = await SteeringRun.objects.aget(pk=run_id)
-        remaining = deadline - loop.time()
-        if run.is_finished or remaining <= 0:
-            return run
-        await asyncio.sleep(min(pause, remaining))
-        pause = min(pause * 2, POLL_CEILING_S)
 
 
 @router.post(
@@ -197,25 +162,20 @@ async def generate(
     Waits up to STEERLAB_RUN_TIMEOUT seconds for the worker (503 after that, and the run fails);
     with `?async=true` it answers 202 at once: poll GET /api/steering/runs/{run_id}.
     """
-    run = await sync_to_async(services.create_run)(request.auth, steering_request(payload))
-    try:
-        await sync_to_async(worker.submit)(run.pk)
-    except Exception:
-        logger.exception("Could not hand run %s to a worker", run.pk)
-        await sync_to_async(give_up)(run.pk, "no worker available")
-        raise HttpError(503, "No steering worker is available; try again later.") from None
+    run = await sync_to_async(runs.create)(request.auth, run_request(payload))
+    await sync_to_async(runs.submit)(run)
     if run_async:
         return Status(202, {"run_id": run.pk})
 
     timeout = settings.STEERLAB_RUN_TIMEOUT
-    run = await wait_for_run(run.pk, timeout)
+    run = await runs.wait(run.pk, timeout)
     if not run.is_finished:
-        await sync_to_async(give_up)(run.pk, f"timed out after {timeout} s")
+        await sync_to_async(runs.fail)(run.pk, f"timed out after {timeout} s")
         picked = "did not finish" if run.started_at else "was not picked up by a worker"
         raise HttpError(503, f"Run {run.pk} {picked} within {timeout} s; it was cancelled.")
     if run.status == SteeringRun.Status.FAILED:
-        if run.error == services.OOM_MESSAGE:
-            raise HttpError(507, services.OOM_MESSAGE)
+        if run.error == runs.OOM_MESSAGE:
+            raise HttpError(507, runs.OOM_MESSAGE)
         if run.started_at is None:
             raise HttpError(503, f"Run {run.pk} was not picked up by a worker: {run.error}")
         raise HttpError(500, f"Run {run.pk} failed: {run.error}")
@@ -256,24 +216,22 @@ def run_out(run: SteeringRun) -> dict:
     }
 
 
-def runs_for_user(user):
-    runs = SteeringRun.objects.select_related("owner", "training")
-    return runs if user.is_staff else runs.filter(owner=user)
+def visible_runs(user):
+    return SteeringRun.objects.visible_to(user).select_related("owner", "training")
 
 
-def get_run_for_user(user, run_id: int) -> SteeringRun:
+def get_visible_run(user, run_id: int) -> SteeringRun:
     """Another user's run is a 404, like an unknown one: its existence is not the caller's business."""
-    run = runs_for_user(user).filter(pk=run_id).first()
+    run = visible_runs(user).filter(pk=run_id).first()
     if run is None:
-        raise services.NotFound(f"Run {run_id} does not exist.", "run_id")
+        raise NotFound(f"Run {run_id} does not exist.", "run_id")
     return run
 
 
 @router.get("/steering/runs/{run_id}", response={200: RunOut, **error_responses(404)})
 def get_run(request, run_id: int = Id):
     """One run: status, the settings that made it, outputs, metrics and error. Staff see every run."""
-    services.fail_stale_runs()
-    return run_out(get_run_for_user(request.auth, run_id))
+    return run_out(get_visible_run(request.auth, run_id))
 
 
 @router.get("/steering/runs", response={200: RunPage, **error_responses()})
@@ -284,8 +242,7 @@ def list_runs(
     everyone: bool = Query(False, alias="all", description="Staff only: list every user's runs."),
 ):
     """The caller's runs, newest first."""
-    services.fail_stale_runs()
-    visible = runs_for_user(request.auth)
+    visible = visible_runs(request.auth)
     queryset = visible if everyone else visible.filter(owner=request.auth)
-    runs, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
-    return {"runs": [run_out(run) for run in runs], "total": total, "limit": limit, "offset": offset}
+    found, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
+    return {"runs": [run_out(run) for run in found], "total": total, "limit": limit, "offset": offset}

@@ -1,8 +1,8 @@
 from django.urls import path
 
-from steering_app import consumers
+from steering_app import consumers, worker
 
 websocket_urlpatterns = [
     path("ws/steering/runs/<int:run_id>/", consumers.RunStreamConsumer.as_asgi()),
 ]
-worker_channels = {consumers.WORKER_CHANNEL: consumers.SteeringWorkerConsumer.as_asgi()}
+worker_channels = {worker.WORKER_CHANNEL: worker.SteeringWorkerConsumer.as_asgi()}

@@ -1,89 +1,149 @@
-"""Hands queued runs to a worker and publishes their events to the run's group.
+"""Transport only: how "a run is waiting" reaches a worker, and the timer that sweeps stale runs.
 
-Embedded default (no REDIS_URL): one asyncio task inside the daphne process runs jobs one at a time in a
-worker thread. Scale-out (REDIS_URL): runs go to the channel `steering-worker`, consumed by any number of
-`python manage.py runworker steering-worker` processes (see consumers.SteeringWorkerConsumer).
-Tests may set STEERLAB_WORKER_MODE=inline to run a job in the submitting thread.
+What a worker does with a run is decided in runs.py; every mode calls runs.process_queued().
+- embedded (default, no REDIS_URL): a task on the daphne process's event loop, started with the first
+  connection (see steerproject/asgi.py); runs execute one at a time in a worker thread.
+- channel (REDIS_URL): a message on the channel `steering-worker`, consumed by any number of
+  `python manage.py runworker steering-worker` processes (SteeringWorkerConsumer below).
+- inline (tests: STEERLAB_WORKER_MODE=inline): the run executes in the submitting thread.
+Embedded and channel workers also call runs.sweep_stale() every SWEEP_SECONDS, and once as they start.
 """
 
 import asyncio
 import logging
 import os
+import threading
 
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
-
-from steering_app import services
 
 logger = logging.getLogger(__name__)
 
 WORKER_CHANNEL = "steering-worker"
+SWEEP_SECONDS = 5.0
 
 
-def group_name(run_id: int) -> str:
-    return f"steering-run-{run_id}"
-
-
-def publish(run_id: int, event: str, payload: dict) -> None:
-    """Send one run event to everyone watching the run; called from sync worker code."""
-    message = {"type": "run.event", "run_id": run_id, "event": event, **payload}
-    async_to_sync(get_channel_layer().group_send)(group_name(run_id), message)
-
-
-def execute_run(run_id: int) -> None:
-    services.run_steering(run_id, lambda event, payload: publish(run_id, event, payload))
-
-
-def execute_next_queued() -> None:
-    """Run the oldest queued run. `runworker` takes channel messages faster than it runs them, so a busy
-    worker holds a backlog of messages; treating each message as "work is waiting" rather than "run this
-    one" lets a free worker take the runs whose messages went to a busy one."""
-    run = services.claim_next_run()
-    if run is not None:
-        services.process_run(run, lambda event, payload: publish(run.pk, event, payload))
-
-
-def worker_mode() -> str:
-    mode = os.environ.get("STEERLAB_WORKER_MODE", "")
-    if mode:
-        return mode
+def mode() -> str:
+    explicit = os.environ.get("STEERLAB_WORKER_MODE", "")
+    if explicit:
+        return explicit
     return "channel" if "RedisChannelLayer" in settings.CHANNEL_LAYERS["default"]["BACKEND"] else "embedded"
 
 
 def submit(run_id: int) -> None:
-    """Queue a run for execution. Safe to call from sync code (views, API, commands)."""
-    mode = worker_mode()
-    if mode == "inline":
-        execute_run(run_id)
-    elif mode == "channel":
-        async_to_sync(get_channel_layer().send)(WORKER_CHANNEL, {"type": "run.steering", "run_id": run_id})
+    """Tell a worker that run `run_id` is waiting. Safe to call from sync code (views, API, commands)."""
+    from steering_app import runs
+
+    current = mode()
+    if current == "inline":
+        runs.process_queued()
+    elif current == "channel":
+        async_to_sync(get_channel_layer().send)(WORKER_CHANNEL, {"type": "run.waiting", "run_id": run_id})
     else:
-        async_to_sync(_embedded_enqueue)(run_id)
+        async_to_sync(_wake_embedded)()
+
+
+def sweep() -> None:
+    """One sweep; a failing database must not stop the timer that calls it."""
+    from steering_app import runs
+
+    try:
+        swept = runs.sweep_stale()
+    except Exception:  # noqa: BLE001 - logged; the next tick tries again
+        logger.exception("Sweeping stale runs failed")
+        return
+    if swept:
+        logger.warning("Failed %d stale run(s)", swept)
+
+
+class SteeringWorkerConsumer(SyncConsumer):
+    """`python manage.py runworker steering-worker`: each message means "work is waiting"."""
+
+    def run_waiting(self, message):
+        from steering_app import runs
+
+        runs.process_queued()
+
+
+def start_sweeper_thread(interval: float = SWEEP_SECONDS) -> threading.Event:
+    """For runworker processes, whose consumer only wakes on messages: sweep now, then on a timer.
+    Returns the event that stops the thread."""
+
+    def loop() -> None:
+        while not stop.is_set():
+            sweep()
+            stop.wait(interval)
+
+    stop = threading.Event()
+    threading.Thread(target=loop, name="steering-sweeper", daemon=True).start()
+    return stop
 
 
 class EmbeddedWorker:
-    """One job at a time, on the server's event loop; the job itself runs in a thread of its own."""
+    """Runs on the server's event loop: one job at a time in a thread of its own, and the sweep timer."""
 
-    def __init__(self):
-        self.queue: asyncio.Queue[int] = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self.loop())
+    def __init__(self, sweep_seconds: float = SWEEP_SECONDS):
+        self.waiting = asyncio.Event()
+        self.sweep_seconds = sweep_seconds
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self.work()), loop.create_task(self.sweep())]
 
-    async def loop(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return all(not task.done() for task in self.tasks)
+
+    def wake(self) -> None:
+        self.waiting.set()
+
+    async def work(self) -> None:
+        from steering_app import runs
+
         while True:
-            run_id = await self.queue.get()
+            await self.waiting.wait()
+            self.waiting.clear()
             try:
-                await sync_to_async(execute_run, thread_sensitive=False)(run_id)
-            except Exception:  # run_steering records failures itself; this guards the loop
-                logger.exception("Embedded worker crashed on run %s", run_id)
+                await sync_to_async(runs.process_queued, thread_sensitive=False)()
+            except Exception:  # runs records failures itself; this guards the loop
+                logger.exception("Embedded worker failed")
+
+    async def sweep(self) -> None:
+        while True:
+            await sync_to_async(sweep, thread_sensitive=False)()
+            await asyncio.sleep(self.sweep_seconds)
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
 
 _embedded: dict[asyncio.AbstractEventLoop, EmbeddedWorker] = {}
 
 
-async def _embedded_enqueue(run_id: int) -> None:
+def embedded_worker() -> EmbeddedWorker:
+    """This event loop's embedded worker, started on first use (and again if it died)."""
     loop = asyncio.get_running_loop()
-    worker = _embedded.get(loop)
-    if worker is None or worker.task.done():
-        worker = _embedded[loop] = EmbeddedWorker()
-    worker.queue.put_nowait(run_id)
+    current = _embedded.get(loop)
+    if current is None or not current.alive:
+        current = _embedded[loop] = EmbeddedWorker()
+        # Runs queued before this process started (a restart) get picked up at once.
+        current.wake()
+    return current
+
+
+async def _wake_embedded() -> None:
+    embedded_worker().wake()
+
+
+class StartEmbeddedWorker:
+    """ASGI middleware: the embedded worker starts with the server's first connection, so stale runs of
+    a previous process are swept and queued ones resume even before anyone submits a run."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and mode() == "embedded":
+            embedded_worker()
+        return await self.app(scope, receive, send)

@@ -16,11 +16,14 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from steering_app import routing  # noqa: E402
+from steering_app.worker import StartEmbeddedWorker  # noqa: E402
 
-application = ProtocolTypeRouter(
+application = StartEmbeddedWorker(
+    ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(routing.websocket_urlpatterns))),
         "channel": ChannelNameRouter(routing.worker_channels),
     }
+)
 )

@@ -39,8 +39,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
-    "channels",
+    # Before channels: steering_app's runworker (it adds the stale-run sweep) overrides channels' own.
     "steering_app",
+    "channels",
     "presets_app",
 ]
 

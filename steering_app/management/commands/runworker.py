@@ -1,0 +1,16 @@
+"""channels' runworker, plus the stale-run sweep on a timer when it serves the steering worker channel.
+
+`python manage.py runworker steering-worker` is the scale-out worker (README, "Scale out"). Its consumer
+only wakes on messages, so a thread sweeps stale runs as the worker starts and every few seconds after.
+"""
+
+from channels.management.commands import runworker
+
+from steering_app import worker
+
+
+class Command(runworker.Command):
+    def handle(self, *args, **options):
+        if worker.WORKER_CHANNEL in options["channels"]:
+            worker.start_sweeper_thread()
+        super().handle(*args, **options)

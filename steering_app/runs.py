@@ -1,0 +1,221 @@
+"""A steering run's life, decided in one place: create, submit, claim, process, fail, sweep_stale.
+
+    queued --claim--> running --process--> completed
+       |                 |
+       +-----------------+--fail / sweep_stale--> failed (with the reason)
+
+The panel and the API create and submit; every worker mode (inline, embedded, channel) calls
+process_queued(), which claims the oldest queued run, processes it, and repeats; the workers also call
+sweep_stale() on a timer. A run always ends: any failure while processing fails it with its reason.
+"""
+
+import asyncio
+import logging
+import math
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from steering_app import services, streaming, worker
+from steering_app.errors import InvalidInput, WorkerUnavailable
+from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
+from steering_app.models import SteeringRun, Training
+from steering_app.steering_settings import SteeringSettings, is_integer
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[str, dict], None]
+Status = SteeringRun.Status
+ACTIVE = (Status.QUEUED, Status.RUNNING)
+OOM_MESSAGE = "Out of memory during generation. Try reducing max_tokens or using fewer intervention layers."
+NO_WORKER = "no worker available"
+WORKER_STOPPED = "the worker stopped before finishing"
+# How far down the queue one claim looks when other workers keep taking the oldest runs first.
+CLAIM_CANDIDATES = 20
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything one comparison needs: the settings, plus what only a run has (prompt, seed, chat)."""
+
+    training_id: int
+    prompt: str
+    settings: SteeringSettings
+    seed: int | None = None
+    chat: bool = False
+    model_id: int | None = None
+
+
+def create(owner, request: RunRequest) -> SteeringRun:
+    """Validate a request and store it as a queued run; nothing is written when it is invalid."""
+    training = Training.objects.get_completed(request.training_id)
+    if request.model_id is not None and request.model_id != training.model_id:
+        raise InvalidInput(
+            f"model_id {request.model_id} is not the model of training {training.pk} ({training.model_id}).",
+            "model_id",
+        )
+    prompt = request.prompt.strip() if isinstance(request.prompt, str) else ""
+    if not prompt:
+        raise InvalidInput("Enter a prompt.", "prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInput(f"The prompt is longer than {MAX_PROMPT_CHARS} characters.", "prompt")
+    if request.seed is not None and (not is_integer(request.seed) or not 0 <= request.seed <= MAX_SEED):
+        raise InvalidInput("seed must be a non-negative 63-bit integer.", "seed")
+    steering = request.settings.validate(training)
+    return SteeringRun.objects.create(
+        owner=owner,
+        training=training,
+        prompt=request.prompt,
+        features=steering.features,
+        intervention_layers=steering.layers,
+        method=steering.method,
+        temperature=steering.temperature,
+        max_new_tokens=steering.max_tokens,
+        seed=request.seed if request.seed is not None else random.randrange(2**31),
+        chat=bool(request.chat),
+    )
+
+
+def submit(run: SteeringRun) -> None:
+    """Tell the workers a run is waiting. When no worker can be told, the run fails and WorkerUnavailable
+    says so: the panel shows the message, the API answers 503."""
+    try:
+        worker.submit(run.pk)
+    except Exception as error:  # noqa: BLE001 - whatever the transport raised, the run must end
+        logger.exception("Could not hand run %s to a worker", run.pk)
+        fail(run.pk, NO_WORKER)
+        raise WorkerUnavailable("No steering worker is available; try again later.") from error
+
+
+def claim() -> SteeringRun | None:
+    """Move the oldest queued run to running and return it; None when none is left.
+
+    Every worker claims this way: a message to a worker means "work is waiting", not "run this one", so
+    a free worker takes runs whose messages went to a busy one.
+    """
+    queued = SteeringRun.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
+    for run_id in queued.values_list("id", flat=True)[:CLAIM_CANDIDATES]:
+        taken = SteeringRun.objects.filter(pk=run_id, status=Status.QUEUED).update(
+            status=Status.RUNNING, started_at=timezone.now()
+        )
+        if taken:
+            return SteeringRun.objects.select_related("training__model").get(pk=run_id)
+    return None
+
+
+def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
+    """Claim and process runs until none is queued; returns how many ran. What every worker calls."""
+    count = 0
+    while (run := claim()) is not None:
+        process(run, emit_for(run.pk) if emit_for else None)
+        count += 1
+    return count
+
+
+def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
+    """Execute a claimed run and store its outcome; emit tells its watchers (the run's group by default).
+
+    The outcome is stored only while the run is still running: a run failed meanwhile (its caller gave
+    up, or a sweep judged it dead) keeps that ending.
+    """
+    emit = emit or (lambda event, payload: streaming.publish(run.pk, event, payload))
+    emit("started", {})
+    try:
+        outcome = services.execute(run, on_step=lambda unsteered, steered: emit(
+            "delta", {"unsteered": unsteered, "steered": steered}
+        ))
+        _complete(run.pk, outcome)
+    except Exception as error:  # noqa: BLE001 - any failure must end the run, with its reason
+        reason = failure_reason(error)
+        logger.exception("Steering run %s failed: %s", run.pk, reason)
+        fail(run.pk, reason)
+    run.refresh_from_db()
+    emit(run.status, {"error": run.error})
+    return run
+
+
+def _complete(run_id: int, outcome: services.Outcome) -> bool:
+    timings = {**outcome.timings, "worker": worker_name()}
+    return bool(
+        SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
+            status=Status.COMPLETED,
+            finished_at=timezone.now(),
+            unsteered_output=outcome.unsteered_output,
+            steered_output=outcome.steered_output,
+            metrics=finite_json(outcome.metrics),
+            timings=finite_json(timings),
+        )
+    )
+
+
+def worker_name() -> str:
+    """Which worker ran a run: the run page shows it, and scale-out tests check that work was shared."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail(run_id: int, reason: str) -> bool:
+    """End a queued or running run as failed with `reason`; False when it had already ended."""
+    return bool(_fail_all(SteeringRun.objects.filter(pk=run_id), reason))
+
+
+def sweep_stale() -> int:
+    """Fail the runs that can no longer finish, so that none stays queued or running forever.
+
+    A queued run no worker took within STEERLAB_RUN_TIMEOUT seconds, and a running one whose worker has
+    been silent for STEERLAB_RUN_MAX_SECONDS (the process died mid-run), fail with the reason.
+    """
+    now = timezone.now()
+    unclaimed = SteeringRun.objects.filter(
+        status=Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_TIMEOUT)
+    )
+    abandoned = SteeringRun.objects.filter(
+        status=Status.RUNNING, started_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
+    )
+    return _fail_all(unclaimed, NO_WORKER) + _fail_all(abandoned, WORKER_STOPPED)
+
+
+def _fail_all(runs, reason: str) -> int:
+    return runs.filter(status__in=ACTIVE).update(status=Status.FAILED, error=reason, finished_at=timezone.now())
+
+
+async def wait(run_id: int, timeout: float, poll_ceiling: float = 0.25) -> SteeringRun:
+    """Poll the run until it ends or `timeout` passes; awaiting keeps Django's one sync thread free."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.02
+    while True:
+        run = await SteeringRun.objects.aget(pk=run_id)
+        remaining = deadline - loop.time()
+        if run.is_finished or remaining <= 0:
+            return run
+        await asyncio.sleep(min(pause, remaining))
+        pause = min(pause * 2, poll_ceiling)
+
+
+def failure_reason(error: Exception) -> str:
+    if is_out_of_memory(error):
+        return OOM_MESSAGE
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError | MemoryError)
+
+
+def finite_json(value):
+    """JSON columns refuse NaN and infinities (SQLite and PostgreSQL alike): store them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
