@@ -1,124 +1,16 @@
 """Steering presets API, mounted at /api/presets/steering (spec section 6)."""
 
-from datetime import datetime
-from typing import Annotated, Literal
-
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from ninja import Field, Path, Query, Router, Schema, Status
+from ninja import Path, Query, Router, Status
 
 from presets_app import services
-from presets_app.models import SteeringPreset
-from steering_app.schemas import (
-    MAX_ID,
-    MAX_INDEX,
-    MAX_PAGE,
-    MAX_SEARCH_CHARS,
-    NO_NUL,
-    STRICT,
-    FeatureCoefficient,
-    Page,
-    error_responses,
-)
-from steering_app.services import MAX_FEATURES, MAX_LAYERS, InvalidInput
+from presets_app.schemas import ExportDocument, ImportOut, PresetIn, PresetOut, PresetPage, PresetPatch
+from steering_app.errors import InvalidInput, NotFound
+from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
+from steering_app.schemas import NO_NUL, error_responses
 
 router = Router(tags=["presets"])
-
-Method = Literal["additive", "multiplicative"]
-Layers = list[Annotated[int, Field(ge=0, le=MAX_INDEX)]]
 PresetId = Path(..., ge=1, le=MAX_ID)
-
-
-class PresetIn(Schema):
-    model_config = STRICT
-
-    training_id: int = Field(
-        ge=1, le=MAX_ID, description="The completed training whose feature space it uses."
-    )
-    name: str = Field(
-        "",
-        max_length=services.MAX_NAME_CHARS,
-        pattern=NO_NUL,
-        description="Unique per training; blank: automatic.",
-    )
-    description: str = Field("", max_length=services.MAX_DESCRIPTION_CHARS, pattern=NO_NUL)
-    features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
-    intervention_layers: Layers = Field(min_length=1, max_length=MAX_LAYERS)
-    method: Method = "additive"
-    temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(64, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
-    is_favorite: bool = False
-
-
-class PresetPatch(Schema):
-    """Only the fields sent change; the result is validated whole, as on creation."""
-
-    model_config = STRICT
-
-    name: str | None = Field(None, min_length=1, max_length=services.MAX_NAME_CHARS, pattern=NO_NUL)
-    description: str | None = Field(None, max_length=services.MAX_DESCRIPTION_CHARS, pattern=NO_NUL)
-    features: list[FeatureCoefficient] | None = Field(None, min_length=1, max_length=MAX_FEATURES)
-    intervention_layers: Layers | None = Field(None, min_length=1, max_length=MAX_LAYERS)
-    method: Method | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
-    is_favorite: bool | None = None
-
-
-class PresetOut(Schema):
-    id: int
-    training_id: int
-    owner: str
-    name: str
-    description: str
-    features: list[FeatureCoefficient]
-    intervention_layers: list[int]
-    method: str
-    temperature: float
-    max_tokens: int
-    is_favorite: bool
-    created_at: datetime
-    updated_at: datetime
-
-    @staticmethod
-    def resolve_owner(preset: SteeringPreset) -> str:
-        return preset.owner.get_username()
-
-
-class PresetPage(Page):
-    presets: list[PresetOut]
-
-
-class ExportTraining(Schema):
-    id: int = Field(description="The training's id on the exporting installation.")
-    model_name: str
-    hook_layer: int
-    d_sae: int
-
-
-class ExportPreset(Schema):
-    name: str
-    description: str
-    training: ExportTraining
-    features: list[FeatureCoefficient]
-    intervention_layers: list[int]
-    method: str
-    temperature: float
-    max_tokens: int
-    is_favorite: bool
-
-
-class ExportDocument(Schema):
-    format: Literal["steerlab.presets"]
-    version: Literal[1]
-    exported_at: datetime | None = None
-    presets: list[ExportPreset]
-
-
-class ImportOut(Schema):
-    created: int
-    presets: list[PresetOut]
-
 
 def _to_dicts(items) -> list[dict]:
     return [item.model_dump() for item in items]
@@ -159,7 +51,7 @@ def export_presets(
     found = {preset.pk: preset for preset in services.list_presets().filter(pk__in=wanted)}
     missing = [pk for pk in wanted if pk not in found]
     if missing:
-        raise services.NotFound(f"Presets {missing} do not exist.", "ids")
+        raise NotFound(f"Presets {missing} do not exist.", "ids")
     response = HttpResponse(services.export_json(found[pk] for pk in wanted), content_type="application/json")
     response["Content-Disposition"] = f'attachment; filename="{services.export_filename()}"'
     return response

@@ -1,7 +1,5 @@
 """The panel's "Saved Presets" section: HTMX partials that each re-render the section's body."""
 
-import math
-
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse
@@ -10,9 +8,10 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from presets_app import services
+from presets_app.forms import PresetForm
+from steering_app.errors import Forbidden, InvalidInput, NotFound, SteeringError
+from steering_app.limits import MAX_ID
 from steering_app.models import Training
-from steering_app.schemas import MAX_ID
-from steering_app.services import InvalidInput, SteeringError
 
 BODY = "presets/_section.html#body"
 
@@ -29,10 +28,11 @@ def save(request):
     """Save the panel's current configuration; on an error nothing is saved and the section shows why."""
     training = _training_or_none(request.POST.get("training"))
     name, description = request.POST.get("preset_name", ""), request.POST.get("preset_description", "")
+    form = PresetForm(request.POST)
     try:
-        preset = services.create_preset(
-            request.user, _training_id(request.POST), _panel_settings(request.POST)
-        )
+        if not form.is_valid():
+            raise form.first_error()
+        preset = services.create_preset(request.user, form.cleaned_data["training"], form.preset_data())
     except SteeringError as error:
         return _render_body(request, training, error=error, name=name, description=description)
     return _render_body(request, preset.training, notice=f"Saved “{preset.name}”.")
@@ -110,9 +110,9 @@ def _render_body(request, training, **context):
 def _get_preset_for_user(request, pk):
     try:
         return services.get_preset_to_modify(request.user, pk)
-    except services.Forbidden as error:
+    except Forbidden as error:
         raise PermissionDenied(error.message) from error
-    except services.NotFound as error:
+    except NotFound as error:
         raise Http404(error.message) from error
 
 
@@ -120,48 +120,7 @@ def _training_or_none(value) -> Training | None:
     pk = _int_or_none(value)
     if pk is None or not 1 <= pk <= MAX_ID:
         return None
-    return Training.objects.select_related("model").filter(pk=pk, status=Training.Status.COMPLETED).first()
-
-
-def _training_id(post) -> int:
-    pk = _int_or_none(post.get("training"))
-    if pk is None or not 1 <= pk <= MAX_ID:
-        raise InvalidInput("Select a training.", "training_id")
-    return pk
-
-
-def _panel_settings(post) -> dict:
-    """The steering form's fields as preset settings; the parallel feature_id / coefficient lists pair up."""
-    indices, coefficients = post.getlist("feature_id"), post.getlist("coefficient")
-    if len(indices) != len(coefficients):
-        raise InvalidInput("Each feature needs one coefficient.", "features")
-    features = [
-        {"feature_id": _number(index, int, "features"), "coefficient": _number(value, float, "features")}
-        for index, value in zip(indices, coefficients, strict=True)
-    ]
-    return {
-        "name": post.get("preset_name", ""),
-        "description": post.get("preset_description", ""),
-        "features": features,
-        "intervention_layers": [
-            _number(layer, int, "intervention_layers") for layer in post.getlist("layers")
-        ],
-        "method": post.get("method") or None,
-        "temperature": _number(post["temperature"], float, "temperature")
-        if post.get("temperature")
-        else None,
-        "max_tokens": _number(post["max_tokens"], int, "max_tokens") if post.get("max_tokens") else None,
-    }
-
-
-def _number(text: str, kind: type, field: str):
-    try:
-        value = kind(text.strip())
-    except ValueError as error:
-        raise InvalidInput(f"{text!r} is not a number.", field) from error
-    if kind is float and not math.isfinite(value):
-        raise InvalidInput(f"{text!r} is not a finite number.", field)
-    return value
+    return Training.objects.completed().filter(pk=pk).first()
 
 
 def _int_or_none(value) -> int | None:

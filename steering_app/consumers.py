@@ -1,54 +1,33 @@
+"""ws/steering/runs/<id>/: the websocket that streams one run to its readers."""
+
 import asyncio
 import logging
-from datetime import timedelta
 from urllib.parse import parse_qs
 
-from channels.consumer import SyncConsumer
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 from django.template.loader import render_to_string
-from django.utils import timezone
 
-from steering_app import services
 from steering_app.models import SteeringRun
-from steering_app.views import read_stream_token, result_context
-from steering_app.worker import WORKER_CHANNEL, execute_next_queued, group_name
-
-__all__ = ["WORKER_CHANNEL", "RunStreamConsumer", "SteeringWorkerConsumer"]
+from steering_app.presenters import result_context
+from steering_app.streaming import group_name, read_stream_token
 
 logger = logging.getLogger(__name__)
 
 RESULT_TEMPLATE = "steering/_result.html"
-# How often an open page checks the database for an end the event stream did not bring (no worker took
-# the run, or its terminal event was lost): the page must never show "Generating..." forever.
+# How often an open page checks the database for an end the event stream did not bring (the worker's
+# sweep failed the run, or its terminal event was lost): the page must never show "Generating..." forever.
 WATCH_SECONDS = 3.0
-
-
-class SteeringWorkerConsumer(SyncConsumer):
-    """`python manage.py runworker steering-worker`: executes the runs sent to the worker channel."""
-
-    def run_steering(self, message):
-        execute_next_queued()
 
 
 @database_sync_to_async
 def visible_run(user, run_id: int) -> SteeringRun | None:
-    if not user.is_authenticated:
-        return None
-    runs = SteeringRun.objects.all() if user.is_staff else SteeringRun.objects.filter(owner=user)
-    return runs.filter(pk=run_id).first()
+    return SteeringRun.objects.visible_to(user).filter(pk=run_id).first()
 
 
 @database_sync_to_async
 def current_run(run_id: int) -> SteeringRun:
-    run = SteeringRun.objects.select_related("training").get(pk=run_id)
-    if run.status == SteeringRun.Status.QUEUED and run.created_at < timezone.now() - timedelta(
-        seconds=settings.STEERLAB_RUN_TIMEOUT
-    ):
-        services.fail_stale_runs()
-        run.refresh_from_db()
-    return run
+    return SteeringRun.objects.select_related("training").get(pk=run_id)
 
 
 @database_sync_to_async

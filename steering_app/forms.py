@@ -1,16 +1,18 @@
-"""The steering panel's form: parses the browser's fields into a SteeringRequest.
+"""The steering panel's form: parses the browser's fields into SteeringSettings and a RunRequest.
 
-Only types are checked here; ranges, ownership of features and layer rules are the service's job, so the
-panel and the JSON API reject the same requests with the same messages.
+Only types are checked here; ranges, ownership of features and layer rules are SteeringSettings.validate's
+job, so the panel, presets and the JSON API reject the same requests with the same messages.
 """
 
 from django import forms
 
+from steering_app.errors import SteeringError
 from steering_app.models import SteeringRun
-from steering_app.services import SteeringRequest
+from steering_app.runs import RunRequest
+from steering_app.steering_settings import SteeringSettings
 
-# services.SteeringError.field -> the form field that shows the message
-SERVICE_FIELDS = {
+# SteeringError.field -> the form field that shows the message
+ERROR_FIELDS = {
     "training_id": "training",
     "model_id": "training",
     "prompt": "prompt",
@@ -64,22 +66,29 @@ class SteeringForm(forms.Form):
             self.add_error("features", "Feature ids must be whole numbers and coefficients numbers.")
             return []
 
-    def steering_request(self) -> SteeringRequest:
+    def steering_settings(self) -> SteeringSettings:
         data = self.cleaned_data
-        return SteeringRequest(
-            training_id=data["training"],
-            prompt=data["prompt"],
+        return SteeringSettings(
             features=data["features"],
-            intervention_layers=data["layers"],
+            layers=data["layers"],
             method=data["method"],
             temperature=data["temperature"],
-            max_new_tokens=data["max_tokens"],
+            max_tokens=data["max_tokens"],
+        )
+
+    def run_request(self) -> RunRequest:
+        data = self.cleaned_data
+        return RunRequest(
+            training_id=data["training"],
+            prompt=data["prompt"],
+            settings=self.steering_settings(),
             seed=data["seed"],
             chat=data["chat"],
         )
 
-    def add_service_error(self, error) -> None:
-        self.add_error(SERVICE_FIELDS.get(error.field), error.message)
+    def add_steering_error(self, error: SteeringError) -> None:
+        """Show a domain error beside the input it names (or above the form when it names none)."""
+        self.add_error(ERROR_FIELDS.get(error.field), error.message)
 
     def error_list(self) -> list[tuple[str, str]]:
         """(field label, message) pairs, so a message always says which input it is about."""

@@ -3,7 +3,7 @@ from django.urls import path
 from steering_app import views
 
 urlpatterns = [
-    path("", views.panel, name="steering-panel"),
+    path("", views.panel_page, name="steering-panel"),
     path("generate/", views.generate, name="steering-generate"),
     path("trainings/<int:training_id>/features/", views.feature_search, name="steering-feature-search"),
     path(

@@ -6,7 +6,9 @@ lock: generation on one model is serialized, so concurrent requests never see ea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -201,6 +203,45 @@ def describe_model(source: str) -> dict:
         "num_layers": text_config.num_hidden_layers,
         "hidden_size": text_config.hidden_size,
     }
+
+
+@functools.lru_cache(maxsize=64)
+def has_chat_template(source: str) -> bool:
+    """Whether the model's tokenizer has a chat template, read from its files on disk: loading a model only
+    to draw the panel's checkbox would cost seconds."""
+    try:
+        resolved = Path(resolve_source(source))
+    except OSError:
+        return False
+    if resolved.suffix == ".gguf":
+        return _gguf_has_chat_template(resolved)
+    if resolved.is_dir():
+        if (resolved / "chat_template.jinja").is_file() or (resolved / "chat_template.json").is_file():
+            return True
+        return _config_has_chat_template(resolved / "tokenizer_config.json")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "tokenizer_config.json")
+    except ValueError:  # not a valid hub id either
+        return False
+    return isinstance(cached, str) and _config_has_chat_template(Path(cached))
+
+
+def _gguf_has_chat_template(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    try:
+        return "tokenizer.chat_template" in GGUFReader(path).fields
+    except (OSError, ValueError):
+        return False
+
+
+def _config_has_chat_template(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
 
 
 def load_sae_cached(path, lm: LoadedModel) -> SAE:

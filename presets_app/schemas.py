@@ -1,0 +1,107 @@
+"""Request and response shapes of the presets API."""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from django.conf import settings
+from ninja import Field, Schema
+
+from presets_app.models import SteeringPreset
+from presets_app.services import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS
+from steering_app.limits import MAX_FEATURES, MAX_ID, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE
+from steering_app.schemas import NO_NUL, STRICT, FeatureCoefficient, Page
+from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+
+Method = Literal["additive", "multiplicative"]
+Layers = list[Annotated[int, Field(ge=0, le=MAX_INDEX)]]
+
+
+class PresetIn(Schema):
+    model_config = STRICT
+
+    training_id: int = Field(
+        ge=1, le=MAX_ID, description="The completed training whose feature space it uses."
+    )
+    name: str = Field(
+        "",
+        max_length=MAX_NAME_CHARS,
+        pattern=NO_NUL,
+        description="Unique per training; blank: automatic.",
+    )
+    description: str = Field("", max_length=MAX_DESCRIPTION_CHARS, pattern=NO_NUL)
+    features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
+    intervention_layers: Layers = Field(min_length=1, max_length=MAX_LAYERS)
+    method: Method = "additive"
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    is_favorite: bool = False
+
+
+class PresetPatch(Schema):
+    """Only the fields sent change; the result is validated whole, as on creation."""
+
+    model_config = STRICT
+
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS, pattern=NO_NUL)
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS, pattern=NO_NUL)
+    features: list[FeatureCoefficient] | None = Field(None, min_length=1, max_length=MAX_FEATURES)
+    intervention_layers: Layers | None = Field(None, min_length=1, max_length=MAX_LAYERS)
+    method: Method | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    max_tokens: int | None = Field(None, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    is_favorite: bool | None = None
+
+
+class PresetOut(Schema):
+    id: int
+    training_id: int
+    owner: str
+    name: str
+    description: str
+    features: list[FeatureCoefficient]
+    intervention_layers: list[int]
+    method: str
+    temperature: float
+    max_tokens: int
+    is_favorite: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @staticmethod
+    def resolve_owner(preset: SteeringPreset) -> str:
+        return preset.owner.get_username()
+
+
+class PresetPage(Page):
+    presets: list[PresetOut]
+
+
+class ExportTraining(Schema):
+    id: int = Field(description="The training's id on the exporting installation.")
+    model_name: str
+    hook_layer: int
+    d_sae: int
+
+
+class ExportPreset(Schema):
+    name: str
+    description: str
+    training: ExportTraining
+    features: list[FeatureCoefficient]
+    intervention_layers: list[int]
+    method: str
+    temperature: float
+    max_tokens: int
+    is_favorite: bool
+
+
+class ExportDocument(Schema):
+    format: Literal["steerlab.presets"]
+    version: Literal[1]
+    exported_at: datetime | None = None
+    presets: list[ExportPreset]
+
+
+class ImportOut(Schema):
+    created: int
+    presets: list[PresetOut]

@@ -1,0 +1,50 @@
+"""A run's events on the channel layer: who listens (the run's group), what is sent, and stream tokens.
+
+The worker publishes every event of a run to the group `steering-run-<id>`; the websocket consumer
+forwards them to the browser. A page that has just submitted a run connects only after the response,
+while tokens may already flow: open_mailbox() subscribes a mailbox channel to the group before the run is
+submitted, and the signed stream token in the socket's URL tells the consumer to drain that mailbox.
+"""
+
+import uuid
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.core import signing
+
+STREAM_SALT = "steering.run-stream"
+STREAM_TOKEN_MAX_AGE = 600
+
+
+def group_name(run_id: int) -> str:
+    return f"steering-run-{run_id}"
+
+
+def publish(run_id: int, event: str, payload: dict) -> None:
+    """Send one run event to everyone watching the run; called from sync worker code."""
+    message = {"type": "run.event", "run_id": run_id, "event": event, **payload}
+    async_to_sync(get_channel_layer().group_send)(group_name(run_id), message)
+
+
+def stream_url(run_id: int, token: str = "") -> str:
+    url = f"/ws/steering/runs/{run_id}/"
+    return f"{url}?stream={token}" if token else url
+
+
+def open_mailbox(run_id: int) -> str:
+    """Subscribe a fresh mailbox to the run's events; returns the websocket URL that drains it."""
+    mailbox = f"steering-mailbox.{uuid.uuid4().hex}"
+    async_to_sync(get_channel_layer().group_add)(group_name(run_id), mailbox)
+    token = signing.dumps({"run": run_id, "mailbox": mailbox}, salt=STREAM_SALT)
+    return stream_url(run_id, token)
+
+
+def read_stream_token(token: str, run_id: int) -> str | None:
+    """The mailbox a stream token names, when it is genuine, fresh and for this run."""
+    try:
+        data = signing.loads(token, salt=STREAM_SALT, max_age=STREAM_TOKEN_MAX_AGE)
+    except signing.BadSignature:
+        return None
+    if not isinstance(data, dict) or data.get("run") != run_id:
+        return None
+    return data.get("mailbox")
