@@ -33,11 +33,8 @@ def fake_engine(monkeypatch):
     """Runs execute at once in the request's thread, with canned outputs instead of a model."""
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
-    def execute(run, emit):
-        run.unsteered_output = f"clean: {run.prompt}"
-        run.steered_output = f"steered: {run.prompt}"
-        run.metrics = FAKE_METRICS
-        run.timings = {"generate_s": 0.01}
+    def execute(run, on_step):
+        return services.Outcome(f"clean: {run.prompt}", f"steered: {run.prompt}", FAKE_METRICS, {"generate_s": 0.01})
 
     monkeypatch.setattr(services, "execute", execute)
 
@@ -48,7 +45,7 @@ def failing_engine(monkeypatch):
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
     def use(error: Exception):
-        def execute(run, emit):
+        def execute(run, on_step):
             raise error
 
         monkeypatch.setattr(services, "execute", execute)

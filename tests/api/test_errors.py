@@ -7,7 +7,7 @@ from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404
 from django.http.multipartparser import MultiPartParserError
 
-from steering_app.services import InvalidInput
+from steering_app.errors import InvalidInput
 from steerproject.api import api
 from tests.api.support import assert_error
 

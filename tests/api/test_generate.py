@@ -8,7 +8,7 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
-from steering_app.services import OOM_MESSAGE
+from steering_app.runs import OOM_MESSAGE
 from tests.api.conftest import FAKE_METRICS
 from tests.api.support import assert_error
 

@@ -2,6 +2,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from steering_app import runs
 from steering_app.models import SteeringRun
 from tests.api.conftest import FAKE_METRICS
 from tests.api.support import assert_error
@@ -66,12 +67,14 @@ def test_it_shows_the_reason_of_a_failed_run(client, owner, bearer, make_run):
     assert body["status"] == "failed" and body["error"] == "no worker available"
 
 
-def test_it_expires_a_run_no_worker_took_in_time_when_read(client, owner, bearer, make_run, settings):
+def test_reading_a_run_changes_nothing_and_shows_the_workers_sweep(client, owner, bearer, make_run, settings):
     settings.STEERLAB_RUN_TIMEOUT = 60
     stale = make_run(
         owner, status=SteeringRun.Status.QUEUED, created_at=timezone.now() - timedelta(seconds=61)
     )
 
+    assert client.get(url(stale), headers=bearer(owner)).json()["status"] == "queued"
+    runs.sweep_stale()  # what the worker's timer does
     body = client.get(url(stale), headers=bearer(owner)).json()
 
     assert body["status"] == "failed" and body["error"] == "no worker available"

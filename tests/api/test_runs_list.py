@@ -3,6 +3,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from steering_app import runs
 from steering_app.models import SteeringRun
 from tests.api.support import assert_error
 
@@ -46,10 +47,12 @@ def test_it_ignores_all_for_users_who_are_not_staff(client, owner, teammate, bea
     assert client.get(URL, {"all": "true"}, headers=bearer(owner)).json()["total"] == 1
 
 
-def test_it_expires_stale_queued_runs_when_listing(client, owner, bearer, make_run, settings):
+def test_listing_changes_nothing_and_shows_the_workers_sweep(client, owner, bearer, make_run, settings):
     settings.STEERLAB_RUN_TIMEOUT = 60
     make_run(owner, status=SteeringRun.Status.QUEUED, created_at=timezone.now() - timedelta(minutes=5))
 
+    assert client.get(URL, headers=bearer(owner)).json()["runs"][0]["status"] == "queued"
+    runs.sweep_stale()  # what the worker's timer does
     body = client.get(URL, headers=bearer(owner)).json()
 
     assert body["runs"][0]["status"] == "failed"

@@ -18,32 +18,27 @@ django.setup()
 
 from django.contrib.auth import get_user_model
 
-from steering_app import services, worker
+from steering_app import runs, worker
+from steering_app.runs import RunRequest
+from steering_app.steering_settings import SteeringSettings
 from steering_app.models import Feature, SteeringRun, Training
 
 
 def main(count: int, seconds: float) -> None:
-    assert worker.worker_mode() == "channel", "REDIS_URL must be set: runs go to runworker processes"
+    assert worker.mode() == "channel", "REDIS_URL must be set: runs go to runworker processes"
     user = get_user_model().objects.get(username="alice")
     training = Training.objects.filter(status=Training.Status.COMPLETED).first()
     feature = Feature.objects.filter(training=training).order_by("index").first()
-    runs = [
-        services.create_run(
-            user,
-            services.SteeringRequest(
-                training_id=training.pk,
-                prompt=f"Run {i}: the weather in the mountains is",
-                features=[{"feature_id": feature.index, "coefficient": 2.0}],
-                intervention_layers=[training.hook_layer],
-                max_new_tokens=6,
-                seed=i,
-            ),
-        )
+    steering = SteeringSettings(
+        features=[{"feature_id": feature.index, "coefficient": 2.0}], layers=[training.hook_layer], max_tokens=6
+    )
+    created = [
+        runs.create(user, RunRequest(training.pk, f"Run {i}: the weather in the mountains is", steering, seed=i))
         for i in range(count)
     ]
-    for run in runs:  # all at once, before any of them can finish
-        worker.submit(run.pk)
-    ids = [run.pk for run in runs]
+    for run in created:  # all at once, before any of them can finish
+        runs.submit(run)
+    ids = [run.pk for run in created]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if not SteeringRun.objects.filter(pk__in=ids).exclude(status__in=["completed", "failed"]).exists():

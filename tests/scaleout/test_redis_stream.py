@@ -6,7 +6,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from steering_app import views, worker
+from steering_app import streaming, worker
 from steering_app.models import SteeringRun
 from steerproject import env
 from tests.scaleout.support import REDIS_HOST, REDIS_PORT, redis_client
@@ -38,8 +38,8 @@ def test_the_submitting_page_streams_through_redis_even_after_idling(
         intervention_layers=[2],
     )
     monkeypatch.setattr(worker, "submit", lambda run_id: None)
-    url = views.start_run(run)
-    group = worker.group_name(run.pk)
+    url = streaming.open_mailbox(run.pk)
+    group = streaming.group_name(run.pk)
     async_to_sync(get_channel_layer().group_send)(
         group,
         {"type": "run.event", "run_id": run.pk, "event": "delta", "unsteered": "Early", "steered": "Early"},

@@ -9,7 +9,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
-from steering_app import consumers, views, worker
+from steering_app import consumers, streaming, worker
 from steering_app.models import SteeringRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,17 +30,6 @@ def application():
     return application
 
 
-def make_run(owner, training, **changes) -> SteeringRun:
-    values = {
-        "owner": owner,
-        "training": training,
-        "prompt": "Rain?",
-        "features": [{"feature_id": 3, "coefficient": 2.0}],
-        "intervention_layers": [2],
-        "seed": 5,
-    }
-    values.update(changes)
-    return SteeringRun.objects.create(**values)
 
 
 def cookie_for(user) -> tuple[bytes, bytes]:
@@ -61,7 +50,7 @@ def communicator(application, run, headers, query=""):
 
 def publish(run, event, **payload):
     async_to_sync(get_channel_layer().group_send)(
-        worker.group_name(run.pk), {"type": "run.event", "run_id": run.pk, "event": event, **payload}
+        streaming.group_name(run.pk), {"type": "run.event", "run_id": run.pk, "event": event, **payload}
     )
 
 
@@ -88,8 +77,8 @@ def text(html) -> str:
     return re.sub(r"\s+", " ", html)
 
 
-def test_the_owner_receives_tokens_status_and_the_final_comparison(application, owner, training):
-    run = make_run(owner, training)
+def test_the_owner_receives_tokens_status_and_the_final_comparison(application, owner, training, make_run):
+    run = make_run(owner)
 
     headers = headers_for(owner)
 
@@ -125,8 +114,8 @@ def test_the_owner_receives_tokens_status_and_the_final_comparison(application, 
     assert closed["type"] == "websocket.close"
 
 
-def test_a_stranger_is_refused(application, owner, stranger, training):
-    run = make_run(owner, training)
+def test_a_stranger_is_refused(application, owner, stranger, training, make_run):
+    run = make_run(owner)
 
     headers = headers_for(stranger)
 
@@ -139,8 +128,8 @@ def test_a_stranger_is_refused(application, owner, stranger, training):
     assert async_to_sync(scenario)() == (False, 4403)
 
 
-def test_an_anonymous_visitor_is_refused(application, owner, training):
-    run = make_run(owner, training)
+def test_an_anonymous_visitor_is_refused(application, owner, training, make_run):
+    run = make_run(owner)
 
     headers = headers_for()
 
@@ -153,8 +142,8 @@ def test_an_anonymous_visitor_is_refused(application, owner, training):
     assert async_to_sync(scenario)() is False
 
 
-def test_a_foreign_origin_is_refused(application, owner, training):
-    run = make_run(owner, training)
+def test_a_foreign_origin_is_refused(application, owner, training, make_run):
+    run = make_run(owner)
 
     headers = headers_for(owner, origin=(b"origin", b"http://evil.example"))
 
@@ -167,8 +156,8 @@ def test_a_foreign_origin_is_refused(application, owner, training):
     assert async_to_sync(scenario)() is False
 
 
-def test_staff_may_watch_any_run(application, owner, staff, training):
-    run = make_run(owner, training)
+def test_staff_may_watch_any_run(application, owner, staff, training, make_run):
+    run = make_run(owner)
 
     headers = headers_for(staff)
 
@@ -184,8 +173,8 @@ def test_staff_may_watch_any_run(application, owner, staff, training):
     assert connected and "beforeend:#steered-output" in message
 
 
-def test_a_run_that_finished_before_the_socket_opened_is_sent_at_once(application, owner, training):
-    run = make_run(owner, training)
+def test_a_run_that_finished_before_the_socket_opened_is_sent_at_once(application, owner, training, make_run):
+    run = make_run(owner)
     finish(run, status="failed", error="RuntimeError: boom", metrics={})
 
     headers = headers_for(owner)
@@ -205,10 +194,10 @@ def test_a_run_that_finished_before_the_socket_opened_is_sent_at_once(applicatio
 
 def test_the_submitting_page_gets_the_events_sent_before_it_connected(
     application, owner, training, monkeypatch
-):
-    run = make_run(owner, training)
+, make_run):
+    run = make_run(owner)
     monkeypatch.setattr(worker, "submit", lambda run_id: None)
-    url = views.start_run(run)  # the view subscribes the mailbox, then submits
+    url = streaming.open_mailbox(run.pk)  # the view subscribes the mailbox, then submits
     publish(run, "started")
     publish(run, "delta", unsteered="Early", steered="Early")
     publish(run, "delta", unsteered=" bird", steered=" worm")
@@ -232,10 +221,10 @@ def test_the_submitting_page_gets_the_events_sent_before_it_connected(
     assert 'data-state="completed"' in received[3]
 
 
-def test_a_token_for_another_run_does_not_open_its_mailbox(application, owner, training, monkeypatch):
-    run, other = make_run(owner, training), make_run(owner, training)
+def test_a_token_for_another_run_does_not_open_its_mailbox(application, owner, training, monkeypatch, make_run):
+    run, other = make_run(owner), make_run(owner)
     monkeypatch.setattr(worker, "submit", lambda run_id: None)
-    url = views.start_run(other)
+    url = streaming.open_mailbox(other.pk)
     publish(run, "delta", unsteered="before", steered="before")
 
     headers = headers_for(owner)
@@ -253,8 +242,8 @@ def test_a_token_for_another_run_does_not_open_its_mailbox(application, owner, t
     assert connected and nothing and ">after</div>" in message
 
 
-def test_a_failed_run_keeps_the_text_streamed_so_far(application, owner, training):
-    run = make_run(owner, training)
+def test_a_failed_run_keeps_the_text_streamed_so_far(application, owner, training, make_run):
+    run = make_run(owner)
 
     headers = headers_for(owner)
 
@@ -282,17 +271,22 @@ def test_a_failed_run_keeps_the_text_streamed_so_far(application, owner, trainin
 
 
 def test_a_run_no_worker_takes_fails_and_the_page_is_told(
-    application, owner, training, settings, monkeypatch
+    application, owner, training, settings, monkeypatch, make_run
 ):
+    from channels.db import database_sync_to_async
+
+    from steering_app import runs
+
     settings.STEERLAB_RUN_TIMEOUT = 1
     monkeypatch.setattr(consumers, "WATCH_SECONDS", 0.05)
-    run = make_run(owner, training, created_at=timezone.now() - timezone.timedelta(seconds=5))
+    run = make_run(owner, created_at=timezone.now() - timezone.timedelta(seconds=5))
 
     headers = headers_for(owner)
 
     async def scenario():
         ws = communicator(application, run, headers)
         connected, _ = await ws.connect()
+        await database_sync_to_async(runs.sweep_stale)()  # the worker's timer, with no event to the page
         final = await ws.receive_from(TIMEOUT)
         await ws.disconnect()
         return connected, final
@@ -305,7 +299,7 @@ def test_a_run_no_worker_takes_fails_and_the_page_is_told(
 
 async def publish_async(run, event, **payload):
     await get_channel_layer().group_send(
-        worker.group_name(run.pk), {"type": "run.event", "run_id": run.pk, "event": event, **payload}
+        streaming.group_name(run.pk), {"type": "run.event", "run_id": run.pk, "event": event, **payload}
     )
 
 

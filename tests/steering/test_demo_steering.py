@@ -10,7 +10,9 @@ import re
 import pytest
 from django.core.management import call_command
 
-from steering_app import services
+from steering_app import runs
+from steering_app.runs import RunRequest
+from steering_app.steering_settings import SteeringSettings
 from steering_app.models import Feature, SteeringRun, Training
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
@@ -42,11 +44,11 @@ def test_it_puts_an_amplified_features_words_into_the_steered_text(owner, demo_t
     unsteered_hits = steered_hits = 0
     unsteered_activation = steered_activation = 0.0
     for seed in SEEDS:
-        run = services.create_run(owner, services.SteeringRequest(
-            training_id=demo_training.pk, prompt=PROMPT, features=[{"feature_id": index, "coefficient": 4.0}],
-            intervention_layers=[10], temperature=0.8, max_new_tokens=MAX_TOKENS, seed=seed, chat=True,
-        ))
-        services.run_steering(run.pk, lambda event, payload: None)
+        steering = SteeringSettings(
+            features=[{"feature_id": index, "coefficient": 4.0}], layers=[10], temperature=0.8, max_tokens=MAX_TOKENS
+        )
+        run = runs.create(owner, RunRequest(demo_training.pk, PROMPT, steering, seed=seed, chat=True))
+        runs.process(runs.claim(), lambda event, payload: None)
         run.refresh_from_db()
         assert run.status == SteeringRun.Status.COMPLETED, run.error
         unsteered_hits += word_hits(run.unsteered_output, words)

@@ -7,7 +7,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.test import Client
 
-from steering_app import services, views, worker
+from steering_app import services, streaming, worker
 from steering_app.models import SteeringRun, Training
 
 pytestmark = pytest.mark.django_db
@@ -104,7 +104,7 @@ def test_the_stream_token_names_a_mailbox_subscribed_before_the_worker_starts(
     seen = {}
 
     def submit(run_id):  # what the worker would see at the moment it gets the run
-        seen["members"] = set(layer.groups.get(worker.group_name(run_id), {}))
+        seen["members"] = set(layer.groups.get(streaming.group_name(run_id), {}))
 
     monkeypatch.setattr(worker, "submit", submit)
     client.force_login(owner)
@@ -113,10 +113,10 @@ def test_the_stream_token_names_a_mailbox_subscribed_before_the_worker_starts(
 
     run = SteeringRun.objects.get()
     token = re.search(r'\?stream=([^"]+)"', response.text).group(1)
-    mailbox = views.read_stream_token(token, run.pk)
+    mailbox = streaming.read_stream_token(token, run.pk)
     assert mailbox and seen["members"] == {mailbox}
-    assert views.read_stream_token(token, run.pk + 1) is None
-    assert views.read_stream_token(token + "x", run.pk) is None
+    assert streaming.read_stream_token(token, run.pk + 1) is None
+    assert streaming.read_stream_token(token + "x", run.pk) is None
 
 
 def test_the_mailbox_keeps_every_event_of_a_run_that_ran_before_the_page_connected(
@@ -124,11 +124,10 @@ def test_the_mailbox_keeps_every_event_of_a_run_that_ran_before_the_page_connect
 ):
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
-    def execute(run, emit):
+    def execute(run, on_step):
         for unsteered, steered in [("It", "It"), (" rains", " pours")]:
-            emit("delta", {"unsteered": unsteered, "steered": steered})
-        run.unsteered_output, run.steered_output = "It rains", "It pours"
-        run.metrics = {"kl_divergence": 0.1}
+            on_step(unsteered, steered)
+        return services.Outcome("It rains", "It pours", {"kl_divergence": 0.1}, {})
 
     monkeypatch.setattr(services, "execute", execute)
     client.force_login(owner)
@@ -137,7 +136,7 @@ def test_the_mailbox_keeps_every_event_of_a_run_that_ran_before_the_page_connect
 
     run = SteeringRun.objects.get()
     assert run.status == SteeringRun.Status.COMPLETED
-    mailbox = views.read_stream_token(re.search(r'\?stream=([^"]+)"', response.text).group(1), run.pk)
+    mailbox = streaming.read_stream_token(re.search(r'\?stream=([^"]+)"', response.text).group(1), run.pk)
     receive = async_to_sync(get_channel_layer().receive)
     events = [receive(mailbox) for _ in range(4)]
     assert [e["event"] for e in events] == ["started", "delta", "delta", "completed"]
@@ -219,3 +218,20 @@ def test_without_htmx_the_panel_comes_back_with_the_errors_and_the_input(client,
     state = response.context["state"]
     assert state.prompt == "Hello" and [f.index for f in state.features] == [3, 7]
     assert SteeringRun.objects.count() == 0
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_a_failed_submit_fails_the_run_and_the_panel_says_so(client, owner, training, monkeypatch, htmx):
+    def broken_transport(run_id):
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(worker, "submit", broken_transport)
+    client.force_login(owner)
+
+    response = client.post(GENERATE, form_data(training), **(HTMX if htmx else {}))
+
+    run = SteeringRun.objects.get()
+    assert response.status_code == 503
+    assert "No steering worker is available; try again later." in response.text
+    assert (run.status, run.error) == (SteeringRun.Status.FAILED, "no worker available")
+    assert run.finished_at is not None

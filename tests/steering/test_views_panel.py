@@ -10,21 +10,6 @@ pytestmark = pytest.mark.django_db
 PANEL = "/steering/"
 
 
-def make_run(owner, training, **changes) -> SteeringRun:
-    values = {
-        "owner": owner,
-        "training": training,
-        "prompt": "Tell me about rain",
-        "features": [{"feature_id": 3, "coefficient": 2.5}],
-        "intervention_layers": [1, 2],
-        "method": "additive",
-        "temperature": 0.3,
-        "max_new_tokens": 17,
-        "seed": 1234,
-        "chat": False,
-    }
-    values.update(changes)
-    return SteeringRun.objects.create(**values)
 
 
 def test_it_redirects_anonymous_users_to_login(client):
@@ -108,8 +93,16 @@ def test_it_404s_for_a_training_that_is_not_completed(client, owner, training):
     assert client.get(PANEL, {"training": training.pk}).status_code == 404
 
 
-def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training):
-    run = make_run(owner, training, chat=True)
+def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training, make_run):
+    run = make_run(
+        owner,
+        features=[{"feature_id": 3, "coefficient": 2.5}],
+        intervention_layers=[1, 2],
+        temperature=0.3,
+        max_new_tokens=17,
+        seed=1234,
+        chat=True,
+    )
     client.force_login(owner)
 
     response = client.get(PANEL, {"run": run.pk})
@@ -129,14 +122,14 @@ def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training):
     assert 'name="feature_id" value="3"' in response.text
 
 
-def test_it_does_not_fill_from_another_users_run(client, owner, stranger, training):
-    run = make_run(owner, training)
+def test_it_does_not_fill_from_another_users_run(client, owner, stranger, training, make_run):
+    run = make_run(owner)
     client.force_login(stranger)
     assert client.get(PANEL, {"run": run.pk}).status_code == 404
 
 
-def test_staff_can_fill_from_any_run(client, owner, staff, training):
-    run = make_run(owner, training)
+def test_staff_can_fill_from_any_run(client, owner, staff, training, make_run):
+    run = make_run(owner)
     client.force_login(staff)
     assert client.get(PANEL, {"run": run.pk}).status_code == 200
 
@@ -171,19 +164,10 @@ def test_it_404s_for_an_unknown_preset(client, owner, training):
     assert client.get(PANEL, {"preset": 424242}).status_code == 404
 
 
-def test_it_works_while_the_presets_app_has_no_model(client, owner, training, monkeypatch):
-    from django.apps import apps
-
-    real_get_model = apps.get_model
-
-    def missing(app_label, model_name=None, require_ready=True):
-        if app_label == "presets_app":
-            raise LookupError(f"{app_label}.{model_name}")
-        return real_get_model(app_label, model_name, require_ready)
-
-    monkeypatch.setattr(apps, "get_model", missing)
+def test_it_answers_404_for_a_preset_that_does_not_exist_or_an_id_that_is_not_one(client, owner, training):
     client.force_login(owner)
-    assert client.get(PANEL, {"preset": 1}).status_code == 404
+    for preset in ("1", "x", str(2**70)):
+        assert client.get(PANEL, {"preset": preset}).status_code == 404
 
 
 def test_it_offers_the_chat_toggle_only_for_models_with_a_chat_template(client, owner, training, tmp_path):

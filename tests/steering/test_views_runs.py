@@ -18,24 +18,12 @@ METRICS = {
 }
 
 
-def make_run(owner, training, **changes) -> SteeringRun:
-    values = {
-        "owner": owner,
-        "training": training,
-        "prompt": "Tell me about rain",
-        "features": [{"feature_id": 3, "coefficient": 2.0}],
-        "intervention_layers": [2],
-        "seed": 42,
-    }
-    values.update(changes)
-    return SteeringRun.objects.create(**values)
 
 
-def completed(owner, training, **changes) -> SteeringRun:
+def completed(make_run, owner, **changes) -> SteeringRun:
     now = timezone.now()
     return make_run(
         owner,
-        training,
         status="completed",
         unsteered_output="It is dry.",
         steered_output="It rains and pours.",
@@ -55,11 +43,11 @@ def test_the_list_requires_login(client):
     assert response.status_code == 302 and response["Location"].startswith("/login/")
 
 
-def test_the_list_shows_only_the_users_runs_newest_first(client, owner, stranger, training):
+def test_the_list_shows_only_the_users_runs_newest_first(client, owner, stranger, training, make_run):
     now = timezone.now()
-    old = make_run(owner, training, created_at=now - timezone.timedelta(hours=2))
-    new = make_run(owner, training, created_at=now)
-    make_run(stranger, training)
+    old = make_run(owner, created_at=now - timezone.timedelta(hours=2))
+    new = make_run(owner, created_at=now)
+    make_run(stranger)
     client.force_login(owner)
 
     response = client.get("/steering/runs/")
@@ -68,18 +56,18 @@ def test_the_list_shows_only_the_users_runs_newest_first(client, owner, stranger
     assert response.context["show_owner"] is False
 
 
-def test_staff_see_every_run_with_its_owner(client, owner, stranger, staff, training):
-    runs = [make_run(owner, training), make_run(stranger, training)]
+def test_staff_see_every_run_with_its_owner(client, owner, stranger, staff, training, make_run):
+    runs = [make_run(owner), make_run(stranger)]
     client.force_login(staff)
     response = client.get("/steering/runs/")
     assert sorted(listed(response)) == sorted(run.pk for run in runs)
     assert response.context["show_owner"] is True and "stranger" in response.text
 
 
-def test_the_list_is_paginated(client, owner, training):
+def test_the_list_is_paginated(client, owner, training, make_run):
     now = timezone.now()
     for minutes in range(25):
-        make_run(owner, training, created_at=now - timezone.timedelta(minutes=minutes))
+        make_run(owner, created_at=now - timezone.timedelta(minutes=minutes))
     client.force_login(owner)
 
     first, second = client.get("/steering/runs/"), client.get("/steering/runs/", {"page": 2})
@@ -89,26 +77,26 @@ def test_the_list_is_paginated(client, owner, training):
     assert client.get("/steering/runs/", {"page": 99}).status_code == 200  # the last page, not an error
 
 
-def test_the_detail_requires_login(client, owner, training):
-    run = make_run(owner, training)
+def test_the_detail_requires_login(client, owner, training, make_run):
+    run = make_run(owner)
     response = client.get(f"/steering/runs/{run.pk}/")
     assert response.status_code == 302 and response["Location"].startswith("/login/")
 
 
-def test_another_users_run_is_404(client, owner, stranger, training):
-    run = completed(owner, training)
+def test_another_users_run_is_404(client, owner, stranger, training, make_run):
+    run = completed(make_run, owner)
     client.force_login(stranger)
     assert client.get(f"/steering/runs/{run.pk}/").status_code == 404
 
 
-def test_staff_can_open_any_run(client, owner, staff, training):
-    run = completed(owner, training)
+def test_staff_can_open_any_run(client, owner, staff, training, make_run):
+    run = completed(make_run, owner)
     client.force_login(staff)
     assert client.get(f"/steering/runs/{run.pk}/").status_code == 200
 
 
-def test_the_detail_shows_the_stored_comparison_settings_and_metrics(client, owner, training):
-    run = completed(owner, training)
+def test_the_detail_shows_the_stored_comparison_settings_and_metrics(client, owner, training, make_run):
+    run = completed(make_run, owner)
     client.force_login(owner)
 
     response = client.get(f"/steering/runs/{run.pk}/")
@@ -124,23 +112,23 @@ def test_the_detail_shows_the_stored_comparison_settings_and_metrics(client, own
     assert "ws-connect" not in html  # nothing left to stream
 
 
-def test_a_lower_perplexity_is_emerald(client, owner, training):
-    run = completed(owner, training)
+def test_a_lower_perplexity_is_emerald(client, owner, training, make_run):
+    run = completed(make_run, owner)
     SteeringRun.objects.filter(pk=run.pk).update(metrics={**METRICS, "perplexity_delta": -1.25})
     client.force_login(owner)
     html = client.get(f"/steering/runs/{run.pk}/").text
     assert '<div class="metric-value text-emerald">-1.25</div>' in html and "Lower uncertainty" in html
 
 
-def test_a_failed_run_shows_its_reason(client, owner, training):
-    run = make_run(owner, training, status="failed", error="no worker available", finished_at=timezone.now())
+def test_a_failed_run_shows_its_reason(client, owner, training, make_run):
+    run = make_run(owner, status="failed", error="no worker available", finished_at=timezone.now())
     client.force_login(owner)
     response = client.get(f"/steering/runs/{run.pk}/")
     assert response.status_code == 200 and "no worker available" in response.text
 
 
-def test_an_unfinished_run_connects_to_its_stream(client, owner, training):
-    run = make_run(owner, training)
+def test_an_unfinished_run_connects_to_its_stream(client, owner, training, make_run):
+    run = make_run(owner)
     client.force_login(owner)
     html = client.get(f"/steering/runs/{run.pk}/").text
     assert f'ws-connect="/ws/steering/runs/{run.pk}/"' in html and 'data-state="streaming"' in html

@@ -1,0 +1,24 @@
+"""Fixtures of the steering app's tests: stored runs in the `training` feature space (tests/conftest.py)."""
+
+import pytest
+
+from steering_app.models import SteeringRun
+
+
+@pytest.fixture
+def make_run(training):
+    """make_run(owner, **fields) -> a stored run, queued unless fields say otherwise."""
+
+    def make(owner, **fields) -> SteeringRun:
+        values = {
+            "owner": owner,
+            "training": training,
+            "prompt": "Tell me about rain",
+            "features": [{"feature_id": 3, "coefficient": 2.0}],
+            "intervention_layers": [2],
+            "seed": 42,
+        }
+        values.update(fields)
+        return SteeringRun.objects.create(**values)
+
+    return make
