@@ -37,6 +37,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .demo import (
+    DEMO_CHECKPOINT,
+    DEMO_D_SAE,
+    DEMO_DATASET,
+    DEMO_DIR,
+    DEMO_EPOCHS,
+    DEMO_FEATURES,
+    DEMO_K,
+    DEMO_LAYER,
+    DEMO_MODEL,
+    DEMO_MODEL_NAME,
+    DEMO_OFFLINE_TOKENS,
+    DEMO_PROMPTS,
+    DEMO_SEED,
+    DEMO_TOKENS,
+    DEMO_WORK_DIR,
+    demo_activations_path,
+    demo_corpus_path,
+)
 from .layers import block_hidden, decoder_blocks
 from .sae import SAE, save_sae
 
@@ -796,24 +815,17 @@ def train_from_texts(
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
-DEMO_MODEL = "smollm2-demo"
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEMO_DATASET = "smollm2-demo-corpus"
-DEMO_LAYER = 10
-
-
 def _demo(args) -> None:
     from . import corpus
     from .loader import data_dir, load_model
 
-    work = Path(args.work or data_dir() / "demo")
+    work = Path(args.work or data_dir() / DEMO_WORK_DIR)
     work.mkdir(parents=True, exist_ok=True)
     timings = {}
     started = time.perf_counter()
     lm = load_model(DEMO_MODEL, device=args.device)
     timings["load_model_s"] = round(time.perf_counter() - started, 1)
-    text_path = work / f"corpus-seed{args.seed}.txt"
+    text_path = demo_corpus_path(work, args.seed)
     started = time.perf_counter()
     if not text_path.is_file():
         corpus.build_demo_corpus(
@@ -823,10 +835,10 @@ def _demo(args) -> None:
     timings["corpus_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     run = train_from_texts(
-        lm.model, lm.tokenizer, corpus.read_text_file(text_path), DEMO_LAYER, out / "sae",
+        lm.model, lm.tokenizer, corpus.read_text_file(text_path), DEMO_LAYER, out / DEMO_CHECKPOINT.name,
         tokens=args.tokens, config=TrainConfig(d_sae=args.d_sae, k=args.k, epochs=args.epochs, seed=args.seed),
         model_name=DEMO_MODEL_NAME, dataset=DEMO_DATASET, dtype=torch.float16,
-        features_path=out / "features.json", activations_cache=work / f"acts-seed{args.seed}-L{DEMO_LAYER}.pt",
+        features_path=out / DEMO_FEATURES.name, activations_cache=demo_activations_path(work, args.seed),
         device=lm.device,
     )
     timings.update(run.timings)
@@ -856,13 +868,13 @@ def main(argv=None) -> None:
     demo = sub.add_parser("demo", help="rebuild the demo SAE of SmolLM2-135M-Instruct, layer 10")
     demo.add_argument("--out", default=str(DEMO_DIR))
     demo.add_argument("--work", help="where the corpus and activation cache go (default: <data dir>/demo)")
-    demo.add_argument("--prompts", type=int, default=560, help="sampled answers in the corpus")
-    demo.add_argument("--offline-tokens", type=int, default=260_000, help="stdlib prose tokens in the corpus")
-    demo.add_argument("--tokens", type=int, default=400_000)
-    demo.add_argument("--d-sae", type=int, default=2048)
-    demo.add_argument("--k", type=int, default=32)
-    demo.add_argument("--epochs", type=float, default=6.0)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompts", type=int, default=DEMO_PROMPTS, help="sampled answers in the corpus")
+    demo.add_argument("--offline-tokens", type=int, default=DEMO_OFFLINE_TOKENS, help="stdlib prose tokens")
+    demo.add_argument("--tokens", type=int, default=DEMO_TOKENS)
+    demo.add_argument("--d-sae", type=int, default=DEMO_D_SAE)
+    demo.add_argument("--k", type=int, default=DEMO_K)
+    demo.add_argument("--epochs", type=float, default=DEMO_EPOCHS)
+    demo.add_argument("--seed", type=int, default=DEMO_SEED)
     demo.add_argument("--device")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train an SAE on a text file or a directory of text files")

@@ -4,13 +4,10 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from steering_app.engine import demo
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
-DEMO_DATASET = "demo"
-DEMO_DATASET_DESCRIPTION = (
-    "Built-in demo corpus: SmolLM2-135M-Instruct's own answers to a fixed list of everyday prompts (seeded), "
-    "mixed with prose from the Python standard library's docstrings."
-)
+DEMO_ALIAS = "demo"  # --dataset demo: the built-in demo corpus
 
 
 def resolve_dataset(name_or_path: str) -> Dataset:
@@ -18,8 +15,8 @@ def resolve_dataset(name_or_path: str) -> Dataset:
     dataset = Dataset.objects.filter(name=name_or_path).first()
     if dataset is not None:
         return dataset
-    if name_or_path == DEMO_DATASET:
-        return Dataset.objects.create(name=DEMO_DATASET, source=DEMO_DATASET, description=DEMO_DATASET_DESCRIPTION)
+    if name_or_path == DEMO_ALIAS:
+        return Dataset.objects.create(name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION)
     path = Path(name_or_path).expanduser().resolve()
     if not path.exists():
         raise CommandError(f"Unknown dataset {name_or_path!r}: not a registered dataset, 'demo', or a text path")
@@ -32,8 +29,8 @@ def dataset_texts(dataset: Dataset, lm):
     from steering_app.engine import corpus
     from steering_app.engine.loader import data_dir
 
-    if dataset.source == DEMO_DATASET:
-        path = data_dir() / "demo" / "corpus-seed0.txt"
+    if dataset.source == DEMO_ALIAS:
+        path = demo.demo_corpus_path(data_dir() / demo.DEMO_WORK_DIR)
         if not path.is_file():
             corpus.build_demo_corpus(lm.model, lm.tokenizer, path)
         return corpus.read_text_file(path)
