@@ -1,9 +1,8 @@
 """The demo feature space shipped in steering_app/demo: where it lives and the recipe that made it.
 
 One place for every constant of the demo (model, layer, corpus, SAE hyper-parameters, file layout), read
-by the loader, the corpus builder, `python -m steering_app.engine.train demo` (which rebuilds it),
-`manage.py bootstrap_demo` (which imports it), the benchmark and the tests. Plain values and paths, no
-imports.
+by the loader, the corpus builder, `manage.py train_sae --demo` (which rebuilds it), `manage.py
+bootstrap_demo` (which imports it), the benchmark and the tests. Plain values and paths, no imports.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ DEMO_DATASET_DESCRIPTION = (
     "mixed with prose from the Python standard library's docstrings."
 )
 
-# The recipe (the defaults of `python -m steering_app.engine.train demo`).
+# The recipe (the defaults of `manage.py train_sae --demo`).
 DEMO_LAYER = 10  # output of decoder block 10: blocks.10.hook_resid_post
 DEMO_PROMPTS = 560  # sampled answers in the corpus
 DEMO_OFFLINE_TOKENS = 260_000  # stdlib prose tokens in the corpus

@@ -15,12 +15,11 @@ failure or interruption (KeyboardInterrupt passes through untouched, and a stop(
 returns True raises TrainingInterrupted); nothing is written before training has finished, so a
 caller can mark its job failed in an except clause and never sees a half-written checkpoint.
 
-Reproduce the demo SAE shipped in steering_app/demo:  python -m steering_app.engine.train demo
+Reproduce the demo SAE shipped in steering_app/demo:  python manage.py train_sae --demo
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,25 +36,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .demo import (
-    DEMO_CHECKPOINT,
-    DEMO_D_SAE,
-    DEMO_DATASET,
-    DEMO_DIR,
-    DEMO_EPOCHS,
-    DEMO_FEATURES,
-    DEMO_K,
-    DEMO_LAYER,
-    DEMO_MODEL,
-    DEMO_MODEL_NAME,
-    DEMO_OFFLINE_TOKENS,
-    DEMO_PROMPTS,
-    DEMO_SEED,
-    DEMO_TOKENS,
-    DEMO_WORK_DIR,
-    demo_activations_path,
-    demo_corpus_path,
-)
 from .layers import block_hidden, decoder_blocks
 from .sae import SAE, save_sae
 
@@ -809,89 +789,3 @@ def train_from_texts(
     if features_path is not None:
         Path(features_path).write_text(json.dumps(features, indent=1, ensure_ascii=False))
     return TrainingRun(checkpoint=checkpoint, stats=metadata, features=features, timings=timings)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-def _demo(args) -> None:
-    from . import corpus
-    from .loader import data_dir, load_model
-
-    work = Path(args.work or data_dir() / DEMO_WORK_DIR)
-    work.mkdir(parents=True, exist_ok=True)
-    timings = {}
-    started = time.perf_counter()
-    lm = load_model(DEMO_MODEL, device=args.device)
-    timings["load_model_s"] = round(time.perf_counter() - started, 1)
-    text_path = demo_corpus_path(work, args.seed)
-    started = time.perf_counter()
-    if not text_path.is_file():
-        corpus.build_demo_corpus(
-            lm.model, lm.tokenizer, text_path, sampled_prompts=args.prompts, offline_tokens=args.offline_tokens,
-            seed=args.seed,
-        )
-    timings["corpus_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    run = train_from_texts(
-        lm.model, lm.tokenizer, corpus.read_text_file(text_path), DEMO_LAYER, out / DEMO_CHECKPOINT.name,
-        tokens=args.tokens, config=TrainConfig(d_sae=args.d_sae, k=args.k, epochs=args.epochs, seed=args.seed),
-        model_name=DEMO_MODEL_NAME, dataset=DEMO_DATASET, dtype=torch.float16,
-        features_path=out / DEMO_FEATURES.name, activations_cache=demo_activations_path(work, args.seed),
-        device=lm.device,
-    )
-    timings.update(run.timings)
-    print(json.dumps({key: run.stats[key] for key in ("tokens", "explained_variance", "l0", "dead_fraction",
-                                                      "label_coverage")} | {"timings": timings}, indent=1))
-
-
-def _train(args) -> None:
-    from . import corpus
-    from .loader import load_model
-
-    lm = load_model(args.model, device=args.device)
-    texts = corpus.read_texts(args.dataset)
-    out = Path(args.out)
-    run = train_from_texts(
-        lm.model, lm.tokenizer, texts, args.layer, out,
-        tokens=args.tokens, config=TrainConfig(d_sae=args.d_sae, k=args.k, epochs=args.epochs, seed=args.seed),
-        model_name=args.model, dataset=str(args.dataset), features_path=out.with_name(out.name + "-features.json"),
-    )
-    print(json.dumps({key: run.stats[key] for key in ("tokens", "explained_variance", "l0", "dead_fraction",
-                                                      "label_coverage", "timings")}, indent=1))
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m steering_app.engine.train", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="rebuild the demo SAE of SmolLM2-135M-Instruct, layer 10")
-    demo.add_argument("--out", default=str(DEMO_DIR))
-    demo.add_argument("--work", help="where the corpus and activation cache go (default: <data dir>/demo)")
-    demo.add_argument("--prompts", type=int, default=DEMO_PROMPTS, help="sampled answers in the corpus")
-    demo.add_argument("--offline-tokens", type=int, default=DEMO_OFFLINE_TOKENS, help="stdlib prose tokens")
-    demo.add_argument("--tokens", type=int, default=DEMO_TOKENS)
-    demo.add_argument("--d-sae", type=int, default=DEMO_D_SAE)
-    demo.add_argument("--k", type=int, default=DEMO_K)
-    demo.add_argument("--epochs", type=float, default=DEMO_EPOCHS)
-    demo.add_argument("--seed", type=int, default=DEMO_SEED)
-    demo.add_argument("--device")
-    demo.set_defaults(func=_demo)
-    train = sub.add_parser("train", help="train an SAE on a text file or a directory of text files")
-    train.add_argument("--model", required=True, help="hub id, local directory, .gguf file or smollm2-demo")
-    train.add_argument("--layer", type=int, required=True)
-    train.add_argument("--dataset", required=True, help="text file or directory of text files")
-    train.add_argument("--out", required=True)
-    train.add_argument("--tokens", type=int, default=300_000)
-    train.add_argument("--d-sae", type=int, default=2048)
-    train.add_argument("--k", type=int, default=32)
-    train.add_argument("--epochs", type=float, default=8.0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device")
-    train.set_defaults(func=_train)
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()
