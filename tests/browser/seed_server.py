@@ -43,7 +43,7 @@ def random_training(workdir: Path) -> None:
     import torch
 
     from steering_app.engine.sae import save_sae
-    from steering_app.engine.train import hook_name_for
+    from steering_app.engine.training import hook_name_for
 
     generator = torch.Generator().manual_seed(0)
     d_in, d_sae = 576, 64

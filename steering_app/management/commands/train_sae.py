@@ -116,7 +116,7 @@ class Command(BaseCommand):
 
     def with_defaults(self, options) -> dict:
         """options with each unset value filled in: the demo's recipe with --demo, TrainConfig's otherwise."""
-        from steering_app.engine.train import TrainConfig
+        from steering_app.engine.training import TrainConfig
 
         given = [f"--{name}" for name in ("model", "layer", "dataset") if options[name] is not None]
         if options["demo"]:
@@ -150,7 +150,7 @@ class Command(BaseCommand):
 
         from steering_app.engine import corpus
         from steering_app.engine.loader import data_dir, load_model
-        from steering_app.engine.train import TrainConfig, train_from_texts
+        from steering_app.engine.training import TrainConfig, train_from_texts
 
         work = Path(options["work"] or data_dir() / demo.DEMO_WORK_DIR)
         work.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ class Command(BaseCommand):
         self.stdout.write(json.dumps({key: run.stats[key] for key in keys} | {"timings": timings}, indent=1))
 
     def start_training(self, model, dataset, layer, d_sae) -> Training:
-        from steering_app.engine.train import hook_name_for
+        from steering_app.engine.training import hook_name_for
 
         return Training.objects.create(
             model=model, dataset=dataset, encoder_type=Training.EncoderType.TOPK, hook_layer=layer,
@@ -186,7 +186,7 @@ class Command(BaseCommand):
 
     def train(self, training: Training, options):
         from steering_app.engine.loader import data_dir, load_model
-        from steering_app.engine.train import TrainConfig, train_from_texts
+        from steering_app.engine.training import TrainConfig, train_from_texts
 
         lm = load_model(training.model.source, device=options["device"])
         out = Path(options["out"] or data_dir() / "saes" / f"{training.model.name}-L{training.hook_layer}-{training.pk}")
