@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steering_app.engine import SteeringSpec, run_comparison
+from steering_app.engine.demo import DEMO_LAYER, DEMO_MODEL_NAME
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import (
     SMOLLM2_DEMO,
@@ -40,7 +41,7 @@ from steering_app.engine.sae import save_sae
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 64
-LAYER = 10
+LAYER = DEMO_LAYER
 TEMPERATURE = 0.7
 COEFFICIENT = 2.0  # the specification UI's "Amplify" preset
 D_SAE = 8 * 576  # a usual 8x expansion
@@ -57,7 +58,7 @@ def build_sae(lm, directory: Path):
         W_dec,
         torch.zeros(D_SAE),
         torch.zeros(lm.hidden_size),
-        {"metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post", "model_name": "SmolLM2-135M-Instruct"}},
+        {"metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post", "model_name": DEMO_MODEL_NAME}},
     )
     sae = load_sae_cached(directory, lm)
     seen = []

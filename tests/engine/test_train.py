@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from steering_app.engine import corpus, train
+from steering_app.engine import corpus, training
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.sae import load_sae
 
@@ -47,7 +47,7 @@ def gpt2(tokenizer):
     return GPT2LMHeadModel(config).eval().requires_grad_(False)
 
 
-SMALL = train.TrainConfig(d_sae=64, k=4, batch_size=512, epochs=10, lr=3e-3, dead_after_tokens=2000)
+SMALL = training.TrainConfig(d_sae=64, k=4, batch_size=512, epochs=10, lr=3e-3, dead_after_tokens=2000)
 
 
 def test_it_collects_block_outputs_without_special_tokens_and_stops_after_the_block(gpt2, tokenizer):
@@ -55,7 +55,7 @@ def test_it_collects_block_outputs_without_special_tokens_and_stops_after_the_bl
     later_calls = []
     handle = decoder_blocks(gpt2)[2].register_forward_hook(lambda *args: later_calls.append(1))
     try:
-        acts = train.collect_activations(
+        acts = training.collect_activations(
             gpt2, tokenizer, texts, 1, max_tokens=600, seq_len=16, batch_size=4, progress=False
         )
     finally:
@@ -75,12 +75,12 @@ def test_it_collects_block_outputs_without_special_tokens_and_stops_after_the_bl
 
 def test_it_refuses_a_layer_the_model_does_not_have(gpt2, tokenizer):
     with pytest.raises(ValueError, match="out of range"):
-        train.collect_activations(gpt2, tokenizer, sentences(5), 4, max_tokens=10, progress=False)
+        training.collect_activations(gpt2, tokenizer, sentences(5), 4, max_tokens=10, progress=False)
 
 
 def test_it_trains_writes_a_checkpoint_load_sae_reads_back_and_describes_features(gpt2, tokenizer, tmp_path):
     steps = []
-    run = train.train_from_texts(
+    run = training.train_from_texts(
         gpt2, tokenizer, sentences(400), 1, tmp_path / "sae", tokens=4000, config=SMALL,
         model_name="tiny-gpt2", dataset="sentences", features_path=tmp_path / "features.json",
         progress=False, on_step=steps.append,
@@ -106,7 +106,7 @@ def test_it_trains_writes_a_checkpoint_load_sae_reads_back_and_describes_feature
     live = [f for f in features if f["max_activation"] > 0]
     assert live and all(f["label"] and f["top_tokens"] for f in live)
     # The strongest activation recorded is what the saved SAE gives on the collected activations.
-    acts = train.collect_activations(gpt2, tokenizer, sentences(400), 1, max_tokens=4000, progress=False)
+    acts = training.collect_activations(gpt2, tokenizer, sentences(400), 1, max_tokens=4000, progress=False)
     observed = sae.encode(acts.acts.float()).max(dim=0).values
     recorded = torch.tensor([f["max_activation"] for f in features])
     assert torch.allclose(observed, recorded, atol=1e-3, rtol=1e-3)
@@ -120,16 +120,16 @@ def test_a_word_feature_is_labelled_with_its_word(tokenizer):
     token_ids = torch.tensor(ids).reshape(4, 128)
     is_rain = (token_ids.flatten() == rain[0]).float()
     acts = torch.stack([is_rain * 5.0, 1 - is_rain], dim=1)  # d_in = 2: "rain" and "not rain"
-    activations = train.Activations(
+    activations = training.Activations(
         acts=acts.half(), positions=torch.arange(512), token_ids=token_ids, layer=0
     )
-    sae = train.TopKSAE(2, 2, 1)
+    sae = training.TopKSAE(2, 2, 1)
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(2))
         sae.W_dec.copy_(torch.eye(2))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
-    features = train.describe_features(train.to_saelens(sae, {}), activations, tokenizer, progress=False)
+    features = training.describe_features(training.to_saelens(sae, {}), activations, tokenizer, progress=False)
 
     assert features[0]["label"].startswith('"rain"')
     assert features[0]["top_tokens"] == ["rain"]
@@ -140,8 +140,8 @@ def test_a_word_feature_is_labelled_with_its_word(tokenizer):
 
 def test_a_stop_request_raises_and_leaves_no_checkpoint(gpt2, tokenizer, tmp_path):
     checks = iter(range(1000))
-    with pytest.raises(train.TrainingInterrupted):
-        train.train_from_texts(
+    with pytest.raises(training.TrainingInterrupted):
+        training.train_from_texts(
             gpt2, tokenizer, sentences(400), 1, tmp_path / "sae", tokens=4000, config=SMALL,
             progress=False, stop=lambda: next(checks) >= 3,
         )
@@ -154,7 +154,7 @@ def test_an_interrupt_during_training_propagates_and_leaves_no_checkpoint(gpt2, 
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.train_from_texts(
+        training.train_from_texts(
             gpt2, tokenizer, sentences(400), 1, tmp_path / "sae", tokens=4000, config=SMALL,
             progress=False, on_step=interrupt,
         )
@@ -163,7 +163,7 @@ def test_an_interrupt_during_training_propagates_and_leaves_no_checkpoint(gpt2, 
 
 def test_the_sparse_encoder_gradient_equals_the_dense_one():
     torch.manual_seed(0)
-    sae = train.TopKSAE(16, 40, 5).double()
+    sae = training.TopKSAE(16, 40, 5).double()
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
@@ -185,8 +185,8 @@ def test_it_recovers_sparse_synthetic_data_with_few_dead_latents():
     directions = torch.randn(48, 16)
     codes = torch.rand(6000, 48) * (torch.rand(6000, 48) < 0.06)
     acts = (codes @ directions).half()
-    config = train.TrainConfig(d_sae=48, k=4, batch_size=500, epochs=10, lr=1e-2, dead_after_tokens=1000)
-    result = train.train_sae(acts, config, progress=False)
+    config = training.TrainConfig(d_sae=48, k=4, batch_size=500, epochs=10, lr=1e-2, dead_after_tokens=1000)
+    result = training.train_sae(acts, config, progress=False)
     assert result.stats["dead_fraction"] <= 0.1
     assert result.stats["explained_variance"] > 0.75
 

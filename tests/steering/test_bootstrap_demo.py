@@ -2,7 +2,7 @@ import pytest
 from django.contrib.auth import authenticate
 from django.core.management import call_command
 
-from steering_app.management.commands.bootstrap_demo import DEMO_CHECKPOINT
+from steering_app.engine.demo import DEMO_CHECKPOINT
 from steering_app.models import Feature, LanguageModel, Training
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]

@@ -1,11 +1,13 @@
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 from django.core.management import CommandError, call_command
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from steering_app.engine import loader
-from steering_app.engine import train as engine_train
+from steering_app.engine import corpus, loader, training
+from steering_app.engine.training import trainer
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 pytestmark = pytest.mark.django_db
@@ -59,7 +61,7 @@ def test_it_trains_records_and_writes_a_checkpoint_import_sae_reads_back(tiny_mo
 
 
 def test_it_marks_an_interrupted_training_failed(tiny_model, text_file, tmp_path, monkeypatch):
-    original = engine_train.train_sae
+    original = trainer.train_sae
 
     def interrupted_after_one_step(*args, **kwargs):
         def on_step(stats):
@@ -67,7 +69,7 @@ def test_it_marks_an_interrupted_training_failed(tiny_model, text_file, tmp_path
 
         return original(*args, **{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(engine_train, "train_sae", interrupted_after_one_step)
+    monkeypatch.setattr(trainer, "train_sae", interrupted_after_one_step)
 
     with pytest.raises(CommandError, match="interrupted"):
         train(text_file, tmp_path / "sae")
@@ -90,3 +92,53 @@ def test_it_refuses_bad_arguments_and_creates_no_training(tiny_model, args, mess
     with pytest.raises(CommandError, match=message):
         call_command("train_sae", *args)
     assert not Training.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--demo", "--model", "tiny"], "drop --model"),
+        (["--model", "tiny", "--layer", "1"], "required"),
+        (["--model", "tiny", "--layer", "1", "--dataset", "demo", "--prompts", "5"], "only go with --demo"),
+    ],
+)
+def test_it_refuses_to_mix_the_demo_with_a_training_of_its_own(args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("train_sae", *args)
+    assert not Training.objects.exists()
+
+
+def test_it_rebuilds_the_demo_with_its_recipe_and_records_nothing(tmp_path, monkeypatch):
+    """--demo rebuilds the demo as the engine's former argparse CLI did, with the same defaults."""
+    calls = {}
+
+    def load_model(source, device=None):
+        calls["load_model"] = (source, device)
+        return SimpleNamespace(model="model", tokenizer="tokenizer", device=torch.device("cpu"))
+
+    def build_demo_corpus(model, tokenizer, path, **options):
+        calls["corpus"] = (path, options)
+        path.write_text("A document.")
+
+    def train_from_texts(model, tokenizer, texts, layer, out_dir, **options):
+        calls["train"] = (list(texts), layer, out_dir, options)
+        stats = dict.fromkeys(("tokens", "explained_variance", "l0", "dead_fraction", "label_coverage"), 0)
+        return training.TrainingRun(checkpoint=out_dir, stats=stats, features=[], timings={})
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    monkeypatch.setattr(corpus, "build_demo_corpus", build_demo_corpus)
+    monkeypatch.setattr(training, "train_from_texts", train_from_texts)
+
+    call_command("train_sae", "--demo", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
+
+    assert calls["load_model"] == ("smollm2-demo", None)
+    corpus_options = {"seed": 0, "sampled_prompts": 560, "offline_tokens": 260_000}
+    assert calls["corpus"] == (tmp_path / "work" / "corpus-seed0.txt", corpus_options)
+    texts, layer, out_dir, options = calls["train"]
+    assert (texts, layer, out_dir) == (["A document."], 10, tmp_path / "out" / "sae")
+    assert options["config"] == training.TrainConfig(d_sae=2048, k=32, epochs=6.0, seed=0)
+    assert options["tokens"] == 400_000 and options["dtype"] == torch.float16
+    assert options["features_path"] == tmp_path / "out" / "features.json"
+    assert options["activations_cache"] == tmp_path / "work" / "acts-seed0-L10.pt"
+    assert (options["model_name"], options["dataset"]) == ("SmolLM2-135M-Instruct", "smollm2-demo-corpus")
+    assert not (Training.objects.exists() or Dataset.objects.exists() or LanguageModel.objects.exists())

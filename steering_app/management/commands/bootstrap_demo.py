@@ -1,18 +1,13 @@
 import os
 import secrets
-from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_DATASET, DEMO_FEATURES, DEMO_MODEL, DEMO_MODEL_NAME
 from steering_app.models import LanguageModel, Training
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
-DEMO_CHECKPOINT = DEMO_DIR / "sae"
-DEMO_FEATURES = DEMO_DIR / "features.json"
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEMO_DATASET = "smollm2-demo-corpus"
 DEMO_USER = "demo"
 
 
@@ -29,7 +24,7 @@ class Command(BaseCommand):
     def ensure_model(self) -> LanguageModel:
         model = LanguageModel.objects.filter(name=DEMO_MODEL_NAME, status=LanguageModel.Status.READY).first()
         if model is None:
-            call_command("register_model", DEMO_MODEL_NAME, "smollm2-demo", stdout=self.stdout)
+            call_command("register_model", DEMO_MODEL_NAME, DEMO_MODEL, stdout=self.stdout)
             model = LanguageModel.objects.get(name=DEMO_MODEL_NAME)
         return model
 

@@ -1,16 +1,17 @@
+import json
+import time
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from steering_app.engine import demo
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
-DEMO_DATASET = "demo"
-DEMO_DATASET_DESCRIPTION = (
-    "Built-in demo corpus: SmolLM2-135M-Instruct's own answers to a fixed list of everyday prompts (seeded), "
-    "mixed with prose from the Python standard library's docstrings."
-)
+DEMO_ALIAS = "demo"  # --dataset demo: the built-in demo corpus
+TRAIN_TOKENS = 300_000
+DEMO_ONLY = ("work", "prompts", "offline_tokens")
 
 
 def resolve_dataset(name_or_path: str) -> Dataset:
@@ -18,8 +19,8 @@ def resolve_dataset(name_or_path: str) -> Dataset:
     dataset = Dataset.objects.filter(name=name_or_path).first()
     if dataset is not None:
         return dataset
-    if name_or_path == DEMO_DATASET:
-        return Dataset.objects.create(name=DEMO_DATASET, source=DEMO_DATASET, description=DEMO_DATASET_DESCRIPTION)
+    if name_or_path == DEMO_ALIAS:
+        return Dataset.objects.create(name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION)
     path = Path(name_or_path).expanduser().resolve()
     if not path.exists():
         raise CommandError(f"Unknown dataset {name_or_path!r}: not a registered dataset, 'demo', or a text path")
@@ -28,47 +29,74 @@ def resolve_dataset(name_or_path: str) -> Dataset:
     return dataset
 
 
+def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
+    """The demo corpus file in work, sampled from lm the first time (options: build_demo_corpus's)."""
+    from steering_app.engine import corpus
+
+    path = demo.demo_corpus_path(work, seed)
+    if not path.is_file():
+        corpus.build_demo_corpus(lm.model, lm.tokenizer, path, seed=seed, **options)
+    return path
+
+
 def dataset_texts(dataset: Dataset, lm):
     from steering_app.engine import corpus
     from steering_app.engine.loader import data_dir
 
-    if dataset.source == DEMO_DATASET:
-        path = data_dir() / "demo" / "corpus-seed0.txt"
-        if not path.is_file():
-            corpus.build_demo_corpus(lm.model, lm.tokenizer, path)
-        return corpus.read_text_file(path)
+    if dataset.source == DEMO_ALIAS:
+        return corpus.read_text_file(demo_corpus(lm, data_dir() / demo.DEMO_WORK_DIR, demo.DEMO_SEED))
     return corpus.read_texts(dataset.source)
 
 
 class Command(BaseCommand):
     help = (
         "Train a TopK SAE on one layer's residual stream (output of block L), write a SAELens-layout checkpoint, "
-        "describe every feature, and record a completed Training. A failed or interrupted run is marked failed."
+        "describe every feature, and record a completed Training. A failed or interrupted run is marked failed. "
+        "With --demo: rebuild the demo SAE shipped in steering_app/demo from its recipe (files only)."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--model", required=True, help="name of a registered language model")
-        parser.add_argument("--layer", type=int, required=True, help="decoder block whose output is modelled")
-        parser.add_argument("--dataset", required=True, help="dataset name, 'demo', a text file or a directory")
-        parser.add_argument("--d-sae", type=int, default=2048)
-        parser.add_argument("--k", type=int, default=32)
-        parser.add_argument("--tokens", type=int, default=300_000, help="activations to collect")
-        parser.add_argument("--epochs", type=float, default=8.0)
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--out", help="checkpoint directory (default: <data dir>/saes/<model>-L<layer>-<id>)")
+        parser.add_argument(
+            "--demo", action="store_true",
+            help=f"rebuild the demo SAE ({demo.DEMO_MODEL_NAME}, layer {demo.DEMO_LAYER}) into --out; records "
+            "nothing in the database (bootstrap_demo imports it); the defaults below become the demo's recipe",
+        )
+        parser.add_argument("--model", help="name of a registered language model")
+        parser.add_argument("--layer", type=int, help="decoder block whose output is modelled")
+        parser.add_argument("--dataset", help="dataset name, 'demo', a text file or a directory")
+        parser.add_argument("--d-sae", type=int, help=f"latents (default: TrainConfig's; --demo: {demo.DEMO_D_SAE})")
+        parser.add_argument("--k", type=int, help=f"active latents a token (default: TrainConfig's; --demo: {demo.DEMO_K})")
+        parser.add_argument(
+            "--tokens", type=int, help=f"activations to collect (default {TRAIN_TOKENS}; --demo: {demo.DEMO_TOKENS})"
+        )
+        parser.add_argument("--epochs", type=float, help=f"(default: TrainConfig's; --demo: {demo.DEMO_EPOCHS})")
+        parser.add_argument("--seed", type=int, help=f"(default: TrainConfig's; --demo: {demo.DEMO_SEED})")
+        parser.add_argument("--device", help="where the model runs (default: the loader's choice)")
+        parser.add_argument(
+            "--out",
+            help="checkpoint directory (default: <data dir>/saes/<model>-L<layer>-<id>); with --demo, the directory "
+            f"that receives sae/ and features.json (default {demo.DEMO_DIR})",
+        )
+        parser.add_argument("--work", help="--demo: where the corpus and activation cache go (default: <data dir>/demo)")
+        parser.add_argument("--prompts", type=int, help=f"--demo: sampled answers in the corpus ({demo.DEMO_PROMPTS})")
+        parser.add_argument(
+            "--offline-tokens", type=int,
+            help=f"--demo: stdlib prose tokens in the corpus ({demo.DEMO_OFFLINE_TOKENS})",
+        )
 
     def handle(self, **options):
+        options = self.with_defaults(options)
+        if options["demo"]:
+            self.check_sizes(options)
+            self.rebuild_demo(options)
+            return
         model = LanguageModel.objects.filter(name=options["model"]).first()
         if model is None:
             raise CommandError(f"Unknown model {options['model']!r}: register it first with register_model")
         layer = options["layer"]
         if not 0 <= layer < model.num_layers:
             raise CommandError(f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}")
-        for name in ("d_sae", "k", "tokens"):
-            if options[name] < 1:
-                raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
-        if options["k"] > options["d_sae"]:
-            raise CommandError("--k must not exceed --d-sae")
+        self.check_sizes(options)
         training = self.start_training(model, resolve_dataset(options["dataset"]), layer, options["d_sae"])
         try:
             run = self.train(training, options)
@@ -86,8 +114,69 @@ class Command(BaseCommand):
             f"checkpoint {training.checkpoint_path}"
         ))
 
+    def with_defaults(self, options) -> dict:
+        """options with each unset value filled in: the demo's recipe with --demo, TrainConfig's otherwise."""
+        from steering_app.engine.training import TrainConfig
+
+        given = [f"--{name}" for name in ("model", "layer", "dataset") if options[name] is not None]
+        if options["demo"]:
+            if given:
+                raise CommandError(f"--demo trains the demo's own model, layer and corpus: drop {', '.join(given)}")
+            defaults = {
+                "d_sae": demo.DEMO_D_SAE, "k": demo.DEMO_K, "tokens": demo.DEMO_TOKENS, "epochs": demo.DEMO_EPOCHS,
+                "seed": demo.DEMO_SEED, "prompts": demo.DEMO_PROMPTS, "offline_tokens": demo.DEMO_OFFLINE_TOKENS,
+            }
+        else:
+            if len(given) < 3:
+                raise CommandError("--model, --layer and --dataset are required (or --demo)")
+            demo_only = [f"--{name.replace('_', '-')}" for name in DEMO_ONLY if options[name] is not None]
+            if demo_only:
+                raise CommandError(f"{', '.join(demo_only)} only go with --demo")
+            config = TrainConfig()
+            defaults = {"d_sae": config.d_sae, "k": config.k, "tokens": TRAIN_TOKENS, "epochs": config.epochs,
+                        "seed": config.seed}
+        return {**options, **{name: value for name, value in defaults.items() if options[name] is None}}
+
+    def check_sizes(self, options) -> None:
+        for name in ("d_sae", "k", "tokens"):
+            if options[name] < 1:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+        if options["k"] > options["d_sae"]:
+            raise CommandError("--k must not exceed --d-sae")
+
+    def rebuild_demo(self, options) -> None:
+        """Sample the demo corpus (once per seed), collect and cache its activations, train, describe, write."""
+        import torch
+
+        from steering_app.engine import corpus
+        from steering_app.engine.loader import data_dir, load_model
+        from steering_app.engine.training import TrainConfig, train_from_texts
+
+        work = Path(options["work"] or data_dir() / demo.DEMO_WORK_DIR)
+        work.mkdir(parents=True, exist_ok=True)
+        timings = {}
+        started = time.perf_counter()
+        lm = load_model(demo.DEMO_MODEL, device=options["device"])
+        timings["load_model_s"] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        text_path = demo_corpus(
+            lm, work, options["seed"], sampled_prompts=options["prompts"], offline_tokens=options["offline_tokens"]
+        )
+        timings["corpus_s"] = round(time.perf_counter() - started, 1)
+        out = Path(options["out"] or demo.DEMO_DIR)
+        config = TrainConfig(d_sae=options["d_sae"], k=options["k"], epochs=options["epochs"], seed=options["seed"])
+        run = train_from_texts(
+            lm.model, lm.tokenizer, corpus.read_text_file(text_path), demo.DEMO_LAYER, out / demo.DEMO_CHECKPOINT.name,
+            tokens=options["tokens"], config=config, model_name=demo.DEMO_MODEL_NAME, dataset=demo.DEMO_DATASET,
+            dtype=torch.float16, features_path=out / demo.DEMO_FEATURES.name,
+            activations_cache=demo.demo_activations_path(work, options["seed"]), device=lm.device,
+        )
+        timings.update(run.timings)
+        keys = ("tokens", "explained_variance", "l0", "dead_fraction", "label_coverage")
+        self.stdout.write(json.dumps({key: run.stats[key] for key in keys} | {"timings": timings}, indent=1))
+
     def start_training(self, model, dataset, layer, d_sae) -> Training:
-        from steering_app.engine.train import hook_name_for
+        from steering_app.engine.training import hook_name_for
 
         return Training.objects.create(
             model=model, dataset=dataset, encoder_type=Training.EncoderType.TOPK, hook_layer=layer,
@@ -97,9 +186,9 @@ class Command(BaseCommand):
 
     def train(self, training: Training, options):
         from steering_app.engine.loader import data_dir, load_model
-        from steering_app.engine.train import TrainConfig, train_from_texts
+        from steering_app.engine.training import TrainConfig, train_from_texts
 
-        lm = load_model(training.model.source)
+        lm = load_model(training.model.source, device=options["device"])
         out = Path(options["out"] or data_dir() / "saes" / f"{training.model.name}-L{training.hook_layer}-{training.pk}")
         training.checkpoint_path = str(out.resolve())
         training.save(update_fields=["checkpoint_path"])

