@@ -73,5 +73,7 @@ test: migrate chromium
 bench: venv
 	$(PY) bench/steering_bench.py
 
+# CI runs this before the tests: a lint finding or an unformatted file fails the run.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
