@@ -6,7 +6,7 @@ from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError
 
 from steering_app import runs
-from steering_app.errors import NotFound
+from steering_app.errors import Conflict, Forbidden, NotFound
 from steering_app.limits import MAX_ID, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.steering_settings import SteeringSettings
@@ -159,7 +159,8 @@ async def generate(
 ):
     """Generate unsteered and steered text side by side, with metrics.
 
-    Waits up to STEERLAB_RUN_TIMEOUT seconds for the worker (503 after that, and the run fails);
+    Waits up to STEERLAB_RUN_TIMEOUT seconds for the worker (503 after that, and the run is cancelled:
+    the worker stops it within one step, keeping the text so far);
     with `?async=true` it answers 202 at once: poll GET /api/steering/runs/{run_id}.
     """
     run = await sync_to_async(runs.create)(request.auth, run_request(payload))
@@ -170,9 +171,12 @@ async def generate(
     timeout = settings.STEERLAB_RUN_TIMEOUT
     run = await runs.wait(run.pk, timeout)
     if not run.is_finished:
-        await sync_to_async(runs.fail)(run.pk, f"timed out after {timeout} s")
+        # The same path as the Stop button: the worker stops within one step and is free for the next run.
+        await sync_to_async(runs.cancel)(run.pk, f"timed out after {timeout} s")
         picked = "did not finish" if run.started_at else "was not picked up by a worker"
         raise HttpError(503, f"Run {run.pk} {picked} within {timeout} s; it was cancelled.")
+    if run.status == SteeringRun.Status.CANCELLED:
+        raise HttpError(409, f"Run {run.pk} was cancelled ({run.error}).")
     if run.status == SteeringRun.Status.FAILED:
         if run.error == runs.OOM_MESSAGE:
             raise HttpError(507, runs.OOM_MESSAGE)
@@ -210,6 +214,9 @@ def run_out(run: SteeringRun) -> dict:
         "metrics": run.metrics or None,
         "error": run.error,
         "timings": run.timings,
+        "worker": run.worker,
+        "heartbeat_at": run.heartbeat_at,
+        "cancel_requested": run.cancel_requested_at is not None,
         "created_at": run.created_at,
         "started_at": run.started_at,
         "finished_at": run.finished_at,
@@ -246,3 +253,17 @@ def list_runs(
     queryset = visible if everyone else visible.filter(owner=request.auth)
     found, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
     return {"runs": [run_out(run) for run in found], "total": total, "limit": limit, "offset": offset}
+
+
+@router.post("/steering/runs/{run_id}/cancel", response={200: RunOut, **error_responses(403, 404, 409)})
+def cancel_run(request, run_id: int = Id):
+    """Stop a queued or running run (its owner or staff). It ends `cancelled` with the text generated so
+    far: at once when queued, within one model step when running (until then `cancel_requested` is true)."""
+    run = get_visible_run(request.auth, run_id)
+    if not run.can_change(request.auth):
+        raise Forbidden("Only the run's owner or staff can cancel it.", "run_id")
+    if run.is_finished:
+        raise Conflict(f"Run {run_id} has already ended ({run.status}).", "run_id")
+    runs.cancel(run.pk, f"cancelled by {request.auth.get_username()}")
+    run.refresh_from_db()
+    return run_out(run)

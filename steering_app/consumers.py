@@ -110,7 +110,7 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
                 f"{RESULT_TEMPLATE}#status", {"state": SteeringRun.Status.RUNNING, "status_oob": True}
             )
             await self.send(text_data=html)
-        elif event in (SteeringRun.Status.COMPLETED, SteeringRun.Status.FAILED):
+        elif event in (SteeringRun.Status.COMPLETED, SteeringRun.Status.FAILED, SteeringRun.Status.CANCELLED):
             await self.finish(await current_run(self.run_id))
 
     async def finish(self, run: SteeringRun):

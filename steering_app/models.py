@@ -203,6 +203,7 @@ class SteeringRun(models.Model):
         RUNNING = "running"
         COMPLETED = "completed"
         FAILED = "failed"
+        CANCELLED = "cancelled"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="steering_runs")
     training = models.ForeignKey(Training, on_delete=models.PROTECT, related_name="runs")
@@ -223,6 +224,11 @@ class SteeringRun(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Liveness: the worker that claimed the run (host:pid) writes heartbeat_at every second or so while it
+    # works; a running run is judged dead only by its heartbeat's age, never by how long it has run.
+    worker = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
 
     objects = SteeringRunQuerySet.as_manager()
 
@@ -235,7 +241,8 @@ class SteeringRun(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(method__in=["additive", "multiplicative"]), name="run_method_valid"),
             models.CheckConstraint(
-                condition=Q(status__in=["queued", "running", "completed", "failed"]), name="run_status_valid"
+                condition=Q(status__in=["queued", "running", "completed", "failed", "cancelled"]),
+                name="run_status_valid",
             ),
             models.CheckConstraint(condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="run_temperature_range"),
             models.CheckConstraint(condition=Q(max_new_tokens__gte=1), name="run_max_new_tokens_positive"),
@@ -246,7 +253,11 @@ class SteeringRun(models.Model):
 
     @property
     def is_finished(self) -> bool:
-        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
+        return self.status in (self.Status.COMPLETED, self.Status.FAILED, self.Status.CANCELLED)
+
+    def can_change(self, user) -> bool:
+        """Only the owner or staff cancel a run (or change it in any way)."""
+        return user.is_authenticated and (user.is_staff or user.pk == self.owner_id)
 
 
 

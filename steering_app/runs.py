@@ -1,12 +1,15 @@
-"""A steering run's life, decided in one place: create, submit, claim, process, fail, sweep_stale.
+"""A steering run's life, decided in one place: create, submit, claim, process, cancel, fail, sweep_stale.
 
     queued --claim--> running --process--> completed
-       |                 |
+       |                 +------cancel---> cancelled (with the text generated so far)
+       +--cancel------------------------> cancelled
        +-----------------+--fail / sweep_stale--> failed (with the reason)
 
 The panel and the API create and submit; every worker mode (inline, embedded, channel) calls
 process_queued(), which claims the oldest queued run, processes it, and repeats; the workers also call
-sweep_stale() on a timer. A run always ends: any failure while processing fails it with its reason.
+sweep_stale() on a timer and as they start. A run always ends: any failure while processing fails it
+with its reason. While a worker processes a run, a liveness thread writes the run's heartbeat every
+HEARTBEAT_SECONDS and watches its cancel flag; the engine asks before every step whether to stop.
 """
 
 import asyncio
@@ -15,11 +18,14 @@ import math
 import os
 import random
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from steering_app import services, streaming, worker
@@ -36,6 +42,8 @@ ACTIVE = (Status.QUEUED, Status.RUNNING)
 OOM_MESSAGE = "Out of memory during generation. Try reducing max_tokens or using fewer intervention layers."
 NO_WORKER = "no worker available"
 WORKER_STOPPED = "the worker stopped before finishing"
+WORKER_GONE = "the worker stopped before finishing: its process is gone"
+HEARTBEAT_SECONDS = 1.0
 # How far down the queue one claim looks when other workers keep taking the oldest runs first.
 CLAIM_CANDIDATES = 20
 
@@ -101,8 +109,9 @@ def claim() -> SteeringRun | None:
     """
     queued = SteeringRun.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
     for run_id in queued.values_list("id", flat=True)[:CLAIM_CANDIDATES]:
+        now = timezone.now()
         taken = SteeringRun.objects.filter(pk=run_id, status=Status.QUEUED).update(
-            status=Status.RUNNING, started_at=timezone.now()
+            status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
         )
         if taken:
             return SteeringRun.objects.select_related("training__model").get(pk=run_id)
@@ -121,27 +130,33 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
 def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
     """Execute a claimed run and store its outcome; emit tells its watchers (the run's group by default).
 
-    The outcome is stored only while the run is still running: a run failed meanwhile (its caller gave
-    up, or a sweep judged it dead) keeps that ending.
+    The outcome is stored only while the run is still running: a run failed meanwhile (a sweep judged
+    it dead) keeps that ending. A cancelled run keeps the text streamed until it stopped.
     """
     emit = emit or (lambda event, payload: streaming.publish(run.pk, event, payload))
+    streamed = ["", ""]
+
+    def on_step(unsteered: str, steered: str) -> None:
+        streamed[0] += unsteered
+        streamed[1] += steered
+        emit("delta", {"unsteered": unsteered, "steered": steered})
+
     emit("started", {})
-    try:
-        outcome = services.execute(run, on_step=lambda unsteered, steered: emit(
-            "delta", {"unsteered": unsteered, "steered": steered}
-        ))
-        _complete(run.pk, outcome)
-    except Exception as error:  # noqa: BLE001 - any failure must end the run, with its reason
-        reason = failure_reason(error)
-        logger.exception("Steering run %s failed: %s", run.pk, reason)
-        fail(run.pk, reason)
+    with Liveness(run.pk) as liveness:
+        try:
+            _complete(run.pk, services.execute(run, on_step, liveness.should_stop))
+        except services.Cancelled:
+            _store_cancelled(run.pk, *streamed)
+        except Exception as error:  # noqa: BLE001 - any failure must end the run, with its reason
+            reason = failure_reason(error)
+            logger.exception("Steering run %s failed: %s", run.pk, reason)
+            fail(run.pk, reason)
     run.refresh_from_db()
     emit(run.status, {"error": run.error})
     return run
 
 
 def _complete(run_id: int, outcome: services.Outcome) -> bool:
-    timings = {**outcome.timings, "worker": worker_name()}
     return bool(
         SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
             status=Status.COMPLETED,
@@ -149,7 +164,7 @@ def _complete(run_id: int, outcome: services.Outcome) -> bool:
             unsteered_output=outcome.unsteered_output,
             steered_output=outcome.steered_output,
             metrics=finite_json(outcome.metrics),
-            timings=finite_json(timings),
+            timings=finite_json(outcome.timings),
         )
     )
 
@@ -157,6 +172,26 @@ def _complete(run_id: int, outcome: services.Outcome) -> bool:
 def worker_name() -> str:
     """Which worker ran a run: the run page shows it, and scale-out tests check that work was shared."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _store_cancelled(run_id: int, unsteered: str, steered: str) -> None:
+    SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
+        status=Status.CANCELLED, finished_at=timezone.now(), unsteered_output=unsteered, steered_output=steered
+    )
+
+
+def cancel(run_id: int, reason: str) -> bool:
+    """Stop a run: a queued one ends cancelled at once; a running one is flagged, and its worker stops
+    within one step and stores it as cancelled with the text so far. False when it had already ended."""
+    now = timezone.now()
+    runs = SteeringRun.objects.filter(pk=run_id)
+    if runs.filter(status=Status.QUEUED).update(status=Status.CANCELLED, error=reason, finished_at=now):
+        return True
+    flagged = runs.filter(status=Status.RUNNING).update(cancel_requested_at=now, error=reason)
+    local = Liveness.active.get(run_id)
+    if local is not None:  # processed by this process: no need to wait for the liveness thread
+        local.stop.set()
+    return bool(flagged)
 
 
 def fail(run_id: int, reason: str) -> bool:
@@ -167,21 +202,94 @@ def fail(run_id: int, reason: str) -> bool:
 def sweep_stale() -> int:
     """Fail the runs that can no longer finish, so that none stays queued or running forever.
 
-    A queued run no worker took within STEERLAB_RUN_TIMEOUT seconds, and a running one whose worker has
-    been silent for STEERLAB_RUN_MAX_SECONDS (the process died mid-run), fail with the reason.
+    - queued, and no worker took it within STEERLAB_RUN_TIMEOUT seconds;
+    - running, and its heartbeat is older than STEERLAB_RUN_MAX_SECONDS (however long it has run: a run
+      slow because of load keeps beating and completes);
+    - running on a worker of this host whose process is gone (killed, crashed): at once.
     """
     now = timezone.now()
     unclaimed = SteeringRun.objects.filter(
         status=Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_TIMEOUT)
     )
-    abandoned = SteeringRun.objects.filter(
-        status=Status.RUNNING, started_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
+    silent_since = now - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
+    silent = SteeringRun.objects.filter(status=Status.RUNNING).filter(
+        Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True, started_at__lt=silent_since)
     )
-    return _fail_all(unclaimed, NO_WORKER) + _fail_all(abandoned, WORKER_STOPPED)
+    return _fail_all(unclaimed, NO_WORKER) + _fail_all(silent, WORKER_STOPPED) + _fail_orphans()
+
+
+def _fail_orphans() -> int:
+    """Runs left running by a dead process of this host; other hosts' runs wait for their heartbeat."""
+    host = socket.gethostname()
+    running = SteeringRun.objects.filter(status=Status.RUNNING, worker__startswith=f"{host}:")
+    gone = [pk for pk, name in running.values_list("pk", "worker") if not _process_alive(name)]
+    return _fail_all(SteeringRun.objects.filter(pk__in=gone), WORKER_GONE) if gone else 0
+
+
+def _process_alive(worker: str) -> bool:
+    pid = worker.rpartition(":")[2]
+    if not pid.isdecimal():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _fail_all(runs, reason: str) -> int:
     return runs.filter(status__in=ACTIVE).update(status=Status.FAILED, error=reason, finished_at=timezone.now())
+
+
+class Liveness:
+    """While a worker processes a run: a thread writes the run's heartbeat and watches its cancel flag.
+
+    `stop` is set when the run was cancelled (or ended by anyone else); the engine asks should_stop()
+    before every step, so it stops within one. Liveness.active maps the runs this process is working on,
+    so that cancel() in the same process (embedded worker) stops them without waiting for the thread.
+    """
+
+    active: dict[int, "Liveness"] = {}
+
+    def __init__(self, run_id: int, interval: float | None = None):
+        self.run_id = run_id
+        self.interval = HEARTBEAT_SECONDS if interval is None else interval
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"run-{run_id}-liveness", daemon=True)
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set()
+
+    def __enter__(self) -> "Liveness":
+        Liveness.active[self.run_id] = self
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.thread.join()
+        Liveness.active.pop(self.run_id, None)
+
+    def _beat(self) -> None:
+        try:
+            while not self.done.wait(self.interval):
+                try:
+                    self._check_in()
+                except Exception:  # noqa: BLE001 - a missed beat must not end the run; the sweep judges
+                    logger.warning("Heartbeat of run %s failed", self.run_id, exc_info=True)
+        finally:
+            connection.close()  # this thread's own database connection
+
+    def _check_in(self) -> None:
+        runs = SteeringRun.objects.filter(pk=self.run_id)
+        runs.filter(status=Status.RUNNING).update(heartbeat_at=timezone.now())
+        state = runs.values_list("status", "cancel_requested_at").first()
+        # Stop only on a positive sign: a row this connection cannot see (yet) is no reason to stop.
+        if state is not None and (state[0] != Status.RUNNING or state[1] is not None):
+            self.stop.set()
 
 
 async def wait(run_id: int, timeout: float, poll_ceiling: float = 0.25) -> SteeringRun:

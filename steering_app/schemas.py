@@ -184,13 +184,16 @@ class RunSettingsOut(Schema):
 class RunOut(Schema):
     id: int
     owner: str
-    status: Literal["queued", "running", "completed", "failed"]
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
     settings: RunSettingsOut
     unsteered_output: str
     steered_output: str
     metrics: MetricsOut | None
-    error: str
+    error: str = Field(description="Why it failed, or who or what cancelled it.")
     timings: dict[str, Any]
+    worker: str = Field(description="host:pid of the worker that claimed it.")
+    heartbeat_at: datetime | None = Field(description="The worker's last sign of life while it ran.")
+    cancel_requested: bool
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from steering_app.models import Feature, SteeringRun
 
 OnStep = Callable[[str, str], None]
+ShouldStop = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """The run's cancel flag stopped the generation between two steps."""
 
 
 @dataclass(frozen=True)
@@ -37,24 +42,31 @@ def steering_spec(run: SteeringRun):
     )
 
 
-def execute(run: SteeringRun, on_step: OnStep) -> Outcome:
-    """Run the comparison on the run's model and SAE; on_step(unsteered_delta, steered_delta) streams."""
+def execute(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop | None = None) -> Outcome:
+    """Run the comparison on the run's model and SAE; on_step(unsteered_delta, steered_delta) streams.
+
+    should_stop is asked before every model step; Cancelled means it said stop.
+    """
     from steering_app import engine
     from steering_app.engine import loader
 
     training = run.training
     lm = loader.load_model(training.model.source)
     sae = loader.load_sae_cached(training.checkpoint_path, lm)
-    result = engine.run_comparison(
-        lm,
-        sae,
-        prompt=run.prompt,
-        spec=steering_spec(run),
-        temperature=run.temperature,
-        max_new_tokens=run.max_new_tokens,
-        seed=run.seed,
-        chat=run.chat,
-        on_step=on_step,
-        sae_layer=training.hook_layer,
-    )
+    try:
+        result = engine.run_comparison(
+            lm,
+            sae,
+            prompt=run.prompt,
+            spec=steering_spec(run),
+            temperature=run.temperature,
+            max_new_tokens=run.max_new_tokens,
+            seed=run.seed,
+            chat=run.chat,
+            on_step=on_step,
+            sae_layer=training.hook_layer,
+            should_stop=should_stop,
+        )
+    except engine.Stopped as stopped:
+        raise Cancelled(str(stopped)) from stopped
     return Outcome(result.unsteered_text, result.steered_text, result.metrics, result.timings)

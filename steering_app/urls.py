@@ -13,4 +13,5 @@ urlpatterns = [
     ),
     path("runs/", views.run_list, name="steering-runs"),
     path("runs/<int:pk>/", views.run_detail, name="steering-run"),
+    path("runs/<int:pk>/cancel/", views.cancel_run, name="steering-run-cancel"),
 ]

@@ -5,7 +5,9 @@ in runs.py. These functions only read the request, call those, and render.
 """
 
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
@@ -100,3 +102,14 @@ def run_detail(request, pk):
     context["features"] = panel.selected_features(run.training, run.features)
     context["rerun_url"] = reverse("steering-panel") + f"?run={run.pk}"
     return render(request, "steering/run_detail.html", context)
+
+
+@login_required
+@require_POST
+def cancel_run(request, pk):
+    """The Stop button: the stream then brings the run's end; without HTMX, back to the run's page."""
+    run = get_object_or_404(SteeringRun.objects.visible_to(request.user), pk=pk)
+    if not run.can_change(request.user):
+        raise PermissionDenied("Only the run's owner or staff can stop it.")
+    runs.cancel(run.pk, f"cancelled by {request.user.get_username()}")
+    return HttpResponse(status=204) if request.htmx else redirect("steering-run", pk=run.pk)

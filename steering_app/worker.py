@@ -121,19 +121,25 @@ class EmbeddedWorker:
 _embedded: dict[asyncio.AbstractEventLoop, EmbeddedWorker] = {}
 
 
-def embedded_worker() -> EmbeddedWorker:
-    """This event loop's embedded worker, started on first use (and again if it died)."""
+async def embedded_worker() -> EmbeddedWorker:
+    """This event loop's embedded worker, started on first use (and again if it died).
+
+    A fresh worker first sweeps (a run the previous process left running fails with its reason, before
+    the request that started the worker is served) and then takes the runs still queued.
+    """
     loop = asyncio.get_running_loop()
     current = _embedded.get(loop)
     if current is None or not current.alive:
-        current = _embedded[loop] = EmbeddedWorker()
-        # Runs queued before this process started (a restart) get picked up at once.
-        current.wake()
+        await sync_to_async(sweep, thread_sensitive=False)()
+        current = _embedded.get(loop)  # another request may have started it meanwhile
+        if current is None or not current.alive:
+            current = _embedded[loop] = EmbeddedWorker()
+            current.wake()
     return current
 
 
 async def _wake_embedded() -> None:
-    embedded_worker().wake()
+    (await embedded_worker()).wake()
 
 
 class StartEmbeddedWorker:
@@ -145,5 +151,5 @@ class StartEmbeddedWorker:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket") and mode() == "embedded":
-            embedded_worker()
+            await embedded_worker()
         return await self.app(scope, receive, send)

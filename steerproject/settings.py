@@ -21,7 +21,7 @@ STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
 STEERLAB_DEVICE = env.device(ENV)
 STEERLAB_MAX_NEW_TOKENS = env.env_int(ENV, "STEERLAB_MAX_NEW_TOKENS", default=512)
 STEERLAB_RUN_TIMEOUT = env.env_int(ENV, "STEERLAB_RUN_TIMEOUT", default=120)
-STEERLAB_RUN_MAX_SECONDS = env.env_int(ENV, "STEERLAB_RUN_MAX_SECONDS", default=1800)
+STEERLAB_RUN_MAX_SECONDS = env.env_int(ENV, "STEERLAB_RUN_MAX_SECONDS", default=60)
 # daphne serves /static/ itself unless a front proxy does (set STEERLAB_SERVE_STATIC=0 behind nginx).
 STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
 # The engine reads these two from the environment (it imports nothing from Django): keep them in step.

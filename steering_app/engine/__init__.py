@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .generate import Comparison, compare
+from .generate import Comparison, Stopped, compare
 from .loader import LoadedModel, get_embedder
 from .metrics import comparison_metrics
 from .sae import SAE, SAEFormatError
@@ -22,6 +22,7 @@ __all__ = [
     "SAEFormatError",
     "SpecError",
     "SteeringSpec",
+    "Stopped",
     "compare",
     "comparison_metrics",
     "run_comparison",
@@ -53,10 +54,12 @@ def run_comparison(
     top_p: float | None = None,
     min_new_tokens: int = 0,
     embedder=None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ComparisonResult:
     """Both continuations and all metrics; the model is held for the whole call.
 
-    Raises SpecError (a ValueError naming the field) for an invalid request.
+    Raises SpecError (a ValueError naming the field) for an invalid request, Stopped when should_stop()
+    ended the generation.
     """
     started = time.perf_counter()
     embedder = embedder or get_embedder()
@@ -74,6 +77,7 @@ def run_comparison(
             on_step=on_step,
             sae_layer=sae_layer,
             min_new_tokens=min_new_tokens,
+            should_stop=should_stop,
         )
         metrics = comparison_metrics(lm, sae, comparison, spec, embedder)
     timings = dict(comparison.timings)

@@ -33,6 +33,10 @@ CLEAN, STEERED = 0, 1
 
 
 @dataclass
+class Stopped(Exception):
+    """should_stop() asked the generation to end (the run was cancelled); raised between two steps."""
+
+
 class Comparison:
     prompt_ids: list[int]
     unsteered_ids: list[int]
@@ -270,10 +274,13 @@ def compare(
     on_step: Callable[[str, str], None] | None = None,
     sae_layer: int | None = None,
     min_new_tokens: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Comparison:
     """Generate the unsteered and the steered continuation of prompt together.
 
     min_new_tokens: EOS cannot be sampled before this many tokens (benchmarks use min = max).
+    should_stop: asked before every forward (prefill and each decode step); when it returns True the
+    generation raises Stopped, so a cancelled run frees the model within one step.
     """
     started = time.perf_counter()
     check_generation_args(temperature, max_new_tokens, seed, top_p)
@@ -296,13 +303,18 @@ def compare(
     with lm.lock:
         return _generate(
             lm, sae, prompt_ids, spec, float(temperature), max_new_tokens, seed, top_p, on_step, sae_layer,
-            min_new_tokens, started,
+            min_new_tokens, started, should_stop or _never,
         )
+
+
+def _never() -> bool:
+    return False
 
 
 @torch.inference_mode()
 def _generate(
-    lm, sae, prompt_ids, spec, temperature, max_new_tokens, seed, top_p, on_step, sae_layer, min_new_tokens, started
+    lm, sae, prompt_ids, spec, temperature, max_new_tokens, seed, top_p, on_step, sae_layer, min_new_tokens, started,
+    should_stop,
 ):
     model, tokenizer, device = lm.model, lm.tokenizer, lm.device
     blocks = decoder_blocks(model)
@@ -329,6 +341,7 @@ def _generate(
         records = stack.enter_context(capture_hook(blocks, sae_layer, sae, spec.feature_ids, rows=(CLEAN, STEERED)))
 
         t0 = time.perf_counter()
+        _check_stop(should_stop)
         logits = model_forward(model, prompt, cache, logits_last_only=True)
         timings["prefill"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -361,6 +374,7 @@ def _generate(
             fed = [tokens[row][-1] if not finished[row] else pad_id for row in (CLEAN, STEERED)]
             next_input = torch.tensor([[fed[CLEAN]], [fed[STEERED]]], device=device)
             control.special_mask = torch.isin(next_input, special_ids)
+            _check_stop(should_stop)
             logits = model_forward(model, next_input, cache)
         timings["decode"] = time.perf_counter() - t0
 
@@ -392,6 +406,11 @@ def _generate(
         steered_activations=activations[STEERED],
         cache=cache,
     )
+
+
+def _check_stop(should_stop: Callable[[], bool]) -> None:
+    if should_stop():
+        raise Stopped("generation stopped: the run was cancelled")
 
 
 def _stack_records(records, k: int, device) -> list[torch.Tensor]:

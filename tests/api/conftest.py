@@ -33,7 +33,7 @@ def fake_engine(monkeypatch):
     """Runs execute at once in the request's thread, with canned outputs instead of a model."""
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
-    def execute(run, on_step):
+    def execute(run, on_step, should_stop=None):
         return services.Outcome(f"clean: {run.prompt}", f"steered: {run.prompt}", FAKE_METRICS, {"generate_s": 0.01})
 
     monkeypatch.setattr(services, "execute", execute)
@@ -45,7 +45,7 @@ def failing_engine(monkeypatch):
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
     def use(error: Exception):
-        def execute(run, on_step):
+        def execute(run, on_step, should_stop=None):
             raise error
 
         monkeypatch.setattr(services, "execute", execute)

@@ -148,7 +148,7 @@ def test_it_answers_409_for_a_training_that_is_not_completed(client, owner, bear
     assert not SteeringRun.objects.exists()
 
 
-def test_it_answers_503_and_fails_the_run_when_no_worker_takes_it(
+def test_it_answers_503_and_cancels_the_run_when_no_worker_takes_it(
     client, owner, bearer, generate_body, monkeypatch, settings
 ):
     # The channel worker mode with nobody listening on the channel: the run stays queued.
@@ -159,7 +159,7 @@ def test_it_answers_503_and_fails_the_run_when_no_worker_takes_it(
 
     run = SteeringRun.objects.get()
     assert "not picked up" in body["detail"]
-    assert run.status == "failed" and "timed out" in run.error
+    assert run.status == "cancelled" and "timed out" in run.error and run.finished_at is not None
 
 
 def test_it_answers_503_when_the_run_cannot_be_handed_to_a_worker(

@@ -49,7 +49,7 @@ def main(count: int, seconds: float) -> None:
             "id": run.pk,
             "status": run.status,
             "error": run.error,
-            "worker": run.timings.get("worker"),
+            "worker": run.worker,
             "steered": run.steered_output,
         }
         for run in SteeringRun.objects.filter(pk__in=ids).order_by("pk")

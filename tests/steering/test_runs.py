@@ -141,7 +141,7 @@ def test_it_names_out_of_memory_in_the_words_users_act_on():
 
 
 def fake_execute(metrics):
-    def execute(run, on_step):
+    def execute(run, on_step, should_stop=None):
         on_step("sun", "rain")
         return services.Outcome("sun", "rain", metrics, {"generate_s": 0.1})
 
@@ -163,7 +163,7 @@ def test_it_completes_a_run_and_stores_non_finite_numbers_as_null(owner, trainin
 
 
 def test_it_keeps_a_run_failed_when_it_was_ended_while_generating(owner, training, monkeypatch):
-    def ended_meanwhile(run, on_step):
+    def ended_meanwhile(run, on_step, should_stop=None):
         SteeringRun.objects.filter(pk=run.pk).update(status=SteeringRun.Status.FAILED, error="timed out")
         return fake_execute({})(run, on_step)
 

@@ -124,7 +124,7 @@ def test_the_mailbox_keeps_every_event_of_a_run_that_ran_before_the_page_connect
 ):
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
-    def execute(run, on_step):
+    def execute(run, on_step, should_stop=None):
         for unsteered, steered in [("It", "It"), (" rains", " pours")]:
             on_step(unsteered, steered)
         return services.Outcome("It rains", "It pours", {"kl_divergence": 0.1}, {})
