@@ -21,6 +21,7 @@ from steering_app.schemas import (
     error_responses,
 )
 from steering_app.services import MAX_FEATURES, MAX_LAYERS, InvalidInput
+from steerproject.safejson import is_json_media_type
 
 router = Router(tags=["presets"])
 
@@ -219,6 +220,8 @@ def import_payload(request: HttpRequest) -> bytes:
                 f"The document is larger than {services.MAX_IMPORT_BYTES // 1024 // 1024} MB.", "file"
             )
         return upload.read()
+    if not is_json_media_type(request.content_type or ""):
+        raise InvalidInput("Send the document as application/json or as the multipart field `file`.", "file")
     return request.body
 
 

@@ -21,6 +21,7 @@ from steering_app.services import (
     validate_layers,
     validate_numbers,
 )
+from steerproject import safejson
 
 FORMAT = "steerlab.presets"
 VERSION = 1
@@ -265,7 +266,12 @@ def parse_document(raw: bytes) -> object:
     if len(raw) > MAX_IMPORT_BYTES:
         raise InvalidInput(f"The document is larger than {MAX_IMPORT_BYTES // 1024 // 1024} MB.", "file")
     try:
-        return json.loads(raw)
+        return safejson.loads(raw)
+    except safejson.MalformedJSON as error:
+        field = safejson.bracketed(error.path) or "file"
+        position = error.path[1] if error.path[:1] == ("presets",) and len(error.path) > 1 else None
+        where = f"Preset {position + 1} ({field})" if isinstance(position, int) else field
+        raise InvalidInput(f"{where}: {error.message}", field) from error
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidInput(f"The document is not valid JSON: {error}.", "file") from error
 
