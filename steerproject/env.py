@@ -99,3 +99,21 @@ def channel_layers(env: Mapping[str, str]) -> dict:
             "CONFIG": {"hosts": [{"address": url, "socket_timeout": None}], "capacity": 1500, "expiry": 120},
         }
     }
+
+
+def caches(env: Mapping[str, str]) -> dict:
+    """Redis (shared by every process, so login throttling counts across them) when REDIS_URL is set."""
+    url = env.get("REDIS_URL", "").strip()
+    if not url:
+        return {
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "steerlab"}
+        }
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL; got {url!r}")
+    return {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": url,
+            "KEY_PREFIX": "steerlab",
+        }
+    }

@@ -75,11 +75,16 @@ TEMPLATES = [
 
 DATABASES = {"default": env.database(ENV, STEERLAB_DATA_DIR)}
 CHANNEL_LAYERS = env.channel_layers(ENV)
+CACHES = env.caches(ENV)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LOGIN_URL = "login"
+# Login throttling (steerproject/login_throttle.py): this many failures per username or address within the
+# window lock them out for the window's length.
+STEERLAB_LOGIN_MAX_FAILURES = env.env_int(ENV, "STEERLAB_LOGIN_MAX_FAILURES", default=5)
+STEERLAB_LOGIN_WINDOW_SECONDS = env.env_int(ENV, "STEERLAB_LOGIN_WINDOW_SECONDS", default=900)
 LOGIN_REDIRECT_URL = "/steering/"
 LOGOUT_REDIRECT_URL = "login"
 
