@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "channels",
+    "ninja",  # /api/docs then serves Swagger UI from ninja's bundled static files, not from a CDN
     "steering_app",
     "presets_app",
 ]
