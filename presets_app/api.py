@@ -8,6 +8,7 @@ from presets_app.schemas import ExportDocument, ImportOut, PresetIn, PresetOut, 
 from steering_app.errors import InvalidInput, NotFound
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.schemas import NO_NUL, error_responses
+from steerproject.safejson import is_json_media_type
 
 router = Router(tags=["presets"])
 PresetId = Path(..., ge=1, le=MAX_ID)
@@ -111,6 +112,8 @@ def import_payload(request: HttpRequest) -> bytes:
                 f"The document is larger than {services.MAX_IMPORT_BYTES // 1024 // 1024} MB.", "file"
             )
         return upload.read()
+    if not is_json_media_type(request.content_type or ""):
+        raise InvalidInput("Send the document as application/json or as the multipart field `file`.", "file")
     return request.body
 
 

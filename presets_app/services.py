@@ -12,6 +12,7 @@ from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, Ste
 from steering_app.limits import MAX_ID, MAX_INDEX
 from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, SteeringSettings, is_integer
+from steerproject import safejson
 
 FORMAT = "steerlab.presets"
 VERSION = 1
@@ -233,7 +234,12 @@ def parse_document(raw: bytes) -> object:
     if len(raw) > MAX_IMPORT_BYTES:
         raise InvalidInput(f"The document is larger than {MAX_IMPORT_BYTES // 1024 // 1024} MB.", "file")
     try:
-        return json.loads(raw)
+        return safejson.loads(raw)
+    except safejson.MalformedJSON as error:
+        field = safejson.bracketed(error.path) or "file"
+        position = error.path[1] if error.path[:1] == ("presets",) and len(error.path) > 1 else None
+        where = f"Preset {position + 1} ({field})" if isinstance(position, int) else field
+        raise InvalidInput(f"{where}: {error.message}", field) from error
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidInput(f"The document is not valid JSON: {error}.", "file") from error
 

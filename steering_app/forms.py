@@ -7,6 +7,8 @@ job, so the panel, presets and the JSON API reject the same requests with the sa
 from django import forms
 
 from steering_app.errors import SteeringError
+from steering_app.form_integers import storable_int
+from steering_app.limits import MAX_ID, MAX_INDEX
 from steering_app.models import SteeringRun
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
@@ -27,12 +29,12 @@ ERROR_FIELDS = {
 
 
 class SteeringForm(forms.Form):
-    training = forms.IntegerField(label="Training Job")
+    training = forms.IntegerField(label="Training Job", min_value=1, max_value=MAX_ID)
     prompt = forms.CharField(label="Prompt", required=False, strip=False, widget=forms.Textarea)
     method = forms.ChoiceField(label="Method", choices=SteeringRun.Method.choices)
     temperature = forms.FloatField(label="Temperature")
-    max_tokens = forms.IntegerField(label="Max Tokens")
-    seed = forms.IntegerField(label="Seed", required=False)
+    max_tokens = forms.IntegerField(label="Max Tokens", max_value=MAX_INDEX)
+    seed = forms.IntegerField(label="Seed", required=False, max_value=MAX_ID)
     chat = forms.BooleanField(label="Chat template", required=False)
     # Repeated inputs; parsed in clean() from the raw lists.
     layers = forms.Field(label="Intervention Layers", required=False)
@@ -46,7 +48,7 @@ class SteeringForm(forms.Form):
 
     def _integers(self, field: str, raw: list[str]) -> list[int]:
         try:
-            return [int(value) for value in raw]
+            return [storable_int(value, MAX_INDEX) for value in raw]
         except ValueError:
             self.add_error(field, "Every value must be a whole number.")
             return []
@@ -59,11 +61,13 @@ class SteeringForm(forms.Form):
             return []
         try:
             return [
-                {"feature_id": int(index), "coefficient": float(coefficient)}
+                {"feature_id": storable_int(index, MAX_INDEX), "coefficient": float(coefficient)}
                 for index, coefficient in zip(indices, coefficients, strict=True)
             ]
         except ValueError:
-            self.add_error("features", "Feature ids must be whole numbers and coefficients numbers.")
+            self.add_error(
+                "features", f"Feature ids must be whole numbers up to {MAX_INDEX} and coefficients numbers."
+            )
             return []
 
     def steering_settings(self) -> SteeringSettings:

@@ -11,6 +11,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from steering_app.auth import api_auth
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError, WorkerUnavailable
+from steerproject.safejson import MalformedJSON, SafeJSONParser
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ api = NinjaAPI(
     version="1.0",
     urls_namespace="api",
     auth=api_auth,
+    parser=SafeJSONParser(),
     description="Log in (session cookie + X-CSRFToken header) or send `Authorization: Bearer <token>` "
     "(`manage.py create_api_token USERNAME`). Every error body is `{detail, field}`.",
 )
@@ -34,6 +36,11 @@ def dotted(location: tuple) -> str | None:
     if source == "body":
         path = path[1:]  # the view's body parameter name means nothing to the client
     return ".".join(str(part) for part in path) or None
+
+
+def not_found(request, unmatched: str = ""):
+    """Every path under /api/ that no route matches (mounted after the API in urls.py): JSON, not HTML."""
+    return error(request, 404, f"No API endpoint at {request.path}.")
 
 
 @api.exception_handler(ValidationError)
@@ -85,6 +92,8 @@ def on_authentication_error(request, exc: AuthenticationError):
 
 @api.exception_handler(HttpError)
 def on_http_error(request, exc: HttpError):
+    if isinstance(exc.__cause__, MalformedJSON):  # ninja wraps every body parser error in a bare HttpError
+        return error(request, 400, exc.__cause__.message, dotted(("body", None, *exc.__cause__.path)))
     return error(request, exc.status_code, exc.message)
 
 

@@ -2,6 +2,10 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from steerproject.daphne_requests import leave_form_parsing_to_django
+
+leave_form_parsing_to_django()
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "steerproject.settings")
 django_asgi_app = get_asgi_application()  # set up Django before importing consumers
 

@@ -7,7 +7,7 @@ and a worker thread inside the daphne process. DATABASE_URL and REDIS_URL switch
 import os
 from pathlib import Path
 
-from steerproject import env
+from steerproject import env, private_files
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 ENV = os.environ
@@ -27,7 +27,7 @@ STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
 # The engine reads these two from the environment (it imports nothing from Django): keep them in step.
 os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
 os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
-STEERLAB_DATA_DIR.mkdir(parents=True, exist_ok=True)
+private_files.make_private_dir(STEERLAB_DATA_DIR)
 
 INSTALLED_APPS = [
     "daphne",
@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
+    "ninja",  # /api/docs then serves Swagger UI from ninja's bundled static files, not from a CDN
     # Before channels: steering_app's runworker (it adds the stale-run sweep) overrides channels' own.
     "steering_app",
     "channels",
@@ -47,6 +48,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "steerproject.content_security_policy.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -55,6 +57,14 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
 ]
+
+STEERLAB_SECURE_COOKIES = env.env_bool(ENV, "STEERLAB_SECURE_COOKIES", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = STEERLAB_SECURE_COOKIES
+if STEERLAB_SECURE_COOKIES:
+    # Secure cookies mean HTTPS at a proxy in front of daphne; the proxy must set X-Forwarded-Proto
+    # (overwriting any a client sent) so that Django knows the request was secure.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env.env_int(ENV, "STEERLAB_HSTS_SECONDS", default=0, minimum=0)
 
 ROOT_URLCONF = "steerproject.urls"
 ASGI_APPLICATION = "steerproject.asgi.application"
@@ -76,11 +86,16 @@ TEMPLATES = [
 
 DATABASES = {"default": env.database(ENV, STEERLAB_DATA_DIR)}
 CHANNEL_LAYERS = env.channel_layers(ENV)
+CACHES = env.caches(ENV)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LOGIN_URL = "login"
+# Login throttling (steerproject/login_throttle.py): this many failures per username or address within the
+# window lock them out for the window's length.
+STEERLAB_LOGIN_MAX_FAILURES = env.env_int(ENV, "STEERLAB_LOGIN_MAX_FAILURES", default=5)
+STEERLAB_LOGIN_WINDOW_SECONDS = env.env_int(ENV, "STEERLAB_LOGIN_WINDOW_SECONDS", default=900)
 LOGIN_REDIRECT_URL = "/steering/"
 LOGOUT_REDIRECT_URL = "login"
 

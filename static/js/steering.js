@@ -135,8 +135,13 @@
     }
   });
 
-  // Enter in the search box or a preset field must not start a comparison.
+  // Enter in the search box or a preset field must not start a comparison; in the preset fields it saves.
   document.addEventListener("keydown", function (event) {
+    if (event.key === "Enter" && event.target.closest("#preset-save")) {
+      event.preventDefault();
+      htmx.trigger("#preset-save-button", "click");
+      return;
+    }
     if (event.key !== "Enter" || !event.target.matches("#steering-form input")) return;
     const name = event.target.name || "";
     if (name === "q" || name.indexOf("preset_") === 0) event.preventDefault();
