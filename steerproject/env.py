@@ -13,6 +13,14 @@ from django.core.exceptions import ImproperlyConfigured
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+# The worker thread and the web requests write to one SQLite file: WAL lets readers run beside a writer,
+# IMMEDIATE transactions take the write lock up front (no deadlock upgrading a read lock), and a writer waits
+# up to 20 s for the lock instead of failing at once with "database is locked".
+SQLITE_OPTIONS = {
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 20,
+}
 
 
 def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -74,15 +82,22 @@ def data_dir(env: Mapping[str, str], base_dir: Path) -> Path:
 def database(env: Mapping[str, str], data_path: Path) -> dict:
     url = env.get("DATABASE_URL", "").strip()
     if not url:
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": data_path / "steerlab.sqlite3"}
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": data_path / "steerlab.sqlite3",
+            "OPTIONS": SQLITE_OPTIONS,
+        }
     import dj_database_url
 
     if not url.startswith(("postgres://", "postgresql://", "sqlite://")):
         raise ImproperlyConfigured(f"DATABASE_URL must be a postgres:// or sqlite:// URL; got {url!r}")
     try:
-        return dj_database_url.parse(url, conn_max_age=60)
+        parsed = dj_database_url.parse(url, conn_max_age=60)
     except ValueError as error:
         raise ImproperlyConfigured(f"DATABASE_URL is malformed: {error}") from None
+    if parsed["ENGINE"] == "django.db.backends.sqlite3":
+        parsed["OPTIONS"] = {**SQLITE_OPTIONS, **parsed.get("OPTIONS", {})}
+    return parsed
 
 
 def channel_layers(env: Mapping[str, str]) -> dict:

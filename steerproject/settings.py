@@ -7,7 +7,7 @@ and a worker thread inside the daphne process. DATABASE_URL and REDIS_URL switch
 import os
 from pathlib import Path
 
-from steerproject import env
+from steerproject import env, private_files
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 ENV = os.environ
@@ -27,7 +27,7 @@ STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
 # The engine reads these two from the environment (it imports nothing from Django): keep them in step.
 os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
 os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
-STEERLAB_DATA_DIR.mkdir(parents=True, exist_ok=True)
+private_files.make_private_dir(STEERLAB_DATA_DIR)
 
 INSTALLED_APPS = [
     "daphne",
@@ -55,6 +55,14 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
 ]
+
+STEERLAB_SECURE_COOKIES = env.env_bool(ENV, "STEERLAB_SECURE_COOKIES", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = STEERLAB_SECURE_COOKIES
+if STEERLAB_SECURE_COOKIES:
+    # Secure cookies mean HTTPS at a proxy in front of daphne; the proxy must set X-Forwarded-Proto
+    # (overwriting any a client sent) so that Django knows the request was secure.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env.env_int(ENV, "STEERLAB_HSTS_SECONDS", default=0, minimum=0)
 
 ROOT_URLCONF = "steerproject.urls"
 ASGI_APPLICATION = "steerproject.asgi.application"
