@@ -12,6 +12,7 @@ from steering_app.schemas import NO_NUL, error_responses
 router = Router(tags=["presets"])
 PresetId = Path(..., ge=1, le=MAX_ID)
 
+
 def _to_dicts(items) -> list[dict]:
     return [item.model_dump() for item in items]
 
