@@ -13,6 +13,7 @@ from steerproject.safejson import is_json_media_type
 router = Router(tags=["presets"])
 PresetId = Path(..., ge=1, le=MAX_ID)
 
+
 def _to_dicts(items) -> list[dict]:
     return [item.model_dump() for item in items]
 

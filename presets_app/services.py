@@ -2,6 +2,7 @@
 
 import json
 from collections import defaultdict
+from collections.abc import Container
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
@@ -18,6 +19,8 @@ FORMAT = "steerlab.presets"
 VERSION = 1
 MAX_IMPORT_BYTES = 1024 * 1024
 MAX_EXPORT_IDS = 1000
+# Rows per write transaction of an import: a few milliseconds of SQLite's write lock each.
+IMPORT_BATCH_SIZE = 200
 MAX_NAME_CHARS = SteeringPreset._meta.get_field("name").max_length
 MAX_DESCRIPTION_CHARS = 2000
 SETTINGS = (
@@ -39,11 +42,11 @@ DEFAULTS = {
 }
 
 
-def clean_preset(training: Training, data: dict) -> dict:
+def clean_preset(training: Training, data: dict, known_features: Container[int] | None = None) -> dict:
     """Check a preset's settings against `training` the way a steering run is checked.
 
     Returns the values to store; raises InvalidInput naming the field at fault. A blank name becomes the
-    automatic name of the specification.
+    automatic name of the specification. known_features (the training's feature indices) spares a query.
     """
     if not training.is_completed:
         raise Conflict(
@@ -60,7 +63,7 @@ def clean_preset(training: Training, data: dict) -> dict:
         method=values["method"],
         temperature=values["temperature"],
         max_tokens=values["max_tokens"],
-    ).validate(training)
+    ).validate(training, known_features)
     features, layers = steering.features, steering.layers
     return {
         "name": name.strip() or auto_name(len(features), layers),
@@ -245,7 +248,37 @@ def parse_document(raw: bytes) -> object:
 
 
 def import_document(owner, document: object) -> list[SteeringPreset]:
-    """Import every preset of the document as `owner`'s, or none: all are validated before the first write."""
+    """Import every preset of the document as `owner`'s, or none: all are validated before the first write.
+
+    The presets are written in batches, each its own short transaction, so that an import never holds
+    SQLite's one write lock for long; if a batch fails, the batches already written are deleted.
+    """
+    items = _document_presets(document)
+    trainings: dict[tuple, Training] = {}
+    known_features: dict[int, frozenset[int]] = {}
+    cleaned = []
+    for position, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise InvalidInput("A preset must be an object.")
+            training = _match_training(item.get("training"), trainings)
+            if training.pk not in known_features:
+                known_features[training.pk] = frozenset(training.features.values_list("index", flat=True))
+            cleaned.append((training, clean_preset(training, item, known_features[training.pk])))
+        except SteeringError as error:
+            field = f"presets[{position}]" + (f".{error.field}" if error.field else "")
+            raise InvalidInput(f"Preset {position + 1} ({field}): {error.message}", field) from error
+    names = {training.pk: taken_names(training) for training in trainings.values()}
+    presets = []
+    for training, values in cleaned:
+        taken = names[training.pk]
+        values["name"] = free_name(values["name"], taken)
+        taken.add(values["name"])
+        presets.append(SteeringPreset(training=training, owner=owner, **values))
+    return _write_all_or_none(presets)
+
+
+def _document_presets(document: object) -> list:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise InvalidInput(f'Not a SteerLab presets document: "format" must be "{FORMAT}".', "format")
     if document.get("version") != VERSION:
@@ -256,31 +289,29 @@ def import_document(owner, document: object) -> list[SteeringPreset]:
     items = document.get("presets")
     if not isinstance(items, list) or not items:
         raise InvalidInput('"presets" must be a non-empty list.', "presets")
-    trainings: dict[tuple, Training] = {}
-    cleaned = []
-    for position, item in enumerate(items):
-        try:
-            if not isinstance(item, dict):
-                raise InvalidInput("A preset must be an object.")
-            training = _match_training(item.get("training"), trainings)
-            cleaned.append((training, clean_preset(training, item)))
-        except SteeringError as error:
-            field = f"presets[{position}]" + (f".{error.field}" if error.field else "")
-            raise InvalidInput(f"Preset {position + 1} ({field}): {error.message}", field) from error
-    names: dict[int, set[str]] = {}
+    return items
+
+
+def _write_all_or_none(presets: list[SteeringPreset]) -> list[SteeringPreset]:
+    created: list[SteeringPreset] = []
     try:
-        with transaction.atomic():
-            created = []
-            for training, values in cleaned:
-                taken = names.setdefault(training.pk, taken_names(training))
-                values["name"] = free_name(values["name"], taken)
-                taken.add(values["name"])
-                created.append(SteeringPreset.objects.create(training=training, owner=owner, **values))
-    except IntegrityError as error:  # a concurrent save took one of the names; nothing was imported
-        raise InvalidInput(
-            "A preset name was taken while importing; nothing was imported, try again.", "presets"
-        ) from error
+        for start in range(0, len(presets), IMPORT_BATCH_SIZE):
+            with transaction.atomic():
+                created += SteeringPreset.objects.bulk_create(presets[start : start + IMPORT_BATCH_SIZE])
+    except Exception as error:
+        _delete_in_batches([preset.pk for preset in created])
+        if isinstance(error, IntegrityError):  # a concurrent save took one of the names
+            raise InvalidInput(
+                "A preset name was taken while importing; nothing was imported, try again.", "presets"
+            ) from error
+        raise
     return created
+
+
+def _delete_in_batches(pks: list[int]) -> None:
+    for start in range(0, len(pks), IMPORT_BATCH_SIZE):
+        with transaction.atomic():
+            SteeringPreset.objects.filter(pk__in=pks[start : start + IMPORT_BATCH_SIZE]).delete()
 
 
 def _match_training(reference: object, cache: dict[tuple, Training]) -> Training:
@@ -312,7 +343,3 @@ def _match_training(reference: object, cache: dict[tuple, Training]) -> Training
             )
         cache[key] = training
     return cache[key]
-
-
-def is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -10,16 +10,22 @@ from django.views.decorators.http import require_GET, require_POST
 from presets_app import services
 from presets_app.forms import PresetForm
 from steering_app.errors import Forbidden, InvalidInput, NotFound, SteeringError
-from steering_app.limits import MAX_ID
+from steering_app.limits import MAX_ID, MAX_INDEX
 from steering_app.models import Training
 
 BODY = "presets/_section.html#body"
+PAGE_SIZE = 20
+MAX_PAGE_NUMBER = MAX_INDEX // PAGE_SIZE
 
 
 @login_required
 @require_GET
 def section(request):
-    return _render_body(request, _training_or_none(request.GET.get("training")))
+    """One page of the training's presets; "Load more" appends the next page's rows (see the template)."""
+    page = _int_or_none(request.GET.get("page")) or 1
+    return _render_body(
+        request, _training_or_none(request.GET.get("training")), page=min(max(page, 1), MAX_PAGE_NUMBER)
+    )
 
 
 @login_required
@@ -99,12 +105,27 @@ def import_file(request):
     return _render_body(request, training or created[0].training, notice=notice)
 
 
-def _render_body(request, training, **context):
-    presets = list(services.list_presets(training.pk)) if training else []
+def _render_body(request, training, page=1, **context):
+    presets, total, offset = [], 0, (page - 1) * PAGE_SIZE
+    if training:
+        listed = services.list_presets(training.pk)
+        presets, total = list(listed[offset : offset + PAGE_SIZE]), listed.count()
     services.attach_feature_labels(presets)
     for preset in presets:
         preset.editable = preset.can_modify(request.user)
-    return render(request, BODY, {"training": training, "presets": presets, **context})
+    shown = min(offset + len(presets), total)
+    return render(
+        request,
+        BODY,
+        {
+            "training": training,
+            "presets": presets,
+            "total": total,
+            "shown": shown,
+            "next_page": page + 1 if shown < total and presets else None,
+            **context,
+        },
+    )
 
 
 def _get_preset_for_user(request, pk):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steering_app.engine import run_comparison
-from steering_app.engine.generate import compare, eos_token_ids, sample_coupled
+from steering_app.engine.generate import Stopped, compare, eos_token_ids, sample_coupled
 from steering_app.engine.loader import get_embedder
 from steering_app.engine.metrics import comparison_metrics
 from steering_app.engine.steer import SteeringSpec
@@ -157,3 +157,33 @@ def test_it_samples_from_the_tempered_distribution_with_shared_noise():
     nucleus = torch.stack([sample_coupled(logits, 1.0, 0.7, generator) for _ in range(2000)])
     assert set(nucleus.flatten().tolist()) == {0, 1}  # p(0) = 0.64 < 0.7 <= p(0) + p(1)
     assert sample_coupled(logits, 0, None, generator).tolist() == [0, 0]
+
+
+def test_it_stops_before_the_next_step_once_should_stop_says_so_and_leaves_no_hook(tiny, tmp_path):
+    sae = random_sae(tmp_path, d_in=32, hook_layer=1)
+    spec = SteeringSpec("additive", ((0, 2.0),), (1,))
+    forwards, asked = [], []
+    counter = tiny.model.register_forward_hook(lambda module, args, output: forwards.append(1))
+
+    def should_stop() -> bool:
+        asked.append(len(forwards))
+        return len(asked) > 3  # let the prefill and two decode steps run, then stop
+
+    try:
+        with pytest.raises(Stopped):
+            compare(tiny, sae, "Hello there", spec, 0.7, 50, seed=0, min_new_tokens=50, should_stop=should_stop)
+    finally:
+        counter.remove()
+
+    assert asked == [0, 1, 2, 3]  # asked before every forward
+    assert len(forwards) == 3  # and no forward ran once it said stop
+    assert hooks_everywhere(tiny.model) == []
+    assert _free_elsewhere(tiny.lock)  # another thread can take the model at once
+
+
+def _free_elsewhere(lock) -> bool:
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(lock.acquire(timeout=1) and (lock.release() or True)))
+    thread.start()
+    thread.join()
+    return taken == [True]

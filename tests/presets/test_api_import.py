@@ -2,6 +2,7 @@ import json
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import OperationalError
 
 from presets_app import services
 from presets_app.models import SteeringPreset
@@ -228,4 +229,59 @@ def test_it_wants_the_multipart_field_named_file(login, owner, training):
 
 def test_it_refuses_anonymous_users(client, training):
     assert_error(post_json(client, document(item(training))), 401)
+    assert not SteeringPreset.objects.exists()
+
+
+def test_it_writes_a_large_import_in_batches_with_few_queries(
+    login, owner, training, monkeypatch, django_assert_max_num_queries
+):
+    monkeypatch.setattr(services, "IMPORT_BATCH_SIZE", 50)
+    items = [
+        item(training, name=f"p{n}", features=[{"feature_id": n % 32, "coefficient": 1.0}])
+        for n in range(520)
+    ]
+    client = login(owner)
+
+    # Validation reads each training's features once, not once per preset; 11 batches of at most 50 rows.
+    with django_assert_max_num_queries(60):
+        response = post_json(client, document(*items))
+
+    assert response.status_code == 201
+    assert response.json()["created"] == 520
+    stored = list(SteeringPreset.objects.order_by("pk").values_list("name", "owner", "training"))
+    assert stored == [(f"p{n}", owner.pk, training.pk) for n in range(520)]
+
+
+def test_it_deletes_the_written_batches_when_a_later_batch_fails(
+    login, owner, training, make_preset, monkeypatch
+):
+    make_preset(name="taken")
+    before = snapshot()
+    monkeypatch.setattr(services, "IMPORT_BATCH_SIZE", 3)
+    # As if another member saved "taken" after the import had checked its names.
+    monkeypatch.setattr(services, "taken_names", lambda training: set())
+    items = [item(training, name=f"p{n}") for n in range(7)] + [item(training, name="taken")]
+
+    response = post_json(login(owner), document(*items))
+
+    body = assert_error(response, 400, "presets")
+    assert "nothing was imported" in body["detail"]
+    assert snapshot() == before
+
+
+def test_it_deletes_the_written_batches_when_the_database_fails(owner, training, monkeypatch):
+    monkeypatch.setattr(services, "IMPORT_BATCH_SIZE", 2)
+    bulk_create = SteeringPreset.objects.bulk_create
+    calls = iter(range(100))
+
+    def failing_third_batch(presets):
+        if next(calls) == 2:
+            raise OperationalError("database is locked")
+        return bulk_create(presets)
+
+    monkeypatch.setattr(SteeringPreset.objects, "bulk_create", failing_third_batch)
+
+    with pytest.raises(OperationalError):
+        services.import_document(owner, document(*[item(training, name=f"p{n}") for n in range(6)]))
+
     assert not SteeringPreset.objects.exists()

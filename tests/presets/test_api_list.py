@@ -2,6 +2,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from presets_app.models import SteeringPreset
 from tests.api.support import assert_error
 
 URL = "/api/presets/steering"
@@ -79,3 +80,29 @@ def test_it_refuses_a_nul_in_search(login, owner):
 
 def test_it_refuses_anonymous_users(client, preset):
     assert_error(client.get(URL), 401)
+
+
+def test_it_pages_a_large_list(login, owner, training):
+    now = timezone.now()
+    SteeringPreset.objects.bulk_create(
+        SteeringPreset(
+            training=training,
+            owner=owner,
+            name=f"bulk {n}",
+            features=[{"feature_id": 3, "coefficient": 1.0}],
+            intervention_layers=[2],
+            created_at=now - timedelta(seconds=n),
+        )
+        for n in range(1234)
+    )
+    client = login(owner)
+
+    first = client.get(URL, {"training_id": training.pk}).json()
+    widest = client.get(URL, {"limit": 1000, "offset": 0}).json()
+    last = client.get(URL, {"limit": 1000, "offset": 1000}).json()
+
+    assert (len(first["presets"]), first["total"], first["limit"]) == (50, 1234, 50)
+    assert [item["name"] for item in first["presets"]] == [f"bulk {n}" for n in range(50)]
+    assert (len(widest["presets"]), widest["total"]) == (1000, 1234)
+    assert [item["name"] for item in last["presets"]] == [f"bulk {n}" for n in range(1000, 1234)]
+    assert_error(client.get(URL, {"limit": 1001}), 400, "limit")
