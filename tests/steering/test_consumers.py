@@ -270,6 +270,31 @@ def test_a_failed_run_keeps_the_text_streamed_so_far(application, owner, trainin
     assert '<div id="unsteered-output" class="output-text">Half</div>' in final
 
 
+def test_a_cancelled_run_ends_the_stream_with_the_text_so_far(application, owner, training, make_run):
+    run = make_run(owner)
+
+    headers = headers_for(owner)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        await ws.connect()
+        await publish_async(run, "delta", unsteered="Half", steered="Way")
+        await ws.receive_from(TIMEOUT)
+        await finish_async(
+            run, status="cancelled", error="cancelled by owner", unsteered_output="Half", steered_output="Way",
+            metrics={},
+        )
+        await publish_async(run, "cancelled", error="cancelled by owner")
+        final = await ws.receive_from(TIMEOUT)
+        closed = await ws.receive_output(TIMEOUT)
+        return final, closed
+
+    final, closed = async_to_sync(scenario)()
+    assert 'data-state="cancelled"' in final and "Run cancelled</strong> (cancelled by owner)" in final
+    assert '<div id="steered-output" class="output-text">Way</div>' in text(final)
+    assert closed["type"] == "websocket.close"
+
+
 def test_a_run_no_worker_takes_fails_and_the_page_is_told(
     application, owner, training, settings, monkeypatch, make_run
 ):

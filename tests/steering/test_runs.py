@@ -1,5 +1,9 @@
 import asyncio
 import math
+import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -305,3 +309,137 @@ def test_the_runworker_sweeper_thread_fails_stale_runs_as_it_starts(owner, train
         stop.set()
 
     assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, "no worker available")
+
+
+def running(run, **fields) -> None:
+    SteeringRun.objects.filter(pk=run.pk).update(status=SteeringRun.Status.RUNNING, **fields)
+
+
+def test_the_sweep_judges_a_running_run_by_its_heartbeat_not_by_how_long_it_has_run(owner, training, settings):
+    from django.utils import timezone
+
+    settings.STEERLAB_RUN_MAX_SECONDS = 60
+    now = timezone.now()
+    long_but_alive = runs.create(owner, request_for(training))
+    silent = runs.create(owner, request_for(training))
+    running(long_but_alive, started_at=now - timezone.timedelta(hours=2), heartbeat_at=now)
+    running(silent, started_at=now - timezone.timedelta(seconds=90), heartbeat_at=now - timezone.timedelta(seconds=61))
+
+    assert runs.sweep_stale() == 1
+
+    long_but_alive.refresh_from_db()
+    silent.refresh_from_db()
+    assert long_but_alive.status == SteeringRun.Status.RUNNING
+    assert (silent.status, silent.error) == (SteeringRun.Status.FAILED, runs.WORKER_STOPPED)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_the_sweep_fails_at_once_a_run_whose_worker_process_on_this_host_is_gone(owner, training):
+    from django.utils import timezone
+
+    orphan = runs.create(owner, request_for(training))
+    alive = runs.create(owner, request_for(training))
+    running(orphan, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=f"{socket.gethostname()}:{dead_pid()}")
+    running(alive, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=runs.worker_name())
+
+    assert runs.sweep_stale() == 1
+
+    orphan.refresh_from_db()
+    alive.refresh_from_db()
+    assert (orphan.status, orphan.error) == (SteeringRun.Status.FAILED, runs.WORKER_GONE)
+    assert alive.status == SteeringRun.Status.RUNNING
+
+
+def slow_engine(steps: int, seconds_per_step: float, started: threading.Event | None = None):
+    """An engine honouring the contract of the real one: should_stop is asked before every step."""
+    taken = []
+
+    def execute(run, on_step, should_stop=None):
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                raise services.Cancelled("generation stopped")
+            time.sleep(seconds_per_step)
+            taken.append(step)
+            on_step(f" u{step}", f" s{step}")
+            if started is not None:
+                started.set()
+        return services.Outcome("unsteered", "steered", {"kl_divergence": 0.5}, {})
+
+    execute.taken = taken
+    return execute
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_run_completes_past_max_seconds_while_its_heartbeat_is_fresh(owner, training, settings, monkeypatch):
+    settings.STEERLAB_RUN_MAX_SECONDS = 1
+    monkeypatch.setattr(runs, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(services, "execute", slow_engine(steps=25, seconds_per_step=0.1))  # 2.5 s
+    run = runs.create(owner, request_for(training))
+
+    stop_sweeping = worker.start_sweeper_thread(interval=0.1)
+    try:
+        processed = runs.process(runs.claim(), lambda event, payload: None)
+    finally:
+        stop_sweeping.set()
+
+    assert (processed.status, processed.error) == (SteeringRun.Status.COMPLETED, "")
+    assert processed.finished_at - processed.started_at > timezone_seconds(2)
+    assert processed.steered_output == "steered"
+
+
+def timezone_seconds(seconds: float):
+    from django.utils import timezone
+
+    return timezone.timedelta(seconds=seconds)
+
+
+def test_cancelling_a_queued_run_ends_it_at_once(owner, training):
+    run = runs.create(owner, request_for(training))
+
+    assert runs.cancel(run.pk, "cancelled by owner") is True
+
+    run.refresh_from_db()
+    assert (run.status, run.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
+    assert run.finished_at is not None and runs.claim() is None
+    assert runs.cancel(run.pk, "again") is False
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("local", [True, False], ids=["same-process", "through-the-database"])
+def test_a_cancel_during_generation_stops_within_one_step_and_frees_the_worker(
+    owner, training, monkeypatch, local
+):
+    monkeypatch.setattr(runs, "HEARTBEAT_SECONDS", 0.05)
+    started = threading.Event()
+    engine = slow_engine(steps=400, seconds_per_step=0.02, started=started)  # 8 s unless stopped
+    monkeypatch.setattr(services, "execute", engine)
+    run = runs.create(owner, request_for(training))
+    if not local:  # a worker in another process: only the flag in the database reaches it
+        monkeypatch.setattr(runs.Liveness, "active", {})
+    events = []
+    thread = threading.Thread(target=lambda: runs.process_queued(lambda run_id: lambda e, p: events.append(e)))
+    thread.start()
+    assert started.wait(5)
+
+    runs.cancel(run.pk, "cancelled by owner")
+    steps_when_cancelled = len(engine.taken)
+    thread.join(timeout=5)
+
+    assert not thread.is_alive()
+    run.refresh_from_db()
+    assert (run.status, run.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
+    # The text streamed until it stopped is kept, and it stopped within one step (the thread's poll: 3).
+    assert run.steered_output == "".join(f" s{step}" for step in engine.taken)
+    assert len(engine.taken) - steps_when_cancelled <= (1 if local else 4)
+    assert events[-1] == "cancelled"
+
+    monkeypatch.setattr(services, "execute", fake_execute({}))
+    following = runs.create(owner, request_for(training))
+    runs.process_queued()
+    following.refresh_from_db()
+    assert following.status == SteeringRun.Status.COMPLETED

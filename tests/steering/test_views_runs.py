@@ -132,3 +132,44 @@ def test_an_unfinished_run_connects_to_its_stream(client, owner, training, make_
     client.force_login(owner)
     html = client.get(f"/steering/runs/{run.pk}/").text
     assert f'ws-connect="/ws/steering/runs/{run.pk}/"' in html and 'data-state="streaming"' in html
+
+
+def test_the_stop_button_shows_on_an_unfinished_run_for_its_owner_only(client, owner, staff, training, make_run):
+    run = make_run(owner)  # queued
+    client.force_login(owner)
+    assert 'id="stop-run"' in client.get(f"/steering/runs/{run.pk}/").text
+    client.force_login(staff)
+    assert 'id="stop-run"' in client.get(f"/steering/runs/{run.pk}/").text
+    finished = completed(make_run, owner)
+    assert 'id="stop-run"' not in client.get(f"/steering/runs/{finished.pk}/").text
+
+
+def test_stop_cancels_the_run_for_its_owner(client, owner, training, make_run):
+    run = make_run(owner)
+    client.force_login(owner)
+
+    response = client.post(f"/steering/runs/{run.pk}/cancel/", headers={"HX-Request": "true"})
+
+    assert response.status_code == 204
+    run.refresh_from_db()
+    assert (run.status, run.error) == ("cancelled", "cancelled by owner")
+
+
+def test_stop_without_htmx_returns_to_the_run_page_which_says_cancelled(client, owner, training, make_run):
+    run = make_run(owner)
+    client.force_login(owner)
+
+    response = client.post(f"/steering/runs/{run.pk}/cancel/", follow=True)
+
+    assert response.redirect_chain == [(f"/steering/runs/{run.pk}/", 302)]
+    assert "Run cancelled" in response.text and "cancelled by owner" in response.text
+
+
+def test_stop_refuses_strangers_and_changes_nothing(client, owner, stranger, training, make_run):
+    run = make_run(owner)
+    client.force_login(stranger)
+
+    assert client.post(f"/steering/runs/{run.pk}/cancel/").status_code == 404
+    assert client.get(f"/steering/runs/{run.pk}/cancel/").status_code == 405
+    run.refresh_from_db()
+    assert run.status == "queued"
