@@ -77,9 +77,13 @@ def run_floor(lm, seed: int) -> str:
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(lm.device)
     with torch.no_grad():
         output = model.generate(
-            input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, temperature=TEMPERATURE
+            input_ids,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            temperature=TEMPERATURE,
         )
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 class SpecSteeringService:
@@ -101,7 +105,9 @@ class SpecSteeringService:
             self.sae_decoder.weight.copy_(sae.W_dec.T)
             self.sae_decoder.bias.copy_(sae.b_dec)
 
-    def generate_with_steering(self, prompt, features, intervention_layer, temperature, max_tokens, seed=None):
+    def generate_with_steering(
+        self, prompt, features, intervention_layer, temperature, max_tokens, seed=None
+    ):
         model, tokenizer = self.lm.model, self.lm.tokenizer
         sae_encoder, sae_decoder = self.sae_encoder, self.sae_decoder
 
@@ -141,7 +147,9 @@ class SpecSteeringService:
         finally:
             self._cleanup_hooks()
 
-        metrics = self._calculate_metrics(unsteered_text, steered_text, unsteered_logprobs, steered_logprobs, tokenizer)
+        metrics = self._calculate_metrics(
+            unsteered_text, steered_text, unsteered_logprobs, steered_logprobs, tokenizer
+        )
         return {"unsteered_output": unsteered_text, "steered_output": steered_text, "metrics": metrics}
 
     def _register_steering_hook(self, model, sae_encoder, sae_decoder, intervention_layer, steering_config):
@@ -162,7 +170,9 @@ class SpecSteeringService:
             handle.remove()
         self.hook_handles.clear()
 
-    def _calculate_metrics(self, unsteered_text, steered_text, unsteered_logprobs, steered_logprobs, tokenizer):
+    def _calculate_metrics(
+        self, unsteered_text, steered_text, unsteered_logprobs, steered_logprobs, tokenizer
+    ):
         p_unsteered = torch.softmax(unsteered_logprobs, dim=-1)
         p_steered = torch.softmax(steered_logprobs, dim=-1)
         kl_div = torch.sum(p_unsteered * torch.log(p_unsteered / (p_steered + 1e-10)), dim=-1).mean().item()
@@ -218,13 +228,26 @@ def main() -> None:
 
     def reference(seed):
         details["S"] = service.generate_with_steering(
-            PROMPT, [{"feature_id": feature, "coefficient": COEFFICIENT}], LAYER, TEMPERATURE, NEW_TOKENS, seed
+            PROMPT,
+            [{"feature_id": feature, "coefficient": COEFFICIENT}],
+            LAYER,
+            TEMPERATURE,
+            NEW_TOKENS,
+            seed,
         )
 
     def ours(seed):
         result = run_comparison(
-            lm, sae, prompt=PROMPT, spec=spec, temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, seed=seed, sae_layer=LAYER, embedder=embedder,
+            lm,
+            sae,
+            prompt=PROMPT,
+            spec=spec,
+            temperature=TEMPERATURE,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            seed=seed,
+            sae_layer=LAYER,
+            embedder=embedder,
         )
         details["O"] = result
         phases.append(result.timings)
@@ -251,12 +274,18 @@ def main() -> None:
     load_after = os.getloadavg()
 
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"device: {lm.device} ({torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else 'CPU'}), "
-          f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
-    print(f"prompt {PROMPT!r}, {NEW_TOKENS} new tokens, layer {LAYER}, feature {feature} of {D_SAE}, "
-          f"coefficient {COEFFICIENT}, temperature {TEMPERATURE}, {args.runs} interleaved runs each")
+    print(
+        f"device: {lm.device} ({torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else 'CPU'}), "
+        f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(
+        f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+        f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
+    )
+    print(
+        f"prompt {PROMPT!r}, {NEW_TOKENS} new tokens, layer {LAYER}, feature {feature} of {D_SAE}, "
+        f"coefficient {COEFFICIENT}, temperature {TEMPERATURE}, {args.runs} interleaved runs each"
+    )
     print()
     print(f"{'':2} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
     for name in approaches:
@@ -267,12 +296,17 @@ def main() -> None:
         )
     phase_names = ["prefill", "decode", "metrics_forward", "embed"]
     print()
-    print("O phases, median s: " + ", ".join(
-        f"{phase} {statistics.median(p.get(phase, 0.0) for p in phases):.3f}" for phase in phase_names
-    ))
+    print(
+        "O phases, median s: "
+        + ", ".join(
+            f"{phase} {statistics.median(p.get(phase, 0.0) for p in phases):.3f}" for phase in phase_names
+        )
+    )
     last = details["O"]
-    print(f"O last run: KL {last.metrics['kl_divergence']:.4f}, similarity {last.metrics['semantic_similarity']:.2f}, "
-          f"steered differs: {last.steered_text != last.unsteered_text}")
+    print(
+        f"O last run: KL {last.metrics['kl_divergence']:.4f}, similarity {last.metrics['semantic_similarity']:.2f}, "
+        f"steered differs: {last.steered_text != last.unsteered_text}"
+    )
     print(f"O/F={medians['O'] / medians['F']:.2f} S/O={medians['S'] / medians['O']:.2f}")
 
 

@@ -12,7 +12,12 @@ from presets_app.models import SteeringPreset
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError
 from steering_app.limits import MAX_ID, MAX_INDEX
 from steering_app.models import Feature, SteeringRun, Training
-from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, SteeringSettings, is_integer
+from steering_app.steering_settings import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    SteeringSettings,
+    is_integer,
+)
 from steerproject import safejson
 
 FORMAT = "steerlab.presets"

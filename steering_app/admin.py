@@ -23,16 +23,36 @@ class DatasetAdmin(admin.ModelAdmin):
 
 @admin.register(Training)
 class TrainingAdmin(admin.ModelAdmin):
-    list_display = ["id", "model", "dataset", "encoder_type", "hook_layer", "d_sae", "status", "feature_count",
-                    "created_at"]
+    list_display = [
+        "id",
+        "model",
+        "dataset",
+        "encoder_type",
+        "hook_layer",
+        "d_sae",
+        "status",
+        "feature_count",
+        "created_at",
+    ]
     list_filter = ["status", "encoder_type", "model"]
     search_fields = ["hook_name", "model__name", "dataset__name"]
-    readonly_fields = ["stats", "d_in", "d_sae", "hook_name", "checkpoint_path", "created_at", "completed_at",
-                       "features_link"]
+    readonly_fields = [
+        "stats",
+        "d_in",
+        "d_sae",
+        "hook_name",
+        "checkpoint_path",
+        "created_at",
+        "completed_at",
+        "features_link",
+    ]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("model", "dataset").annotate(
-            _feature_count=Count("features")
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("model", "dataset")
+            .annotate(_feature_count=Count("features"))
         )
 
     @admin.display(description="features", ordering="_feature_count")
@@ -59,8 +79,16 @@ class SteeringRunAdmin(admin.ModelAdmin):
     list_display = ["id", "owner", "training", "method", "status", "created_at", "finished_at"]
     list_filter = ["status", "method", "training"]
     search_fields = ["prompt", "owner__username"]
-    readonly_fields = ["unsteered_output", "steered_output", "metrics", "timings", "error", "created_at",
-                       "started_at", "finished_at"]
+    readonly_fields = [
+        "unsteered_output",
+        "steered_output",
+        "metrics",
+        "timings",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
     list_select_related = ["owner", "training__model", "training__dataset"]
 
 

@@ -9,7 +9,6 @@ from steering_app import runs
 from steering_app.errors import Conflict, Forbidden, NotFound
 from steering_app.limits import MAX_ID, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
-from steering_app.steering_settings import SteeringSettings
 from steering_app.schemas import (
     NO_NUL,
     CompletedTrainingPage,
@@ -23,6 +22,7 @@ from steering_app.schemas import (
     TrainingOut,
     error_responses,
 )
+from steering_app.steering_settings import SteeringSettings
 
 router = Router(tags=["steering"])
 

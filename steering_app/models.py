@@ -17,7 +17,9 @@ class LanguageModel(models.Model):
         ERROR = "error"
 
     name = models.CharField(max_length=200, unique=True)
-    source = models.CharField(max_length=1000, help_text="Hub id, local directory, .gguf path or smollm2-demo")
+    source = models.CharField(
+        max_length=1000, help_text="Hub id, local directory, .gguf path or smollm2-demo"
+    )
     architecture = models.CharField(max_length=100)
     num_layers = models.PositiveIntegerField()
     hidden_size = models.PositiveIntegerField()
@@ -28,9 +30,13 @@ class LanguageModel(models.Model):
     class Meta:
         ordering = ["name"]
         constraints = [
-            models.CheckConstraint(condition=Q(status__in=["ready", "error"]), name="languagemodel_status_valid"),
+            models.CheckConstraint(
+                condition=Q(status__in=["ready", "error"]), name="languagemodel_status_valid"
+            ),
             models.CheckConstraint(condition=Q(num_layers__gte=1), name="languagemodel_num_layers_positive"),
-            models.CheckConstraint(condition=Q(hidden_size__gte=1), name="languagemodel_hidden_size_positive"),
+            models.CheckConstraint(
+                condition=Q(hidden_size__gte=1), name="languagemodel_hidden_size_positive"
+            ),
         ]
 
     def __str__(self):
@@ -57,11 +63,15 @@ class TrainingQuerySet(models.QuerySet):
 
     def get_completed(self, pk: int) -> "Training":
         """The training with this id when it is completed; NotFound or Conflict naming training_id."""
-        training = self.select_related("model", "dataset").filter(pk=pk).first() if 1 <= pk <= MAX_ID else None
+        training = (
+            self.select_related("model", "dataset").filter(pk=pk).first() if 1 <= pk <= MAX_ID else None
+        )
         if training is None:
             raise NotFound(f"Training {pk} does not exist.", "training_id")
         if not training.is_completed:
-            raise Conflict(f"Training {pk} is {training.status}; steering needs a completed training.", "training_id")
+            raise Conflict(
+                f"Training {pk} is {training.status}; steering needs a completed training.", "training_id"
+            )
         return training
 
 
@@ -80,7 +90,9 @@ class Training(models.Model):
         FAILED = "failed"
 
     model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="trainings")
-    dataset = models.ForeignKey(Dataset, on_delete=models.SET_NULL, null=True, blank=True, related_name="trainings")
+    dataset = models.ForeignKey(
+        Dataset, on_delete=models.SET_NULL, null=True, blank=True, related_name="trainings"
+    )
     encoder_type = models.CharField(max_length=10, choices=EncoderType.choices)
     hook_layer = models.PositiveIntegerField()
     hook_name = models.CharField(max_length=200)
@@ -100,10 +112,12 @@ class Training(models.Model):
         indexes = [models.Index(fields=["status", "-created_at"], name="training_status_created")]
         constraints = [
             models.CheckConstraint(
-                condition=Q(encoder_type__in=["standard", "topk", "jumprelu"]), name="training_encoder_type_valid"
+                condition=Q(encoder_type__in=["standard", "topk", "jumprelu"]),
+                name="training_encoder_type_valid",
             ),
             models.CheckConstraint(
-                condition=Q(status__in=["pending", "running", "completed", "failed"]), name="training_status_valid"
+                condition=Q(status__in=["pending", "running", "completed", "failed"]),
+                name="training_status_valid",
             ),
             models.CheckConstraint(condition=Q(d_in__gte=1) & Q(d_sae__gte=1), name="training_dims_positive"),
         ]
@@ -144,7 +158,9 @@ class Feature(models.Model):
     index = models.PositiveIntegerField()
     label = models.CharField(max_length=300, blank=True)
     description = models.TextField(blank=True)
-    max_activation = models.FloatField(null=True, blank=True, help_text="Empty when unknown: steering then uses 1")
+    max_activation = models.FloatField(
+        null=True, blank=True, help_text="Empty when unknown: steering then uses 1"
+    )
     activation_frequency = models.FloatField(null=True, blank=True)
     top_tokens = models.JSONField(default=list, blank=True)
 
@@ -206,7 +222,9 @@ class SteeringRun(models.Model):
         FAILED = "failed"
         CANCELLED = "cancelled"
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="steering_runs")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="steering_runs"
+    )
     training = models.ForeignKey(Training, on_delete=models.PROTECT, related_name="runs")
     prompt = models.TextField()
     features = models.JSONField(default=list, help_text='[{"feature_id": index, "coefficient": c}]')
@@ -240,12 +258,16 @@ class SteeringRun(models.Model):
             models.Index(fields=["status", "created_at"], name="run_status_created"),
         ]
         constraints = [
-            models.CheckConstraint(condition=Q(method__in=["additive", "multiplicative"]), name="run_method_valid"),
+            models.CheckConstraint(
+                condition=Q(method__in=["additive", "multiplicative"]), name="run_method_valid"
+            ),
             models.CheckConstraint(
                 condition=Q(status__in=["queued", "running", "completed", "failed", "cancelled"]),
                 name="run_status_valid",
             ),
-            models.CheckConstraint(condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="run_temperature_range"),
+            models.CheckConstraint(
+                condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="run_temperature_range"
+            ),
             models.CheckConstraint(condition=Q(max_new_tokens__gte=1), name="run_max_new_tokens_positive"),
         ]
 
@@ -259,7 +281,6 @@ class SteeringRun(models.Model):
     def can_change(self, user) -> bool:
         """Only the owner or staff cancel a run (or change it in any way)."""
         return user.is_authenticated and (user.is_staff or user.pk == self.owner_id)
-
 
 
 class ApiToken(models.Model):
@@ -292,7 +313,11 @@ class ApiToken(models.Model):
 
     @classmethod
     def user_for(cls, raw: str):
-        token = cls.objects.select_related("user").filter(token_hash=cls.hash(raw), revoked_at__isnull=True).first()
+        token = (
+            cls.objects.select_related("user")
+            .filter(token_hash=cls.hash(raw), revoked_at__isnull=True)
+            .first()
+        )
         if token is None or not token.user.is_active:
             return None
         moment = timezone.now()

@@ -14,7 +14,17 @@ from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 
 # Slots next to the inputs where the panel shows a field's error (ids error-<name>).
-ERROR_SLOTS = ("training", "prompt", "features", "layers", "method", "temperature", "max_tokens", "seed", "chat")
+ERROR_SLOTS = (
+    "training",
+    "prompt",
+    "features",
+    "layers",
+    "method",
+    "temperature",
+    "max_tokens",
+    "seed",
+    "chat",
+)
 SLIDER_RANGE = 5.0
 
 
@@ -56,7 +66,9 @@ def selected_features(training: Training, items) -> list[SelectedFeature]:
     """Cards for [{feature_id, coefficient}], labelled from the training's Feature rows."""
     items = list(items)
     indices = [item["feature_id"] for item in items]
-    rows = {feature.index: feature for feature in Feature.objects.filter(training=training, index__in=indices)}
+    rows = {
+        feature.index: feature for feature in Feature.objects.filter(training=training, index__in=indices)
+    }
     return [_card(item, rows.get(item["feature_id"])) for item in items]
 
 
@@ -147,7 +159,9 @@ def _id_or_404(raw: str) -> int:
 
 
 def error_context(form: SteeringForm | None) -> dict:
-    errors = {name: " ".join(str(m) for m in messages) for name, messages in form.errors.items()} if form else {}
+    errors = (
+        {name: " ".join(str(m) for m in messages) for name, messages in form.errors.items()} if form else {}
+    )
     return {
         "field_errors": errors,
         "error_slots": [(name, errors.get(name, "")) for name in ERROR_SLOTS],

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Self
 
 from django.conf import settings
 from django.db import connection
@@ -95,7 +96,7 @@ def submit(run: SteeringRun) -> None:
     says so: the panel shows the message, the API answers 503."""
     try:
         worker.submit(run.pk)
-    except Exception as error:  # noqa: BLE001 - whatever the transport raised, the run must end
+    except Exception as error:
         logger.exception("Could not hand run %s to a worker", run.pk)
         fail(run.pk, NO_WORKER)
         raise WorkerUnavailable("No steering worker is available; try again later.") from error
@@ -147,7 +148,7 @@ def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
             _complete(run.pk, services.execute(run, on_step, liveness.should_stop))
         except services.Cancelled:
             _store_cancelled(run.pk, *streamed)
-        except Exception as error:  # noqa: BLE001 - any failure must end the run, with its reason
+        except Exception as error:
             reason = failure_reason(error)
             logger.exception("Steering run %s failed: %s", run.pk, reason)
             fail(run.pk, reason)
@@ -176,7 +177,10 @@ def worker_name() -> str:
 
 def _store_cancelled(run_id: int, unsteered: str, steered: str) -> None:
     SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
-        status=Status.CANCELLED, finished_at=timezone.now(), unsteered_output=unsteered, steered_output=steered
+        status=Status.CANCELLED,
+        finished_at=timezone.now(),
+        unsteered_output=unsteered,
+        steered_output=steered,
     )
 
 
@@ -240,7 +244,9 @@ def _process_alive(worker: str) -> bool:
 
 
 def _fail_all(runs, reason: str) -> int:
-    return runs.filter(status__in=ACTIVE).update(status=Status.FAILED, error=reason, finished_at=timezone.now())
+    return runs.filter(status__in=ACTIVE).update(
+        status=Status.FAILED, error=reason, finished_at=timezone.now()
+    )
 
 
 class Liveness:
@@ -263,7 +269,7 @@ class Liveness:
     def should_stop(self) -> bool:
         return self.stop.is_set()
 
-    def __enter__(self) -> "Liveness":
+    def __enter__(self) -> Self:
         Liveness.active[self.run_id] = self
         self.thread.start()
         return self
@@ -278,7 +284,7 @@ class Liveness:
             while not self.done.wait(self.interval):
                 try:
                     self._check_in()
-                except Exception:  # noqa: BLE001 - a missed beat must not end the run; the sweep judges
+                except Exception:
                     logger.warning("Heartbeat of run %s failed", self.run_id, exc_info=True)
         finally:
             connection.close()  # this thread's own database connection

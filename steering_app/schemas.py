@@ -7,8 +7,6 @@ from django.conf import settings
 from ninja import Field, Schema
 from pydantic import ConfigDict
 
-from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
-
 from steering_app.limits import (
     MAX_ABS_COEFFICIENT,
     MAX_FEATURES,
@@ -19,6 +17,7 @@ from steering_app.limits import (
     MAX_SEED,
     MAX_TEMPERATURE,
 )
+from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 
 
 class Error(Schema):
@@ -126,7 +125,9 @@ class GenerateIn(Schema):
         max_length=MAX_LAYERS,
         description="Decoder blocks to steer, each below the model's layer count.",
     )
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding.")
+    temperature: float = Field(
+        DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding."
+    )
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
     method: Literal["additive", "multiplicative"] = "additive"

@@ -77,7 +77,9 @@ def generate(request):
 def _refused(request, form: SteeringForm, status: int):
     """The form again with its errors: only the error area for HTMX, the whole panel otherwise."""
     if request.htmx:
-        response = render(request, "steering/panel.html#form-errors", panel.error_context(form), status=status)
+        response = render(
+            request, "steering/panel.html#form-errors", panel.error_context(form), status=status
+        )
         return reswap(retarget(response, "#form-errors"), "outerHTML")
     context = panel.panel_context(panel.state_from_form(form), form)
     return render(request, "steering/panel.html", context, status=status)

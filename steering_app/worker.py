@@ -51,7 +51,7 @@ def sweep() -> None:
 
     try:
         swept = runs.sweep_stale()
-    except Exception:  # noqa: BLE001 - logged; the next tick tries again
+    except Exception:
         logger.exception("Sweeping stale runs failed")
         return
     if swept:

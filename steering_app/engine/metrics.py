@@ -44,7 +44,9 @@ from .sae import SAE
 from .steer import SteeringSpec, steering_hooks
 
 
-def comparison_metrics(lm: LoadedModel, sae: SAE, comparison: Comparison, spec: SteeringSpec, embedder) -> dict:
+def comparison_metrics(
+    lm: LoadedModel, sae: SAE, comparison: Comparison, spec: SteeringSpec, embedder
+) -> dict:
     """The five metrics; also records metrics_forward and embed in comparison.timings."""
     t0 = time.perf_counter()
     with lm.lock:
@@ -135,7 +137,11 @@ def _model_metrics(lm: LoadedModel, sae: SAE, comparison: Comparison, spec: Stee
         with (
             skinny_linears(model, device),
             steering_hooks(
-                blocks, sae, spec, comparison.sae_layer, rows=(STEERED,),
+                blocks,
+                sae,
+                spec,
+                comparison.sae_layer,
+                rows=(STEERED,),
                 special_mask=torch.isin(input_ids, special_ids),
             ),
             capture_hook(blocks, comparison.sae_layer, sae, spec.feature_ids, rows=(CLEAN,)) as records,

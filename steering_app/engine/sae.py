@@ -170,8 +170,7 @@ def validate_cfg(cfg: dict) -> dict:
     cfg.setdefault("architecture", "standard")
     if cfg["architecture"] not in ARCHITECTURES:
         raise SAEFormatError(
-            f"cfg.json: unknown architecture {cfg['architecture']!r} "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"cfg.json: unknown architecture {cfg['architecture']!r} (supported: {', '.join(ARCHITECTURES)})"
         )
     if cfg["architecture"] == "topk":
         k = cfg.get("k")
@@ -181,9 +180,7 @@ def validate_cfg(cfg: dict) -> dict:
             raise SAEFormatError(f"cfg.json: k must be an integer in [1, d_sae], got {k!r}")
     normalize = cfg.get("normalize_activations")
     if normalize not in (None, "none"):
-        raise SAEFormatError(
-            f"cfg.json: normalize_activations {normalize!r} is not supported (only 'none')"
-        )
+        raise SAEFormatError(f"cfg.json: normalize_activations {normalize!r} is not supported (only 'none')")
     cfg.setdefault("apply_b_dec_to_input", False)
     cfg.setdefault("dtype", "float32")
     parse_dtype(cfg["dtype"])
@@ -204,7 +201,9 @@ def load_sae(path, device="cpu", dtype: torch.dtype | None = None) -> SAE:
     """Load an SAELens checkpoint directory; raise SAEFormatError naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
-        raise SAEFormatError(f"{path}: not a directory (an SAE is a directory with {CFG_FILE} and {WEIGHTS_FILE})")
+        raise SAEFormatError(
+            f"{path}: not a directory (an SAE is a directory with {CFG_FILE} and {WEIGHTS_FILE})"
+        )
     cfg = validate_cfg(_read_cfg(path))
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():

@@ -97,7 +97,9 @@ def validate(
             )
         scale = spec.scale(index)
         if not math.isfinite(scale) or scale < 0:
-            raise SpecError("feature_scales", f"scale of feature {index} must be finite and >= 0, got {scale!r}")
+            raise SpecError(
+                "feature_scales", f"scale of feature {index} must be finite and >= 0, got {scale!r}"
+            )
     if not spec.layers:
         raise SpecError("layers", "at least one intervention layer is required")
     for layer in spec.layers:

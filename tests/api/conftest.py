@@ -34,7 +34,9 @@ def fake_engine(monkeypatch):
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
     def execute(run, on_step, should_stop=None):
-        return services.Outcome(f"clean: {run.prompt}", f"steered: {run.prompt}", FAKE_METRICS, {"generate_s": 0.01})
+        return services.Outcome(
+            f"clean: {run.prompt}", f"steered: {run.prompt}", FAKE_METRICS, {"generate_s": 0.01}
+        )
 
     monkeypatch.setattr(services, "execute", execute)
 

@@ -100,8 +100,10 @@ def test_a_timed_out_generate_cancels_the_run_and_the_worker_takes_the_next_at_o
     thread = threading.Thread(target=worker_loop)
     thread.start()
     try:
-        body = assert_error(client.post("/api/steering/generate", generate_body, "application/json",
-                                        headers=bearer(owner)), 503)
+        body = assert_error(
+            client.post("/api/steering/generate", generate_body, "application/json", headers=bearer(owner)),
+            503,
+        )
         timed_out = SteeringRun.objects.get()
         for _ in range(100):  # bounded: 5 s
             timed_out.refresh_from_db()
@@ -109,9 +111,15 @@ def test_a_timed_out_generate_cancels_the_run_and_the_worker_takes_the_next_at_o
                 break
             threading.Event().wait(0.05)
 
-        monkeypatch.setattr(services, "execute", lambda run, on_step, should_stop=None: services.Outcome(
-            "quick", "quick", {}, {}))
-        following = client.post("/api/steering/generate", generate_body, "application/json", headers=bearer(owner))
+        monkeypatch.setattr(
+            services,
+            "execute",
+            lambda run, on_step, should_stop=None: services.Outcome("quick", "quick", {}, {}),
+        )
+        settings.STEERLAB_RUN_TIMEOUT = 30  # the worker is free: only a loaded machine makes it take long
+        following = client.post(
+            "/api/steering/generate", generate_body, "application/json", headers=bearer(owner)
+        )
     finally:
         stop_worker.set()
         thread.join(timeout=10)

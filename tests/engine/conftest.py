@@ -77,7 +77,9 @@ def cat_scale(smollm2, smollm2_sae) -> float:
     return float(smollm2_sae.encode(cats)[:, 0].max())
 
 
-def random_sae(tmp_path, d_in: int, d_sae: int = 16, architecture: str = "standard", hook_layer: int = 1, seed=0):
+def random_sae(
+    tmp_path, d_in: int, d_sae: int = 16, architecture: str = "standard", hook_layer: int = 1, seed=0
+):
     generator = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=generator)
     cfg = {
@@ -110,8 +112,13 @@ def tiny_lm(architecture: str, tokenizer, vocab_size: int | None = None, context
     vocab_size = vocab_size or len(tokenizer)
     if architecture == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=context, n_embd=32, n_layer=4, n_head=4,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=vocab_size,
+            n_positions=context,
+            n_embd=32,
+            n_layer=4,
+            n_head=4,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         model = GPT2LMHeadModel(config)
     else:
@@ -147,7 +154,5 @@ def tiny(request, smollm2):
 
 def hooks_everywhere(model) -> list[str]:
     return [
-        name
-        for name, module in model.named_modules()
-        if module._forward_hooks or module._forward_pre_hooks
+        name for name, module in model.named_modules() if module._forward_hooks or module._forward_pre_hooks
     ]

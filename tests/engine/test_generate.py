@@ -17,7 +17,9 @@ PROMPT = "My favorite thing to do on weekends is"
 
 
 def _compare(lm, sae, spec, seed, tokens=16, **kwargs):
-    return compare(lm, sae, kwargs.pop("prompt", PROMPT), spec, kwargs.pop("temperature", 0.7), tokens, seed, **kwargs)
+    return compare(
+        lm, sae, kwargs.pop("prompt", PROMPT), spec, kwargs.pop("temperature", 0.7), tokens, seed, **kwargs
+    )
 
 
 @pytest.mark.slow
@@ -59,7 +61,7 @@ def test_it_decodes_greedily_at_temperature_zero(smollm2, smollm2_sae):
     prompt = torch.tensor([first.prompt_ids])
     with torch.inference_mode():
         reference = smollm2.model.generate(prompt, max_new_tokens=16, do_sample=False)
-    assert first.unsteered_ids == reference[0, prompt.shape[1]:].tolist()
+    assert first.unsteered_ids == reference[0, prompt.shape[1] :].tolist()
 
 
 @pytest.mark.slow
@@ -68,7 +70,13 @@ def test_it_streams_text_deltas_for_both_columns(smollm2, smollm2_sae, cat_scale
     for chat, prompt in ((False, PROMPT), (True, "Describe a sunny day with emojis 🌞")):
         deltas = []
         comparison = _compare(
-            smollm2, smollm2_sae, spec, seed=1, tokens=32, chat=chat, prompt=prompt,
+            smollm2,
+            smollm2_sae,
+            spec,
+            seed=1,
+            tokens=32,
+            chat=chat,
+            prompt=prompt,
             on_step=lambda u, s, out=deltas: out.append((u, s)),
         )
         assert "".join(u for u, _ in deltas) == comparison.unsteered_text
@@ -99,13 +107,22 @@ def test_it_leaves_no_hook_after_a_failure_and_generates_as_before(smollm2, smol
 @pytest.mark.slow
 def test_it_gives_two_threads_exactly_what_each_gets_alone(smollm2, smollm2_sae, cat_scale):
     requests = [
-        {"spec": SteeringSpec("additive", ((0, 2.0),), (SAE_LAYER,), feature_scales={0: cat_scale}), "seed": 3},
+        {
+            "spec": SteeringSpec("additive", ((0, 2.0),), (SAE_LAYER,), feature_scales={0: cat_scale}),
+            "seed": 3,
+        },
         {"spec": SteeringSpec("multiplicative", ((1, 4.0), (0, -1.0)), (SAE_LAYER,)), "seed": 3},
     ]
 
     def run(request):
         return run_comparison(
-            smollm2, smollm2_sae, prompt=PROMPT, temperature=0.7, max_new_tokens=16, sae_layer=SAE_LAYER, **request
+            smollm2,
+            smollm2_sae,
+            prompt=PROMPT,
+            temperature=0.7,
+            max_new_tokens=16,
+            sae_layer=SAE_LAYER,
+            **request,
         )
 
     alone = [run(request) for request in requests]
@@ -136,13 +153,17 @@ def test_it_stops_each_row_at_its_own_eos(smollm2, tmp_path):
     sae.W_dec.data[2] = 100 * direction
     spec = SteeringSpec("additive", ((2, 1.0),), (3,))
     streamed = []
-    comparison = compare(tiny, sae, "Hello there", spec, 0.7, 10, seed=0, on_step=lambda u, s: streamed.append(s))
+    comparison = compare(
+        tiny, sae, "Hello there", spec, 0.7, 10, seed=0, on_step=lambda u, s: streamed.append(s)
+    )
     assert comparison.steered_ids == [eos] and comparison.steered_text == ""
     assert len(comparison.unsteered_ids) == 10 and eos not in comparison.unsteered_ids
     assert "".join(streamed) == ""
     metrics = comparison_metrics(tiny, sae, comparison, spec, get_embedder())
     # The steered continuation is only produced by the last prompt position, shared with the clean row.
-    assert metrics["feature_activation"][0]["steered"] == pytest.approx(float(comparison.clean_activations[0, 0]))
+    assert metrics["feature_activation"][0]["steered"] == pytest.approx(
+        float(comparison.clean_activations[0, 0])
+    )
     assert metrics["kl_divergence"] > 0 and metrics["word_overlap"] == 0.0
 
 
@@ -171,7 +192,9 @@ def test_it_stops_before_the_next_step_once_should_stop_says_so_and_leaves_no_ho
 
     try:
         with pytest.raises(Stopped):
-            compare(tiny, sae, "Hello there", spec, 0.7, 50, seed=0, min_new_tokens=50, should_stop=should_stop)
+            compare(
+                tiny, sae, "Hello there", spec, 0.7, 50, seed=0, min_new_tokens=50, should_stop=should_stop
+            )
     finally:
         counter.remove()
 
@@ -183,7 +206,9 @@ def test_it_stops_before_the_next_step_once_should_stop_says_so_and_leaves_no_ho
 
 def _free_elsewhere(lock) -> bool:
     taken = []
-    thread = threading.Thread(target=lambda: taken.append(lock.acquire(timeout=1) and (lock.release() or True)))
+    thread = threading.Thread(
+        target=lambda: taken.append(lock.acquire(timeout=1) and (lock.release() or True))
+    )
     thread.start()
     thread.join()
     return taken == [True]

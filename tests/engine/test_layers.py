@@ -10,14 +10,22 @@ TINY = {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "num_hidd
 def _model(name: str):
     torch.manual_seed(0)
     configs = {
-        "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=16, n_head=2, n_layer=3, n_positions=32),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=64, n_embd=16, n_head=2, n_layer=3, n_positions=32
+        ),
         "llama": lambda: transformers.LlamaConfig(**TINY, intermediate_size=32),
         "mistral": lambda: transformers.MistralConfig(**TINY, intermediate_size=32, num_key_value_heads=1),
         "qwen2": lambda: transformers.Qwen2Config(**TINY, intermediate_size=32, num_key_value_heads=1),
-        "gemma": lambda: transformers.GemmaConfig(**TINY, intermediate_size=32, num_key_value_heads=1, head_dim=8),
+        "gemma": lambda: transformers.GemmaConfig(
+            **TINY, intermediate_size=32, num_key_value_heads=1, head_dim=8
+        ),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY, intermediate_size=32),
         "opt": lambda: transformers.OPTConfig(
-            vocab_size=64, hidden_size=16, num_attention_heads=2, num_hidden_layers=3, ffn_dim=32,
+            vocab_size=64,
+            hidden_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=3,
+            ffn_dim=32,
             word_embed_proj_dim=16,
         ),
         "phi": lambda: transformers.PhiConfig(**TINY, intermediate_size=32),

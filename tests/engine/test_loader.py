@@ -45,15 +45,19 @@ def test_it_caches_the_dequantized_gguf_as_safetensors(smollm2):
     cached = data_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1"
     assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
     assert "quantization_config" not in json.loads((cached / "config.json").read_text())
-    assert describe_model(SMOLLM2_DEMO) == {"architecture": "LlamaForCausalLM", "num_layers": 30, "hidden_size": 576}
+    assert describe_model(SMOLLM2_DEMO) == {
+        "architecture": "LlamaForCausalLM",
+        "num_layers": 30,
+        "hidden_size": 576,
+    }
 
 
 def test_it_loads_a_local_directory_once_for_concurrent_callers(smollm2, tmp_path, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2.tokenizer), n_embd=16, n_layer=2, n_head=2)).save_pretrained(
-        tmp_path
-    )
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(smollm2.tokenizer), n_embd=16, n_layer=2, n_head=2)
+    ).save_pretrained(tmp_path)
     smollm2.tokenizer.save_pretrained(tmp_path)
     calls = []
     real = loader._load_pretrained
@@ -76,8 +80,16 @@ def test_it_loads_a_local_directory_once_for_concurrent_callers(smollm2, tmp_pat
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and all(result is results[0] for result in results)
-    assert (results[0].architecture, results[0].num_layers, results[0].hidden_size) == ("GPT2LMHeadModel", 2, 16)
-    assert describe_model(str(tmp_path)) == {"architecture": "GPT2LMHeadModel", "num_layers": 2, "hidden_size": 16}
+    assert (results[0].architecture, results[0].num_layers, results[0].hidden_size) == (
+        "GPT2LMHeadModel",
+        2,
+        16,
+    )
+    assert describe_model(str(tmp_path)) == {
+        "architecture": "GPT2LMHeadModel",
+        "num_layers": 2,
+        "hidden_size": 16,
+    }
 
 
 def test_it_caches_saes_on_the_models_device_and_dtype(smollm2, tmp_path):

@@ -22,7 +22,11 @@ def _forward(lm, sae, spec, ids, steered: bool):
     blocks = decoder_blocks(lm.model)
     special = torch.isin(torch.tensor(ids), torch.tensor(lm.tokenizer.all_special_ids))
     acts = []
-    hooks = steering_hooks(blocks, sae, spec, SAE_LAYER, rows=(0,), special_mask=special) if steered else nullcontext()
+    hooks = (
+        steering_hooks(blocks, sae, spec, SAE_LAYER, rows=(0,), special_mask=special)
+        if steered
+        else nullcontext()
+    )
     with hooks, torch.inference_mode():
         handle = blocks[SAE_LAYER].register_forward_hook(
             lambda m, a, out: acts.append(sae.encode_features(out[0], spec.feature_ids))
@@ -95,7 +99,9 @@ def test_it_matches_a_plain_teacher_forced_recomputation(
 def test_it_shows_a_positive_coefficient_raising_the_feature(smollm2, smollm2_sae, cat_scale):
     spec = SteeringSpec("additive", ((0, 1.5),), (SAE_LAYER,), feature_scales={0: cat_scale})
     for seed in (0, 1, 2):
-        comparison = compare(smollm2, smollm2_sae, "My favorite thing to do on weekends is", spec, 0.7, 16, seed)
+        comparison = compare(
+            smollm2, smollm2_sae, "My favorite thing to do on weekends is", spec, 0.7, 16, seed
+        )
         (activation,) = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())[
             "feature_activation"
         ]
@@ -106,7 +112,9 @@ def test_it_shows_a_positive_coefficient_raising_the_feature(smollm2, smollm2_sa
 def test_it_shows_multiplicative_minus_one_ablating_the_feature(smollm2, smollm2_sae):
     spec = SteeringSpec("multiplicative", ((0, -1.0),), (SAE_LAYER,))
     comparison = compare(smollm2, smollm2_sae, "Tell me about cats and kittens.", spec, 0.7, 16, seed=0)
-    (activation,) = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())["feature_activation"]
+    (activation,) = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())[
+        "feature_activation"
+    ]
     assert activation["unsteered"] > 1.0  # the feature is active on this text
     assert activation["steered_in_run"] == pytest.approx(0.0, abs=1e-3)
 

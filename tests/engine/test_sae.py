@@ -82,13 +82,21 @@ def _tensors(d_in=4, d_sae=6):
 @pytest.mark.parametrize(
     ("cfg", "tensors", "message"),
     [
-        ({"d_in": 4, "d_sae": 6}, {k: v for k, v in _tensors().items() if k != "b_dec"}, "missing tensor 'b_dec'"),
+        (
+            {"d_in": 4, "d_sae": 6},
+            {k: v for k, v in _tensors().items() if k != "b_dec"},
+            "missing tensor 'b_dec'",
+        ),
         ({"d_in": 4, "d_sae": 6}, {**_tensors(), "W_dec": torch.zeros(4, 6)}, r"W_dec has shape \[4, 6\]"),
         ({"d_sae": 6}, _tensors(), "missing key 'd_in'"),
         ({"d_in": 4, "d_sae": 6, "architecture": "gated"}, _tensors(), "unknown architecture 'gated'"),
         ({"d_in": 4, "d_sae": 6, "architecture": "topk"}, _tensors(), "missing key 'k'"),
         ({"d_in": 4, "d_sae": 6, "architecture": "jumprelu"}, _tensors(), "missing tensor 'threshold'"),
-        ({"d_in": 4, "d_sae": 6, "normalize_activations": "expected_average_only_in"}, _tensors(), "normalize"),
+        (
+            {"d_in": 4, "d_sae": 6, "normalize_activations": "expected_average_only_in"},
+            _tensors(),
+            "normalize",
+        ),
     ],
 )
 def test_it_rejects_malformed_checkpoints_naming_the_problem(tmp_path, cfg, tensors, message):

@@ -14,7 +14,20 @@ from steering_app.engine import corpus, training
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.sae import load_sae
 
-WORDS = ["rain", "sun", "cloud", "storm", "river", "tree", "stone", "bread", "cheese", "music", "guitar", "dance"]
+WORDS = [
+    "rain",
+    "sun",
+    "cloud",
+    "storm",
+    "river",
+    "tree",
+    "stone",
+    "bread",
+    "cheese",
+    "music",
+    "guitar",
+    "dance",
+]
 EOT = "<|endoftext|>"
 
 
@@ -41,8 +54,13 @@ def tokenizer():
 def gpt2(tokenizer):
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=4, n_head=4,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return GPT2LMHeadModel(config).eval().requires_grad_(False)
 
@@ -81,15 +99,30 @@ def test_it_refuses_a_layer_the_model_does_not_have(gpt2, tokenizer):
 def test_it_trains_writes_a_checkpoint_load_sae_reads_back_and_describes_features(gpt2, tokenizer, tmp_path):
     steps = []
     run = training.train_from_texts(
-        gpt2, tokenizer, sentences(400), 1, tmp_path / "sae", tokens=4000, config=SMALL,
-        model_name="tiny-gpt2", dataset="sentences", features_path=tmp_path / "features.json",
-        progress=False, on_step=steps.append,
+        gpt2,
+        tokenizer,
+        sentences(400),
+        1,
+        tmp_path / "sae",
+        tokens=4000,
+        config=SMALL,
+        model_name="tiny-gpt2",
+        dataset="sentences",
+        features_path=tmp_path / "features.json",
+        progress=False,
+        on_step=steps.append,
     )
 
     assert steps and steps[-1]["step"] == steps[-1]["total_steps"]
     assert {"tokens", "loss", "explained_variance"} <= set(steps[-1])
     sae = load_sae(tmp_path / "sae")
-    assert (sae.architecture, sae.k, sae.d_in, sae.d_sae, sae.apply_b_dec_to_input) == ("topk", 4, 32, 64, True)
+    assert (sae.architecture, sae.k, sae.d_in, sae.d_sae, sae.apply_b_dec_to_input) == (
+        "topk",
+        4,
+        32,
+        64,
+        True,
+    )
     assert sae.hook_layer == 1 and sae.cfg["normalize_activations"] == "none"
     metadata = sae.cfg["metadata"]
     assert metadata["model_name"] == "tiny-gpt2" and metadata["dataset"] == "sentences"
@@ -101,7 +134,9 @@ def test_it_trains_writes_a_checkpoint_load_sae_reads_back_and_describes_feature
     features = json.loads((tmp_path / "features.json").read_text())
     assert features == run.features and [f["index"] for f in features] == list(range(64))
     for feature in features:
-        assert {"label", "description", "max_activation", "activation_frequency", "top_tokens"} <= set(feature)
+        assert {"label", "description", "max_activation", "activation_frequency", "top_tokens"} <= set(
+            feature
+        )
         assert 0 <= feature["activation_frequency"] <= 1
     live = [f for f in features if f["max_activation"] > 0]
     assert live and all(f["label"] and f["top_tokens"] for f in live)
@@ -129,7 +164,9 @@ def test_a_word_feature_is_labelled_with_its_word(tokenizer):
         sae.W_dec.copy_(torch.eye(2))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
-    features = training.describe_features(training.to_saelens(sae, {}), activations, tokenizer, progress=False)
+    features = training.describe_features(
+        training.to_saelens(sae, {}), activations, tokenizer, progress=False
+    )
 
     assert features[0]["label"].startswith('"rain"')
     assert features[0]["top_tokens"] == ["rain"]
@@ -142,8 +179,15 @@ def test_a_stop_request_raises_and_leaves_no_checkpoint(gpt2, tokenizer, tmp_pat
     checks = iter(range(1000))
     with pytest.raises(training.TrainingInterrupted):
         training.train_from_texts(
-            gpt2, tokenizer, sentences(400), 1, tmp_path / "sae", tokens=4000, config=SMALL,
-            progress=False, stop=lambda: next(checks) >= 3,
+            gpt2,
+            tokenizer,
+            sentences(400),
+            1,
+            tmp_path / "sae",
+            tokens=4000,
+            config=SMALL,
+            progress=False,
+            stop=lambda: next(checks) >= 3,
         )
     assert not (tmp_path / "sae").exists()
     assert list(tmp_path.iterdir()) == []
@@ -155,8 +199,15 @@ def test_an_interrupt_during_training_propagates_and_leaves_no_checkpoint(gpt2, 
 
     with pytest.raises(KeyboardInterrupt):
         training.train_from_texts(
-            gpt2, tokenizer, sentences(400), 1, tmp_path / "sae", tokens=4000, config=SMALL,
-            progress=False, on_step=interrupt,
+            gpt2,
+            tokenizer,
+            sentences(400),
+            1,
+            tmp_path / "sae",
+            tokens=4000,
+            config=SMALL,
+            progress=False,
+            on_step=interrupt,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -223,7 +274,13 @@ def test_the_demo_prompts_are_seeded_and_cover_every_topic_first():
 
 
 def test_the_demo_corpus_is_reproducible(gpt2, tokenizer, tmp_path):
-    kwargs = {"sampled_prompts": 4, "offline_tokens": 300, "max_new_tokens": 8, "batch_size": 2, "progress": False}
+    kwargs = {
+        "sampled_prompts": 4,
+        "offline_tokens": 300,
+        "max_new_tokens": 8,
+        "batch_size": 2,
+        "progress": False,
+    }
     first = corpus.build_demo_corpus(gpt2, tokenizer, tmp_path / "a.txt", **kwargs)
     second = corpus.build_demo_corpus(gpt2, tokenizer, tmp_path / "b.txt", **kwargs)
     assert first.read_text() == second.read_text()

@@ -19,9 +19,9 @@ django.setup()
 from django.contrib.auth import get_user_model
 
 from steering_app import runs, worker
+from steering_app.models import Feature, SteeringRun, Training
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
-from steering_app.models import Feature, SteeringRun, Training
 
 
 def main(count: int, seconds: float) -> None:
@@ -30,10 +30,14 @@ def main(count: int, seconds: float) -> None:
     training = Training.objects.filter(status=Training.Status.COMPLETED).first()
     feature = Feature.objects.filter(training=training).order_by("index").first()
     steering = SteeringSettings(
-        features=[{"feature_id": feature.index, "coefficient": 2.0}], layers=[training.hook_layer], max_tokens=6
+        features=[{"feature_id": feature.index, "coefficient": 2.0}],
+        layers=[training.hook_layer],
+        max_tokens=6,
     )
     created = [
-        runs.create(user, RunRequest(training.pk, f"Run {i}: the weather in the mountains is", steering, seed=i))
+        runs.create(
+            user, RunRequest(training.pk, f"Run {i}: the weather in the mountains is", steering, seed=i)
+        )
         for i in range(count)
     ]
     for run in created:  # all at once, before any of them can finish

@@ -28,7 +28,9 @@ def write_saelens_checkpoint(
     if architecture == "jumprelu":
         weights["threshold"] = torch.full((d_sae,), 0.1)
     weights.update(tensors or {})
-    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, directory / "sae_weights.safetensors")
+    save_file(
+        {name: tensor.contiguous() for name, tensor in weights.items()}, directory / "sae_weights.safetensors"
+    )
     cfg = {
         "architecture": architecture,
         "d_in": d_in,

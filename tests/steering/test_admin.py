@@ -10,8 +10,14 @@ CHANGELISTS = ["languagemodel", "dataset", "training", "feature", "steeringrun",
 
 @pytest.fixture
 def populated(training, owner):
-    SteeringRun.objects.create(owner=owner, training=training, prompt="Hi", seed=1,
-                               features=[{"feature_id": 3, "coefficient": 2.0}], intervention_layers=[2])
+    SteeringRun.objects.create(
+        owner=owner,
+        training=training,
+        prompt="Hi",
+        seed=1,
+        features=[{"feature_id": 3, "coefficient": 2.0}],
+        intervention_layers=[2],
+    )
     ApiToken.issue(owner, "script")
     return training
 
@@ -44,7 +50,9 @@ def test_it_shows_a_trainings_feature_count_and_links_to_its_features(client, st
     assert f"?training__id__exact={training.pk}" in change and "32 features" in change
 
 
-@pytest.mark.parametrize(("query", "expected"), [("weather", ["weather and rain"]), ("12", ["cooking recipes"])])
+@pytest.mark.parametrize(
+    ("query", "expected"), [("weather", ["weather and rain"]), ("12", ["cooking recipes"])]
+)
 def test_it_searches_features_by_label_description_and_index(client, staff, training, query, expected):
     client.force_login(staff)
     response = client.get(reverse("admin:steering_app_feature_changelist"), {"q": query})
@@ -54,7 +62,9 @@ def test_it_searches_features_by_label_description_and_index(client, staff, trai
 def test_it_revokes_api_tokens_from_the_admin_action(client, staff, owner):
     token, raw = ApiToken.issue(owner)
     client.force_login(staff)
-    client.post(reverse("admin:steering_app_apitoken_changelist"),
-                {"action": "revoke", "_selected_action": [token.pk]})
+    client.post(
+        reverse("admin:steering_app_apitoken_changelist"),
+        {"action": "revoke", "_selected_action": [token.pk]},
+    )
     token.refresh_from_db()
     assert token.revoked_at is not None and ApiToken.user_for(raw) is None

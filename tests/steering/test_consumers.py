@@ -30,8 +30,6 @@ def application():
     return application
 
 
-
-
 def cookie_for(user) -> tuple[bytes, bytes]:
     client = Client()
     client.force_login(user)
@@ -193,8 +191,8 @@ def test_a_run_that_finished_before_the_socket_opened_is_sent_at_once(applicatio
 
 
 def test_the_submitting_page_gets_the_events_sent_before_it_connected(
-    application, owner, training, monkeypatch
-, make_run):
+    application, owner, training, monkeypatch, make_run
+):
     run = make_run(owner)
     monkeypatch.setattr(worker, "submit", lambda run_id: None)
     url = streaming.open_mailbox(run.pk)  # the view subscribes the mailbox, then submits
@@ -221,7 +219,9 @@ def test_the_submitting_page_gets_the_events_sent_before_it_connected(
     assert 'data-state="completed"' in received[3]
 
 
-def test_a_token_for_another_run_does_not_open_its_mailbox(application, owner, training, monkeypatch, make_run):
+def test_a_token_for_another_run_does_not_open_its_mailbox(
+    application, owner, training, monkeypatch, make_run
+):
     run, other = make_run(owner), make_run(owner)
     monkeypatch.setattr(worker, "submit", lambda run_id: None)
     url = streaming.open_mailbox(other.pk)
@@ -281,7 +281,11 @@ def test_a_cancelled_run_ends_the_stream_with_the_text_so_far(application, owner
         await publish_async(run, "delta", unsteered="Half", steered="Way")
         await ws.receive_from(TIMEOUT)
         await finish_async(
-            run, status="cancelled", error="cancelled by owner", unsteered_output="Half", steered_output="Way",
+            run,
+            status="cancelled",
+            error="cancelled by owner",
+            unsteered_output="Half",
+            steered_output="Way",
             metrics={},
         )
         await publish_async(run, "cancelled", error="cancelled by owner")

@@ -11,9 +11,9 @@ import pytest
 from django.core.management import call_command
 
 from steering_app import runs
+from steering_app.models import Feature, SteeringRun, Training
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
-from steering_app.models import Feature, SteeringRun, Training
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
@@ -45,7 +45,10 @@ def test_it_puts_an_amplified_features_words_into_the_steered_text(owner, demo_t
     unsteered_activation = steered_activation = 0.0
     for seed in SEEDS:
         steering = SteeringSettings(
-            features=[{"feature_id": index, "coefficient": 4.0}], layers=[10], temperature=0.8, max_tokens=MAX_TOKENS
+            features=[{"feature_id": index, "coefficient": 4.0}],
+            layers=[10],
+            temperature=0.8,
+            max_tokens=MAX_TOKENS,
         )
         run = runs.create(owner, RunRequest(demo_training.pk, PROMPT, steering, seed=seed, chat=True))
         runs.process(runs.claim(), lambda event, payload: None)

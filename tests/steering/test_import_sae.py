@@ -22,29 +22,52 @@ def test_it_imports_each_saelens_architecture_with_all_features(language_model, 
 
     training = Training.objects.get()
     assert training.status == Training.Status.COMPLETED and training.completed_at is not None
-    assert (training.encoder_type, training.hook_layer, training.d_in, training.d_sae) == (architecture, 2, 16, 32)
+    assert (training.encoder_type, training.hook_layer, training.d_in, training.d_sae) == (
+        architecture,
+        2,
+        16,
+        32,
+    )
     assert training.hook_name == "blocks.2.hook_resid_post"
     assert training.dataset == Dataset.objects.get(name="tiny-corpus")
     assert list(training.features.values_list("index", flat=True)) == list(range(32))
     assert training.features.get(index=5).label == "feature #5"
 
 
-@pytest.mark.parametrize(("hook_name", "layer"), [("blocks.3.hook_resid_post", 3), ("blocks.3.hook_resid_pre", 2)])
+@pytest.mark.parametrize(
+    ("hook_name", "layer"), [("blocks.3.hook_resid_post", 3), ("blocks.3.hook_resid_pre", 2)]
+)
 def test_it_takes_the_layer_from_either_hook_name_form(language_model, tmp_path, hook_name, layer):
-    import_sae("--model", "tiny-llama", "--path", str(write_saelens_checkpoint(tmp_path / "sae", hook_name=hook_name)))
+    import_sae(
+        "--model",
+        "tiny-llama",
+        "--path",
+        str(write_saelens_checkpoint(tmp_path / "sae", hook_name=hook_name)),
+    )
     assert Training.objects.get().hook_layer == layer
 
 
 def test_it_lets_the_layer_option_override_the_hook_name(language_model, tmp_path):
-    import_sae("--model", "tiny-llama", "--path", str(write_saelens_checkpoint(tmp_path / "sae")), "--layer", "1")
+    import_sae(
+        "--model", "tiny-llama", "--path", str(write_saelens_checkpoint(tmp_path / "sae")), "--layer", "1"
+    )
     assert Training.objects.get().hook_layer == 1
 
 
 def test_it_reads_neuronpedia_style_labels(language_model, tmp_path):
     labels = tmp_path / "explanations.json"
-    labels.write_text(json.dumps([{"index": 3, "description": "weather words"}, {"index": "7", "description": "code"}]))
+    labels.write_text(
+        json.dumps([{"index": 3, "description": "weather words"}, {"index": "7", "description": "code"}])
+    )
 
-    import_sae("--model", "tiny-llama", "--path", str(write_saelens_checkpoint(tmp_path / "sae")), "--labels", str(labels))
+    import_sae(
+        "--model",
+        "tiny-llama",
+        "--path",
+        str(write_saelens_checkpoint(tmp_path / "sae")),
+        "--labels",
+        str(labels),
+    )
 
     assert Feature.objects.get(index=3).label == "weather words"
     assert Feature.objects.get(index=7).description == "code"
@@ -75,8 +98,15 @@ def broken_checkpoints(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing file", "malformed cfg.json", "wrong tensor shape", "unknown architecture", "d_in mismatch",
-     "layer out of range", "not a directory"],
+    [
+        "missing file",
+        "malformed cfg.json",
+        "wrong tensor shape",
+        "unknown architecture",
+        "d_in mismatch",
+        "layer out of range",
+        "not a directory",
+    ],
 )
 def test_it_refuses_a_broken_checkpoint_and_creates_nothing(language_model, tmp_path, case):
     path, message = broken_checkpoints(tmp_path)[case]
@@ -97,6 +127,12 @@ def test_it_refuses_labels_out_of_range_and_creates_nothing(language_model, tmp_
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps([{"index": 99, "description": "beyond d_sae"}]))
     with pytest.raises(CommandError, match="index 99"):
-        import_sae("--model", "tiny-llama", "--path", str(write_saelens_checkpoint(tmp_path / "sae")),
-                   "--labels", str(labels))
+        import_sae(
+            "--model",
+            "tiny-llama",
+            "--path",
+            str(write_saelens_checkpoint(tmp_path / "sae")),
+            "--labels",
+            str(labels),
+        )
     assert not Training.objects.exists() and not Feature.objects.exists()

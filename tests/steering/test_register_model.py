@@ -16,8 +16,14 @@ def tiny_gpt2_dir(tmp_path):
 
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
-    config = LlamaConfig(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
+    config = LlamaConfig(
+        num_hidden_layers=5,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     return tmp_path / "llama"
 

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from asgiref.sync import async_to_sync
 
 from steering_app import runs, services, worker
@@ -22,13 +21,13 @@ pytestmark = pytest.mark.django_db
 
 def request_for(training, **changes) -> RunRequest:
     """A valid request; changes use the API's names (intervention_layers, max_new_tokens)."""
-    values = dict(
-        training_id=training.pk,
-        prompt="The weather today is",
-        features=[{"feature_id": 3, "coefficient": 2.0}],
-        intervention_layers=[2],
-        seed=7,
-    )
+    values = {
+        "training_id": training.pk,
+        "prompt": "The weather today is",
+        "features": [{"feature_id": 3, "coefficient": 2.0}],
+        "intervention_layers": [2],
+        "seed": 7,
+    }
     values.update(changes)
     steering = SteeringSettings(
         features=values.pop("features"),
@@ -65,7 +64,10 @@ def test_it_draws_a_seed_when_none_is_given_and_stores_it(owner, training):
         ({"features": [{"feature_id": 3, "coefficient": math.nan}]}, "features"),
         ({"features": [{"feature_id": 3, "coefficient": math.inf}]}, "features"),
         ({"features": [{"feature_id": 3, "coefficient": 100.5}]}, "features"),
-        ({"features": [{"feature_id": 3, "coefficient": 1}, {"feature_id": 3, "coefficient": 2}]}, "features"),
+        (
+            {"features": [{"feature_id": 3, "coefficient": 1}, {"feature_id": 3, "coefficient": 2}]},
+            "features",
+        ),
         ({"temperature": 2.5}, "temperature"),
         ({"max_new_tokens": 0}, "max_tokens"),
         ({"max_new_tokens": 513}, "max_tokens"),
@@ -244,9 +246,12 @@ def test_fail_leaves_an_ended_run_as_it_ended(owner, training):
     assert (run.status, run.error) == (SteeringRun.Status.COMPLETED, "")
 
 
-@pytest.mark.parametrize(("reader", "sees_owners_run"), [("owner", True), ("stranger", False), ("staff", True)])
-def test_visible_to_lets_the_owner_and_staff_read_a_run(request, owner, stranger, staff, training, reader,
-                                                       sees_owners_run):
+@pytest.mark.parametrize(
+    ("reader", "sees_owners_run"), [("owner", True), ("stranger", False), ("staff", True)]
+)
+def test_visible_to_lets_the_owner_and_staff_read_a_run(
+    request, owner, stranger, staff, training, reader, sees_owners_run
+):
     owners_run = runs.create(owner, request_for(training))
     strangers_run = runs.create(stranger, request_for(training))
     user = request.getfixturevalue(reader)
@@ -267,7 +272,9 @@ def test_visible_to_shows_an_anonymous_user_nothing(owner, training):
 def age(run, seconds: int) -> None:
     from django.utils import timezone
 
-    SteeringRun.objects.filter(pk=run.pk).update(created_at=timezone.now() - timezone.timedelta(seconds=seconds))
+    SteeringRun.objects.filter(pk=run.pk).update(
+        created_at=timezone.now() - timezone.timedelta(seconds=seconds)
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -315,7 +322,9 @@ def running(run, **fields) -> None:
     SteeringRun.objects.filter(pk=run.pk).update(status=SteeringRun.Status.RUNNING, **fields)
 
 
-def test_the_sweep_judges_a_running_run_by_its_heartbeat_not_by_how_long_it_has_run(owner, training, settings):
+def test_the_sweep_judges_a_running_run_by_its_heartbeat_not_by_how_long_it_has_run(
+    owner, training, settings
+):
     from django.utils import timezone
 
     settings.STEERLAB_RUN_MAX_SECONDS = 60
@@ -323,7 +332,11 @@ def test_the_sweep_judges_a_running_run_by_its_heartbeat_not_by_how_long_it_has_
     long_but_alive = runs.create(owner, request_for(training))
     silent = runs.create(owner, request_for(training))
     running(long_but_alive, started_at=now - timezone.timedelta(hours=2), heartbeat_at=now)
-    running(silent, started_at=now - timezone.timedelta(seconds=90), heartbeat_at=now - timezone.timedelta(seconds=61))
+    running(
+        silent,
+        started_at=now - timezone.timedelta(seconds=90),
+        heartbeat_at=now - timezone.timedelta(seconds=61),
+    )
 
     assert runs.sweep_stale() == 1
 
@@ -344,7 +357,12 @@ def test_the_sweep_fails_at_once_a_run_whose_worker_process_on_this_host_is_gone
 
     orphan = runs.create(owner, request_for(training))
     alive = runs.create(owner, request_for(training))
-    running(orphan, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=f"{socket.gethostname()}:{dead_pid()}")
+    running(
+        orphan,
+        started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        worker=f"{socket.gethostname()}:{dead_pid()}",
+    )
     running(alive, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=runs.worker_name())
 
     assert runs.sweep_stale() == 1
@@ -375,11 +393,13 @@ def slow_engine(steps: int, seconds_per_step: float, started: threading.Event | 
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_slow_run_completes_past_max_seconds_while_its_heartbeat_is_fresh(owner, training, settings, monkeypatch):
+def test_a_slow_run_completes_past_max_seconds_while_its_heartbeat_is_fresh(
+    owner, training, settings, monkeypatch
+):
     settings.STEERLAB_RUN_MAX_SECONDS = 1
     monkeypatch.setattr(runs, "HEARTBEAT_SECONDS", 0.1)
     monkeypatch.setattr(services, "execute", slow_engine(steps=25, seconds_per_step=0.1))  # 2.5 s
-    run = runs.create(owner, request_for(training))
+    runs.create(owner, request_for(training))
 
     stop_sweeping = worker.start_sweeper_thread(interval=0.1)
     try:
@@ -422,7 +442,9 @@ def test_a_cancel_during_generation_stops_within_one_step_and_frees_the_worker(
     if not local:  # a worker in another process: only the flag in the database reaches it
         monkeypatch.setattr(runs.Liveness, "active", {})
     events = []
-    thread = threading.Thread(target=lambda: runs.process_queued(lambda run_id: lambda e, p: events.append(e)))
+    thread = threading.Thread(
+        target=lambda: runs.process_queued(lambda run_id: lambda e, p: events.append(e))
+    )
     thread.start()
     assert started.wait(5)
 

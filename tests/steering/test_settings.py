@@ -36,10 +36,14 @@ def test_it_requires_a_secret_key_unless_debug(tmp_path):
 
 
 def test_it_defaults_to_sqlite_and_the_in_memory_layer_under_the_data_dir(tmp_path):
-    result = load_settings(tmp_path, {"SECRET_KEY": "k"}, show=(
-        "s.DATABASES['default']['ENGINE'], str(s.DATABASES['default']['NAME']), "
-        "s.CHANNEL_LAYERS['default']['BACKEND'], s.STEERLAB_MAX_NEW_TOKENS, s.STEERLAB_DEVICE"
-    ))
+    result = load_settings(
+        tmp_path,
+        {"SECRET_KEY": "k"},
+        show=(
+            "s.DATABASES['default']['ENGINE'], str(s.DATABASES['default']['NAME']), "
+            "s.CHANNEL_LAYERS['default']['BACKEND'], s.STEERLAB_MAX_NEW_TOKENS, s.STEERLAB_DEVICE"
+        ),
+    )
     assert result.returncode == 0, result.stderr
     engine, name, layer, cap, device = eval(result.stdout)  # a tuple literal printed by the child
     assert engine == "django.db.backends.sqlite3"
@@ -71,10 +75,19 @@ def test_it_parses_lists_booleans_and_devices():
 
 def load_settings(data_dir: Path, variables: dict, show: str = "None") -> subprocess.CompletedProcess:
     """Import the settings in a fresh interpreter, as a server start would."""
-    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY"}}
+    clean = {
+        k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY"}
+    }
     clean.update({"STEERLAB_DATA_DIR": str(data_dir), **variables})
     if "STEERLAB_DEVICE" not in variables:
         clean.pop("STEERLAB_DEVICE", None)
     code = f"from steerproject import settings as s; print(repr(({show},)))"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

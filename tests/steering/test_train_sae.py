@@ -12,15 +12,39 @@ from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 pytestmark = pytest.mark.django_db
 
-WORDS = "rain sun cloud storm river tree stone bread cheese music guitar dance code python train ship".split()
+WORDS = [
+    "rain",
+    "sun",
+    "cloud",
+    "storm",
+    "river",
+    "tree",
+    "stone",
+    "bread",
+    "cheese",
+    "music",
+    "guitar",
+    "dance",
+    "code",
+    "python",
+    "train",
+    "ship",
+]
 
 
 @pytest.fixture
 def tiny_model(tmp_path):
     """A 3-layer random Llama with SmolLM2's tokenizer, registered as `tiny`."""
     tokenizer = loader.load_model("smollm2-demo").tokenizer
-    config = LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256)
+    config = LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+    )
     directory = tmp_path / "tiny"
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -38,8 +62,26 @@ def text_file(tmp_path):
 
 
 def train(text_file, out, *extra):
-    call_command("train_sae", "--model", "tiny", "--layer", "1", "--dataset", str(text_file), "--d-sae", "64",
-                 "--k", "4", "--tokens", "4000", "--epochs", "2", "--out", str(out), *extra)
+    call_command(
+        "train_sae",
+        "--model",
+        "tiny",
+        "--layer",
+        "1",
+        "--dataset",
+        str(text_file),
+        "--d-sae",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "4000",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    )
 
 
 def test_it_trains_records_and_writes_a_checkpoint_import_sae_reads_back(tiny_model, text_file, tmp_path):

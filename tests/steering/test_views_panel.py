@@ -3,13 +3,11 @@
 import pytest
 from django.utils import timezone
 
-from steering_app.models import LanguageModel, SteeringRun, Training
+from steering_app.models import LanguageModel, Training
 
 pytestmark = pytest.mark.django_db
 
 PANEL = "/steering/"
-
-
 
 
 def test_it_redirects_anonymous_users_to_login(client):

@@ -18,8 +18,6 @@ METRICS = {
 }
 
 
-
-
 def completed(make_run, owner, **changes) -> SteeringRun:
     now = timezone.now()
     return make_run(
@@ -134,7 +132,9 @@ def test_an_unfinished_run_connects_to_its_stream(client, owner, training, make_
     assert f'ws-connect="/ws/steering/runs/{run.pk}/"' in html and 'data-state="streaming"' in html
 
 
-def test_the_stop_button_shows_on_an_unfinished_run_for_its_owner_only(client, owner, staff, training, make_run):
+def test_the_stop_button_shows_on_an_unfinished_run_for_its_owner_only(
+    client, owner, staff, training, make_run
+):
     run = make_run(owner)  # queued
     client.force_login(owner)
     assert 'id="stop-run"' in client.get(f"/steering/runs/{run.pk}/").text

@@ -12,7 +12,9 @@ DEMO_USER = "demo"
 
 
 class Command(BaseCommand):
-    help = "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, user demo."
+    help = (
+        "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, user demo."
+    )
 
     def handle(self, **options):
         if not (DEMO_CHECKPOINT / "cfg.json").is_file():
@@ -30,12 +32,22 @@ class Command(BaseCommand):
 
     def ensure_training(self, model: LanguageModel) -> None:
         checkpoint = str(DEMO_CHECKPOINT.resolve())
-        if Training.objects.filter(model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED).exists():
+        if Training.objects.filter(
+            model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED
+        ).exists():
             self.stdout.write("Demo training already imported.")
             return
         call_command(
-            "import_sae", "--model", model.name, "--path", checkpoint, "--labels", str(DEMO_FEATURES),
-            "--dataset", DEMO_DATASET, stdout=self.stdout,
+            "import_sae",
+            "--model",
+            model.name,
+            "--path",
+            checkpoint,
+            "--labels",
+            str(DEMO_FEATURES),
+            "--dataset",
+            DEMO_DATASET,
+            stdout=self.stdout,
         )
 
     def ensure_user(self) -> None:
@@ -51,4 +63,6 @@ class Command(BaseCommand):
             user.set_password(password)
             user.save(update_fields=["password"])
         shown = "the one in DEMO_PASSWORD" if configured else password
-        self.stdout.write(self.style.SUCCESS(f"Log in at http://127.0.0.1:8000/ as {DEMO_USER}, password {shown}"))
+        self.stdout.write(
+            self.style.SUCCESS(f"Log in at http://127.0.0.1:8000/ as {DEMO_USER}, password {shown}")
+        )

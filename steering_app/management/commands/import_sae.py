@@ -38,8 +38,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="name of a registered language model")
         parser.add_argument("--path", required=True, help="SAELens-layout checkpoint directory")
-        parser.add_argument("--layer", type=int, help="decoder block whose output the SAE reads (default: from cfg)")
-        parser.add_argument("--labels", help="JSON list of {index, description[, label, max_activation, ...]}")
+        parser.add_argument(
+            "--layer", type=int, help="decoder block whose output the SAE reads (default: from cfg)"
+        )
+        parser.add_argument(
+            "--labels", help="JSON list of {index, description[, label, max_activation, ...]}"
+        )
         parser.add_argument("--dataset", help="name of the dataset it was trained on (created if new)")
 
     def handle(self, **options):
@@ -52,13 +56,19 @@ class Command(BaseCommand):
         try:
             sae = load_sae(path)
             hook_name = sae.cfg.get("metadata", {}).get("hook_name") or sae.cfg.get("hook_name")
-            layer = options["layer"] if options["layer"] is not None else hook_layer_from_name(hook_name or "")
+            layer = (
+                options["layer"] if options["layer"] is not None else hook_layer_from_name(hook_name or "")
+            )
         except SAEFormatError as error:
             raise CommandError(f"Invalid SAE checkpoint at {path}: {error}") from error
         if sae.d_in != model.hidden_size:
-            raise CommandError(f"SAE d_in {sae.d_in} does not match {model.name}'s hidden size {model.hidden_size}")
+            raise CommandError(
+                f"SAE d_in {sae.d_in} does not match {model.name}'s hidden size {model.hidden_size}"
+            )
         if not 0 <= layer < model.num_layers:
-            raise CommandError(f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}")
+            raise CommandError(
+                f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}"
+            )
         table = read_feature_table(Path(options["labels"]), sae.d_sae) if options["labels"] else {}
         training = self.create_training(model, sae, path, layer, hook_name, table, options["dataset"])
         self.stdout.write(
@@ -86,6 +96,7 @@ class Command(BaseCommand):
             completed_at=timezone.now(),
         )
         Feature.objects.bulk_create(
-            (Feature.from_description(training, index, table.get(index, {})) for index in range(sae.d_sae)), batch_size=2000
+            (Feature.from_description(training, index, table.get(index, {})) for index in range(sae.d_sae)),
+            batch_size=2000,
         )
         return training

@@ -20,12 +20,18 @@ def resolve_dataset(name_or_path: str) -> Dataset:
     if dataset is not None:
         return dataset
     if name_or_path == DEMO_ALIAS:
-        return Dataset.objects.create(name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION)
+        return Dataset.objects.create(
+            name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION
+        )
     path = Path(name_or_path).expanduser().resolve()
     if not path.exists():
-        raise CommandError(f"Unknown dataset {name_or_path!r}: not a registered dataset, 'demo', or a text path")
+        raise CommandError(
+            f"Unknown dataset {name_or_path!r}: not a registered dataset, 'demo', or a text path"
+        )
     kind = "directory of text files" if path.is_dir() else "text file"
-    dataset, _ = Dataset.objects.get_or_create(name=str(path), defaults={"source": str(path), "description": kind})
+    dataset, _ = Dataset.objects.get_or_create(
+        name=str(path), defaults={"source": str(path), "description": kind}
+    )
     return dataset
 
 
@@ -57,19 +63,28 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--demo", action="store_true",
+            "--demo",
+            action="store_true",
             help=f"rebuild the demo SAE ({demo.DEMO_MODEL_NAME}, layer {demo.DEMO_LAYER}) into --out; records "
             "nothing in the database (bootstrap_demo imports it); the defaults below become the demo's recipe",
         )
         parser.add_argument("--model", help="name of a registered language model")
         parser.add_argument("--layer", type=int, help="decoder block whose output is modelled")
         parser.add_argument("--dataset", help="dataset name, 'demo', a text file or a directory")
-        parser.add_argument("--d-sae", type=int, help=f"latents (default: TrainConfig's; --demo: {demo.DEMO_D_SAE})")
-        parser.add_argument("--k", type=int, help=f"active latents a token (default: TrainConfig's; --demo: {demo.DEMO_K})")
         parser.add_argument(
-            "--tokens", type=int, help=f"activations to collect (default {TRAIN_TOKENS}; --demo: {demo.DEMO_TOKENS})"
+            "--d-sae", type=int, help=f"latents (default: TrainConfig's; --demo: {demo.DEMO_D_SAE})"
         )
-        parser.add_argument("--epochs", type=float, help=f"(default: TrainConfig's; --demo: {demo.DEMO_EPOCHS})")
+        parser.add_argument(
+            "--k", type=int, help=f"active latents a token (default: TrainConfig's; --demo: {demo.DEMO_K})"
+        )
+        parser.add_argument(
+            "--tokens",
+            type=int,
+            help=f"activations to collect (default {TRAIN_TOKENS}; --demo: {demo.DEMO_TOKENS})",
+        )
+        parser.add_argument(
+            "--epochs", type=float, help=f"(default: TrainConfig's; --demo: {demo.DEMO_EPOCHS})"
+        )
         parser.add_argument("--seed", type=int, help=f"(default: TrainConfig's; --demo: {demo.DEMO_SEED})")
         parser.add_argument("--device", help="where the model runs (default: the loader's choice)")
         parser.add_argument(
@@ -77,10 +92,15 @@ class Command(BaseCommand):
             help="checkpoint directory (default: <data dir>/saes/<model>-L<layer>-<id>); with --demo, the directory "
             f"that receives sae/ and features.json (default {demo.DEMO_DIR})",
         )
-        parser.add_argument("--work", help="--demo: where the corpus and activation cache go (default: <data dir>/demo)")
-        parser.add_argument("--prompts", type=int, help=f"--demo: sampled answers in the corpus ({demo.DEMO_PROMPTS})")
         parser.add_argument(
-            "--offline-tokens", type=int,
+            "--work", help="--demo: where the corpus and activation cache go (default: <data dir>/demo)"
+        )
+        parser.add_argument(
+            "--prompts", type=int, help=f"--demo: sampled answers in the corpus ({demo.DEMO_PROMPTS})"
+        )
+        parser.add_argument(
+            "--offline-tokens",
+            type=int,
             help=f"--demo: stdlib prose tokens in the corpus ({demo.DEMO_OFFLINE_TOKENS})",
         )
 
@@ -95,7 +115,9 @@ class Command(BaseCommand):
             raise CommandError(f"Unknown model {options['model']!r}: register it first with register_model")
         layer = options["layer"]
         if not 0 <= layer < model.num_layers:
-            raise CommandError(f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}")
+            raise CommandError(
+                f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}"
+            )
         self.check_sizes(options)
         training = self.start_training(model, resolve_dataset(options["dataset"]), layer, options["d_sae"])
         try:
@@ -108,11 +130,13 @@ class Command(BaseCommand):
             raise CommandError(f"Training {training.pk} failed: {error}") from error
         self.complete(training, run)
         stats = training.stats
-        self.stdout.write(self.style.SUCCESS(
-            f"Training {training.pk} completed: {run.stats['tokens']} tokens, explained variance "
-            f"{stats['explained_variance']:.3f}, L0 {stats['l0']:.1f}, dead {stats['dead_fraction']:.1%}; "
-            f"checkpoint {training.checkpoint_path}"
-        ))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Training {training.pk} completed: {run.stats['tokens']} tokens, explained variance "
+                f"{stats['explained_variance']:.3f}, L0 {stats['l0']:.1f}, dead {stats['dead_fraction']:.1%}; "
+                f"checkpoint {training.checkpoint_path}"
+            )
+        )
 
     def with_defaults(self, options) -> dict:
         """options with each unset value filled in: the demo's recipe with --demo, TrainConfig's otherwise."""
@@ -121,10 +145,17 @@ class Command(BaseCommand):
         given = [f"--{name}" for name in ("model", "layer", "dataset") if options[name] is not None]
         if options["demo"]:
             if given:
-                raise CommandError(f"--demo trains the demo's own model, layer and corpus: drop {', '.join(given)}")
+                raise CommandError(
+                    f"--demo trains the demo's own model, layer and corpus: drop {', '.join(given)}"
+                )
             defaults = {
-                "d_sae": demo.DEMO_D_SAE, "k": demo.DEMO_K, "tokens": demo.DEMO_TOKENS, "epochs": demo.DEMO_EPOCHS,
-                "seed": demo.DEMO_SEED, "prompts": demo.DEMO_PROMPTS, "offline_tokens": demo.DEMO_OFFLINE_TOKENS,
+                "d_sae": demo.DEMO_D_SAE,
+                "k": demo.DEMO_K,
+                "tokens": demo.DEMO_TOKENS,
+                "epochs": demo.DEMO_EPOCHS,
+                "seed": demo.DEMO_SEED,
+                "prompts": demo.DEMO_PROMPTS,
+                "offline_tokens": demo.DEMO_OFFLINE_TOKENS,
             }
         else:
             if len(given) < 3:
@@ -133,8 +164,13 @@ class Command(BaseCommand):
             if demo_only:
                 raise CommandError(f"{', '.join(demo_only)} only go with --demo")
             config = TrainConfig()
-            defaults = {"d_sae": config.d_sae, "k": config.k, "tokens": TRAIN_TOKENS, "epochs": config.epochs,
-                        "seed": config.seed}
+            defaults = {
+                "d_sae": config.d_sae,
+                "k": config.k,
+                "tokens": TRAIN_TOKENS,
+                "epochs": config.epochs,
+                "seed": config.seed,
+            }
         return {**options, **{name: value for name, value in defaults.items() if options[name] is None}}
 
     def check_sizes(self, options) -> None:
@@ -160,16 +196,31 @@ class Command(BaseCommand):
         timings["load_model_s"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         text_path = demo_corpus(
-            lm, work, options["seed"], sampled_prompts=options["prompts"], offline_tokens=options["offline_tokens"]
+            lm,
+            work,
+            options["seed"],
+            sampled_prompts=options["prompts"],
+            offline_tokens=options["offline_tokens"],
         )
         timings["corpus_s"] = round(time.perf_counter() - started, 1)
         out = Path(options["out"] or demo.DEMO_DIR)
-        config = TrainConfig(d_sae=options["d_sae"], k=options["k"], epochs=options["epochs"], seed=options["seed"])
+        config = TrainConfig(
+            d_sae=options["d_sae"], k=options["k"], epochs=options["epochs"], seed=options["seed"]
+        )
         run = train_from_texts(
-            lm.model, lm.tokenizer, corpus.read_text_file(text_path), demo.DEMO_LAYER, out / demo.DEMO_CHECKPOINT.name,
-            tokens=options["tokens"], config=config, model_name=demo.DEMO_MODEL_NAME, dataset=demo.DEMO_DATASET,
-            dtype=torch.float16, features_path=out / demo.DEMO_FEATURES.name,
-            activations_cache=demo.demo_activations_path(work, options["seed"]), device=lm.device,
+            lm.model,
+            lm.tokenizer,
+            corpus.read_text_file(text_path),
+            demo.DEMO_LAYER,
+            out / demo.DEMO_CHECKPOINT.name,
+            tokens=options["tokens"],
+            config=config,
+            model_name=demo.DEMO_MODEL_NAME,
+            dataset=demo.DEMO_DATASET,
+            dtype=torch.float16,
+            features_path=out / demo.DEMO_FEATURES.name,
+            activations_cache=demo.demo_activations_path(work, options["seed"]),
+            device=lm.device,
         )
         timings.update(run.timings)
         keys = ("tokens", "explained_variance", "l0", "dead_fraction", "label_coverage")
@@ -179,8 +230,14 @@ class Command(BaseCommand):
         from steering_app.engine.training import hook_name_for
 
         return Training.objects.create(
-            model=model, dataset=dataset, encoder_type=Training.EncoderType.TOPK, hook_layer=layer,
-            hook_name=hook_name_for(layer), d_in=model.hidden_size, d_sae=d_sae, checkpoint_path="",
+            model=model,
+            dataset=dataset,
+            encoder_type=Training.EncoderType.TOPK,
+            hook_layer=layer,
+            hook_name=hook_name_for(layer),
+            d_in=model.hidden_size,
+            d_sae=d_sae,
+            checkpoint_path="",
             status=Training.Status.RUNNING,
         )
 
@@ -189,13 +246,25 @@ class Command(BaseCommand):
         from steering_app.engine.training import TrainConfig, train_from_texts
 
         lm = load_model(training.model.source, device=options["device"])
-        out = Path(options["out"] or data_dir() / "saes" / f"{training.model.name}-L{training.hook_layer}-{training.pk}")
+        out = Path(
+            options["out"]
+            or data_dir() / "saes" / f"{training.model.name}-L{training.hook_layer}-{training.pk}"
+        )
         training.checkpoint_path = str(out.resolve())
         training.save(update_fields=["checkpoint_path"])
-        config = TrainConfig(d_sae=options["d_sae"], k=options["k"], epochs=options["epochs"], seed=options["seed"])
+        config = TrainConfig(
+            d_sae=options["d_sae"], k=options["k"], epochs=options["epochs"], seed=options["seed"]
+        )
         return train_from_texts(
-            lm.model, lm.tokenizer, dataset_texts(training.dataset, lm), training.hook_layer, out,
-            tokens=options["tokens"], config=config, model_name=training.model.name, dataset=training.dataset.name,
+            lm.model,
+            lm.tokenizer,
+            dataset_texts(training.dataset, lm),
+            training.hook_layer,
+            out,
+            tokens=options["tokens"],
+            config=config,
+            model_name=training.model.name,
+            dataset=training.dataset.name,
         )
 
     @transaction.atomic
@@ -205,7 +274,8 @@ class Command(BaseCommand):
         training.completed_at = timezone.now()
         training.save(update_fields=["stats", "status", "completed_at"])
         Feature.objects.bulk_create(
-            (Feature.from_description(training, entry["index"], entry) for entry in run.features), batch_size=2000
+            (Feature.from_description(training, entry["index"], entry) for entry in run.features),
+            batch_size=2000,
         )
         Dataset.objects.filter(pk=training.dataset_id, num_tokens__lt=run.stats["tokens"]).update(
             num_tokens=run.stats["tokens"]
