@@ -32,11 +32,11 @@ from .steer import SpecError, SteeringSpec, steering_hooks, validate
 CLEAN, STEERED = 0, 1
 
 
-@dataclass
 class Stopped(Exception):
     """should_stop() asked the generation to end (the run was cancelled); raised between two steps."""
 
 
+@dataclass
 class Comparison:
     prompt_ids: list[int]
     unsteered_ids: list[int]
