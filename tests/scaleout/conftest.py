@@ -1,10 +1,12 @@
-"""Redis for the scale-out tests: skipped with the reason when it is missing, a failure under REQUIRE_REDIS=1."""
+"""Redis for the scale-out tests: skipped with the reason when it is missing, a failure under REQUIRE_REDIS=1;
+and a fresh PostgreSQL database for their processes."""
 
 import os
+import uuid
 
 import pytest
 
-from tests.scaleout.support import redis_client
+from tests.scaleout.support import POSTGRES, redis_client
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +25,22 @@ def redis_db():
         if not redis_client(number)[0].dbsize():
             return number
     pytest.fail("no empty Redis database to run the scale-out test in")
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory):
+    """A fresh PostgreSQL database, dropped afterwards; a shared SQLite file when PostgreSQL is not there."""
+    import psycopg
+
+    name = f"steerlab_scaleout_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"{POSTGRES}/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        yield f"sqlite:///{tmp_path_factory.mktemp('scaleout') / 'db.sqlite3'}"
+        return
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{POSTGRES}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -6,64 +6,23 @@ reason when Redis is missing; REQUIRE_REDIS=1 turns the skip into a failure.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.scaleout.support import REDIS_HOST, REDIS_PORT, redis_client
+from tests.scaleout.support import environment, redis_client, wait_for_listeners
 
 pytestmark = pytest.mark.redis
 
 ROOT = Path(__file__).resolve().parents[2]
-POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 RUNS = 6
 WORKERS = 2
 SETUP_SECONDS = 600  # migrate, and SmolLM2's GGUF dequantized on a fresh machine
 LISTEN_SECONDS = 180
 RUN_SECONDS = 480
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory):
-    """A fresh PostgreSQL database, dropped afterwards; a shared SQLite file when PostgreSQL is not there."""
-    import psycopg
-
-    name = f"steerlab_scaleout_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(f"{POSTGRES}/postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError:
-        yield f"sqlite:///{tmp_path_factory.mktemp('scaleout') / 'db.sqlite3'}"
-        return
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{POSTGRES}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def environment(database_url: str, redis_db: int) -> dict:
-    env = dict(os.environ)
-    env.pop("STEERLAB_WORKER_MODE", None)
-    env.update(
-        DATABASE_URL=database_url,
-        REDIS_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
-        SECRET_KEY="scaleout-test-secret-key",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def listening_workers(client, redis_db: int) -> int:
-    """Worker connections blocked on the channel: channels_redis receives with BZPOPMIN."""
-    return sum(
-        1 for c in client.client_list() if c.get("cmd") == "bzpopmin" and int(c.get("db", -1)) == redis_db
-    )
 
 
 def test_two_workers_share_six_runs_and_none_is_lost(redis_db, database_url, tmp_path, capsys):
@@ -101,14 +60,7 @@ def test_two_workers_share_six_runs_and_none_is_lost(redis_db, database_url, tmp
                         stderr=subprocess.STDOUT,
                     )
                 )
-        deadline = time.monotonic() + LISTEN_SECONDS
-        while listening_workers(client, redis_db) < WORKERS:
-            dead = [w.returncode for w in workers if w.poll() is not None]
-            assert not dead, f"a worker exited ({dead}):\n" + "\n".join(
-                log.read_text()[-3000:] for log in logs
-            )
-            assert time.monotonic() < deadline, f"workers did not listen within {LISTEN_SECONDS} s"
-            time.sleep(0.2)
+        wait_for_listeners(client, redis_db, workers, logs, LISTEN_SECONDS)
 
         started = time.monotonic()
         output = tmp_path / "driver.out"
