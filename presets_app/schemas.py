@@ -52,10 +52,9 @@ class PresetPatch(Schema):
     is_favorite: bool | None = None
 
 
-class PresetOut(Schema):
-    id: int
-    training_id: int
-    owner: str
+class PresetSettingsOut(Schema):
+    """What a preset saves: the fields export and import carry too."""
+
     name: str
     description: str
     features: list[FeatureCoefficient]
@@ -64,6 +63,12 @@ class PresetOut(Schema):
     temperature: float
     max_tokens: int
     is_favorite: bool
+
+
+class PresetOut(PresetSettingsOut):
+    id: int
+    training_id: int
+    owner: str
     created_at: datetime
     updated_at: datetime
 
@@ -83,16 +88,8 @@ class ExportTraining(Schema):
     d_sae: int
 
 
-class ExportPreset(Schema):
-    name: str
-    description: str
+class ExportPreset(PresetSettingsOut):
     training: ExportTraining
-    features: list[FeatureCoefficient]
-    intervention_layers: list[int]
-    method: str
-    temperature: float
-    max_tokens: int
-    is_favorite: bool
 
 
 class ExportDocument(Schema):

@@ -11,10 +11,8 @@ from django.utils import timezone
 from presets_app.models import SteeringPreset
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError
 from steering_app.limits import MAX_ID, MAX_INDEX
-from steering_app.models import Feature, SteeringRun, Training
+from steering_app.models import Feature, Training
 from steering_app.steering_settings import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
     SteeringSettings,
     is_integer,
 )
@@ -38,13 +36,8 @@ SETTINGS = (
     "max_tokens",
     "is_favorite",
 )
-DEFAULTS = {
-    "description": "",
-    "method": SteeringRun.Method.ADDITIVE,
-    "temperature": DEFAULT_TEMPERATURE,
-    "max_tokens": DEFAULT_MAX_TOKENS,
-    "is_favorite": False,
-}
+# The steering fields' defaults are SteeringSettings.from_fields'.
+DEFAULTS = {"description": "", "is_favorite": False}
 
 
 def clean_preset(training: Training, data: dict, known_features: Container[int] | None = None) -> dict:
@@ -62,13 +55,7 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
     description = _text(values["description"], "description", MAX_DESCRIPTION_CHARS)
     if not isinstance(values["is_favorite"], bool):
         raise InvalidInput("is_favorite must be true or false.", "is_favorite")
-    steering = SteeringSettings(
-        features=values.get("features"),
-        layers=values.get("intervention_layers"),
-        method=values["method"],
-        temperature=values["temperature"],
-        max_tokens=values["max_tokens"],
-    ).validate(training, known_features)
+    steering = SteeringSettings.from_fields(values).validate(training, known_features)
     features, layers = steering.features, steering.layers
     return {
         "name": name.strip() or auto_name(len(features), layers),

@@ -134,13 +134,7 @@ def run_request(payload: GenerateIn) -> runs.RunRequest:
         training_id=payload.training_id,
         model_id=payload.model_id,
         prompt=payload.prompt,
-        settings=SteeringSettings(
-            features=[item.model_dump() for item in payload.features],
-            layers=payload.intervention_layers,
-            method=payload.method,
-            temperature=payload.temperature,
-            max_tokens=payload.max_tokens,
-        ),
+        settings=SteeringSettings.from_fields(payload.model_dump()),
         seed=payload.seed,
         chat=payload.chat,
     )

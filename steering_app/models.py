@@ -78,6 +78,8 @@ class TrainingQuerySet(models.QuerySet):
 class Training(models.Model):
     """An SAE training job; a completed one defines a feature space over one layer of one model."""
 
+    objects = TrainingQuerySet.as_manager()
+
     class EncoderType(models.TextChoices):
         STANDARD = "standard"
         TOPK = "topk"
@@ -104,8 +106,6 @@ class Training(models.Model):
     stats = models.JSONField(default=dict, blank=True, help_text="explained_variance, l0, dead_fraction")
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
-
-    objects = TrainingQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -154,6 +154,8 @@ class FeatureQuerySet(models.QuerySet):
 
 
 class Feature(models.Model):
+    objects = FeatureQuerySet.as_manager()
+
     training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="features")
     index = models.PositiveIntegerField()
     label = models.CharField(max_length=300, blank=True)
@@ -164,10 +166,7 @@ class Feature(models.Model):
     activation_frequency = models.FloatField(null=True, blank=True)
     top_tokens = models.JSONField(default=list, blank=True)
 
-    objects = FeatureQuerySet.as_manager()
-
     class Meta:
-        ordering = ["training", "index"]
         constraints = [
             models.UniqueConstraint(fields=["training", "index"], name="feature_unique_index_per_training"),
             models.CheckConstraint(
@@ -177,6 +176,7 @@ class Feature(models.Model):
             ),
         ]
         indexes = [models.Index(fields=["training", "label"], name="feature_training_label")]
+        ordering = ["training", "index"]
 
     def __str__(self):
         return f"#{self.index} {self.label}"
@@ -211,6 +211,8 @@ class SteeringRunQuerySet(models.QuerySet):
 
 
 class SteeringRun(models.Model):
+    objects = SteeringRunQuerySet.as_manager()
+
     class Method(models.TextChoices):
         ADDITIVE = "additive"
         MULTIPLICATIVE = "multiplicative"
@@ -248,8 +250,6 @@ class SteeringRun(models.Model):
     worker = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
-
-    objects = SteeringRunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

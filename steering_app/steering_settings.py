@@ -5,7 +5,7 @@ one set of rules, one set of messages, each naming the field at fault.
 """
 
 import math
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
 
 from django.conf import settings
@@ -27,6 +27,23 @@ class SteeringSettings:
     method: str = SteeringRun.Method.ADDITIVE
     temperature: float = DEFAULT_TEMPERATURE
     max_tokens: int = DEFAULT_MAX_TOKENS
+
+    @classmethod
+    def from_fields(cls, fields: Mapping) -> "SteeringSettings":
+        """From the names the API, presets and stored runs use (intervention_layers, max_tokens); a missing
+        or null method or number takes the default."""
+
+        def given(name: str, default):
+            value = fields.get(name)
+            return default if value is None else value
+
+        return cls(
+            features=fields.get("features"),
+            layers=fields.get("intervention_layers"),
+            method=given("method", SteeringRun.Method.ADDITIVE),
+            temperature=given("temperature", DEFAULT_TEMPERATURE),
+            max_tokens=given("max_tokens", DEFAULT_MAX_TOKENS),
+        )
 
     def validate(
         self, training: Training, known_features: Container[int] | None = None

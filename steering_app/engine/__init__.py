@@ -6,8 +6,8 @@ run_comparison is the one call the service makes; the modules below it are usabl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .generate import Comparison, Stopped, compare
 from .loader import LoadedModel, get_embedder
@@ -39,47 +39,18 @@ class ComparisonResult:
     timings: dict
 
 
-def run_comparison(
-    lm: LoadedModel,
-    sae: SAE,
-    *,
-    prompt: str,
-    spec: SteeringSpec,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    chat: bool = False,
-    on_step: Callable[[str, str], None] | None = None,
-    sae_layer: int | None = None,
-    top_p: float | None = None,
-    min_new_tokens: int = 0,
-    embedder=None,
-    should_stop: Callable[[], bool] | None = None,
-) -> ComparisonResult:
+def run_comparison(lm: LoadedModel, sae: SAE, *, embedder=None, **compare_args: Any) -> ComparisonResult:
     """Both continuations and all metrics; the model is held for the whole call.
 
-    Raises SpecError (a ValueError naming the field) for an invalid request, Stopped when should_stop()
-    ended the generation.
+    compare_args are compare()'s, by name: prompt, spec, temperature, max_new_tokens, seed, and optionally
+    top_p, chat, on_step, sae_layer, min_new_tokens, should_stop. Raises SpecError (a ValueError naming the
+    field) for an invalid request, Stopped when should_stop() ended the generation.
     """
     started = time.perf_counter()
     embedder = embedder or get_embedder()
     with lm.lock:
-        comparison = compare(
-            lm,
-            sae,
-            prompt,
-            spec,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            top_p=top_p,
-            chat=chat,
-            on_step=on_step,
-            sae_layer=sae_layer,
-            min_new_tokens=min_new_tokens,
-            should_stop=should_stop,
-        )
-        metrics = comparison_metrics(lm, sae, comparison, spec, embedder)
+        comparison = compare(lm, sae, **compare_args)
+        metrics = comparison_metrics(lm, sae, comparison, compare_args["spec"], embedder)
     timings = dict(comparison.timings)
     timings["total"] = time.perf_counter() - started
     return ComparisonResult(

@@ -300,44 +300,38 @@ def compare(
                 "max_new_tokens",
                 f"{len(prompt_ids)} prompt tokens + {max_new_tokens} exceed the context window of {window}",
             )
+    job = _Job(prompt_ids, spec, float(temperature), max_new_tokens, seed, top_p, sae_layer, min_new_tokens)
     with lm.lock:
-        return _generate(
-            lm,
-            sae,
-            prompt_ids,
-            spec,
-            float(temperature),
-            max_new_tokens,
-            seed,
-            top_p,
-            on_step,
-            sae_layer,
-            min_new_tokens,
-            started,
-            should_stop or _never,
-        )
+        return _generate(lm, sae, job, on_step, should_stop or _never, started)
 
 
 def _never() -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one coupled generation computes, validated by compare()."""
+
+    prompt_ids: list[int]
+    spec: SteeringSpec
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    top_p: float | None
+    sae_layer: int
+    min_new_tokens: int
+
+
 @torch.inference_mode()
 def _generate(
-    lm,
-    sae,
-    prompt_ids,
-    spec,
-    temperature,
-    max_new_tokens,
-    seed,
-    top_p,
-    on_step,
-    sae_layer,
-    min_new_tokens,
-    started,
-    should_stop,
-):
+    lm: LoadedModel,
+    sae: SAE,
+    job: _Job,
+    on_step: Callable[[str, str], None] | None,
+    should_stop: Callable[[], bool],
+    started: float,
+) -> Comparison:
     model, tokenizer, device = lm.model, lm.tokenizer, lm.device
     blocks = decoder_blocks(model)
     timings = {"tokenize": time.perf_counter() - started}
@@ -345,9 +339,9 @@ def _generate(
     eos_ids = eos_token_ids(lm)
     eos_index = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     pad_id = next(iter(sorted(eos_ids)), 0) if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(job.seed)
     cache = new_cache(model)
-    prompt = torch.tensor([prompt_ids, prompt_ids], device=device)
+    prompt = torch.tensor([job.prompt_ids, job.prompt_ids], device=device)
     tokens = [[], []]
     finished = [False, False]
     clean_logits: list[torch.Tensor] = []
@@ -359,11 +353,16 @@ def _generate(
         stack.enter_context(skinny_linears(model, device))
         control = stack.enter_context(
             steering_hooks(
-                blocks, sae, spec, sae_layer, rows=(STEERED,), special_mask=torch.isin(prompt, special_ids)
+                blocks,
+                sae,
+                job.spec,
+                job.sae_layer,
+                rows=(STEERED,),
+                special_mask=torch.isin(prompt, special_ids),
             )
         )
         records = stack.enter_context(
-            capture_hook(blocks, sae_layer, sae, spec.feature_ids, rows=(CLEAN, STEERED))
+            capture_hook(blocks, job.sae_layer, sae, job.spec.feature_ids, rows=(CLEAN, STEERED))
         )
 
         t0 = time.perf_counter()
@@ -372,16 +371,16 @@ def _generate(
         timings["prefill"] = time.perf_counter() - t0
         t0 = time.perf_counter()
 
-        for step in range(max_new_tokens):
+        for step in range(job.max_new_tokens):
             step_logits = logits[:, -1, :].float()
             if not finished[CLEAN]:
                 clean_logits.append(step_logits[CLEAN])
             if first_difference is None:
                 steered_logits.append(step_logits[STEERED])
-            if step < min_new_tokens:
+            if step < job.min_new_tokens:
                 # Only the sampling sees the ban; the stored logits stay the model's distribution.
                 step_logits = step_logits.index_fill(-1, eos_index, float("-inf"))
-            sampled = sample_coupled(step_logits, temperature, top_p, generator).tolist()
+            sampled = sample_coupled(step_logits, job.temperature, job.top_p, generator).tolist()
             alive = [not finished[CLEAN], not finished[STEERED]]
             for row in (CLEAN, STEERED):
                 if alive[row]:
@@ -395,7 +394,7 @@ def _generate(
                 deltas = [streams[row].delta(tokens[row]) if alive[row] else "" for row in (CLEAN, STEERED)]
                 if deltas[0] or deltas[1]:
                     on_step(deltas[0], deltas[1])
-            if all(finished) or step == max_new_tokens - 1:
+            if all(finished) or step == job.max_new_tokens - 1:
                 break
             fed = [tokens[row][-1] if not finished[row] else pad_id for row in (CLEAN, STEERED)]
             next_input = torch.tensor([[fed[CLEAN]], [fed[STEERED]]], device=device)
@@ -413,17 +412,17 @@ def _generate(
     if first_difference is None:
         first_difference = min(n_clean, n_steered)
     divergence = min(first_difference, n_clean - 1, n_steered - 1)
-    activations = _stack_records(records, len(spec.feature_ids), device)
+    activations = _stack_records(records, len(job.spec.feature_ids), device)
     timings["generate"] = timings["prefill"] + timings["decode"]
     return Comparison(
-        prompt_ids=list(prompt_ids),
+        prompt_ids=list(job.prompt_ids),
         unsteered_ids=tokens[CLEAN],
         steered_ids=tokens[STEERED],
         unsteered_text=tokenizer.decode(tokens[CLEAN], skip_special_tokens=True),
         steered_text=tokenizer.decode(tokens[STEERED], skip_special_tokens=True),
-        seed=seed,
-        temperature=temperature,
-        sae_layer=sae_layer,
+        seed=job.seed,
+        temperature=job.temperature,
+        sae_layer=job.sae_layer,
         timings=timings,
         clean_logits=torch.stack(clean_logits),
         steered_logits=torch.stack(steered_logits[: divergence + 1]),

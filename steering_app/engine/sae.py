@@ -212,16 +212,21 @@ def load_sae(path, device="cpu", dtype: torch.dtype | None = None) -> SAE:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise SAEFormatError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
-    for name, shape in _expected_shapes(cfg).items():
-        if name not in tensors:
-            raise SAEFormatError(f"{WEIGHTS_FILE}: missing tensor {name!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise SAEFormatError(
-                f"{WEIGHTS_FILE}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}"
-            )
+    _check_tensors(tensors, cfg, WEIGHTS_FILE)
     dtype = dtype or parse_dtype(cfg["dtype"])
     moved = {name: tensors[name].to(device=device, dtype=dtype) for name in _expected_shapes(cfg)}
     return SAE(cfg, **moved)
+
+
+def _check_tensors(tensors: dict, cfg: dict, where: str) -> None:
+    """Every tensor the architecture needs is there, with the shape cfg's d_in and d_sae give it."""
+    for name, shape in _expected_shapes(cfg).items():
+        if name not in tensors:
+            raise SAEFormatError(f"{where}: missing tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise SAEFormatError(
+                f"{where}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}"
+            )
 
 
 def save_sae(path, W_enc, W_dec, b_enc, b_dec, cfg: dict, threshold=None) -> Path:
@@ -237,13 +242,7 @@ def save_sae(path, W_enc, W_dec, b_enc, b_dec, cfg: dict, threshold=None) -> Pat
     tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
     if threshold is not None:
         tensors["threshold"] = threshold
-    for name, shape in _expected_shapes(cfg).items():
-        if name not in tensors:
-            raise SAEFormatError(f"save_sae: missing tensor {name!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise SAEFormatError(
-                f"save_sae: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}"
-            )
+    _check_tensors(tensors, cfg, "save_sae")
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
     (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))

@@ -1,17 +1,7 @@
 """Helpers shared by the preset tests."""
 
 from presets_app.models import SteeringPreset
-
-SETTINGS = (
-    "name",
-    "description",
-    "features",
-    "intervention_layers",
-    "method",
-    "temperature",
-    "max_tokens",
-    "is_favorite",
-)
+from presets_app.services import SETTINGS
 
 
 def snapshot() -> list[tuple]:

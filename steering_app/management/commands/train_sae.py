@@ -71,21 +71,21 @@ class Command(BaseCommand):
         parser.add_argument("--model", help="name of a registered language model")
         parser.add_argument("--layer", type=int, help="decoder block whose output is modelled")
         parser.add_argument("--dataset", help="dataset name, 'demo', a text file or a directory")
-        parser.add_argument(
-            "--d-sae", type=int, help=f"latents (default: TrainConfig's; --demo: {demo.DEMO_D_SAE})"
-        )
-        parser.add_argument(
-            "--k", type=int, help=f"active latents a token (default: TrainConfig's; --demo: {demo.DEMO_K})"
-        )
+        # The training's sizes: TrainConfig's defaults, or with --demo the demo's recipe.
+        for flag, kind, what, demo_value in (
+            ("--d-sae", int, "latents", demo.DEMO_D_SAE),
+            ("--k", int, "active latents a token", demo.DEMO_K),
+            ("--epochs", float, "passes over the activations", demo.DEMO_EPOCHS),
+            ("--seed", int, "random seed", demo.DEMO_SEED),
+        ):
+            parser.add_argument(
+                flag, type=kind, help=f"{what} (default: TrainConfig's; --demo: {demo_value})"
+            )
         parser.add_argument(
             "--tokens",
             type=int,
             help=f"activations to collect (default {TRAIN_TOKENS}; --demo: {demo.DEMO_TOKENS})",
         )
-        parser.add_argument(
-            "--epochs", type=float, help=f"(default: TrainConfig's; --demo: {demo.DEMO_EPOCHS})"
-        )
-        parser.add_argument("--seed", type=int, help=f"(default: TrainConfig's; --demo: {demo.DEMO_SEED})")
         parser.add_argument("--device", help="where the model runs (default: the loader's choice)")
         parser.add_argument(
             "--out",
