@@ -2,10 +2,12 @@
 
 import json
 from collections import defaultdict
-from collections.abc import Container
+from collections.abc import Container, Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from presets_app.models import SteeringPreset
@@ -17,6 +19,9 @@ from steering_app.steering_settings import (
     is_integer,
 )
 from steerproject import safejson
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser as User
 
 FORMAT = "steerlab.presets"
 VERSION = 1
@@ -79,7 +84,7 @@ def _text(value: object, field: str, limit: int) -> str:
     return value
 
 
-def auto_name(feature_count: int, layers: list[int], now=None) -> str:
+def auto_name(feature_count: int, layers: list[int], now: datetime | None = None) -> str:
     hhmm = timezone.localtime(now).strftime("%H%M")
     if len(layers) == 1:
         return f"steering_{feature_count}features_layer{layers[0]}_{hhmm}"
@@ -100,7 +105,9 @@ def taken_names(training: Training) -> set[str]:
     return set(SteeringPreset.objects.filter(training=training).values_list("name", flat=True))
 
 
-def list_presets(training_id: int | None = None, search: str = "", favorites_only: bool = False):
+def list_presets(
+    training_id: int | None = None, search: str = "", favorites_only: bool = False
+) -> QuerySet[SteeringPreset]:
     """Every member sees every preset: favorites first, then the newest."""
     presets = SteeringPreset.objects.select_related("owner", "training__model")
     if training_id is not None:
@@ -141,14 +148,14 @@ def get_preset(pk: int) -> SteeringPreset:
     return preset
 
 
-def get_preset_to_modify(user, pk: int) -> SteeringPreset:
+def get_preset_to_modify(user: "User", pk: int) -> SteeringPreset:
     preset = get_preset(pk)
     if not preset.can_modify(user):
         raise Forbidden("Only the preset's owner or staff can change or delete it.")
     return preset
 
 
-def create_preset(owner, training_id: int, data: dict) -> SteeringPreset:
+def create_preset(owner: "User", training_id: int, data: dict) -> SteeringPreset:
     training = Training.objects.get_completed(training_id)
     values = clean_preset(training, data)
     if (data.get("name") or "").strip():
@@ -189,7 +196,7 @@ def _save(preset: SteeringPreset) -> SteeringPreset:
     return preset
 
 
-def export_document(presets) -> dict:
+def export_document(presets: Iterable[SteeringPreset]) -> dict:
     """A versioned document naming each preset's training portably, so another installation can import it."""
     return {
         "format": FORMAT,
@@ -217,7 +224,7 @@ def export_document(presets) -> dict:
     }
 
 
-def export_json(presets) -> str:
+def export_json(presets: Iterable[SteeringPreset]) -> str:
     return json.dumps(export_document(presets), indent=2, ensure_ascii=False)
 
 
@@ -239,7 +246,7 @@ def parse_document(raw: bytes) -> object:
         raise InvalidInput(f"The document is not valid JSON: {error}.", "file") from error
 
 
-def import_document(owner, document: object) -> list[SteeringPreset]:
+def import_document(owner: "User", document: object) -> list[SteeringPreset]:
     """Import every preset of the document as `owner`'s, or none: all are validated before the first write.
 
     The presets are written in batches, each its own short transaction, so that an import never holds

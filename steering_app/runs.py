@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from django.conf import settings
 from django.db import connection
@@ -34,6 +34,9 @@ from steering_app.errors import InvalidInput, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import SteeringRun, Training
 from steering_app.steering_settings import SteeringSettings, is_integer
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser as User
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class RunRequest:
     model_id: int | None = None
 
 
-def create(owner, request: RunRequest) -> SteeringRun:
+def create(owner: "User", request: RunRequest) -> SteeringRun:
     """Validate a request and store it as a queued run; nothing is written when it is invalid."""
     training = Training.objects.get_completed(request.training_id)
     if request.model_id is not None and request.model_id != training.model_id:
@@ -324,7 +327,7 @@ def is_out_of_memory(error: Exception) -> bool:
     return isinstance(error, torch.OutOfMemoryError | MemoryError)
 
 
-def finite_json(value):
+def finite_json(value: object) -> object:
     """JSON columns refuse NaN and infinities (SQLite and PostgreSQL alike): store them as null."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None

@@ -6,8 +6,12 @@ engine's result into the values a run stores.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from steering_app.models import Feature, SteeringRun
+
+if TYPE_CHECKING:
+    from steering_app.engine.steer import SteeringSpec
 
 OnStep = Callable[[str, str], None]
 ShouldStop = Callable[[], bool]
@@ -25,7 +29,7 @@ class Outcome:
     timings: dict
 
 
-def steering_spec(run: SteeringRun):
+def steering_spec(run: SteeringRun) -> "SteeringSpec":
     """The engine's SteeringSpec for a run, with each feature's a_i (its max activation, 1 when unknown)."""
     from steering_app.engine.steer import SteeringSpec
 

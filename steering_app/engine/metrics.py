@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,9 +45,12 @@ from .loader import LoadedModel
 from .sae import SAE
 from .steer import SteeringSpec, steering_hooks
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 
 def comparison_metrics(
-    lm: LoadedModel, sae: SAE, comparison: Comparison, spec: SteeringSpec, embedder
+    lm: LoadedModel, sae: SAE, comparison: Comparison, spec: SteeringSpec, embedder: SentenceTransformer
 ) -> dict:
     """The five metrics; also records metrics_forward and embed in comparison.timings."""
     t0 = time.perf_counter()
@@ -77,14 +82,14 @@ def comparison_metrics(
     }
 
 
-def semantic_similarity(embedder, a: str, b: str) -> float:
+def semantic_similarity(embedder: SentenceTransformer, a: str, b: str) -> float:
     if a == b:
         return 1.0
     embeddings = embedder.encode([a, b], convert_to_tensor=True, normalize_embeddings=True)
     return max(-1.0, min(1.0, float((embeddings[0] * embeddings[1]).sum())))
 
 
-def word_overlap(a_tokens, b_tokens) -> float:
+def word_overlap(a_tokens: Iterable[int], b_tokens: Iterable[int]) -> float:
     a, b = set(a_tokens), set(b_tokens)
     if not a and not b:
         return 1.0

@@ -8,7 +8,9 @@ threshold [d_sae].
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -55,7 +57,7 @@ def hook_layer_from_name(hook_name: str) -> int:
     return layer - 1
 
 
-def parse_dtype(name) -> torch.dtype:
+def parse_dtype(name: object) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     key = str(name).removeprefix("torch.")
@@ -126,7 +128,7 @@ class SAE(torch.nn.Module):
             return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
         return self._activate(pre, self.threshold)
 
-    def encode_features(self, x: torch.Tensor, indices) -> torch.Tensor:
+    def encode_features(self, x: torch.Tensor, indices: Iterable[int]) -> torch.Tensor:
         """Activations of the given latents only, shape [..., len(indices)].
 
         Standard and jumprelu latents are independent of each other, so only their encoder
@@ -197,7 +199,9 @@ def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_sae(path, device="cpu", dtype: torch.dtype | None = None) -> SAE:
+def load_sae(
+    path: os.PathLike | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> SAE:
     """Load an SAELens checkpoint directory; raise SAEFormatError naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
@@ -229,7 +233,15 @@ def _check_tensors(tensors: dict, cfg: dict, where: str) -> None:
             )
 
 
-def save_sae(path, W_enc, W_dec, b_enc, b_dec, cfg: dict, threshold=None) -> Path:
+def save_sae(
+    path: os.PathLike | str,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    cfg: dict,
+    threshold: torch.Tensor | None = None,
+) -> Path:
     """Write an SAELens checkpoint directory (cfg.json + sae_weights.safetensors)."""
     path = Path(path)
     cfg = dict(cfg)

@@ -11,6 +11,7 @@ so c = 0 changes nothing and the SAE's reconstruction error stays in the residua
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -141,9 +142,9 @@ def steering_hooks(
     sae: SAE,
     spec: SteeringSpec,
     sae_layer: int | None,
-    rows=(1,),
+    rows: Iterable[int] = (1,),
     special_mask: torch.Tensor | None = None,
-):
+) -> Iterator[SteeringControl]:
     """Register the steering hooks for one call; they are removed on any exit, KeyboardInterrupt included.
 
     rows: the batch rows to steer (the others stay clean). Yields a SteeringControl whose
