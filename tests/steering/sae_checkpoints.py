@@ -175,7 +175,10 @@ def llama_scope_reference(folder: Path, weights_file: str = "checkpoints/final.s
     w = {name: tensor.double() for name, tensor in load_file(folder / weights_file).items()}
     d = params["d_model"]
     norms = params["dataset_average_activation_norm"]
-    scale_in, scale_out = d**0.5 / norms["in"], d**0.5 / norms["out"]
+    # lm-saes keys the norms by "in"/"out" (2.x) or by hook point (1.x).
+    norm_in = norms.get("in", norms.get(params["hook_point_in"]))
+    norm_out = norms.get("out", norms.get(params["hook_point_out"]))
+    scale_in, scale_out = d**0.5 / norm_in, d**0.5 / norm_out
     decoder_norm = w["decoder.weight"].norm(dim=0)
 
     def encode(x):
