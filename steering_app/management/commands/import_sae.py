@@ -33,11 +33,23 @@ def read_feature_table(path: Path, d_sae: int) -> dict[int, dict]:
 
 
 class Command(BaseCommand):
-    help = "Import an SAE checkpoint in the SAELens layout (cfg.json + sae_weights.safetensors) as a completed training."
+    help = (
+        "Import an SAE as a completed training: a local checkpoint directory, a folder of a hub repository, "
+        "or a release of SAELens's pretrained-SAE registry; SAELens, Gemma Scope and Llama Scope layouts."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="name of a registered language model")
-        parser.add_argument("--path", required=True, help="SAELens-layout checkpoint directory")
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument(
+            "--path", help="local checkpoint directory (SAELens, Gemma Scope or Llama Scope layout)"
+        )
+        where.add_argument(
+            "--hf-repo", help="hub model repository ORG/NAME holding the SAE (see --path-in-repo)"
+        )
+        where.add_argument("--release", help="release of SAELens's pretrained-SAE registry (see --sae-id)")
+        parser.add_argument("--path-in-repo", help="folder of --hf-repo holding the SAE (default: the root)")
+        parser.add_argument("--sae-id", help="SAE id within --release")
         parser.add_argument(
             "--layer", type=int, help="decoder block whose output the SAE reads (default: from cfg)"
         )
@@ -47,33 +59,79 @@ class Command(BaseCommand):
         parser.add_argument("--dataset", help="name of the dataset it was trained on (created if new)")
 
     def handle(self, **options):
+        from steering_app.engine.loader import data_dir
         from steering_app.engine.sae import SAEFormatError, hook_layer_from_name, load_sae
+        from steering_app.engine.sae_formats import staged
 
         model = LanguageModel.objects.filter(name=options["model"]).first()
         if model is None:
             raise CommandError(f"Unknown model {options['model']!r}: register it first with register_model")
-        path = Path(options["path"]).resolve()
+        source = self.locate(options, data_dir() / "hub")
         try:
-            sae = load_sae(path)
-            hook_name = sae.cfg.get("metadata", {}).get("hook_name") or sae.cfg.get("hook_name")
-            layer = (
-                options["layer"] if options["layer"] is not None else hook_layer_from_name(hook_name or "")
-            )
+            with staged(source, data_dir() / "saes" / "converted") as checkpoint:
+                sae = load_sae(checkpoint.path)
+                hook_name = sae.hook_name
+                layer = (
+                    options["layer"]
+                    if options["layer"] is not None
+                    else hook_layer_from_name(hook_name or "")
+                )
+                if sae.d_in != model.hidden_size:
+                    raise CommandError(
+                        f"SAE d_in {sae.d_in} does not match {model.name}'s hidden size {model.hidden_size}"
+                    )
+                if not 0 <= layer < model.num_layers:
+                    raise CommandError(
+                        f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}"
+                    )
+                table = read_feature_table(Path(options["labels"]), sae.d_sae) if options["labels"] else {}
         except SAEFormatError as error:
-            raise CommandError(f"Invalid SAE checkpoint at {path}: {error}") from error
-        if sae.d_in != model.hidden_size:
-            raise CommandError(
-                f"SAE d_in {sae.d_in} does not match {model.name}'s hidden size {model.hidden_size}"
-            )
-        if not 0 <= layer < model.num_layers:
-            raise CommandError(
-                f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}"
-            )
-        table = read_feature_table(Path(options["labels"]), sae.d_sae) if options["labels"] else {}
-        training = self.create_training(model, sae, path, layer, hook_name, table, options["dataset"])
+            raise CommandError(f"Invalid SAE checkpoint at {source.folder}: {error}") from error
+        training = self.create_training(
+            model, sae, checkpoint.final, layer, hook_name, table, options["dataset"]
+        )
+        converted = (
+            f", converted from {checkpoint.format} into {checkpoint.final}"
+            if checkpoint.path != source.folder
+            else ""
+        )
         self.stdout.write(
             f"Imported training {training.pk}: {training.encoder_type} SAE, {sae.d_sae} features, "
-            f"{model.name} layer {layer}, {len(table)} labelled"
+            f"{model.name} layer {layer}, {len(table)} labelled{converted}"
+        )
+
+    def locate(self, options, hub_cache: Path):
+        """The checkpoint folder the options name, fetched from the hub when they name a hub folder."""
+        from steering_app.engine import hub
+        from steering_app.engine.sae_formats import Source
+
+        if options["sae_id"] and not options["release"]:
+            raise CommandError("--sae-id goes with --release")
+        if options["path_in_repo"] is not None and not options["hf_repo"]:
+            raise CommandError("--path-in-repo goes with --hf-repo")
+        try:
+            if options["release"]:
+                if not options["sae_id"]:
+                    raise CommandError("--release needs --sae-id")
+                entry = hub.resolve(options["release"], options["sae_id"])
+                repo_id, folder = entry.repo_id, entry.path_in_repo
+                metadata = {
+                    "release": entry.release,
+                    "sae_id": entry.sae_id,
+                    "neuronpedia_id": entry.neuronpedia_id,
+                    "model_name": entry.model,
+                }
+            elif options["hf_repo"]:
+                repo_id, folder, metadata = options["hf_repo"], (options["path_in_repo"] or "").strip("/"), {}
+            else:
+                path = Path(options["path"]).resolve()
+                return Source(folder=path, name=str(path), layer=options["layer"])
+            local = hub.download_folder(repo_id, folder, hub_cache)
+        except hub.HubError as error:
+            raise CommandError(str(error)) from error
+        metadata.update({"repo_id": repo_id, "path_in_repo": folder})
+        return Source(
+            folder=local, name=f"{repo_id}/{folder}".rstrip("/"), layer=options["layer"], metadata=metadata
         )
 
     @transaction.atomic
