@@ -80,6 +80,8 @@ def get_training_detail(request, training_id: int = Id):
         "d_in": training.d_in,
         "d_sae": training.d_sae,
         "stats": training.stats,
+        "calibrated": training.is_calibrated,
+        "max_abs_coefficient": training.max_abs_coefficient,
         "status": training.status,
         "error": training.error,
         "created_at": training.created_at,

@@ -5,7 +5,11 @@ The cap on generated tokens is a setting (STEERLAB_MAX_NEW_TOKENS): it depends o
 
 MAX_LAYERS = 20
 MAX_FEATURES = 32
+# A calibrated training's coefficients are multiples of each feature's max activation: |c| up to 100.
 MAX_ABS_COEFFICIENT = 100.0
+# An uncalibrated one's are in residual-stream units (a_i = 1), so its limit scales with the residual norm
+# (Training.max_abs_coefficient); no training's limit exceeds this, the bound of the API's schema and the engine.
+MAX_ABS_COEFFICIENT_HARD = 10_000.0
 MAX_PROMPT_CHARS = 20_000
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1

@@ -1,6 +1,7 @@
 import hashlib
 import secrets
 from datetime import timedelta
+from functools import cached_property
 
 from django.conf import settings
 from django.db import models
@@ -8,7 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from steering_app.errors import Conflict, NotFound
-from steering_app.limits import MAX_ID, MAX_INDEX
+from steering_app.limits import MAX_ABS_COEFFICIENT, MAX_ABS_COEFFICIENT_HARD, MAX_ID, MAX_INDEX
 
 
 class LanguageModel(models.Model):
@@ -139,6 +140,25 @@ class Training(models.Model):
     def is_completed(self) -> bool:
         return self.status == self.Status.COMPLETED
 
+    @cached_property
+    def is_calibrated(self) -> bool:
+        """Whether its features have max activations: additive coefficients are then multiples of them.
+
+        Before calibration (an imported SAE) a_i = 1, so coefficients are in residual-stream units.
+        """
+        return self.features.filter(max_activation__gt=0).exists()
+
+    @property
+    def max_abs_coefficient(self) -> float:
+        """The limit on |c|: 100 max activations once calibrated; else 100 residual norms at its layer when
+        one was recorded (stats["residual_norm"]), else the hard cap."""
+        if self.is_calibrated:
+            return MAX_ABS_COEFFICIENT
+        norm = self.stats.get("residual_norm") if isinstance(self.stats, dict) else None
+        if isinstance(norm, int | float) and not isinstance(norm, bool) and norm > 0:
+            return min(MAX_ABS_COEFFICIENT * float(norm), MAX_ABS_COEFFICIENT_HARD)
+        return MAX_ABS_COEFFICIENT_HARD
+
 
 class FeatureQuerySet(models.QuerySet):
     def search(self, query: str) -> "FeatureQuerySet":
@@ -200,6 +220,11 @@ class Feature(models.Model):
     def steering_scale(self) -> float:
         """a_i of the additive steering formula: the strongest observed activation, 1 when unknown."""
         return self.max_activation if self.max_activation and self.max_activation > 0 else 1.0
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether its max activation is known: its coefficient is then a multiple of it."""
+        return self.max_activation is not None and self.max_activation > 0
 
 
 class SteeringRunQuerySet(models.QuerySet):

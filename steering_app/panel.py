@@ -35,6 +35,10 @@ class SelectedFeature:
     label: str = ""
     max_activation: float | None = None
     known: bool = True
+    # Uncalibrated: no max activation, so c is in residual-stream units and the script scales the slider to |h|.
+    calibrated: bool = True
+    # Never fired while the training was calibrated (activation frequency 0): steering it is unlikely to show.
+    dead: bool = False
 
     @property
     def slider_min(self) -> float:
@@ -79,13 +83,25 @@ def _card(item: dict, row: Feature | None) -> SelectedFeature:
         label=row.label if row else "unknown feature",
         max_activation=row.max_activation if row else None,
         known=row is not None,
+        calibrated=row is None or row.is_calibrated,
+        dead=row is not None and is_dead(row),
     )
 
 
 def feature_card(feature: Feature) -> SelectedFeature:
     return SelectedFeature(
-        index=feature.index, coefficient=0.0, label=feature.label, max_activation=feature.max_activation
+        index=feature.index,
+        coefficient=0.0,
+        label=feature.label,
+        max_activation=feature.max_activation,
+        calibrated=feature.is_calibrated,
+        dead=is_dead(feature),
     )
+
+
+def is_dead(feature: Feature) -> bool:
+    """Measured and never active; an unmeasured feature (frequency unknown) is not dead."""
+    return feature.activation_frequency == 0
 
 
 def state_from_run(run: SteeringRun) -> PanelState:

@@ -8,7 +8,7 @@ from ninja import Field, Schema
 from pydantic import ConfigDict
 
 from steering_app.limits import (
-    MAX_ABS_COEFFICIENT,
+    MAX_ABS_COEFFICIENT_HARD,
     MAX_FEATURES,
     MAX_ID,
     MAX_INDEX,
@@ -75,6 +75,11 @@ class TrainingOut(Schema):
     d_in: int
     d_sae: int
     stats: dict[str, Any]
+    calibrated: bool = Field(
+        description="Whether its features have max activations: additive coefficients are then multiples of "
+        "them; before, they are in residual-stream units."
+    )
+    max_abs_coefficient: float = Field(description="The limit on each feature's |coefficient|.")
     status: str
     error: str
     created_at: datetime
@@ -110,7 +115,12 @@ class FeatureCoefficient(Schema):
     model_config = STRICT
 
     feature_id: int = Field(ge=0, le=MAX_INDEX, description="The feature's index in the training's SAE.")
-    coefficient: float = Field(ge=-MAX_ABS_COEFFICIENT, le=MAX_ABS_COEFFICIENT)
+    coefficient: float = Field(
+        ge=-MAX_ABS_COEFFICIENT_HARD,
+        le=MAX_ABS_COEFFICIENT_HARD,
+        description="Within the training's max_abs_coefficient: multiples of the feature's max activation "
+        "once the training is calibrated, residual-stream units before.",
+    )
 
 
 class GenerateIn(Schema):

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from steering_app.models import Feature, SteeringRun
+from steering_app.errors import InvalidInput
+from steering_app.models import Feature, SteeringRun, Training
 
 if TYPE_CHECKING:
     from steering_app.engine.steer import SteeringSpec
@@ -74,3 +75,16 @@ def execute(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop | None = 
     except engine.Stopped as stopped:
         raise Cancelled(str(stopped)) from stopped
     return Outcome(result.unsteered_text, result.steered_text, result.metrics, result.timings)
+
+
+def residual_norm(training: Training, prompt: str) -> float:
+    """|h| at the training's layer over the prompt (clean model): the unit of an uncalibrated training's
+    coefficients. InvalidInput for a prompt without text."""
+    from steering_app.engine import loader
+    from steering_app.engine.scale import residual_norm as measure
+    from steering_app.engine.steer import SpecError
+
+    try:
+        return measure(loader.load_model(training.model.source), prompt, training.hook_layer)
+    except SpecError as error:
+        raise InvalidInput(str(error), error.field) from error

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from django.conf import settings
 
 from steering_app.errors import InvalidInput
-from steering_app.limits import MAX_ABS_COEFFICIENT, MAX_FEATURES, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE
+from steering_app.limits import MAX_FEATURES, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE
 from steering_app.models import Feature, SteeringRun, Training
 
 DEFAULT_TEMPERATURE = 0.7
@@ -117,7 +117,8 @@ def _features(features: object, training: Training, known: Container[int] | None
         raise InvalidInput("Add at least one feature.", "features")
     if len(features) > MAX_FEATURES:
         raise InvalidInput(f"At most {MAX_FEATURES} features.", "features")
-    cleaned = [_feature(item) for item in features]
+    limit = training.max_abs_coefficient
+    cleaned = [_feature(item, training, limit) for item in features]
     indices = [item["feature_id"] for item in cleaned]
     repeated = sorted({index for index in indices if indices.count(index) > 1})
     if repeated:
@@ -134,7 +135,7 @@ def _features(features: object, training: Training, known: Container[int] | None
     return cleaned
 
 
-def _feature(item: object) -> dict:
+def _feature(item: object, training: Training, limit: float) -> dict:
     if not isinstance(item, dict):
         raise InvalidInput('Each feature must be {"feature_id": index, "coefficient": c}.', "features")
     index, coefficient = item.get("feature_id"), item.get("coefficient")
@@ -142,8 +143,16 @@ def _feature(item: object) -> dict:
         raise InvalidInput(f"feature_id must be a non-negative integer; got {index!r}.", "features")
     if not is_number(coefficient):
         raise InvalidInput(f"Coefficient of feature {index} must be a number.", "features")
-    if not math.isfinite(coefficient) or abs(coefficient) > MAX_ABS_COEFFICIENT:
+    if not math.isfinite(coefficient) or abs(coefficient) > limit:
         raise InvalidInput(
-            f"Coefficient of feature {index} must be finite and within ±{MAX_ABS_COEFFICIENT:g}.", "features"
+            f"Coefficient of feature {index} must be finite and within ±{limit:g}, "
+            f"the limit of training {training.pk} ({_units(training)}).",
+            "features",
         )
     return {"feature_id": index, "coefficient": float(coefficient)}
+
+
+def _units(training: Training) -> str:
+    if training.is_calibrated:
+        return "multiples of each feature's max activation"
+    return "uncalibrated: residual-stream units"

@@ -11,6 +11,7 @@ urlpatterns = [
         views.feature_card,
         name="steering-feature-card",
     ),
+    path("trainings/<int:training_id>/scale/", views.training_scale, name="steering-training-scale"),
     path("runs/", views.run_list, name="steering-runs"),
     path("runs/<int:pk>/", views.run_detail, name="steering-run"),
     path("runs/<int:pk>/cancel/", views.cancel_run, name="steering-run-cancel"),

@@ -7,15 +7,16 @@ in runs.py. These functions only read the request, call those, and render.
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import HttpResponse
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import reswap, retarget
 
-from steering_app import panel, presenters, runs, streaming
-from steering_app.errors import SteeringError, WorkerUnavailable
+from steering_app import panel, presenters, runs, services, streaming
+from steering_app.errors import InvalidInput, SteeringError, WorkerUnavailable
 from steering_app.forms import SteeringForm
+from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, SteeringRun, Training
 
 RUNS_PER_PAGE = 20
@@ -44,6 +45,22 @@ def feature_card(request, training_id, index):
     training = get_object_or_404(Training.objects.completed(), pk=training_id)
     feature = get_object_or_404(Feature, training=training, index=index)
     return render(request, "steering/panel.html#feature-card", {"feature": panel.feature_card(feature)})
+
+
+@login_required
+@require_GET
+def training_scale(request, training_id):
+    """{residual_norm, layer}: |h| at the SAE's layer over ?prompt=, the unit of an uncalibrated training's
+    sliders (the panel's script sets their range from it)."""
+    training = get_object_or_404(Training.objects.completed(), pk=training_id)
+    prompt = request.GET.get("prompt", "")
+    try:
+        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or "\x00" in prompt:
+            raise InvalidInput(f"prompt must be 1 to {MAX_PROMPT_CHARS} characters of text.", "prompt")
+        norm = services.residual_norm(training, prompt)
+    except InvalidInput as error:
+        return JsonResponse({"detail": error.message, "field": error.field}, status=400)
+    return JsonResponse({"residual_norm": norm, "layer": training.hook_layer})
 
 
 @login_required

@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The worker thread and the web requests write to one SQLite file: WAL lets readers run beside a writer,
 # IMMEDIATE transactions take the write lock up front (no deadlock upgrading a read lock), and a writer waits
 # up to 20 s for the lock instead of failing at once with "database is locked".
@@ -68,6 +69,14 @@ def device(env: Mapping[str, str]) -> str:
     value = env.get("STEERLAB_DEVICE", "auto").strip().lower() or "auto"
     if not DEVICE_PATTERN.match(value):
         raise ImproperlyConfigured(f"STEERLAB_DEVICE must be auto, cpu, cuda or cuda:N; got {value!r}")
+    return value
+
+
+def dtype(env: Mapping[str, str]) -> str:
+    """The models' weights and activations: auto is float32 on a CPU, bfloat16 on a GPU that supports it."""
+    value = env.get("STEERLAB_DTYPE", "auto").strip().lower() or "auto"
+    if value not in DTYPES:
+        raise ImproperlyConfigured(f"STEERLAB_DTYPE must be one of {', '.join(DTYPES)}; got {value!r}")
     return value
 
 

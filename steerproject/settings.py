@@ -19,14 +19,16 @@ CSRF_TRUSTED_ORIGINS = env.env_list(ENV, "CSRF_TRUSTED_ORIGINS", [])
 
 STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
 STEERLAB_DEVICE = env.device(ENV)
+STEERLAB_DTYPE = env.dtype(ENV)
 STEERLAB_MAX_NEW_TOKENS = env.env_int(ENV, "STEERLAB_MAX_NEW_TOKENS", default=512)
 STEERLAB_RUN_TIMEOUT = env.env_int(ENV, "STEERLAB_RUN_TIMEOUT", default=120)
 STEERLAB_RUN_MAX_SECONDS = env.env_int(ENV, "STEERLAB_RUN_MAX_SECONDS", default=60)
 # daphne serves /static/ itself unless a front proxy does (set STEERLAB_SERVE_STATIC=0 behind nginx).
 STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
-# The engine reads these two from the environment (it imports nothing from Django): keep them in step.
+# The engine reads these from the environment (it imports nothing from Django): keep them in step.
 os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
 os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
+os.environ.setdefault("STEERLAB_DTYPE", STEERLAB_DTYPE)
 private_files.make_private_dir(STEERLAB_DATA_DIR)
 
 INSTALLED_APPS = [

@@ -5,6 +5,15 @@
 
   const CONFIRM_TRAINING_CHANGE = "Changing training job will clear selected features. Continue?";
   const MANY_LAYERS = 4;
+  // Uncalibrated features (no max activation) take coefficients in residual-stream units: their sliders span
+  // ±2‖h‖, with ‖h‖ the residual norm at the SAE's layer, measured on the prompt by the server.
+  const RESIDUAL_SPAN = 2;
+  // ‖h‖ is an average: the first characters of a long prompt estimate it as well, in a URL of sane length.
+  const SCALE_PROMPT_CHARS = 2000;
+  const SCALE_DELAY_MS = 400;
+  let residualScale = null; // {prompt, norm, layer} of the last measurement
+  let measuring = null; // the prompt of the request in flight
+  let scaleTimer = null;
 
   function form() {
     return document.getElementById("steering-form");
@@ -77,6 +86,70 @@
     output.textContent = Number(slider.value).toFixed(2);
   }
 
+  function uncalibratedCards() {
+    return document.querySelectorAll('#selected-features .feature-card[data-calibrated="false"]');
+  }
+
+  function scalePrompt() {
+    const f = form();
+    return f ? f.elements.prompt.value.slice(0, SCALE_PROMPT_CHARS) : "";
+  }
+
+  function formatNumber(value) {
+    return value >= 100 ? value.toFixed(0) : value.toFixed(1);
+  }
+
+  function applyResidualScale() {
+    if (!residualScale) return;
+    const cap = Number(form().dataset.maxAbsCoefficient) || Infinity;
+    const norm = residualScale.norm;
+    const span = Math.min(cap, Math.max(0.1, Math.round(RESIDUAL_SPAN * norm * 10) / 10));
+    const nudge = Math.round(norm * 10) / 10;
+    uncalibratedCards().forEach(function (card) {
+      const slider = card.querySelector('input[name="coefficient"]');
+      const value = Number(slider.value);
+      // Never narrower than the card's own coefficient: a range input would silently clamp it.
+      slider.min = String(Math.min(-span, Math.floor(value)));
+      slider.max = String(Math.max(span, Math.ceil(value)));
+      slider.value = String(value);
+      card.querySelector(".scale-min").textContent = "−" + formatNumber(span) + " = −2‖h‖ (suppress)";
+      card.querySelector(".scale-unit").textContent = "‖h‖ = " + formatNumber(norm) + " at L" + residualScale.layer;
+      card.querySelector(".scale-max").textContent = "+" + formatNumber(span) + " = +2‖h‖ (amplify)";
+      card.querySelector('[data-coefficient-role="suppress"]').dataset.coefficient = String(-nudge);
+      card.querySelector('[data-coefficient-role="amplify"]').dataset.coefficient = String(nudge);
+    });
+  }
+
+  function measureResidualNorm() {
+    const f = form();
+    const prompt = scalePrompt();
+    if (!f || !f.dataset.scaleUrl || uncalibratedCards().length === 0 || prompt.trim() === "") return;
+    if (residualScale && residualScale.prompt === prompt) {
+      applyResidualScale();
+      return;
+    }
+    if (measuring === prompt) return;
+    measuring = prompt;
+    fetch(f.dataset.scaleUrl + "?prompt=" + encodeURIComponent(prompt), {
+      headers: { Accept: "application/json" },
+      credentials: "same-origin",
+    })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (body) {
+        // An answer for a prompt edited since is stale: the edit has asked again.
+        if (!body || scalePrompt() !== prompt) return;
+        residualScale = { prompt: prompt, norm: body.residual_norm, layer: body.layer };
+        applyResidualScale();
+      })
+      .catch(function () { /* the sliders keep their range; generation does not depend on it */ })
+      .finally(function () { if (measuring === prompt) measuring = null; });
+  }
+
+  function scheduleResidualNorm() {
+    clearTimeout(scaleTimer);
+    scaleTimer = setTimeout(measureResidualNorm, SCALE_DELAY_MS);
+  }
+
   function copyText(text, button) {
     const done = function () {
       button.classList.add("copied");
@@ -121,6 +194,7 @@
   document.addEventListener("input", function (event) {
     if (event.target.matches('.feature-card input[name="coefficient"]')) showCoefficient(event.target);
     if (event.target.closest("#steering-form")) syncGenerate();
+    if (event.target.id === "prompt") scheduleResidualNorm();
   });
 
   document.addEventListener("change", function (event) {
@@ -161,6 +235,9 @@
   document.addEventListener("htmx:afterRequest", syncGenerate);
   document.addEventListener("DOMContentLoaded", function () {
     syncAll();
-    htmx.onLoad(syncAll);
+    htmx.onLoad(function () {
+      syncAll();
+      measureResidualNorm();
+    });
   });
 })();

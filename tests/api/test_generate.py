@@ -83,7 +83,8 @@ def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer
             {"features": [{"feature_id": 3, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]},
             "features",
         ),
-        ({"features": [{"feature_id": 3, "coefficient": 101}]}, "features.0.coefficient"),
+        ({"features": [{"feature_id": 3, "coefficient": 101}]}, "features"),  # the training's limit: 100
+        ({"features": [{"feature_id": 3, "coefficient": 10_001}]}, "features.0.coefficient"),  # the schema's
         ({"features": [{"feature_id": 3}]}, "features.0.coefficient"),
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": "hot"}, "temperature"),  # a type error: ninja's 422, the API's 400

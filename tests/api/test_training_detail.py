@@ -1,4 +1,4 @@
-from steering_app.models import Training
+from steering_app.models import Feature, Training
 from tests.api.support import assert_error
 
 
@@ -14,6 +14,21 @@ def test_it_shows_a_training_with_its_model_layer_size_and_stats(client, owner, 
     assert body["encoder_type"] == "topk"
     assert body["status"] == "completed"
     assert body["stats"] == {"explained_variance": 0.8, "l0": 8, "dead_fraction": 0.05}
+
+
+def test_it_states_a_calibrated_trainings_limit_in_max_activations(client, owner, bearer, training):
+    body = client.get(f"/api/trainings/{training.pk}", headers=bearer(owner)).json()
+
+    assert body["calibrated"] is True and body["max_abs_coefficient"] == 100
+
+
+def test_it_states_an_uncalibrated_trainings_limit_in_residual_norms(client, owner, bearer, training):
+    Feature.objects.filter(training=training).update(max_activation=None)
+    Training.objects.filter(pk=training.pk).update(stats={"residual_norm": 42.5})
+
+    body = client.get(f"/api/trainings/{training.pk}", headers=bearer(owner)).json()
+
+    assert body["calibrated"] is False and body["max_abs_coefficient"] == 4250
 
 
 def test_it_shows_unfinished_trainings_too(client, owner, bearer, training):

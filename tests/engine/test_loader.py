@@ -14,6 +14,7 @@ from steering_app.engine.loader import (
     load_model,
     load_sae_cached,
     resolve_device,
+    resolve_dtype,
     resolve_source,
 )
 
@@ -39,6 +40,36 @@ def test_it_reads_the_data_dir_and_device_from_the_environment(monkeypatch, tmp_
             resolve_device("cuda:0")
 
 
+def test_it_reads_the_dtype_from_the_environment_with_float32_as_a_cpus_auto(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("STEERLAB_DTYPE", raising=False)
+    assert resolve_dtype(cpu) == torch.float32
+    monkeypatch.setenv("STEERLAB_DTYPE", "float16")
+    assert resolve_dtype(cpu) == torch.float16
+    assert (
+        resolve_dtype(cpu, "bfloat16") == torch.bfloat16
+        and resolve_dtype(cpu, torch.float32) == torch.float32
+    )
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_dtype(cpu, "fp8")
+
+
+def test_it_loads_and_caches_a_model_per_dtype(monkeypatch, tmp_path, smollm2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(smollm2.tokenizer), n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+
+    monkeypatch.setenv("STEERLAB_DTYPE", "bfloat16")
+    half = load_model(str(tmp_path), device="cpu")
+    monkeypatch.setenv("STEERLAB_DTYPE", "auto")
+    full = load_model(str(tmp_path), device="cpu")
+
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert load_model(str(tmp_path), device="cpu", dtype="bfloat16") is half
+
+
 def test_it_caches_the_dequantized_gguf_as_safetensors(smollm2):
     assert load_model(SMOLLM2_DEMO, device="cpu") is smollm2
     assert (smollm2.architecture, smollm2.num_layers, smollm2.hidden_size) == ("LlamaForCausalLM", 30, 576)
@@ -62,9 +93,9 @@ def test_it_loads_a_local_directory_once_for_concurrent_callers(smollm2, tmp_pat
     calls = []
     real = loader._load_pretrained
 
-    def counting(source):
+    def counting(source, dtype):
         calls.append(source)
-        return real(source)
+        return real(source, dtype)
 
     monkeypatch.setattr(loader, "_load_pretrained", counting)
     results = [None] * 4

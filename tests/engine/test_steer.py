@@ -123,7 +123,7 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
         ({"features": ((-1, 1.0),)}, "features[0].feature_id"),
         ({"features": ((1, 1.0), (2, math.nan))}, "features[1].coefficient"),
         ({"features": ((1, math.inf),)}, "features[0].coefficient"),
-        ({"features": ((1, -100.5),)}, "features[0].coefficient"),
+        ({"features": ((1, -10_000.5),)}, "features[0].coefficient"),
         ({"method": "multiplicative", "layers": (2,)}, "layers"),
         ({"method": "rotate"}, "method"),
         ({"feature_scales": {1: math.nan}}, "feature_scales"),

@@ -74,3 +74,43 @@ def test_it_refuses_a_directory_without_a_model(tmp_path):
     with pytest.raises(CommandError, match="Cannot load model source"):
         call_command("register_model", "broken", str(tmp_path / "empty"))
     assert not LanguageModel.objects.exists()
+
+
+def gpt2_parameters(tiny_gpt2_dir) -> int:
+    return sum(parameter.numel() for parameter in GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).parameters())
+
+
+def test_it_refuses_a_model_larger_than_the_free_memory_and_creates_nothing(tiny_gpt2_dir, monkeypatch):
+    monkeypatch.setenv("STEERLAB_DEVICE", "cpu")
+    monkeypatch.setenv("STEERLAB_DTYPE", "float32")
+    monkeypatch.setattr("steering_app.engine.loader.free_bytes", lambda device: 1000)
+    needed = gpt2_parameters(tiny_gpt2_dir) * 4
+
+    with pytest.raises(CommandError, match=rf"need {needed:,} bytes .* in float32 on cpu, and 1,000 bytes"):
+        call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir))
+
+    assert not LanguageModel.objects.exists()
+
+
+def test_it_sizes_the_model_in_steerlab_dtype(tiny_gpt2_dir, monkeypatch):
+    float32_bytes = gpt2_parameters(tiny_gpt2_dir) * 4
+    monkeypatch.setenv("STEERLAB_DEVICE", "cpu")
+    monkeypatch.setattr("steering_app.engine.loader.free_bytes", lambda device: float32_bytes - 1)
+
+    monkeypatch.setenv("STEERLAB_DTYPE", "float32")
+    with pytest.raises(CommandError, match="does not fit"):
+        call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir))
+    monkeypatch.setenv("STEERLAB_DTYPE", "bfloat16")
+    call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir))
+
+    assert LanguageModel.objects.get().name == "tiny-gpt2"
+
+
+def test_it_registers_a_model_too_large_for_this_machine_when_told_to_skip_the_check(
+    tiny_gpt2_dir, monkeypatch
+):
+    monkeypatch.setattr("steering_app.engine.loader.free_bytes", lambda device: 0)
+
+    call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir), "--skip-memory-check")
+
+    assert LanguageModel.objects.get().name == "tiny-gpt2"

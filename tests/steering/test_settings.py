@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ({"STEERLAB_MAX_NEW_TOKENS": "many"}, "STEERLAB_MAX_NEW_TOKENS"),
         ({"STEERLAB_MAX_NEW_TOKENS": "0"}, "STEERLAB_MAX_NEW_TOKENS"),
         ({"STEERLAB_DEVICE": "tpu"}, "STEERLAB_DEVICE"),
+        ({"STEERLAB_DTYPE": "fp8"}, "STEERLAB_DTYPE"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL"),
         ({"STEERLAB_RUN_TIMEOUT": "-5"}, "STEERLAB_RUN_TIMEOUT"),
@@ -71,6 +72,12 @@ def test_it_parses_lists_booleans_and_devices():
     assert env.device({"STEERLAB_DEVICE": "cuda:1"}) == "cuda:1"
     with pytest.raises(ImproperlyConfigured, match="STEERLAB_DEVICE"):
         env.device({"STEERLAB_DEVICE": "cuda:x"})
+
+
+def test_it_parses_the_dtype_defaulting_to_auto():
+    assert env.dtype({}) == "auto" and env.dtype({"STEERLAB_DTYPE": " BFloat16 "}) == "bfloat16"
+    with pytest.raises(ImproperlyConfigured, match="STEERLAB_DTYPE"):
+        env.dtype({"STEERLAB_DTYPE": "half"})
 
 
 def load_settings(data_dir: Path, variables: dict, show: str = "None") -> subprocess.CompletedProcess:

@@ -97,3 +97,39 @@ def test_the_card_says_when_the_max_activation_is_unknown(client, owner, trainin
 def test_the_card_404s_for_a_feature_outside_the_training(client, owner, training):
     client.force_login(owner)
     assert client.get(f"/steering/trainings/{training.pk}/features/32/card/").status_code == 404
+
+
+def test_the_card_of_a_calibrated_feature_keeps_the_max_activation_scale(client, owner, training):
+    client.force_login(owner)
+    response = client.get(f"/steering/trainings/{training.pk}/features/7/card/")
+    assert 'data-calibrated="true"' in response.text and "-5.0 (suppress)" in response.text
+    assert "uncalibrated" not in response.text and "data-dead" not in response.text
+
+
+def test_the_card_of_an_uncalibrated_feature_says_c_is_in_residual_units(client, owner, training):
+    Feature.objects.filter(training=training).update(max_activation=None)
+    client.force_login(owner)
+    response = client.get(f"/steering/trainings/{training.pk}/features/7/card/")
+    assert response.status_code == 200 and 'data-calibrated="false"' in response.text
+    assert "uncalibrated: c is in residual-stream units" in response.text
+    assert 'class="scale residual-scale"' in response.text
+
+
+def test_the_card_of_a_dead_feature_is_greyed(client, owner, training):
+    Feature.objects.filter(training=training, index=7).update(activation_frequency=0.0)
+    client.force_login(owner)
+    response = client.get(f"/steering/trainings/{training.pk}/features/7/card/")
+    assert "data-dead" in response.text and "Dead: it never fired during calibration." in response.text
+
+
+def test_search_results_say_which_features_are_uncalibrated_or_dead(client, owner, training):
+    Feature.objects.filter(training=training, index=3).update(max_activation=None, activation_frequency=0.0)
+    Feature.objects.filter(training=training, index=12).update(activation_frequency=None)
+    client.force_login(owner)
+
+    dead = search(client, training, "rain").text
+    unmeasured = search(client, training, "cooking").text
+
+    assert 'data-feature-id="3" data-dead' in dead and "dead: never fired" in dead
+    assert "uncalibrated: c is in residual-stream units" in dead
+    assert "data-dead" not in unmeasured and "uncalibrated" not in unmeasured

@@ -3,7 +3,7 @@
 import pytest
 from django.utils import timezone
 
-from steering_app.models import LanguageModel, Training
+from steering_app.models import Feature, LanguageModel, Training
 
 pytestmark = pytest.mark.django_db
 
@@ -186,3 +186,28 @@ def test_the_form_carries_the_fields_of_the_panel_contract(client, owner, traini
     for name in ("training", "prompt", "method", "temperature", "max_tokens", "seed", "layers"):
         assert f'name="{name}"' in html
     assert 'id="presets-section"' in html or "presets/_section.html" not in html
+
+
+def test_it_gives_the_script_the_scale_url_and_the_trainings_limit(client, owner, training):
+    client.force_login(owner)
+
+    response = client.get(PANEL)
+
+    assert f'data-scale-url="/steering/trainings/{training.pk}/scale/"' in response.text
+    assert 'data-max-abs-coefficient="100"' in response.text
+
+
+def test_it_marks_the_selected_cards_of_an_uncalibrated_training(client, owner, training, make_run):
+    Feature.objects.filter(training=training).update(max_activation=None)
+    Feature.objects.filter(training=training, index=3).update(activation_frequency=0.0)
+    Training.objects.filter(pk=training.pk).update(stats={"residual_norm": 40.0})
+    run = make_run(owner, features=[{"feature_id": 3, "coefficient": 150.0}])
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"run": run.pk})
+
+    card = response.context["state"].features[0]
+    assert (card.calibrated, card.dead, card.slider_max) == (False, True, 150)
+    assert 'data-max-abs-coefficient="4000"' in response.text
+    assert 'data-calibrated="false" data-dead' in response.text
+    assert "uncalibrated: c is in residual-stream units" in response.text

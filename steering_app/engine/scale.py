@@ -1,0 +1,52 @@
+"""The residual stream's scale at a layer: the unit of an uncalibrated SAE's steering coefficients.
+
+Without a max activation a_i = 1, so c * d_i with a unit-norm decoder row moves h by |c|: a coefficient
+means something only next to |h|, the norm of the residual stream at the layer where it is added.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .generate import encode_prompt
+from .layers import block_hidden, decoder_blocks
+from .loader import LoadedModel
+from .steer import SpecError
+
+
+class _Reached(Exception):
+    """Raised by the hook once block L has run: the blocks after it are not needed."""
+
+
+def residual_norm(lm: LoadedModel, prompt: str, layer: int, chat: bool = False) -> float:
+    """Mean L2 norm of block `layer`'s output over the prompt's non-special positions (clean model).
+
+    Special tokens are left out: BOS in particular carries a residual many times larger than any text
+    token's and is never steered.
+    """
+    blocks = decoder_blocks(lm.model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(blocks):
+        raise SpecError("layer", f"{layer!r} is out of range [0, {len(blocks) - 1}]")
+    ids = encode_prompt(lm, prompt, chat)[: lm.context_window]
+    special = set(lm.tokenizer.all_special_ids)
+    keep = torch.tensor([token not in special for token in ids], dtype=torch.bool)
+    if not keep.any():
+        raise SpecError("prompt", "has no tokens other than special ones")
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(block_hidden(output)[0])
+        raise _Reached
+
+    # Under the model's lock: the hook would otherwise stop another call's forward on the shared model.
+    with lm.lock:
+        handle = blocks[layer].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                lm.model(torch.tensor([ids], device=lm.device), use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+    hidden = captured[0][keep.to(captured[0].device)].float()
+    return float(hidden.norm(dim=-1).mean())

@@ -1,0 +1,47 @@
+"""An uncalibrated training in a real browser: its cards say so, and typing a prompt rescales their sliders
+to ±2‖h‖, ‖h‖ measured by the server at the SAE's layer on that prompt."""
+
+import re
+import sqlite3
+from urllib.parse import quote
+
+import pytest
+
+from tests.browser.test_steering_panel import log_in
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the chromium_path fixture skips these tests (or fails them under REQUIRE_BROWSER=1)
+    expect = None
+
+pytestmark = pytest.mark.browser
+
+PROMPT = "Tell me about the weather in the mountains."
+
+
+def test_an_uncalibrated_trainings_sliders_span_twice_the_residual_norm_of_the_prompt(page, server):
+    seed = server.seed
+    with sqlite3.connect(server.log.parent / "db.sqlite3") as connection:
+        connection.execute(
+            "UPDATE steering_app_feature SET max_activation = NULL WHERE training_id = ?", (seed["training"],)
+        )
+    log_in(page, server)
+    page.fill("#feature-search", seed["search"])
+    result = page.locator(f'#feature-results .feature-result[data-feature-id="{seed["feature"]}"]')
+    expect(result).to_contain_text("uncalibrated: c is in residual-stream units")
+    result.locator(".btn-add").click()
+    card = page.locator(f'#selected-features .feature-card[data-feature-id="{seed["feature"]}"]')
+    expect(card).to_have_attribute("data-calibrated", "false")
+    slider = card.locator('input[name="coefficient"]')
+    assert slider.get_attribute("max") == "5"  # until a prompt is measured
+
+    page.fill("#prompt", PROMPT)
+
+    expect(card.locator(".scale-unit")).to_have_text(re.compile(r"^‖h‖ = [\d.]+ at L\d+$"), timeout=120_000)
+    scale_url = f"{server.url}/steering/trainings/{seed['training']}/scale/?prompt={quote(PROMPT)}"
+    norm = page.request.get(scale_url).json()["residual_norm"]
+    span = round(2 * norm * 10) / 10
+    assert span > 5
+    assert float(slider.get_attribute("min")) == -span and float(slider.get_attribute("max")) == span
+    card.get_by_role("button", name="Amplify").click()
+    assert float(slider.input_value()) == pytest.approx(round(norm * 10) / 10, abs=0.051)
