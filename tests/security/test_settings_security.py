@@ -102,9 +102,12 @@ def test_it_creates_a_missing_data_directory_private(tmp_path):
 
 @pytest.fixture
 def file_database(tmp_path, django_db_blocker):
-    """A second connection, configured like the default one, to a SQLite file under tmp_path."""
+    """A second connection, configured as the embedded default (whatever DATABASE_URL the suite runs on),
+    to a SQLite file under tmp_path."""
+    embedded = env.database({}, tmp_path)
     wrapper = DatabaseWrapper(
-        {**connection.settings_dict, "NAME": str(tmp_path / "steerlab.sqlite3")}, alias="file-database"
+        {**connection.settings_dict, **embedded, "NAME": str(tmp_path / "steerlab.sqlite3")},
+        alias="file-database",
     )
     with django_db_blocker.unblock():
         yield wrapper, tmp_path / "steerlab.sqlite3"
