@@ -4,7 +4,15 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from steering_app.models import ApiToken, Dataset, Feature, LanguageModel, SteeringRun, Training
+from steering_app.models import (
+    ApiToken,
+    Calibration,
+    Dataset,
+    Feature,
+    LanguageModel,
+    SteeringRun,
+    Training,
+)
 
 
 @admin.register(LanguageModel)
@@ -70,8 +78,50 @@ class FeatureAdmin(admin.ModelAdmin):
     list_display = ["index", "label", "training", "max_activation", "activation_frequency"]
     list_filter = ["training"]
     search_fields = ["label", "description", "=index"]
-    readonly_fields = ["training", "index", "max_activation", "activation_frequency", "top_tokens"]
+    readonly_fields = [
+        "training",
+        "index",
+        "max_activation",
+        "activation_frequency",
+        "top_tokens",
+        "examples",
+    ]
     list_select_related = ["training__model", "training__dataset"]
+
+
+@admin.register(Calibration)
+class CalibrationAdmin(admin.ModelAdmin):
+    """Calibrations are made by `manage.py calibrate_features`; admin shows how they went."""
+
+    list_display = [
+        "id",
+        "training",
+        "dataset",
+        "status",
+        "tokens_seen",
+        "tokens_target",
+        "progress",
+        "created_at",
+        "finished_at",
+    ]
+    list_filter = ["status", "training"]
+    search_fields = ["training__model__name", "dataset__name", "error"]
+    readonly_fields = [
+        "training",
+        "dataset",
+        "status",
+        "tokens_target",
+        "tokens_seen",
+        "progress",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
+    list_select_related = ["training__model", "training__dataset", "dataset"]
+
+    def has_add_permission(self, request):
+        return False
 
 
 @admin.register(SteeringRun)

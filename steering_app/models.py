@@ -185,6 +185,9 @@ class Feature(models.Model):
     )
     activation_frequency = models.FloatField(null=True, blank=True)
     top_tokens = models.JSONField(default=list, blank=True)
+    examples = models.JSONField(
+        default=list, blank=True, help_text="Strongest activating snippets, the token marked «like this»"
+    )
 
     class Meta:
         constraints = [
@@ -214,6 +217,7 @@ class Feature(models.Model):
             max_activation=info.get("max_activation"),
             activation_frequency=info.get("activation_frequency"),
             top_tokens=info.get("top_tokens") or [],
+            examples=info.get("examples") or [],
         )
 
     @property
@@ -225,6 +229,52 @@ class Feature(models.Model):
     def is_calibrated(self) -> bool:
         """Whether its max activation is known: its coefficient is then a multiple of it."""
         return self.max_activation is not None and self.max_activation > 0
+
+    @property
+    def is_dead(self) -> bool:
+        """Never active on the corpus it was measured on (unknown frequency: not dead)."""
+        return self.activation_frequency == 0
+
+
+class Calibration(models.Model):
+    """A job that measures a training's features on a corpus: max activation, frequency, top tokens, examples."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+
+    training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="calibrations")
+    dataset = models.ForeignKey(
+        Dataset, on_delete=models.SET_NULL, null=True, blank=True, related_name="calibrations"
+    )
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    tokens_target = models.PositiveBigIntegerField()
+    tokens_seen = models.PositiveBigIntegerField(default=0)
+    progress = models.FloatField(default=0.0, help_text="0..1")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=["pending", "running", "completed", "failed"]),
+                name="calibration_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=1), name="calibration_progress_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(tokens_target__gte=1), name="calibration_tokens_target_positive"
+            ),
+        ]
+
+    def __str__(self):
+        return f"Calibration {self.pk} of training {self.training_id} ({self.status})"
 
 
 class SteeringRunQuerySet(models.QuerySet):

@@ -74,6 +74,24 @@ def test_it_reads_neuronpedia_style_labels(language_model, tmp_path):
     assert Feature.objects.get(index=4).label == "feature #4"
 
 
+def test_it_keeps_a_feature_tables_top_snippets(language_model, tmp_path):
+    table = tmp_path / "features.json"
+    snippets = ["it will\u00ab rain\u00bb today (4.1)", "heavy\u00ab rain\u00bb (3.9)"]
+    table.write_text(json.dumps([{"index": 3, "label": "rain", "max_activation": 4.1, "examples": snippets}]))
+
+    import_sae(
+        "--model",
+        "tiny-llama",
+        "--path",
+        str(write_saelens_checkpoint(tmp_path / "sae")),
+        "--labels",
+        str(table),
+    )
+
+    assert Feature.objects.get(index=3).examples == snippets
+    assert Feature.objects.get(index=4).examples == []
+
+
 def broken_checkpoints(tmp_path):
     missing_weights = write_saelens_checkpoint(tmp_path / "no-weights")
     (missing_weights / "sae_weights.safetensors").unlink()

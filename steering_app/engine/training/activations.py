@@ -8,7 +8,7 @@ activation remembers its token position, so features can be described in context
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,11 +109,13 @@ def collect_activations(
     batch_size: int = 32,
     progress: bool = True,
     stop: StopCheck = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> Activations:
     """Outputs of decoder block layer for up to max_tokens non-special tokens of texts.
 
     Texts are packed into sequences of seq_len tokens, EOS between documents; the model runs on its
     own device and dtype and stops after the block; activations are kept in float16 on the CPU.
+    on_progress (optional) receives the number of tokens kept so far after each batch.
     """
     blocks = decoder_blocks(model)
     if not 0 <= layer < len(blocks):
@@ -170,6 +172,8 @@ def collect_activations(
             sequences_done += len(ids)
             kept += len(flat)
             bar.update(len(flat))
+            if on_progress is not None:
+                on_progress(kept)
     finally:
         handle.remove()
         bar.close()

@@ -8,7 +8,7 @@ from django.utils import timezone
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 STAT_KEYS = ("explained_variance", "l0", "dead_fraction")
-FEATURE_FIELDS = ("label", "description", "max_activation", "activation_frequency", "top_tokens")
+FEATURE_FIELDS = ("label", "description", "max_activation", "activation_frequency", "top_tokens", "examples")
 
 
 def read_feature_table(path: Path, d_sae: int) -> dict[int, dict]:
