@@ -7,10 +7,7 @@ DATABASE_URL, no REDIS_URL, the embedded worker. Every loop is bounded in rounds
 import http.client
 import json
 import os
-import shutil
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import free_port, wait_for_port
+from tests import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP_SECONDS = 120
@@ -77,40 +74,15 @@ def server(tmp_path):
         ALLOWED_HOSTS="127.0.0.1",
         PYTHONUNBUFFERED="1",
     )
-    python = sys.executable
-    for command in (["migrate", "--noinput"], ["shell", "--no-imports", "-c", SEED]):
-        done = subprocess.run(
-            [python, "manage.py", *command],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=SETUP_SECONDS,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-4000:]
-    seed = json.loads(done.stdout.strip().splitlines()[-1])
-
-    port, log = free_port(), tmp_path / "daphne.log"
-    daphne = shutil.which("daphne", path=str(Path(python).parent)) or "daphne"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [daphne, "-b", "127.0.0.1", "-p", str(port), "steerproject.asgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    processes.manage(env, "migrate", "--noinput")
+    seed = json.loads(processes.manage(env, "shell", "--no-imports", "-c", SEED).strip().splitlines()[-1])
+    log = tmp_path / "daphne.log"
+    port = processes.free_port()
+    server = processes.start_daphne(env, log, port)
     try:
-        wait_for_port(port, process, log, SETUP_SECONDS)
         yield Server(port, data_dir / "steerlab.sqlite3", seed["training"], seed["tokens"], log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        processes.stop(server)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 import pytest
 
-from steering_app.models import SteeringRun
+from steering_app.models import LanguageModel, SteeringRun
 
 
 @pytest.fixture
@@ -22,3 +22,15 @@ def make_run(training):
         return SteeringRun.objects.create(**values)
 
     return make
+
+
+@pytest.fixture
+def smollm2_row(db):
+    """A model row of SmolLM2-135M's shape (hidden 576, 30 layers), for importing SAEs; no weights load."""
+    return LanguageModel.objects.create(
+        name="smollm2",
+        source="/nonexistent/smollm2",
+        architecture="LlamaForCausalLM",
+        num_layers=30,
+        hidden_size=576,
+    )

@@ -10,7 +10,7 @@ import torch
 from django.core.management import CommandError, call_command
 
 from steering_app.engine.sae import load_sae
-from steering_app.models import Dataset, Feature, LanguageModel, Training
+from steering_app.models import Dataset, Feature, Training
 from tests.steering.sae_checkpoints import (
     gemma_scope_reference,
     llama_scope_reference,
@@ -19,18 +19,6 @@ from tests.steering.sae_checkpoints import (
 )
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def smollm2_row(db):
-    """SmolLM2-135M's shape (hidden 576, 30 layers); no weights are loaded."""
-    return LanguageModel.objects.create(
-        name="smollm2",
-        source="/nonexistent/smollm2",
-        architecture="LlamaForCausalLM",
-        num_layers=30,
-        hidden_size=576,
-    )
 
 
 @pytest.fixture

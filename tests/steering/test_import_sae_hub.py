@@ -11,24 +11,13 @@ from django.core.management import CommandError, call_command
 
 from steering_app.engine import hub
 from steering_app.engine.sae import load_sae
-from steering_app.models import Feature, LanguageModel, Training
+from steering_app.models import Feature, Training
 from tests.steering.sae_checkpoints import gemma_scope_reference, write_gemma_scope_params, write_hub_cache
 
 pytestmark = pytest.mark.django_db
 
 REPO = "google/gemma-scope-tiny-pt-res"
 FOLDER = "layer_20/width_16k/average_l0_71"
-
-
-@pytest.fixture
-def smollm2_row(db):
-    return LanguageModel.objects.create(
-        name="smollm2",
-        source="/nonexistent/smollm2",
-        architecture="LlamaForCausalLM",
-        num_layers=30,
-        hidden_size=576,
-    )
 
 
 @pytest.fixture
