@@ -57,6 +57,15 @@ class Dataset(models.Model):
         return self.name
 
 
+class JobStatus(models.TextChoices):
+    """The life of a background job (an SAE training, a feature calibration)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
 class TrainingQuerySet(models.QuerySet):
     def completed(self) -> "TrainingQuerySet":
         """The trainings one can steer with: completed ones define a feature space."""
@@ -86,11 +95,7 @@ class Training(models.Model):
         TOPK = "topk"
         JUMPRELU = "jumprelu"
 
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        COMPLETED = "completed"
-        FAILED = "failed"
+    Status = JobStatus
 
     model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="trainings")
     dataset = models.ForeignKey(
@@ -239,11 +244,7 @@ class Feature(models.Model):
 class Calibration(models.Model):
     """A job that measures a training's features on a corpus: max activation, frequency, top tokens, examples."""
 
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        COMPLETED = "completed"
-        FAILED = "failed"
+    Status = JobStatus
 
     training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="calibrations")
     dataset = models.ForeignKey(
