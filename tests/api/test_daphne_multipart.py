@@ -2,14 +2,11 @@
 
 import http.client
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import ROOT, free_port, server_environment, wait_for_port
+from tests import processes
+from tests.browser.conftest import server_environment
 
 CREATE_TOKEN = """
 from django.contrib.auth.models import User
@@ -19,44 +16,19 @@ print(ApiToken.issue(User.objects.create_user("bob", password="pw-bob-12345"), "
 COUNT_PRESETS = "from presets_app.models import SteeringPreset; print(SteeringPreset.objects.count())"
 
 
-def manage(env, *args) -> str:
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-
-
 @pytest.fixture(scope="module")
 def daphne(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("daphne-multipart")
     env = server_environment(workdir)
     env["STEERLAB_DATA_DIR"] = str(workdir)
-    manage(env, "migrate", "--noinput")
-    token = manage(env, "shell", "-c", CREATE_TOKEN)
-    port = free_port()
-    log = workdir / "daphne.log"
-    daphne = shutil.which("daphne", path=str(Path(sys.executable).parent)) or "daphne"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [daphne, "-b", "127.0.0.1", "-p", str(port), "steerproject.asgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    processes.manage(env, "migrate", "--noinput")
+    token = processes.manage(env, "shell", "-c", CREATE_TOKEN).strip().splitlines()[-1]
+    port = processes.free_port()
+    process = processes.start_daphne(env, workdir / "daphne.log", port)
     try:
-        wait_for_port(port, process, log, 60)
         yield port, token, env
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        processes.stop(process)
 
 
 def post(port: int, path: str, body: bytes, headers: dict) -> tuple[int, str, bytes]:
@@ -87,7 +59,7 @@ def test_it_answers_a_broken_multipart_body_in_the_error_shape(daphne, content_t
     assert media_type.startswith("application/json")
     body = json.loads(raw)
     assert set(body) == {"detail", "field"} and body["detail"]
-    assert manage(env, "shell", "-c", COUNT_PRESETS) == "0"
+    assert processes.manage(env, "shell", "-c", COUNT_PRESETS).strip().splitlines()[-1] == "0"
 
 
 def test_it_still_reads_a_well_formed_multipart_upload(daphne):

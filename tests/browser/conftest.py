@@ -3,17 +3,13 @@
 Skips with the reason when chromium or Playwright is missing; REQUIRE_BROWSER=1 turns the skip into a failure.
 """
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, free_port, wait_for_port
+from tests import processes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -24,8 +20,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SERVER_START_SECONDS = 120
-SEED_SECONDS = 600  # the first registration of SmolLM2 dequantizes its GGUF (tens of seconds on a busy CPU)
 
 
 def unavailable(reason: str):
@@ -77,50 +71,15 @@ def server_environment(workdir: Path) -> dict:
 def server(chromium_path, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("browser-server")
     env = server_environment(workdir)
-    python = sys.executable
-    subprocess.run(
-        [python, "manage.py", "migrate", "--noinput"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=SEED_SECONDS,
-    )
-    seeded = subprocess.run(
-        [python, str(ROOT / "tests/browser/seed_server.py"), str(workdir), "alice", "pw-alice-123"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SEED_SECONDS,
-        check=False,
-    )
-    assert seeded.returncode == 0, seeded.stderr[-4000:]
-    seed = json.loads(seeded.stdout.strip().splitlines()[-1])
-
-    port = free_port()
-    log = workdir / "daphne.log"
-    daphne = shutil.which("daphne", path=str(Path(python).parent)) or "daphne"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [daphne, "-b", "127.0.0.1", "-p", str(port), "steerproject.asgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    seed = processes.seed(env, workdir, "alice", "pw-alice-123")
+    port, log = processes.free_port(), workdir / "daphne.log"
+    process = processes.start_daphne(env, log, port)
     try:
-        wait_for_port(port, process, log, SERVER_START_SECONDS)
         yield Server(
             url=f"http://127.0.0.1:{port}", username="alice", password="pw-alice-123", seed=seed, log=log
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        processes.stop(process)
 
 
 @pytest.fixture(scope="module")

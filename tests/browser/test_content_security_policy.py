@@ -5,9 +5,6 @@ must still work under the policy: search a feature and add it, save a preset wit
 used to be an inline hx-on handler), open a same-origin websocket.
 """
 
-import subprocess
-import sys
-
 import pytest
 
 try:
@@ -15,7 +12,8 @@ try:
 except ImportError:  # the chromium_path fixture skips these tests (or fails them under REQUIRE_BROWSER=1)
     expect = None
 
-from tests.browser.conftest import ROOT, server_environment
+from tests import processes
+from tests.browser.conftest import server_environment
 from tests.browser.test_steering_panel import log_in
 
 pytestmark = pytest.mark.browser
@@ -61,9 +59,7 @@ def make_staff(server, username: str, password: str) -> None:
         "from django.contrib.auth import get_user_model; "
         f"get_user_model().objects.create_superuser({username!r}, password={password!r})"
     )
-    subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=env, check=True, timeout=120
-    )
+    processes.manage(env, "shell", "-c", code)
 
 
 def test_the_panel_works_under_the_policy(watched, server):
