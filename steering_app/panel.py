@@ -84,24 +84,13 @@ def _card(item: dict, row: Feature | None) -> SelectedFeature:
         max_activation=row.max_activation if row else None,
         known=row is not None,
         calibrated=row is None or row.is_calibrated,
-        dead=row is not None and is_dead(row),
+        dead=row is not None and row.is_dead,
     )
 
 
 def feature_card(feature: Feature) -> SelectedFeature:
-    return SelectedFeature(
-        index=feature.index,
-        coefficient=0.0,
-        label=feature.label,
-        max_activation=feature.max_activation,
-        calibrated=feature.is_calibrated,
-        dead=is_dead(feature),
-    )
-
-
-def is_dead(feature: Feature) -> bool:
-    """Measured and never active; an unmeasured feature (frequency unknown) is not dead."""
-    return feature.activation_frequency == 0
+    """The card of a feature just added, at coefficient 0."""
+    return _card({"feature_id": feature.index, "coefficient": 0.0}, feature)
 
 
 def state_from_run(run: SteeringRun) -> PanelState:
