@@ -148,9 +148,17 @@ def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
     emit("started", {})
     with Liveness(run.pk) as liveness:
         try:
-            _complete(run.pk, services.execute(run, on_step, liveness.should_stop))
+            outcome = services.execute(run, on_step, liveness.should_stop)
+            _end_running(
+                run.pk,
+                Status.COMPLETED,
+                unsteered_output=outcome.unsteered_output,
+                steered_output=outcome.steered_output,
+                metrics=finite_json(outcome.metrics),
+                timings=finite_json(outcome.timings),
+            )
         except services.Cancelled:
-            _store_cancelled(run.pk, *streamed)
+            _end_running(run.pk, Status.CANCELLED, unsteered_output=streamed[0], steered_output=streamed[1])
         except Exception as error:
             reason = failure_reason(error)
             logger.exception("Steering run %s failed: %s", run.pk, reason)
@@ -160,31 +168,16 @@ def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
     return run
 
 
-def _complete(run_id: int, outcome: services.Outcome) -> bool:
-    return bool(
-        SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
-            status=Status.COMPLETED,
-            finished_at=timezone.now(),
-            unsteered_output=outcome.unsteered_output,
-            steered_output=outcome.steered_output,
-            metrics=finite_json(outcome.metrics),
-            timings=finite_json(outcome.timings),
-        )
+def _end_running(run_id: int, status: str, **stored) -> None:
+    """Store a processed run's ending, unless it was ended meanwhile (a sweep judged it dead)."""
+    SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
+        status=status, finished_at=timezone.now(), **stored
     )
 
 
 def worker_name() -> str:
     """Which worker ran a run: the run page shows it, and scale-out tests check that work was shared."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _store_cancelled(run_id: int, unsteered: str, steered: str) -> None:
-    SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
-        status=Status.CANCELLED,
-        finished_at=timezone.now(),
-        unsteered_output=unsteered,
-        steered_output=steered,
-    )
 
 
 def cancel(run_id: int, reason: str) -> bool:

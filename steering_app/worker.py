@@ -109,9 +109,10 @@ class EmbeddedWorker:
                 logger.exception("Embedded worker failed")
 
     async def sweep(self) -> None:
+        # embedded_worker() swept once before starting this worker; the timer takes over from there.
         while True:
-            await sync_to_async(sweep, thread_sensitive=False)()
             await asyncio.sleep(self.sweep_seconds)
+            await sync_to_async(sweep, thread_sensitive=False)()
 
     def stop(self) -> None:
         for task in self.tasks:
