@@ -312,10 +312,16 @@ class SteeringRun(models.Model):
     max_new_tokens = models.PositiveIntegerField(default=64)
     seed = models.BigIntegerField()
     chat = models.BooleanField(default=False)
+    sweep = models.JSONField(
+        null=True, blank=True, help_text="Strength multipliers, one steered variant each; null: one variant."
+    )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     unsteered_output = models.TextField(blank=True)
     steered_output = models.TextField(blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    # Every steered variant in order: [{"multiplier", "steered_output", "metrics"}]; the first one is also
+    # steered_output and metrics.
+    variants = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
     timings = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)

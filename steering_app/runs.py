@@ -105,67 +105,134 @@ def submit(run: SteeringRun) -> None:
         raise WorkerUnavailable("No steering worker is available; try again later.") from error
 
 
-def claim() -> SteeringRun | None:
-    """Move the oldest queued run to running and return it; None when none is left.
+def claim(accepts: Callable[[SteeringRun], bool] | None = None) -> SteeringRun | None:
+    """Move the oldest queued run to running and return it; None when none is left, or when `accepts`
+    refuses it (a batch with too few free rows: the run waits, and no later run overtakes it here).
 
     Every worker claims this way: a message to a worker means "work is waiting", not "run this one", so
     a free worker takes runs whose messages went to a busy one.
     """
     queued = SteeringRun.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
-    for run_id in queued.values_list("id", flat=True)[:CLAIM_CANDIDATES]:
+    for run in queued.select_related("training__model")[:CLAIM_CANDIDATES]:
+        if accepts is not None and not accepts(run):
+            return None
         now = timezone.now()
-        taken = SteeringRun.objects.filter(pk=run_id, status=Status.QUEUED).update(
+        taken = SteeringRun.objects.filter(pk=run.pk, status=Status.QUEUED).update(
             status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
         )
         if taken:
-            return SteeringRun.objects.select_related("training__model").get(pk=run_id)
+            return SteeringRun.objects.select_related("training__model").get(pk=run.pk)
     return None
 
 
 def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
-    """Claim and process runs until none is queued; returns how many ran. What every worker calls."""
+    """Claim runs into a batch while rows are free, advance them together step by step, and store each as
+    it ends; returns how many ran once none is queued or running here. What every worker calls.
+
+    Runs join at any step (continuous batching) when they fit the batch that is open: the same model,
+    enough free rows. The outcome is stored only while the run is still running: a run failed meanwhile
+    (a sweep judged it dead) keeps that ending. A cancelled run keeps the text streamed until it stopped.
+    """
     count = 0
-    while (run := claim()) is not None:
-        process(run, emit_for(run.pk) if emit_for else None)
-        count += 1
-    return count
+    batch: services.EngineBatch | None = None
+    working: dict[int, _Working] = {}
+    while True:
+        while (run := claim(batch.accepts if batch is not None and batch.active else None)) is not None:
+            count += 1
+            item = _Working(run, emit_for(run.pk) if emit_for else None)
+            try:
+                if batch is None or not batch.active:
+                    batch = services.batch_for(run)
+                if not batch.admit(run, item.on_step, item.liveness.should_stop):
+                    raise RuntimeError("the batch had too few free rows")
+                working[run.pk] = item
+            except Exception as error:  # noqa: BLE001 - the run fails with the reason; the batch goes on
+                item.end(error)
+        if batch is None or not batch.active:
+            return count
+        try:
+            ended = batch.step()
+        except Exception as error:  # noqa: BLE001 - every run in the failed step fails with the reason
+            for run in batch.abandon():
+                working.pop(run.pk).end(error)
+            continue
+        for run, result in ended:
+            working.pop(run.pk).end(result)
 
 
 def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
-    """Execute a claimed run and store its outcome; emit tells its watchers (the run's group by default).
-
-    The outcome is stored only while the run is still running: a run failed meanwhile (a sweep judged
-    it dead) keeps that ending. A cancelled run keeps the text streamed until it stopped.
-    """
-    emit = emit or (lambda event, payload: streaming.publish(run.pk, event, payload))
-    streamed = ["", ""]
-
-    def on_step(unsteered: str, steered: str) -> None:
-        streamed[0] += unsteered
-        streamed[1] += steered
-        emit("delta", {"unsteered": unsteered, "steered": steered})
-
-    emit("started", {})
-    with Liveness(run.pk) as liveness:
-        try:
-            outcome = services.execute(run, on_step, liveness.should_stop)
-            _end_running(
-                run.pk,
-                Status.COMPLETED,
-                unsteered_output=outcome.unsteered_output,
-                steered_output=outcome.steered_output,
-                metrics=finite_json(outcome.metrics),
-                timings=finite_json(outcome.timings),
-            )
-        except services.Cancelled:
-            _end_running(run.pk, Status.CANCELLED, unsteered_output=streamed[0], steered_output=streamed[1])
-        except Exception as error:
-            reason = failure_reason(error)
-            logger.exception("Steering run %s failed: %s", run.pk, reason)
-            fail(run.pk, reason)
+    """Process one claimed run alone (a batch of its own) and store its outcome."""
+    item = _Working(run, emit)
+    try:
+        batch = services.batch_for(run)
+        if not batch.admit(run, item.on_step, item.liveness.should_stop):
+            raise RuntimeError("the batch had too few free rows")
+        while batch.active:
+            for _run, result in batch.step():
+                item.end(result)
+    except Exception as error:  # noqa: BLE001 - the run fails with the reason
+        item.end(error)
     run.refresh_from_db()
-    emit(run.status, {"error": run.error})
     return run
+
+
+class _Working:
+    """A claimed run while a worker processes it: its stream, its liveness thread, and how it ends."""
+
+    def __init__(self, run: SteeringRun, emit: Emit | None):
+        self.run = run
+        self.emit = emit or (lambda event, payload: streaming.publish(run.pk, event, payload))
+        self.streamed = ["", []]
+        self.ended = False
+        self.emit("started", {})
+        self.liveness = Liveness(run.pk).__enter__()
+
+    def on_step(self, unsteered: str, variants: list[str]) -> None:
+        self.streamed[0] += unsteered
+        extra = len(variants) - len(self.streamed[1])
+        self.streamed[1] += [""] * max(0, extra)
+        for index, delta in enumerate(variants):
+            self.streamed[1][index] += delta
+        self.emit(
+            "delta",
+            {"unsteered": unsteered, "steered": variants[0] if variants else "", "variants": variants},
+        )
+
+    def end(self, result: "services.Outcome | Exception") -> None:
+        """Store the ending (completed, cancelled or failed), stop the liveness thread, tell the watchers."""
+        if self.ended:
+            return
+        self.ended = True
+        run_id = self.run.pk
+        try:
+            if isinstance(result, services.Outcome):
+                variants = result.all_variants()
+                _end_running(
+                    run_id,
+                    Status.COMPLETED,
+                    unsteered_output=result.unsteered_output,
+                    steered_output=result.steered_output,
+                    metrics=finite_json(result.metrics),
+                    variants=finite_json(variants),
+                    timings=finite_json(result.timings),
+                )
+            elif isinstance(result, services.Cancelled):
+                streamed = self.streamed[1]
+                _end_running(
+                    run_id,
+                    Status.CANCELLED,
+                    unsteered_output=self.streamed[0],
+                    steered_output=streamed[0] if streamed else "",
+                    variants=[{"steered_output": text} for text in streamed],
+                )
+            else:
+                reason = failure_reason(result)
+                logger.error("Steering run %s failed: %s", run_id, reason, exc_info=result)
+                fail(run_id, reason)
+        finally:
+            self.liveness.__exit__(None, None, None)
+        status, error = SteeringRun.objects.filter(pk=run_id).values_list("status", "error").get()
+        self.emit(status, {"error": error})
 
 
 def _end_running(run_id: int, status: str, **stored) -> None:

@@ -12,26 +12,35 @@ from steering_app.errors import InvalidInput
 from steering_app.models import Feature, SteeringRun, Training
 
 if TYPE_CHECKING:
+    from steering_app.engine.generate import Comparison, Generation
     from steering_app.engine.steer import SteeringSpec
 
-OnStep = Callable[[str, str], None]
+OnStep = Callable[[str, list[str]], None]  # (clean delta, one delta per variant)
 ShouldStop = Callable[[], bool]
 
 
 class Cancelled(Exception):
-    """The run's cancel flag stopped the generation between two steps."""
+    """The run's cancel flag stopped its generation between two steps."""
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """What a run stores: the first variant's text and metrics, and every variant (in sweep order)."""
+
     unsteered_output: str
     steered_output: str
     metrics: dict
     timings: dict
+    variants: list[dict] | None = None  # [{"multiplier", "steered_output", "metrics"}]; None: just the first
+
+    def all_variants(self) -> list[dict]:
+        if self.variants is not None:
+            return self.variants
+        return [{"multiplier": 1.0, "steered_output": self.steered_output, "metrics": self.metrics}]
 
 
-def steering_spec(run: SteeringRun) -> "SteeringSpec":
-    """The engine's SteeringSpec for a run, with each feature's a_i (its max activation, 1 when unknown)."""
+def variant_specs(run: SteeringRun) -> list["SteeringSpec"]:
+    """The engine's SteeringSpec of each variant, with each feature's a_i (its max activation, 1 when unknown)."""
     from steering_app.engine.steer import SteeringSpec
 
     indices = [item["feature_id"] for item in run.features]
@@ -39,42 +48,141 @@ def steering_spec(run: SteeringRun) -> "SteeringSpec":
         feature.index: feature.steering_scale
         for feature in Feature.objects.filter(training=run.training, index__in=indices)
     }
-    return SteeringSpec(
-        method=run.method,
-        features=tuple((item["feature_id"], item["coefficient"]) for item in run.features),
-        layers=tuple(run.intervention_layers),
-        feature_scales=scales,
-    )
+    return [
+        SteeringSpec(
+            method=run.method,
+            features=tuple((item["feature_id"], item["coefficient"] * multiplier) for item in run.features),
+            layers=tuple(run.intervention_layers),
+            feature_scales=scales,
+        )
+        for multiplier in multipliers(run)
+    ]
 
 
-def execute(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop | None = None) -> Outcome:
-    """Run the comparison on the run's model and SAE; on_step(unsteered_delta, steered_delta) streams.
+def multipliers(run: SteeringRun) -> list[float]:
+    return list(run.sweep) if run.sweep is not None else [1.0]
 
-    should_stop is asked before every model step; Cancelled means it said stop.
-    """
-    from steering_app import engine
+
+def start(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> "Generation":
+    """The run's generation, validated against its model and SAE (loaded once per process), not yet in a batch.
+
+    InvalidInput when the engine refuses the request (a prompt too long for the slots, say)."""
     from steering_app.engine import loader
+    from steering_app.engine.generate import Generation, prepare
+    from steering_app.engine.steer import SpecError
 
     training = run.training
     lm = loader.load_model(training.model.source)
     sae = loader.load_sae_cached(training.checkpoint_path, lm)
     try:
-        result = engine.run_comparison(
+        request = prepare(
             lm,
             sae,
             prompt=run.prompt,
-            spec=steering_spec(run),
+            variants=variant_specs(run),
             temperature=run.temperature,
             max_new_tokens=run.max_new_tokens,
             seed=run.seed,
             chat=run.chat,
-            on_step=on_step,
             sae_layer=training.hook_layer,
-            should_stop=should_stop,
         )
-    except engine.Stopped as stopped:
-        raise Cancelled(str(stopped)) from stopped
-    return Outcome(result.unsteered_text, result.steered_text, result.metrics, result.timings)
+    except SpecError as error:
+        raise InvalidInput(str(error), error.field) from error
+    return Generation(lm, sae, request, on_step, should_stop)
+
+
+def conclude(run: SteeringRun, generation: "Generation", comparison: "Comparison") -> Outcome:
+    """The run's outputs with every variant's metrics."""
+    from steering_app import engine
+    from steering_app.engine import loader
+
+    result = engine.finish(
+        generation.lm, generation.sae, comparison, list(generation.request.variants), loader.get_embedder()
+    )
+    variants = [
+        {"multiplier": multiplier, "steered_output": variant.text, "metrics": variant.metrics}
+        for multiplier, variant in zip(multipliers(run), result.variants)
+    ]
+    return Outcome(
+        unsteered_output=result.unsteered_text,
+        steered_output=variants[0]["steered_output"],
+        metrics=variants[0]["metrics"],
+        timings=result.timings,
+        variants=variants,
+    )
+
+
+Ended = tuple[SteeringRun, Outcome | Exception]
+
+
+class EngineBatch:
+    """The runs sharing one model's slot batch in this worker (continuous batching, engine/scheduler.py).
+
+    admit() prefills a run into free rows at a step boundary; step() advances every admitted run by one
+    token and returns the runs that ended, each with its Outcome or the exception that ended it
+    (Cancelled when its cancel flag stopped it). runs.process_queued() drives it.
+    """
+
+    def __init__(self, run: SteeringRun):
+        from steering_app.engine import loader
+        from steering_app.engine.scheduler import scheduler_for
+
+        self.model_id = run.training.model_id
+        self.lm = loader.load_model(run.training.model.source)
+        with self.lm.lock:
+            self.scheduler = scheduler_for(self.lm)
+        self.runs: dict[int, SteeringRun] = {}  # id(generation) -> its run
+
+    @property
+    def active(self) -> bool:
+        return bool(self.runs)
+
+    def accepts(self, run: SteeringRun) -> bool:
+        """True when the run can join now: the same model, and enough free rows."""
+        rows = 1 + len(multipliers(run))
+        return run.training.model_id == self.model_id and rows <= len(self.scheduler.batch.free)
+
+    def admit(self, run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> bool:
+        from steering_app.engine.steer import SpecError
+
+        generation = start(run, on_step, should_stop)
+        try:
+            with self.lm.lock:
+                admitted = self.scheduler.admit(generation)
+        except SpecError as error:
+            raise InvalidInput(str(error), error.field) from error
+        if admitted:
+            self.runs[id(generation)] = run
+        return admitted
+
+    def step(self) -> list[Ended]:
+        from steering_app.engine import Stopped
+
+        with self.lm.lock:
+            ended = self.scheduler.step()
+        results = []
+        for item in ended:
+            run = self.runs.pop(id(item.generation))
+            if isinstance(item.error, Stopped):
+                results.append((run, Cancelled(str(item.error))))
+            elif item.error is not None:
+                results.append((run, item.error))
+            else:
+                try:
+                    results.append((run, conclude(run, item.generation, item.comparison)))
+                except Exception as error:  # noqa: BLE001 - a failed metric fails this run only
+                    results.append((run, error))
+        return results
+
+    def abandon(self) -> list[SteeringRun]:
+        """After a failed step (the scheduler has freed its rows): the runs that were in it."""
+        runs, self.runs = list(self.runs.values()), {}
+        return runs
+
+
+def batch_for(run: SteeringRun) -> EngineBatch:
+    """The batch a worker opens for a run's model (the seam tests replace with a fake engine)."""
+    return EngineBatch(run)
 
 
 def residual_norm(training: Training, prompt: str) -> float:

@@ -16,6 +16,7 @@ from steering_app.models import Feature, SteeringRun, Training
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_TOKENS = 64
+DEFAULT_SWEEP = (0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class SteeringSettings:
     method: str = SteeringRun.Method.ADDITIVE
     temperature: float = DEFAULT_TEMPERATURE
     max_tokens: int = DEFAULT_MAX_TOKENS
+    # A strength sweep: one steered variant per multiplier, each the features with every coefficient times
+    # it; None is one variant, the features as given.
+    sweep: list[float] | None = None
 
     @classmethod
     def from_fields(cls, fields: Mapping) -> "SteeringSettings":
@@ -43,6 +47,7 @@ class SteeringSettings:
             method=given("method", SteeringRun.Method.ADDITIVE),
             temperature=given("temperature", DEFAULT_TEMPERATURE),
             max_tokens=given("max_tokens", DEFAULT_MAX_TOKENS),
+            sweep=fields.get("sweep"),
         )
 
     def validate(
@@ -53,14 +58,25 @@ class SteeringSettings:
         known_features, the training's feature indices, spares a query when many settings are checked at once.
         """
         method = _method(self.method)
+        features = _features(self.features, training, known_features)
         return replace(
             self,
             method=method,
             temperature=_temperature(self.temperature),
             max_tokens=_max_tokens(self.max_tokens),
             layers=_layers(self.layers, training, method),
-            features=_features(self.features, training, known_features),
+            features=features,
+            sweep=_sweep(self.sweep, features, training),
         )
+
+    def variant_features(self) -> list[list[dict]]:
+        """The features of each steered variant: one as given, or one per sweep multiplier."""
+        if self.sweep is None:
+            return [self.features]
+        return [
+            [{**item, "coefficient": item["coefficient"] * multiplier} for item in self.features]
+            for multiplier in self.sweep
+        ]
 
 
 def is_integer(value: object) -> bool:
@@ -150,6 +166,37 @@ def _feature(item: object, training: Training, limit: float) -> dict:
             "features",
         )
     return {"feature_id": index, "coefficient": float(coefficient)}
+
+
+def _sweep(sweep: object, features: list[dict], training: Training) -> list[float] | None:
+    """None, or 1 to max_variants() multipliers whose scaled coefficients stay within the training's limit."""
+    if sweep is None:
+        return None
+    variants = max_variants()
+    if not isinstance(sweep, list | tuple) or not 1 <= len(sweep) <= variants:
+        raise InvalidInput(f"sweep must list 1 to {variants} strength multipliers.", "sweep")
+    if not all(is_number(item) and math.isfinite(item) for item in sweep):
+        raise InvalidInput("Each sweep multiplier must be a finite number.", "sweep")
+    limit = training.max_abs_coefficient
+    strongest = max(abs(item["coefficient"]) for item in features) * max(abs(item) for item in sweep)
+    if strongest > limit:
+        raise InvalidInput(
+            f"The sweep scales a coefficient to {strongest:g}, beyond ±{limit:g}, the limit of training "
+            f"{training.pk} ({_units(training)}).",
+            "sweep",
+        )
+    return [float(item) for item in sweep]
+
+
+def max_variants() -> int:
+    """Steered variants per run: MAX_VARIANTS, or fewer when the worker's batch has fewer rows (one is the
+    clean row). The engine's slot shape for this machine's device, as the embedded worker uses it."""
+    from steering_app.engine.generate import MAX_VARIANTS
+    from steering_app.engine.loader import resolve_device
+    from steering_app.engine.scheduler import slot_shape
+
+    rows, _length = slot_shape(resolve_device())
+    return min(MAX_VARIANTS, rows - 1)
 
 
 def _units(training: Training) -> str:

@@ -6,6 +6,7 @@ run_comparison is the one call the service makes; the modules below it are usabl
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,42 +27,69 @@ __all__ = [
     "SpecError",
     "SteeringSpec",
     "Stopped",
+    "VariantResult",
     "compare",
     "comparison_metrics",
+    "finish",
     "run_comparison",
     "validate",
 ]
 
 
 @dataclass
+class VariantResult:
+    text: str
+    metrics: dict
+
+
+@dataclass
 class ComparisonResult:
     unsteered_text: str
-    steered_text: str
+    variants: list[VariantResult]
     seed: int
-    metrics: dict
     timings: dict
+
+    @property
+    def steered_text(self) -> str:
+        return self.variants[0].text
+
+    @property
+    def metrics(self) -> dict:
+        return self.variants[0].metrics
 
 
 def run_comparison(
     lm: LoadedModel, sae: SAE, *, embedder: SentenceTransformer | None = None, **compare_args: Any
 ) -> ComparisonResult:
-    """Both continuations and all metrics; the model is held for the whole call.
+    """The continuations and all metrics; the model is held for the whole call.
 
-    compare_args are compare()'s, by name: prompt, spec, temperature, max_new_tokens, seed, and optionally
-    top_p, chat, on_step, sae_layer, min_new_tokens, should_stop. Raises SpecError (a ValueError naming the
-    field) for an invalid request, Stopped when should_stop() ended the generation.
+    compare_args are compare()'s, by name: prompt, spec (one SteeringSpec or a sequence: the variants),
+    temperature, max_new_tokens, seed, and optionally top_p, chat, on_step, sae_layer, min_new_tokens,
+    should_stop. Raises SpecError (a ValueError naming the field) for an invalid request, Stopped when
+    should_stop() ended the generation.
     """
     started = time.perf_counter()
     embedder = embedder or get_embedder()
     with lm.lock:
         comparison = compare(lm, sae, **compare_args)
-        metrics = comparison_metrics(lm, sae, comparison, compare_args["spec"], embedder)
-    timings = dict(comparison.timings)
-    timings["total"] = time.perf_counter() - started
+        result = finish(lm, sae, comparison, compare_args["spec"], embedder)
+    result.timings["total"] = time.perf_counter() - started
+    return result
+
+
+def finish(
+    lm: LoadedModel,
+    sae: SAE,
+    comparison: Comparison,
+    spec: SteeringSpec | Sequence[SteeringSpec],
+    embedder: SentenceTransformer,
+) -> ComparisonResult:
+    """A generated comparison with every variant's metrics."""
+    specs = [spec] if isinstance(spec, SteeringSpec) else list(spec)
+    metrics = comparison_metrics(lm, sae, comparison, specs, embedder)
     return ComparisonResult(
         unsteered_text=comparison.unsteered_text,
-        steered_text=comparison.steered_text,
+        variants=[VariantResult(variant.text, item) for variant, item in zip(comparison.variants, metrics)],
         seed=comparison.seed,
-        metrics=metrics,
-        timings=timings,
+        timings=dict(comparison.timings),
     )

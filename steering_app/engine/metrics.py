@@ -11,82 +11,88 @@
   tokens (the last prompt position and every continuation token but the last); steered_in_run is the
   same inside the steered run itself, after the intervention.
 
-Generation already computed most of this: the clean row's logits are P_clean on the unsteered
-continuation and its activations read it, and until the continuations diverge (index d) both rows
-share their context, so the steered row's logits are P_steered there and the clean row's logits and
-activations serve the steered continuation too. One extra forward over two rows, continuing the
-generation's KV cache from position P + d, supplies the rest: row 0 is the clean model reading the
-steered tokens, row 1 the steered model reading the unsteered ones.
+A comparison has K steered variants; each gets every metric against the clean row. Generation already
+computed most of this: the clean row's logits are P_clean on the unsteered continuation and its
+activations read it, and until a variant's continuation diverges from the clean one (index d) both share
+their context, so the variant's logits are P_steered there and the clean row's logits and activations
+serve the variant's continuation too. One extra forward over two rows per variant supplies the rest:
+the clean model reading the variant's tokens, and the variant's model reading the unsteered ones.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from .generate import (
-    CLEAN,
-    STEERED,
-    Comparison,
-    cache_is_plain,
-    capture_hook,
-    eos_token_ids,
-    model_forward,
-    new_cache,
-    reshape_cache,
-    skinny_linears,
-)
+from .generate import Comparison, eos_token_ids
 from .layers import decoder_blocks
 from .loader import LoadedModel
 from .sae import SAE
-from .steer import SteeringSpec, steering_hooks
+from .slots import model_forward
+from .steer import RowSteering, SteeringSpec, plan_row
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 
 def comparison_metrics(
-    lm: LoadedModel, sae: SAE, comparison: Comparison, spec: SteeringSpec, embedder: SentenceTransformer
-) -> dict:
-    """The five metrics; also records metrics_forward and embed in comparison.timings."""
+    lm: LoadedModel,
+    sae: SAE,
+    comparison: Comparison,
+    spec: SteeringSpec | Sequence[SteeringSpec],
+    embedder: SentenceTransformer,
+) -> dict | list[dict]:
+    """The five metrics of each variant against the clean row: a dict for one spec, a list for a sequence.
+
+    Also records metrics_forward and embed in comparison.timings.
+    """
+    specs = [spec] if isinstance(spec, SteeringSpec) else list(spec)
     t0 = time.perf_counter()
     with lm.lock:
-        result = _model_metrics(lm, sae, comparison, spec)
+        results = _model_metrics(lm, sae, comparison, specs)
     comparison.timings["metrics_forward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result["semantic_similarity"] = semantic_similarity(
-        embedder, comparison.unsteered_text, comparison.steered_text
+    similarities = semantic_similarities(
+        embedder, comparison.unsteered_text, [variant.text for variant in comparison.variants]
     )
     comparison.timings["embed"] = time.perf_counter() - t0
     special = set(lm.tokenizer.all_special_ids)
-    result["word_overlap"] = word_overlap(
-        [t for t in comparison.unsteered_ids if t not in special],
-        [t for t in comparison.steered_ids if t not in special],
-    )
-    return {
-        key: result[key]
-        for key in (
-            "kl_divergence",
-            "perplexity_delta",
-            "perplexity_unsteered",
-            "perplexity_steered",
-            "semantic_similarity",
-            "word_overlap",
-            "feature_activation",
-        )
-    }
+    clean_words = [t for t in comparison.unsteered_ids if t not in special]
+    for result, variant, similarity in zip(results, comparison.variants, similarities):
+        result["semantic_similarity"] = similarity
+        result["word_overlap"] = word_overlap(clean_words, [t for t in variant.ids if t not in special])
+    ordered = [{key: result[key] for key in METRIC_KEYS} for result in results]
+    return ordered[0] if isinstance(spec, SteeringSpec) else ordered
+
+
+METRIC_KEYS = (
+    "kl_divergence",
+    "perplexity_delta",
+    "perplexity_unsteered",
+    "perplexity_steered",
+    "semantic_similarity",
+    "word_overlap",
+    "feature_activation",
+)
 
 
 def semantic_similarity(embedder: SentenceTransformer, a: str, b: str) -> float:
-    if a == b:
-        return 1.0
-    embeddings = embedder.encode([a, b], convert_to_tensor=True, normalize_embeddings=True)
-    return max(-1.0, min(1.0, float((embeddings[0] * embeddings[1]).sum())))
+    return semantic_similarities(embedder, a, [b])[0]
+
+
+def semantic_similarities(embedder: SentenceTransformer, clean: str, others: list[str]) -> list[float]:
+    """Cosine of clean's embedding with each other text's; one encode call for all of them."""
+    distinct = [text for text in dict.fromkeys(others) if text != clean]
+    if not distinct:
+        return [1.0] * len(others)
+    embeddings = embedder.encode([clean, *distinct], convert_to_tensor=True, normalize_embeddings=True)
+    cosine = {text: float((embeddings[0] * embeddings[1 + i]).sum()) for i, text in enumerate(distinct)}
+    return [1.0 if text == clean else max(-1.0, min(1.0, cosine[text])) for text in others]
 
 
 def word_overlap(a_tokens: Iterable[int], b_tokens: Iterable[int]) -> float:
@@ -111,75 +117,69 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def _model_metrics(lm: LoadedModel, sae: SAE, comparison: Comparison, spec: SteeringSpec) -> dict:
-    model, device = lm.model, lm.device
-    prompt, unsteered, steered = comparison.prompt_ids, comparison.unsteered_ids, comparison.steered_ids
-    P, d = len(prompt), comparison.divergence
+def _model_metrics(
+    lm: LoadedModel, sae: SAE, comparison: Comparison, specs: list[SteeringSpec]
+) -> list[dict]:
+    """KL, perplexities and feature activations of every variant, from one forward over 2 rows per variant:
+    row 2k is the clean model reading variant k's tokens, row 2k + 1 variant k's model reading the
+    unsteered ones (prompt included, no cache: the run's slots are already free for others)."""
+    prompt, unsteered = comparison.prompt_ids, comparison.unsteered_ids
+    P, n_u = len(prompt), len(unsteered)
+    rows, plans = [], []
+    for spec, variant in zip(specs, comparison.variants):
+        rows += [prompt + variant.ids[: len(variant.ids) - 1], prompt + unsteered[: n_u - 1]]
+        plans += [
+            plan_row(sae, comparison.sae_layer, None, comparison.capture),
+            plan_row(sae, comparison.sae_layer, spec),
+        ]
+    width = max(len(row) for row in rows)
+    eos = eos_token_ids(lm)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else min(eos, default=0)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=lm.device)
+    special_ids = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), device=lm.device, dtype=torch.long)
+    steering = RowSteering(decoder_blocks(lm.model), len(rows))
+    steering.special_mask = torch.isin(input_ids, special_ids)
+    for row, plan in enumerate(plans):
+        steering.assign(row, plan)
+    kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens
+    with steering.attached():
+        logits = model_forward(lm.model, input_ids, None, logits_to_keep=kept)[:, -kept:]
+    records = steering.records
+
+    results = []
+    for k, (spec, variant) in enumerate(zip(specs, comparison.variants)):
+        results.append(
+            _variant_metrics(comparison, spec, variant, logits[2 * k], logits[2 * k + 1], records.get(2 * k))
+        )
+    return results
+
+
+def _variant_metrics(comparison, spec, variant, clean_reading, steered_reading, clean_records) -> dict:
+    """clean_reading / steered_reading: the pass's logits from position P - 1 on (index t predicts token t)."""
+    P, d = len(comparison.prompt_ids), variant.divergence
+    unsteered, steered = comparison.unsteered_ids, variant.ids
     n_u, n_s = len(unsteered), len(steered)
 
-    # Beyond d: row 0 = clean model reading the steered tokens, row 1 = steered model reading the
-    # unsteered ones. The last token of each continuation is only predicted, never read.
-    cache = comparison.cache
-    comparison.cache = None
-    if cache is not None and cache_is_plain(cache):
-        start = P + d
-        rows = [steered[d : n_s - 1], unsteered[d : n_u - 1]]
-    else:
-        start = 0
-        rows = [prompt + steered[: n_s - 1], prompt + unsteered[: n_u - 1]]
-    width = max(len(row) for row in rows)
-    logits = activations = None
-    if width:
-        if start:
-            reshape_cache(cache, [CLEAN, STEERED], start)
-        else:
-            cache = new_cache(model)
-        eos = eos_token_ids(lm)
-        pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else min(eos, default=0)
-        input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
-        special_ids = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), device=device, dtype=torch.long)
-        blocks = decoder_blocks(model)
-        with (
-            skinny_linears(model, device),
-            steering_hooks(
-                blocks,
-                sae,
-                spec,
-                comparison.sae_layer,
-                rows=(STEERED,),
-                special_mask=torch.isin(input_ids, special_ids),
-            ),
-            capture_hook(blocks, comparison.sae_layer, sae, spec.feature_ids, rows=(CLEAN,)) as records,
-        ):
-            logits = model_forward(model, input_ids, cache)  # [2, width, V]; index j is position start + j
-        activations = records[0]
-    del cache
-
-    def before(t: int) -> int:
-        """Index in the pass of position P + t - 1, whose logits predict continuation token t."""
-        return P + t - 1 - start
-
-    def extend(shared: torch.Tensor, row: int, tokens: int) -> torch.Tensor:
-        """Per-token logits up to d from generation, then the pass's row for the tokens after d."""
-        later = range(d + 1, tokens)
-        if not later:
+    def extend(shared: torch.Tensor, reading: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Per-token logits up to d from generation, then the pass's for the tokens after d."""
+        if tokens <= d + 1:
             return shared[:tokens]
-        return torch.cat([shared[: d + 1], logits[row, [before(t) for t in later]].float()])
+        return torch.cat([shared[: d + 1], reading[d + 1 : tokens].float()])
 
-    kl = _kl(comparison.clean_logits[:n_u], extend(comparison.steered_logits, STEERED, n_u))
+    kl = _kl(comparison.clean_logits[:n_u], extend(variant.logits, steered_reading, n_u))
     ppl_unsteered = _perplexity(comparison.clean_logits[:n_u], unsteered)
-    ppl_steered = _perplexity(extend(comparison.clean_logits, CLEAN, n_s), steered)
+    ppl_steered = _perplexity(extend(comparison.clean_logits, clean_reading, n_s), steered)
 
     feature_activation = []
     if spec.feature_ids:
-        # Activations at the positions that produce each continuation token (the last prompt
-        # position and every continuation token but the last): the same positions as steered_in_run.
-        unsteered_acts = comparison.clean_activations[:n_u]
-        later = range(d + 1, n_s)
-        steered_acts = comparison.clean_activations[: min(d + 1, n_s)]
-        if later:
-            steered_acts = torch.cat([steered_acts, activations[0, [before(t) for t in later]]])
-        in_run = comparison.steered_activations[:n_s]
+        columns = [comparison.capture.index(index) for index in spec.feature_ids]
+        # Activations at the positions that produce each continuation token (the last prompt position and
+        # every continuation token but the last): the same positions as steered_in_run.
+        unsteered_acts = comparison.clean_activations[:n_u, columns]
+        steered_acts = comparison.clean_activations[: min(d + 1, n_s), columns]
+        if n_s > d + 1:
+            steered_acts = torch.cat([steered_acts, clean_records[P - 1 + d + 1 : P - 1 + n_s, columns]])
+        in_run = variant.activations[:n_s, columns]
         for column, feature_id in enumerate(spec.feature_ids):
             feature_activation.append(
                 {
@@ -189,7 +189,6 @@ def _model_metrics(lm: LoadedModel, sae: SAE, comparison: Comparison, spec: Stee
                     "steered_in_run": _mean(in_run[:, column]),
                 }
             )
-
     return {
         "kl_divergence": kl,
         "perplexity_unsteered": ppl_unsteered,

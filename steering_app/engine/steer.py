@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steering_app.limits import MAX_ABS_COEFFICIENT_HARD  # plain constants: the engine stays free of Django
+from steering_app.limits import (  # plain constants: the engine stays free of Django
+    MAX_ABS_COEFFICIENT_HARD,
+    MAX_FEATURES,
+)
 
 from .layers import block_hidden, replace_block_hidden
 from .sae import SAE
@@ -118,22 +121,211 @@ def validate(
             )
 
 
-@dataclass
-class SteeringControl:
-    """Per-forward state the caller updates: which positions are special tokens (never steered).
+@dataclass(frozen=True)
+class RowPlan:
+    """One batch row's steering as data, computed once per run: the hooks only index and add.
 
-    special_mask: bool tensor broadcastable to [batch, seq] for the next forward (True = special),
-    or None when no position is special.
+    additive: (layer, delta) pairs, delta = sum_i c_i * a_i * d_i [d_in], added at every position;
+    multiplicative: (feature, coefficient) pairs applied at sae_layer as h + sum_i c_i * f_i(h) * d_i;
+    capture: the features whose activations the row records at sae_layer, after its own steering.
+    A clean row has neither additive nor multiplicative entries.
     """
 
-    special_mask: torch.Tensor | None = None
-    enabled: bool = True
-    handles: list = field(default_factory=list)
+    sae: SAE
+    sae_layer: int
+    additive: tuple[tuple[int, torch.Tensor], ...] = ()
+    multiplicative: tuple[tuple[int, float], ...] = ()
+    capture: tuple[int, ...] = ()
+    steer_special_tokens: bool = False
+
+    @property
+    def steers(self) -> bool:
+        return bool(self.additive or self.multiplicative)
+
+
+def plan_row(sae: SAE, sae_layer: int, spec: SteeringSpec | None, capture: Iterable[int] = ()) -> RowPlan:
+    """The row plan of spec (None: a clean row); zero coefficients take no part, so c = 0 is the clean row."""
+    capture = tuple(int(index) for index in capture)
+    if spec is None:
+        return RowPlan(sae, sae_layer, capture=capture)
+    active = _active_features(spec)
+    additive, multiplicative = (), ()
+    if active and spec.method == "additive":
+        indices = [idx for idx, _ in active]
+        weights = torch.tensor(
+            [coef * spec.scale(idx) for idx, coef in active], dtype=sae.dtype, device=sae.device
+        )
+        delta = weights @ sae.W_dec[indices]
+        additive = tuple((layer, delta) for layer in spec.layers)
+    elif active:
+        multiplicative = tuple(active)
+    return RowPlan(sae, sae_layer, additive, multiplicative, capture, spec.steer_special_tokens)
 
 
 def _active_features(spec: SteeringSpec) -> list[tuple[int, float]]:
     # A zero coefficient must leave h bit-identical, so such features take no part at all.
     return [(int(idx), float(coef)) for idx, coef in spec.features if coef != 0]
+
+
+@dataclass
+class _MultiplicativeGroup:
+    """The rows steered multiplicatively through one SAE, padded to MAX_FEATURES features each.
+
+    Every row has the same number of feature slots (unused ones have coefficient 0), so a row's
+    numbers never depend on how many features the other rows steer.
+    """
+
+    sae: SAE
+    member: torch.Tensor  # [rows] bool
+    ids: torch.Tensor  # [rows, MAX_FEATURES] long
+    coefficients: torch.Tensor  # [rows, MAX_FEATURES]
+    decoder: torch.Tensor  # [rows, MAX_FEATURES, d_in]: W_dec[ids]
+
+
+@dataclass
+class _CaptureGroup:
+    """The rows recording features of one SAE at its layer; ids padded to the widest row (read-only)."""
+
+    sae: SAE
+    rows: list[int]
+    widths: list[int]
+    ids: torch.Tensor  # [rows, width] long
+
+
+@dataclass
+class _LayerOps:
+    additive: torch.Tensor | None = None  # [rows, d_in]; zero for rows not steered here
+    multiplicative: list[_MultiplicativeGroup] = field(default_factory=list)
+    capture: list[_CaptureGroup] = field(default_factory=list)
+
+
+class RowSteering:
+    """The steering of a batch whose rows may belong to different runs, as per-row tensors.
+
+    Hooks sit only on the layers some row uses; a row not steered at a hooked layer gets h + 0 = h,
+    bit for bit, and every operation is row-wise (elementwise, or batched over rows at a fixed shape),
+    so a row's numbers depend only on its own plan. special_mask ([rows, seq] bool, True = special
+    token) is set by the caller before each forward; special positions are not steered unless the row's
+    plan asks. records: after each forward, {row: [seq, len(capture)]} for the rows that capture.
+    """
+
+    def __init__(self, blocks: torch.nn.ModuleList, rows: int):
+        self.blocks = blocks
+        self.rows = rows
+        self.plans: list[RowPlan | None] = [None] * rows
+        self.special_mask: torch.Tensor | None = None
+        self.records: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+        self._attached = False
+        self._ops: dict[int, _LayerOps] | None = None  # built from the plans when first needed
+
+    def assign(self, row: int, plan: RowPlan | None) -> None:
+        self.plans[row] = plan
+        self._ops = None
+        if self._attached:
+            self._register()
+
+    @contextmanager
+    def attached(self) -> Iterator[RowSteering]:
+        """Hooks on for the duration; removed on any exit, KeyboardInterrupt included."""
+        self._attached = True
+        try:
+            self._register()
+            yield self
+        finally:
+            self._attached = False
+            self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _register(self) -> None:
+        self._remove()
+        self.records = {}
+        if self._ops is None:
+            self._ops = self._layer_ops()
+        for layer, ops in self._ops.items():
+            self._handles.append(self.blocks[layer].register_forward_hook(self._hook(ops)))
+
+    def _layer_ops(self) -> dict[int, _LayerOps]:
+        ops: dict[int, _LayerOps] = {}
+        by_sae: dict[tuple[int, int], list[int]] = {}
+        captures: dict[tuple[int, int], list[int]] = {}
+        for row, plan in enumerate(self.plans):
+            if plan is None:
+                continue
+            for layer, delta in plan.additive:
+                layer_ops = ops.setdefault(layer, _LayerOps())
+                if layer_ops.additive is None:
+                    layer_ops.additive = delta.new_zeros(self.rows, delta.shape[-1])
+                layer_ops.additive[row] = delta
+            if plan.multiplicative:
+                by_sae.setdefault((id(plan.sae), plan.sae_layer), []).append(row)
+            if plan.capture:
+                captures.setdefault((id(plan.sae), plan.sae_layer), []).append(row)
+        for (_, layer), rows in by_sae.items():
+            ops.setdefault(layer, _LayerOps()).multiplicative.append(self._multiplicative_group(rows))
+        for (_, layer), rows in captures.items():
+            ops.setdefault(layer, _LayerOps()).capture.append(self._capture_group(rows))
+        return ops
+
+    def _multiplicative_group(self, rows: list[int]) -> _MultiplicativeGroup:
+        sae = self.plans[rows[0]].sae
+        ids = torch.zeros(self.rows, MAX_FEATURES, dtype=torch.long, device=sae.device)
+        coefficients = torch.zeros(self.rows, MAX_FEATURES, dtype=sae.dtype, device=sae.device)
+        member = torch.zeros(self.rows, dtype=torch.bool, device=sae.device)
+        for row in rows:
+            features = self.plans[row].multiplicative
+            ids[row, : len(features)] = torch.tensor([idx for idx, _ in features])
+            coefficients[row, : len(features)] = torch.tensor([coef for _, coef in features])
+            member[row] = True
+        return _MultiplicativeGroup(sae, member, ids, coefficients, sae.W_dec[ids])
+
+    def _capture_group(self, rows: list[int]) -> _CaptureGroup:
+        sae = self.plans[rows[0]].sae
+        widths = [len(self.plans[row].capture) for row in rows]
+        ids = torch.zeros(self.rows, max(widths), dtype=torch.long, device=sae.device)
+        for row in rows:
+            features = self.plans[row].capture
+            ids[row, : len(features)] = torch.tensor(features)
+        return _CaptureGroup(sae, rows, widths, ids)
+
+    def _protected(self, device) -> torch.Tensor:
+        """[rows] bool: rows whose special tokens stay unsteered."""
+        return torch.tensor(
+            [plan is not None and not plan.steer_special_tokens for plan in self.plans], device=device
+        )
+
+    def _hook(self, ops: _LayerOps):
+        def hook(module, args, output):
+            hidden = block_hidden(output)
+            if hidden.shape[0] != self.rows:
+                raise RuntimeError(
+                    f"steering planned for {self.rows} rows, the forward has {hidden.shape[0]}"
+                )
+            steered = hidden
+            if ops.additive is not None:
+                steered = steered + ops.additive.to(hidden.dtype).unsqueeze(1)
+            for group in ops.multiplicative:
+                activations = group.sae.encode(steered)
+                selected = activations.gather(-1, group.ids.unsqueeze(1).expand(-1, hidden.shape[1], -1))
+                delta = torch.bmm(selected * group.coefficients.unsqueeze(1), group.decoder).to(hidden.dtype)
+                steered = torch.where(group.member[:, None, None], steered + delta, steered)
+            if steered is not hidden and self.special_mask is not None:
+                keep = self.special_mask.to(hidden.device) & self._protected(hidden.device).unsqueeze(1)
+                steered = torch.where(keep.unsqueeze(-1), hidden, steered)
+            for group in ops.capture:
+                activations = group.sae.encode(steered)
+                gathered = activations.gather(
+                    -1, group.ids.unsqueeze(1).expand(-1, hidden.shape[1], -1)
+                ).float()
+                for row, width in zip(group.rows, group.widths):
+                    self.records[row] = gathered[row, :, :width]
+            return None if steered is hidden else replace_block_hidden(output, steered)
+
+        return hook
 
 
 @contextmanager
@@ -144,61 +336,15 @@ def steering_hooks(
     sae_layer: int | None,
     rows: Iterable[int] = (1,),
     special_mask: torch.Tensor | None = None,
-) -> Iterator[SteeringControl]:
-    """Register the steering hooks for one call; they are removed on any exit, KeyboardInterrupt included.
-
-    rows: the batch rows to steer (the others stay clean). Yields a SteeringControl whose
-    special_mask the caller sets before each forward.
+    batch: int | None = None,
+) -> Iterator[RowSteering]:
+    """Steer the given rows of a `batch`-row forward (default: up to the last steered row) with one spec,
+    the others clean, for one call. Yields the RowSteering, whose special_mask the caller may update.
     """
-    control = SteeringControl(special_mask=special_mask)
-    active = _active_features(spec)
     rows = tuple(rows)
-    try:
-        if active and rows:
-            hook = _make_hook(sae, spec, active, rows, control)
-            for layer in spec.layers:
-                control.handles.append(blocks[layer].register_forward_hook(hook))
-        yield control
-    finally:
-        for handle in control.handles:
-            handle.remove()
-        control.handles.clear()
-
-
-def _make_hook(sae: SAE, spec: SteeringSpec, active, rows, control: SteeringControl):
-    indices = [idx for idx, _ in active]
-    decoder = sae.W_dec[indices]  # [k, d_in]
-    coefficients = torch.tensor([coef for _, coef in active], dtype=sae.dtype, device=sae.device)
-    if spec.method == "additive":
-        scales = torch.tensor([spec.scale(idx) for idx in indices], dtype=sae.dtype, device=sae.device)
-        additive_delta = (coefficients * scales) @ decoder  # [d_in], the same at every position
-
-    def hook(module, args, output):
-        if not control.enabled:
-            return None
-        hidden = block_hidden(output)
-        batch = hidden.shape[0]
-        steered_rows = [row for row in rows if row < batch]
-        if not steered_rows:
-            return None
-        selected = hidden[steered_rows]
-        if spec.method == "additive":
-            delta = additive_delta.to(hidden.dtype)
-            updated = selected + delta
-        else:
-            activations = sae.encode_features(selected, indices)  # [r, seq, k]
-            delta = ((activations * coefficients) @ decoder).to(hidden.dtype)
-            updated = selected + delta
-        mask = control.special_mask
-        if mask is not None and not spec.steer_special_tokens:
-            mask = torch.as_tensor(mask, device=hidden.device, dtype=torch.bool)
-            if mask.dim() == 1:
-                mask = mask.unsqueeze(0)
-            if mask.shape[0] > 1:
-                mask = mask[steered_rows]
-            updated = torch.where(mask.unsqueeze(-1), selected, updated)
-        new_hidden = hidden.clone()
-        new_hidden[steered_rows] = updated
-        return replace_block_hidden(output, new_hidden)
-
-    return hook
+    steering = RowSteering(blocks, batch if batch is not None else max(rows, default=0) + 1)
+    steering.special_mask = special_mask
+    for row in rows:
+        steering.assign(row, plan_row(sae, sae_layer if sae_layer is not None else -1, spec))
+    with steering.attached():
+        yield steering

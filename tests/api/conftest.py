@@ -5,6 +5,7 @@ from django.utils import timezone
 
 from steering_app import services
 from steering_app.models import ApiToken, SteeringRun
+from tests.fake_engine import use_engine
 
 FAKE_METRICS = {
     "kl_divergence": 0.25,
@@ -38,7 +39,7 @@ def fake_engine(monkeypatch):
             f"clean: {run.prompt}", f"steered: {run.prompt}", FAKE_METRICS, {"generate_s": 0.01}
         )
 
-    monkeypatch.setattr(services, "execute", execute)
+    use_engine(monkeypatch, execute)
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def failing_engine(monkeypatch):
         def execute(run, on_step, should_stop=None):
             raise error
 
-        monkeypatch.setattr(services, "execute", execute)
+        use_engine(monkeypatch, execute)
 
     return use
 

@@ -7,6 +7,7 @@ import pytest
 from steering_app import runs, services, worker
 from steering_app.models import SteeringRun
 from tests.api.support import assert_error
+from tests.fake_engine import use_engine
 
 
 def url(run):
@@ -95,7 +96,7 @@ def test_a_timed_out_generate_cancels_the_run_and_the_worker_takes_the_next_at_o
                 waiting.clear()
                 runs.process_queued(lambda run_id: lambda event, payload: None)
 
-    monkeypatch.setattr(services, "execute", slow_engine)
+    use_engine(monkeypatch, slow_engine)
     monkeypatch.setattr(worker, "submit", lambda run_id: waiting.set())
     thread = threading.Thread(target=worker_loop)
     thread.start()
@@ -111,9 +112,8 @@ def test_a_timed_out_generate_cancels_the_run_and_the_worker_takes_the_next_at_o
                 break
             threading.Event().wait(0.05)
 
-        monkeypatch.setattr(
-            services,
-            "execute",
+        use_engine(
+            monkeypatch,
             lambda run, on_step, should_stop=None: services.Outcome("quick", "quick", {}, {}),
         )
         settings.STEERLAB_RUN_TIMEOUT = 30  # the worker is free: only a loaded machine makes it take long

@@ -15,6 +15,7 @@ from steering_app.models import SteeringRun, Training
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
 from steerproject.api import status_code
+from tests.fake_engine import use_engine
 
 pytestmark = pytest.mark.django_db
 
@@ -155,7 +156,7 @@ def fake_execute(metrics):
 
 
 def test_it_completes_a_run_and_stores_non_finite_numbers_as_null(owner, training, monkeypatch):
-    monkeypatch.setattr(services, "execute", fake_execute({"kl_divergence": math.inf, "word_overlap": 0.5}))
+    use_engine(monkeypatch, fake_execute({"kl_divergence": math.inf, "word_overlap": 0.5}))
     run = runs.create(owner, request_for(training))
     events = []
 
@@ -173,7 +174,7 @@ def test_it_keeps_a_run_failed_when_it_was_ended_while_generating(owner, trainin
         SteeringRun.objects.filter(pk=run.pk).update(status=SteeringRun.Status.FAILED, error="timed out")
         return fake_execute({})(run, on_step)
 
-    monkeypatch.setattr(services, "execute", ended_meanwhile)
+    use_engine(monkeypatch, ended_meanwhile)
     run = runs.create(owner, request_for(training))
     events = []
 
@@ -225,7 +226,7 @@ def test_it_fails_the_run_when_no_worker_can_be_told(owner, training, monkeypatc
 
 
 def test_process_queued_runs_every_waiting_run_oldest_first(owner, training, monkeypatch):
-    monkeypatch.setattr(services, "execute", fake_execute({}))
+    use_engine(monkeypatch, fake_execute({}))
     first = runs.create(owner, request_for(training))
     second = runs.create(owner, request_for(training))
     order = []
@@ -398,7 +399,7 @@ def test_a_slow_run_completes_past_max_seconds_while_its_heartbeat_is_fresh(
 ):
     settings.STEERLAB_RUN_MAX_SECONDS = 1
     monkeypatch.setattr(runs, "HEARTBEAT_SECONDS", 0.1)
-    monkeypatch.setattr(services, "execute", slow_engine(steps=25, seconds_per_step=0.1))  # 2.5 s
+    use_engine(monkeypatch, slow_engine(steps=25, seconds_per_step=0.1))  # 2.5 s
     runs.create(owner, request_for(training))
 
     stop_sweeping = worker.start_sweeper_thread(interval=0.1)
@@ -437,7 +438,7 @@ def test_a_cancel_during_generation_stops_within_one_step_and_frees_the_worker(
     monkeypatch.setattr(runs, "HEARTBEAT_SECONDS", 0.05)
     started = threading.Event()
     engine = slow_engine(steps=400, seconds_per_step=0.02, started=started)  # 8 s unless stopped
-    monkeypatch.setattr(services, "execute", engine)
+    use_engine(monkeypatch, engine)
     run = runs.create(owner, request_for(training))
     if not local:  # a worker in another process: only the flag in the database reaches it
         monkeypatch.setattr(runs.Liveness, "active", {})
@@ -460,7 +461,7 @@ def test_a_cancel_during_generation_stops_within_one_step_and_frees_the_worker(
     assert len(engine.taken) - steps_when_cancelled <= (1 if local else 4)
     assert events[-1] == "cancelled"
 
-    monkeypatch.setattr(services, "execute", fake_execute({}))
+    use_engine(monkeypatch, fake_execute({}))
     following = runs.create(owner, request_for(training))
     runs.process_queued()
     following.refresh_from_db()

@@ -9,6 +9,7 @@ from django.test import Client
 
 from steering_app import services, streaming, worker
 from steering_app.models import SteeringRun, Training
+from tests.fake_engine import use_engine
 
 pytestmark = pytest.mark.django_db
 
@@ -129,7 +130,7 @@ def test_the_mailbox_keeps_every_event_of_a_run_that_ran_before_the_page_connect
             on_step(unsteered, steered)
         return services.Outcome("It rains", "It pours", {"kl_divergence": 0.1}, {})
 
-    monkeypatch.setattr(services, "execute", execute)
+    use_engine(monkeypatch, execute)
     client.force_login(owner)
 
     response = client.post(GENERATE, form_data(training), **HTMX)

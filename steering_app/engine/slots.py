@@ -1,0 +1,198 @@
+"""A batch of fixed-shape slots: R rows over a KV cache of fixed length, every decode step over all R rows.
+
+Runs share the steps of one batch (continuous batching): a run is prefilled on its own, its KV written
+into free rows, and it joins at the next step; it leaves when it ends. Each row has its own write
+position, starting at 0, its own position ids and its own attention mask, so a row's keys sit where
+they would sit alone and every operation of a step is row-wise at a fixed shape: a row's numbers
+depend only on its own inputs, never on which other runs share the batch (matrix kernels change their
+reduction order with the shape, so the shape never changes). transformers' StaticCache shares one write
+position across rows, hence this Cache of ours and the grouped attention below.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+from .layers import decoder_blocks
+from .loader import LoadedModel
+from .steer import RowSteering
+
+ATTENTION = "steerlab_slots"
+
+
+class SlotCache(Cache):
+    """Keys and values [rows, kv_heads, length, head_dim] per layer; write_positions [rows, seq] says where
+    the next forward's tokens go. Layers are allocated at their first write (their shapes come from it)."""
+
+    def __init__(self, rows: int, length: int):
+        super().__init__(layers=[])
+        self.rows = rows
+        self.length = length
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.write_positions: torch.Tensor | None = None
+
+    def _allocate(self, layer: int, like: torch.Tensor) -> None:
+        if layer not in self.keys:
+            shape = (self.rows, like.shape[1], self.length, like.shape[3])
+            self.keys[layer] = like.new_zeros(shape)
+            self.values[layer] = like.new_zeros(shape)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._allocate(layer_idx, key_states)
+        rows = torch.arange(self.rows, device=key_states.device).unsqueeze(1)
+        self.keys[layer_idx][rows, :, self.write_positions] = key_states.transpose(1, 2)
+        self.values[layer_idx][rows, :, self.write_positions] = value_states.transpose(1, 2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def write_prompt(self, row: int, prefilled: Cache, length: int) -> None:
+        """Copy a batch-of-one prefill's KV into `row` at positions [0, length) and clear the rest."""
+        for layer, cached in enumerate(prefilled.layers):
+            keys, values = cached.keys[0, :, :length], cached.values[0, :, :length]
+            self._allocate(layer, cached.keys)
+            self.keys[layer][row].zero_()
+            self.values[layer][row].zero_()
+            self.keys[layer][row, :, :length] = keys
+            self.values[layer][row, :, :length] = values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are per row and always passed explicitly
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def grouped_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs
+):
+    """Attention over the slot cache without repeating the KV heads (a copy of the whole cache per layer).
+
+    query [R, heads, seq, D], key/value [R, kv_heads, length, D], attention_mask [R, 1, seq, length] bool
+    (True = attend). Batched over rows, so each row is computed alone.
+    """
+    rows, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    if scaling is None:
+        scaling = getattr(module, "scaling", dim**-0.5)
+    grouped = query.reshape(rows, kv_heads, groups * seq, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(rows, kv_heads, groups, seq, -1)
+    scores = scores.masked_fill(~attention_mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs.view(rows, kv_heads, groups * seq, -1), value).view(rows, heads, seq, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, grouped_attention)
+
+
+@contextmanager
+def slot_attention(model: torch.nn.Module) -> Iterator[None]:
+    """The model's attention through grouped_attention for one forward (under the model's lock)."""
+    configs = {id(module.config): module.config for module in model.modules() if hasattr(module, "config")}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = ATTENTION
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = saved[key]
+
+
+@functools.cache
+def _forward_kwargs(model_class: type) -> tuple[str, bool]:
+    """The cache keyword of this transformers version and whether logits_to_keep is accepted."""
+    params = inspect.signature(model_class.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+def model_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None, logits_to_keep: int = 0, **kwargs
+) -> torch.Tensor:
+    """The model's logits for input_ids, continuing `cache` (None: no cache); logits_to_keep > 0 keeps only
+    the last positions' logits where the model supports it."""
+    cache_kw, has_logits_to_keep = _forward_kwargs(type(model))
+    if cache is not None:
+        kwargs.update({cache_kw: cache, "use_cache": True})
+    else:
+        kwargs["use_cache"] = False
+    if logits_to_keep and has_logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
+    return model(input_ids=input_ids, **kwargs).logits
+
+
+@functools.cache
+def _special_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+
+class SlotBatch:
+    """R rows and a KV cache of `length` positions on one model; step() runs one token for every row.
+
+    Rows are handed out with take() and given back with give_back(); a free row runs too (its numbers
+    are discarded), so the step's shape never changes. The caller holds the model's lock.
+    """
+
+    def __init__(self, lm: LoadedModel, rows: int, length: int):
+        self.lm = lm
+        self.rows = rows
+        self.length = length
+        self.cache = SlotCache(rows, length)
+        self.steering = RowSteering(decoder_blocks(lm.model), rows)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=lm.device)
+        self.inputs = torch.zeros(rows, dtype=torch.long, device=lm.device)
+        self.free = list(range(rows))
+        self._span = torch.arange(length, device=lm.device)
+        self.special_ids = _special_ids(lm.tokenizer).to(lm.device)
+
+    def take(self, count: int) -> list[int] | None:
+        """`count` free rows, or None when fewer are free."""
+        if count > len(self.free):
+            return None
+        taken, self.free = self.free[:count], self.free[count:]
+        return taken
+
+    def give_back(self, rows: list[int]) -> None:
+        for row in rows:
+            self.steering.assign(row, None)
+            self.positions[row] = 0
+            self.inputs[row] = 0
+        self.free = sorted(self.free + list(rows))
+
+    def set_input(self, row: int, token: int) -> None:
+        self.inputs[row] = token
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """One decode step over all rows: logits [R, V] (float32) of each row's next token."""
+        positions = self.positions.unsqueeze(1)
+        self.cache.write_positions = positions
+        mask = (self._span.unsqueeze(0) <= positions).view(self.rows, 1, 1, self.length)
+        inputs = self.inputs.unsqueeze(1)
+        self.steering.special_mask = torch.isin(inputs, self.special_ids)
+        with slot_attention(self.lm.model), self.steering.attached():
+            logits = model_forward(
+                self.lm.model,
+                inputs,
+                self.cache,
+                logits_to_keep=1,
+                position_ids=positions,
+                attention_mask=mask,
+            )
+        occupied = torch.ones(self.rows, dtype=torch.bool, device=self.positions.device)
+        occupied[self.free] = False
+        self.positions += occupied.long()
+        return logits[:, -1, :].float()
