@@ -92,7 +92,25 @@ class Scheduler:
         return True
 
     def step(self) -> list[Ended]:
-        """Advance every generation by one token; returns those that ended (done, cancelled or failed)."""
+        """Advance every generation by one token; returns those that ended (done, cancelled or failed).
+
+        An error of the step itself (the forward: out of memory, say) ends every generation: their rows are
+        freed and the error raised; so is an interrupt (KeyboardInterrupt) from any of them.
+        """
+        try:
+            ended = self._advance_all()
+            if self.active:
+                logits = self.batch.step()
+                records = self.batch.steering.records
+                for generation in self.active:
+                    generation.receive(logits, records)
+        except BaseException:
+            for generation in list(self.active):
+                self._leave(generation)
+            raise
+        return ended
+
+    def _advance_all(self) -> list[Ended]:
         ended = []
         for generation in list(self.active):
             try:
@@ -102,16 +120,6 @@ class Scheduler:
                 ended.append(Ended(generation, error=error))
         for item in ended:
             self._leave(item.generation)
-        if self.active:
-            try:
-                logits = self.batch.step()
-            except BaseException:
-                for generation in list(self.active):
-                    self._leave(generation)
-                raise
-            records = self.batch.steering.records
-            for generation in self.active:
-                generation.receive(logits, records)
         return ended
 
     def _leave(self, generation: Generation) -> None:

@@ -20,6 +20,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
+from .kernels import choose_linear_forms, transposed_linears
 from .layers import decoder_blocks
 from .loader import LoadedModel
 from .steer import RowSteering
@@ -157,6 +158,7 @@ class SlotBatch:
         self.free = list(range(rows))
         self._span = torch.arange(length, device=lm.device)
         self.special_ids = _special_ids(lm.tokenizer).to(lm.device)
+        self.linear_forms = choose_linear_forms(lm.model, rows, lm.device)
 
     def take(self, count: int) -> list[int] | None:
         """`count` free rows, or None when fewer are free."""
@@ -183,7 +185,11 @@ class SlotBatch:
         mask = (self._span.unsqueeze(0) <= positions).view(self.rows, 1, 1, self.length)
         inputs = self.inputs.unsqueeze(1)
         self.steering.special_mask = torch.isin(inputs, self.special_ids)
-        with slot_attention(self.lm.model), self.steering.attached():
+        with (
+            slot_attention(self.lm.model),
+            transposed_linears(self.linear_forms["transposed"]),
+            self.steering.attached(),
+        ):
             logits = model_forward(
                 self.lm.model,
                 inputs,

@@ -80,7 +80,7 @@ def test_it_streams_text_deltas_for_both_columns(smollm2, smollm2_sae, cat_scale
             on_step=lambda u, s, out=deltas: out.append((u, s)),
         )
         assert "".join(u for u, _ in deltas) == comparison.unsteered_text
-        assert "".join(s for _, s in deltas) == comparison.steered_text
+        assert "".join(s[0] for _, s in deltas) == comparison.steered_text
         assert len(deltas) > 5
     assert comparison.prompt_ids[0] == smollm2.tokenizer.convert_tokens_to_ids("<|im_start|>")
 
@@ -154,7 +154,7 @@ def test_it_stops_each_row_at_its_own_eos(smollm2, tmp_path):
     spec = SteeringSpec("additive", ((2, 1.0),), (3,))
     streamed = []
     comparison = compare(
-        tiny, sae, "Hello there", spec, 0.7, 10, seed=0, on_step=lambda u, s: streamed.append(s)
+        tiny, sae, "Hello there", spec, 0.7, 10, seed=0, on_step=lambda u, s: streamed.append(s[0])
     )
     assert comparison.steered_ids == [eos] and comparison.steered_text == ""
     assert len(comparison.unsteered_ids) == 10 and eos not in comparison.unsteered_ids

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from steering_app.engine.generate import _SkinnyLinear, compare
+from steering_app.engine.generate import compare
+from steering_app.engine.kernels import TransposedLinear
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.steer import SpecError, SteeringSpec, steering_hooks, validate
 
@@ -46,25 +47,35 @@ def test_it_adds_c_times_scale_times_direction_at_prompt_and_generated_positions
     expected = 1.5 * 2.5 * sae.W_dec[5] - 0.7 * 1.0 * sae.W_dec[9]
     for layer in (1, 2):
         comparison, probe = _run_probed(tiny, sae, spec, layer)
-        forwards = list(zip(probe.before, probe.after))
-        assert forwards[0][0].shape[1] == len(comparison.prompt_ids)  # the prompt in one forward
-        assert len(forwards) == 6 and all(before.shape[1] == 1 for before, _ in forwards[1:])  # cached steps
-        for before, after in forwards:
-            assert torch.equal(after[0], before[0])  # the clean row is untouched
-            assert torch.allclose(after[1] - before[1], expected.expand_as(before[1]), atol=1e-5)
+        for clean, steered in _row_pairs(comparison, probe):
+            assert torch.equal(clean[1], clean[0])  # the clean row is untouched
+            assert torch.allclose(steered[1] - steered[0], expected.expand_as(steered[0]), atol=1e-5)
+
+
+def _row_pairs(comparison, probe) -> list[tuple[tuple, tuple]]:
+    """Per forward, ((before, after) of the clean row, (before, after) of the steered row): each row's
+    prompt alone in one forward, then one forward per generated token over the batch's slot rows."""
+    forwards = list(zip(probe.before, probe.after))
+    prompt, decode = forwards[:2], forwards[2:]
+    assert all(before.shape == (1, len(comparison.prompt_ids), 32) for before, _ in prompt)
+    assert len(decode) == 5 and all(before.shape[1] == 1 for before, _ in decode)  # cached steps
+    clean, steered = comparison.timings["slots"]
+    pairs = [((prompt[0][0][0], prompt[0][1][0]), (prompt[1][0][0], prompt[1][1][0]))]
+    for before, after in decode:
+        pairs.append(((before[clean], after[clean]), (before[steered], after[steered])))
+    return pairs
 
 
 def test_it_scales_the_feature_by_its_own_activation_when_multiplicative(tiny, tmp_path):
     sae = random_sae(tmp_path, d_in=32)
     spec = SteeringSpec("multiplicative", ((5, 2.0), (9, -1.0)), (1,))
-    _comparison, probe = _run_probed(tiny, sae, spec, 1)
-    assert len(probe.before) == 6
+    comparison, probe = _run_probed(tiny, sae, spec, 1)
     fired = 0
-    for before, after in zip(probe.before, probe.after):
-        assert torch.equal(after[0], before[0])
-        f = sae.encode(before[1])
+    for clean, (before, after) in _row_pairs(comparison, probe):
+        assert torch.equal(clean[1], clean[0])
+        f = sae.encode(before)
         expected = 2.0 * f[..., 5:6] * sae.W_dec[5] - 1.0 * f[..., 9:10] * sae.W_dec[9]
-        assert torch.allclose(after[1] - before[1], expected, atol=1e-5)
+        assert torch.allclose(after - before, expected, atol=1e-5)
         fired += int((f[..., [5, 9]] > 0).sum())
     assert fired >= 3  # the check is not vacuous: the features fire at several positions
 
@@ -110,7 +121,7 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
     with pytest.raises(type(interrupt)):
         compare(tiny, sae, "Hello there", spec, 0.8, 8, seed=1, sae_layer=1, on_step=on_step)
     assert hooks_everywhere(tiny.model) == []
-    assert not any(isinstance(module, _SkinnyLinear) for module in tiny.model.modules())
+    assert not any(isinstance(module, TransposedLinear) for module in tiny.model.modules())
 
 
 @pytest.mark.parametrize(
