@@ -185,6 +185,7 @@ async def generate(
         "steered_output": run.steered_output,
         "seed": run.seed,
         "metrics": run.metrics,
+        "variants": run.variants,
     }
 
 
@@ -204,10 +205,12 @@ def run_out(run: SteeringRun) -> dict:
             "seed": run.seed,
             "method": run.method,
             "chat": run.chat,
+            "sweep": run.sweep,
         },
         "unsteered_output": run.unsteered_output,
         "steered_output": run.steered_output,
         "metrics": run.metrics or None,
+        "variants": run.variants,
         "error": run.error,
         "timings": run.timings,
         "worker": run.worker,

@@ -91,6 +91,7 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
         max_new_tokens=steering.max_tokens,
         seed=request.seed if request.seed is not None else random.randrange(2**31),
         chat=bool(request.chat),
+        sweep=steering.sweep,
     )
 
 

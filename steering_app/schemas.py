@@ -16,8 +16,9 @@ from steering_app.limits import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_TEMPERATURE,
+    MAX_VARIANTS,
 )
-from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_SWEEP, DEFAULT_TEMPERATURE
 
 
 class Error(Schema):
@@ -142,6 +143,16 @@ class GenerateIn(Schema):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
     method: Literal["additive", "multiplicative"] = "additive"
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
+    sweep: list[Annotated[float, Field(ge=-MAX_ABS_COEFFICIENT_HARD, le=MAX_ABS_COEFFICIENT_HARD)]] | None = (
+        Field(
+            None,
+            min_length=1,
+            max_length=MAX_VARIANTS,
+            description="A strength sweep: one steered variant per multiplier, each the features with every "
+            f"coefficient times it (the panel's default is {list(DEFAULT_SWEEP)}). The answer's `variants` "
+            "follow this order. At most the worker's slot rows - 1 variants.",
+        )
+    )
 
 
 class FeatureActivationOut(Schema):
@@ -165,12 +176,19 @@ class MetricsOut(Schema):
     feature_activation: list[FeatureActivationOut] = Field(default_factory=list)
 
 
+class VariantOut(Schema):
+    multiplier: float | None = Field(None, description="The sweep multiplier; 1 without a sweep.")
+    steered_output: str
+    metrics: MetricsOut | None = Field(None, description="None while the run has not completed.")
+
+
 class GenerateOut(Schema):
     run_id: int
     unsteered_output: str
-    steered_output: str
+    steered_output: str = Field(description="The first variant's text.")
     seed: int
-    metrics: MetricsOut
+    metrics: MetricsOut = Field(description="The first variant's metrics.")
+    variants: list[VariantOut] = Field(description="Every steered variant, in sweep order.")
 
 
 class GenerateAccepted(Schema):
@@ -190,6 +208,7 @@ class RunSettingsOut(Schema):
     seed: int
     method: str
     chat: bool
+    sweep: list[float] | None
 
 
 class RunOut(Schema):
@@ -200,6 +219,7 @@ class RunOut(Schema):
     unsteered_output: str
     steered_output: str
     metrics: MetricsOut | None
+    variants: list[VariantOut] = Field(description="Every steered variant, in sweep order.")
     error: str = Field(description="Why it failed, or who or what cancelled it.")
     timings: dict[str, Any]
     worker: str = Field(description="host:pid of the worker that claimed it.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from django.conf import settings
 
 from steering_app.errors import InvalidInput
-from steering_app.limits import MAX_FEATURES, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE
+from steering_app.limits import MAX_FEATURES, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE, MAX_VARIANTS
 from steering_app.models import Feature, SteeringRun, Training
 
 DEFAULT_TEMPERATURE = 0.7
@@ -191,7 +191,6 @@ def _sweep(sweep: object, features: list[dict], training: Training) -> list[floa
 def max_variants() -> int:
     """Steered variants per run: MAX_VARIANTS, or fewer when the worker's batch has fewer rows (one is the
     clean row). The engine's slot shape for this machine's device, as the embedded worker uses it."""
-    from steering_app.engine.generate import MAX_VARIANTS
     from steering_app.engine.loader import resolve_device
     from steering_app.engine.scheduler import slot_shape
 

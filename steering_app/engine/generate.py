@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from steering_app.limits import MAX_VARIANTS  # plain constants: the engine stays free of Django
+
 from .layers import decoder_blocks
 from .loader import LoadedModel
 from .sae import SAE
@@ -24,7 +26,6 @@ from .steer import RowPlan, RowSteering, SpecError, SteeringSpec, plan_row, vali
 
 # Rows of a run: the clean one first, then its variants.
 CLEAN = 0
-MAX_VARIANTS = 8
 
 
 class Stopped(Exception):

@@ -33,6 +33,9 @@ def test_it_runs_the_comparison_and_answers_both_outputs_with_metrics(
         "steered_output": "steered: The weather today is",
         "seed": 7,
         "metrics": FAKE_METRICS,
+        "variants": [
+            {"multiplier": 1.0, "steered_output": "steered: The weather today is", "metrics": FAKE_METRICS}
+        ],
     }
     assert run.owner == owner and run.status == "completed"
     assert run.features == [{"feature_id": 3, "coefficient": 2.0}]

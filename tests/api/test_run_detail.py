@@ -31,6 +31,7 @@ def test_it_shows_the_owners_run_with_settings_outputs_and_metrics(client, owner
         "seed": 11,
         "method": "additive",
         "chat": True,
+        "sweep": None,
     }
     assert body["unsteered_output"] == "clean" and body["steered_output"] == "steered"
     assert body["metrics"] == FAKE_METRICS
