@@ -97,12 +97,13 @@ def list_features(
         "",
         max_length=MAX_SEARCH_CHARS,
         pattern=NO_NUL,
-        description="Words in the label or description, or an index.",
+        description="Words in the label or description, or an index; ranked best first.",
     ),
     limit: int = Limit,
     offset: int = Offset,
 ):
-    """A training's features by index; `search` matches label and description (case-insensitive) or the index."""
+    """A training's features by index; `search` ranks matches: the exact index, the exact label, a label
+    starting with the query, the words in the label, then the description (case-insensitive)."""
     features = Feature.objects.filter(training=get_training(training_id))
     queryset = features.search(search) if search.strip() else features.order_by("index")
     features, total = page(queryset, limit, offset)
