@@ -5,12 +5,14 @@ from django.conf import settings
 from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError
 
-from steering_app import runs
+from steering_app import runs, services
 from steering_app.errors import Conflict, Forbidden, NotFound
 from steering_app.limits import MAX_ID, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.schemas import (
     NO_NUL,
+    ActiveFeaturesIn,
+    ActiveFeaturesOut,
     CompletedTrainingPage,
     FeaturePage,
     GenerateAccepted,
@@ -97,12 +99,13 @@ def list_features(
         "",
         max_length=MAX_SEARCH_CHARS,
         pattern=NO_NUL,
-        description="Words in the label or description, or an index.",
+        description="Words in the label or description, or an index; ranked best first.",
     ),
     limit: int = Limit,
     offset: int = Offset,
 ):
-    """A training's features by index; `search` matches label and description (case-insensitive) or the index."""
+    """A training's features by index; `search` ranks matches: the exact index, the exact label, a label
+    starting with the query, the words in the label, then the description (case-insensitive)."""
     features = Feature.objects.filter(training=get_training(training_id))
     queryset = features.search(search) if search.strip() else features.order_by("index")
     features, total = page(queryset, limit, offset)
@@ -120,6 +123,30 @@ def list_features(
         "total": total,
         "limit": limit,
         "offset": offset,
+    }
+
+
+@router.post(
+    "/trainings/{training_id}/features/active", response={200: ActiveFeaturesOut, **error_responses(404, 409)}
+)
+def list_active_features(request, payload: ActiveFeaturesIn, training_id: int = Id):
+    """The training's features the prompt lights up, strongest first: one clean forward of the prompt to the
+    SAE's layer, each feature's strongest activation over the prompt's own tokens (special tokens and a chat
+    template's system turn left out)."""
+    training = Training.objects.get_completed(training_id)
+    found = services.features_active_on(training, payload.prompt, chat=payload.chat, limit=payload.limit)
+    return {
+        "features": [
+            {
+                "index": item.index,
+                "label": item.feature.label if item.feature else "",
+                "activation": item.activation,
+                "token": item.token,
+                "max_activation": item.feature.max_activation if item.feature else None,
+                "activation_frequency": item.feature.activation_frequency if item.feature else None,
+            }
+            for item in found
+        ]
     }
 
 

@@ -9,7 +9,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404
 
 from steering_app.forms import SteeringForm
-from steering_app.limits import MAX_ID
+from steering_app.limits import MAX_ID, MAX_LAYERS
 from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 
@@ -26,6 +26,8 @@ ERROR_SLOTS = (
     "chat",
 )
 SLIDER_RANGE = 5.0
+# The mock's Amplify button: where a feature just added starts, so that a first Generate steers with it.
+AMPLIFY = 2.0
 
 
 @dataclass
@@ -39,14 +41,28 @@ class SelectedFeature:
     calibrated: bool = True
     # Never fired while the training was calibrated (activation frequency 0): steering it is unlikely to show.
     dead: bool = False
+    # Its row, for the details (description, top tokens, snippets); None when the training lacks it.
+    row: Feature | None = None
+
+    @property
+    def slider_bound(self) -> float:
+        """The slider spans ±this: ±5 as in the mock, wider when the coefficient is (the script does the same
+        when a value is typed), so that the range input never clamps the coefficient it submits."""
+        return max(SLIDER_RANGE, math.ceil(abs(self.coefficient)))
 
     @property
     def slider_min(self) -> float:
-        return min(-SLIDER_RANGE, math.floor(self.coefficient))
+        return -self.slider_bound
 
     @property
     def slider_max(self) -> float:
-        return max(SLIDER_RANGE, math.ceil(self.coefficient))
+        return self.slider_bound
+
+    @property
+    def scale_label(self) -> str:
+        """The bound as the scale under the slider shows it (5.0, 12, 150), like the script's scaleNumber."""
+        bound = self.slider_bound
+        return f"{bound:.1f}" if bound < 10 else f"{bound:.0f}"
 
 
 @dataclass
@@ -85,12 +101,13 @@ def _card(item: dict, row: Feature | None) -> SelectedFeature:
         known=row is not None,
         calibrated=row is None or row.is_calibrated,
         dead=row is not None and row.is_dead,
+        row=row,
     )
 
 
 def feature_card(feature: Feature) -> SelectedFeature:
-    """The card of a feature just added, at coefficient 0."""
-    return _card({"feature_id": feature.index, "coefficient": 0.0}, feature)
+    """The card of a feature just added, at the Amplify coefficient."""
+    return _card({"feature_id": feature.index, "coefficient": AMPLIFY}, feature)
 
 
 def state_from_run(run: SteeringRun) -> PanelState:
@@ -187,5 +204,6 @@ def panel_context(state: PanelState, form: SteeringForm | None = None) -> dict:
         "layer_choices": range(training.model.num_layers if training else 0),
         "chat_available": bool(training) and has_chat_template(training.model.source),
         "max_tokens_cap": settings.STEERLAB_MAX_NEW_TOKENS,
+        "max_layers": MAX_LAYERS,
         "methods": SteeringRun.Method.choices,
     }

@@ -27,6 +27,7 @@ def metric_cards(run: SteeringRun) -> dict | None:
         return None
     delta = metrics.get("perplexity_delta")
     higher = isinstance(delta, int | float) and delta > 0
+    lower = isinstance(delta, int | float) and delta < 0
     activations = metrics.get("feature_activation", [])
     labels = dict(
         Feature.objects.filter(training_id=run.training_id)
@@ -36,7 +37,8 @@ def metric_cards(run: SteeringRun) -> dict | None:
     return {
         "kl": _number(metrics.get("kl_divergence"), "{:.4f}"),
         "perplexity_delta": ("+" if higher else "") + _number(delta, "{:.2f}"),
-        "perplexity_higher": higher,
+        # Exactly 0 (or unknown) is neither better nor worse: a neutral card, not a green "lower".
+        "perplexity_trend": "higher" if higher else "lower" if lower else "same",
         "perplexity_unsteered": _number(metrics.get("perplexity_unsteered"), "{:.2f}"),
         "perplexity_steered": _number(metrics.get("perplexity_steered"), "{:.2f}"),
         "similarity": _number(_percent(metrics.get("semantic_similarity")), "{:.1f}%"),
@@ -47,6 +49,7 @@ def metric_cards(run: SteeringRun) -> dict | None:
                 "label": labels.get(item.get("feature_id"), ""),
                 "unsteered": _number(item.get("unsteered"), "{:.3f}"),
                 "steered": _number(item.get("steered"), "{:.3f}"),
+                "in_run": _number(item.get("steered_in_run"), "{:.3f}"),
                 "rose": _greater(item.get("steered"), item.get("unsteered")),
             }
             for item in activations

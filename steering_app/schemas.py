@@ -155,6 +155,36 @@ class GenerateIn(Schema):
     )
 
 
+# How many features "features active on this prompt" lists at most, and by default.
+MAX_ACTIVE_FEATURES = 100
+DEFAULT_ACTIVE_FEATURES = 20
+
+
+class ActiveFeaturesIn(Schema):
+    model_config = STRICT
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, pattern=NO_NUL, description="Must hold some text.")
+    chat: bool = Field(False, description="Read the prompt inside the model's chat template.")
+    limit: int = Field(DEFAULT_ACTIVE_FEATURES, ge=1, le=MAX_ACTIVE_FEATURES)
+
+
+class ActiveFeatureOut(Schema):
+    index: int
+    label: str
+    activation: float = Field(
+        description="Its strongest activation over the prompt's tokens (clean model, the SAE's layer)."
+    )
+    token: str = Field(description="The prompt token it is strongest on.")
+    max_activation: float | None = Field(description="Its strongest activation recorded for the training.")
+    activation_frequency: float | None
+
+
+class ActiveFeaturesOut(Schema):
+    features: list[ActiveFeatureOut] = Field(
+        description="Strongest first; features that stay at 0 are left out."
+    )
+
+
 class FeatureActivationOut(Schema):
     """A steered feature's mean activation (clean model, SAE layer) over each continuation."""
 

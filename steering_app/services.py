@@ -196,3 +196,44 @@ def residual_norm(training: Training, prompt: str) -> float:
         return measure(loader.load_model(training.model.source), prompt, training.hook_layer)
     except SpecError as error:
         raise InvalidInput(str(error), error.field) from error
+
+
+@dataclass(frozen=True)
+class PromptFeature:
+    """A feature the prompt lights up: its strongest activation over the prompt and the token it peaks on."""
+
+    index: int
+    activation: float
+    token: str
+    feature: Feature | None  # its row: label, max activation, ... (None if the table lacks it)
+
+
+def features_active_on(
+    training: Training, prompt: str, chat: bool = False, limit: int = 20
+) -> list[PromptFeature]:
+    """The training's features the prompt lights up most, strongest first: one clean forward of the prompt to
+    the SAE's layer (engine.active). InvalidInput naming the field for an empty or oversized prompt, or a chat
+    template the model lacks."""
+    from steering_app.engine import loader
+    from steering_app.engine.active import active_latents
+    from steering_app.engine.steer import SpecError
+    from steering_app.limits import MAX_PROMPT_CHARS
+
+    if not prompt.strip():
+        raise InvalidInput("prompt is empty: enter the text whose features to list.", "prompt")
+    if len(prompt) > MAX_PROMPT_CHARS or "\x00" in prompt:
+        raise InvalidInput(f"prompt must be at most {MAX_PROMPT_CHARS} characters of text.", "prompt")
+    lm = loader.load_model(training.model.source)
+    sae = loader.load_sae_cached(training.checkpoint_path, lm)
+    try:
+        latents = active_latents(lm, sae, prompt, training.hook_layer, chat=chat, limit=limit)
+    except SpecError as error:
+        raise InvalidInput(str(error), error.field) from error
+    rows = {
+        row.index: row
+        for row in Feature.objects.filter(training=training, index__in=[latent.index for latent in latents])
+    }
+    return [
+        PromptFeature(latent.index, latent.activation, latent.token, rows.get(latent.index))
+        for latent in latents
+    ]

@@ -7,6 +7,11 @@ urlpatterns = [
     path("generate/", views.generate, name="steering-generate"),
     path("trainings/<int:training_id>/features/", views.feature_search, name="steering-feature-search"),
     path(
+        "trainings/<int:training_id>/features/active/",
+        views.prompt_features,
+        name="steering-prompt-features",
+    ),
+    path(
         "trainings/<int:training_id>/features/<int:index>/card/",
         views.feature_card,
         name="steering-feature-card",

@@ -15,8 +15,9 @@ from django_htmx.http import reswap, retarget
 
 from steering_app import panel, presenters, runs, services, streaming
 from steering_app.errors import InvalidInput, SteeringError, WorkerUnavailable
+from steering_app.form_integers import storable_int
 from steering_app.forms import SteeringForm
-from steering_app.limits import MAX_PROMPT_CHARS
+from steering_app.limits import MAX_INDEX, MAX_PROMPT_CHARS, MAX_SEARCH_CHARS
 from steering_app.models import Feature, SteeringRun, Training
 
 RUNS_PER_PAGE = 20
@@ -32,11 +33,41 @@ def panel_page(request):
 @login_required
 @require_GET
 def feature_search(request, training_id):
+    """A page of the ranked matches ("20 of 88"); ?offset= gives the next page, which "Load more" appends."""
     training = get_object_or_404(Training.objects.completed(), pk=training_id)
-    query = request.GET.get("q", "").strip()
-    results = list(Feature.objects.filter(training=training).search(query)[:SEARCH_LIMIT])
-    context = {"training": training, "query": query, "results": results}
+    query = request.GET.get("q", "").strip()[:MAX_SEARCH_CHARS]
+    try:
+        offset = storable_int(request.GET.get("offset", "0"), MAX_INDEX)
+    except ValueError:
+        offset = 0
+    offset = max(offset, 0)
+    matches = Feature.objects.filter(training=training).search(query)
+    results = list(matches[offset : offset + SEARCH_LIMIT])
+    context = {
+        "training": training,
+        "query": query,
+        "results": results,
+        "offset": offset,
+        "shown": offset + len(results),
+        "total": matches.count(),
+    }
     return render(request, "steering/panel.html#feature-results", context)
+
+
+@login_required
+@require_POST
+def prompt_features(request, training_id):
+    """The panel's "Features on this prompt": the features the prompt lights up, strongest first, to add."""
+    training = get_object_or_404(Training.objects.completed(), pk=training_id)
+    try:
+        found = services.features_active_on(
+            training, request.POST.get("prompt", ""), chat=bool(request.POST.get("chat"))
+        )
+    except InvalidInput as error:
+        context = {"training": training, "prompt_error": error.message}
+        return render(request, "steering/panel.html#prompt-features", context, status=422)
+    items = [item for item in found if item.feature is not None]
+    return render(request, "steering/panel.html#prompt-features", {"training": training, "items": items})
 
 
 @login_required

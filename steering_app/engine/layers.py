@@ -40,3 +40,29 @@ def replace_block_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> 
     if isinstance(output, tuple):
         return (hidden,) + tuple(output[1:])
     return hidden
+
+
+class _Reached(Exception):
+    """Raised by block_output's hook once its block has run: the blocks after it are not needed."""
+
+
+def block_output(model: torch.nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """The hidden states block `layer` outputs for input_ids [batch, seq] (a clean forward stopped there).
+
+    The caller holds the model's lock: the hook would otherwise stop another call's forward on the model.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(block_hidden(output))
+        raise _Reached
+
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            model(input_ids, use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]

@@ -9,13 +9,9 @@ from __future__ import annotations
 import torch
 
 from .generate import encode_prompt
-from .layers import block_hidden, decoder_blocks
+from .layers import block_output, decoder_blocks
 from .loader import LoadedModel
 from .steer import SpecError
-
-
-class _Reached(Exception):
-    """Raised by the hook once block L has run: the blocks after it are not needed."""
 
 
 def residual_norm(lm: LoadedModel, prompt: str, layer: int, chat: bool = False) -> float:
@@ -32,21 +28,8 @@ def residual_norm(lm: LoadedModel, prompt: str, layer: int, chat: bool = False) 
     keep = torch.tensor([token not in special for token in ids], dtype=torch.bool)
     if not keep.any():
         raise SpecError("prompt", "has no tokens other than special ones")
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        captured.append(block_hidden(output)[0])
-        raise _Reached
-
-    # Under the model's lock: the hook would otherwise stop another call's forward on the shared model.
+    # Under the model's lock: block_output's hook would otherwise stop another call's forward on the shared model.
     with lm.lock:
-        handle = blocks[layer].register_forward_hook(hook)
-        try:
-            with torch.inference_mode():
-                lm.model(torch.tensor([ids], device=lm.device), use_cache=False)
-        except _Reached:
-            pass
-        finally:
-            handle.remove()
-    hidden = captured[0][keep.to(captured[0].device)].float()
+        hidden = block_output(lm.model, torch.tensor([ids], device=lm.device), layer)[0]
+    hidden = hidden[keep.to(hidden.device)].float()
     return float(hidden.norm(dim=-1).mean())

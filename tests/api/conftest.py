@@ -18,6 +18,10 @@ FAKE_METRICS = {
 }
 
 
+# What fake_engine's "features active on this prompt" finds, whatever the prompt.
+FAKE_PROMPT_FEATURE = services.PromptFeature(index=3, activation=2.5, token=" rain", feature=None)
+
+
 @pytest.fixture
 def bearer(db):
     """bearer(user) -> headers that authenticate as the user with a fresh API token."""
@@ -31,7 +35,8 @@ def bearer(db):
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-    """Runs execute at once in the request's thread, with canned outputs instead of a model."""
+    """Runs execute at once in the request's thread, with canned outputs instead of a model; so does the search
+    for features active on a prompt."""
     monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
 
     def execute(run, on_step, should_stop=None):
@@ -40,6 +45,9 @@ def fake_engine(monkeypatch):
         )
 
     use_engine(monkeypatch, execute)
+    monkeypatch.setattr(
+        services, "features_active_on", lambda training, prompt, chat=False, limit=20: [FAKE_PROMPT_FEATURE]
+    )
 
 
 @pytest.fixture

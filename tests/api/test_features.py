@@ -87,3 +87,71 @@ def test_it_refuses_bad_parameters_as_400(client, owner, bearer, training, param
 
 def test_it_answers_anonymous_requests_with_401(client, training):
     assert_error(client.get(url(training)), 401)
+
+
+def ranked(client, headers, training, search: str, **params) -> dict:
+    response = client.get(url(training), {"search": search, **params}, headers=headers)
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+@pytest.mark.parametrize(("search", "first", "total"), [("planet", 1681, 14), ("sea", 1163, 88)])
+def test_it_ranks_the_demo_feature_named_by_the_word_first(
+    client, owner, bearer, demo_feature_space, search, first, total
+):
+    body = ranked(client, bearer(owner), demo_feature_space, search, limit=20)
+
+    assert body["features"][0]["index"] == first
+    assert body["features"][0]["label"].startswith(f'"{search}" ')
+    # Every feature whose label or description holds the word, however many one page shows.
+    assert body["total"] == total and len(body["features"]) == min(20, total)
+
+
+def test_it_pages_through_the_ranking_without_repeats(client, owner, bearer, demo_feature_space):
+    headers = bearer(owner)
+    pages = [
+        ranked(client, headers, demo_feature_space, "sea", limit=20, offset=start)
+        for start in range(0, 100, 20)
+    ]
+
+    indices = [item["index"] for page in pages for item in page["features"]]
+    assert len(indices) == 88 and len(set(indices)) == 88 and indices[0] == 1163
+
+
+def test_it_ranks_index_then_exact_label_then_prefix_then_words_then_description(
+    client, owner, bearer, training
+):
+    rows = {
+        4: ("rainbow colours", ""),
+        5: ("heavy rain", ""),
+        6: ("rain", ""),
+        8: ("terrain maps", ""),
+        9: ("sunny", "no rain today"),
+        10: ("rain gauges", ""),
+    }
+    for index, (label, description) in rows.items():
+        Feature.objects.filter(training=training, index=index).update(label=label, description=description)
+
+    body = ranked(client, bearer(owner), training, "rain")
+
+    # exact label 6; prefix 10 then 4 (by index); whole word 3 ("weather and rain") then 5; inside a word 8;
+    # description 9
+    assert [item["index"] for item in body["features"]] == [6, 4, 10, 3, 5, 8, 9]
+
+
+def test_it_puts_the_exact_index_before_a_label_that_is_the_number(client, owner, bearer, training):
+    Feature.objects.filter(training=training, index=30).update(label="13")
+
+    body = ranked(client, bearer(owner), training, "13")
+
+    assert [item["index"] for item in body["features"]] == [13, 30]
+
+
+def test_it_matches_every_word_of_a_query_in_label_or_description(client, owner, bearer, demo_feature_space):
+    body = ranked(client, bearer(owner), demo_feature_space, "sea ocean")
+
+    assert body["features"][0]["index"] == 1163
+    assert all(
+        all(word in (item["label"] + " " + item["description"]).lower() for word in ("sea", "ocean"))
+        for item in body["features"]
+    )

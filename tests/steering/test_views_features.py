@@ -76,12 +76,13 @@ def test_it_404s_for_a_training_that_is_not_completed(client, owner, training):
     assert search(client, training, "rain").status_code == 404
 
 
-def test_the_card_has_the_features_inputs_and_a_zero_coefficient(client, owner, training):
+def test_the_card_has_the_features_inputs_and_starts_at_the_amplify_coefficient(client, owner, training):
     client.force_login(owner)
     response = client.get(f"/steering/trainings/{training.pk}/features/7/card/", HTTP_HX_REQUEST="true")
     assert response.status_code == 200
     assert 'name="feature_id" value="7"' in response.text
-    assert 'name="coefficient"' in response.text and 'value="0"' in response.text
+    assert 'name="coefficient"' in response.text and 'value="2"' in response.text
+    assert 'class="coefficient-number"' in response.text  # the number box beside the slider
     assert "python code" in response.text
     for button in ("Suppress", "Reset", "Amplify"):
         assert button in response.text
@@ -102,7 +103,7 @@ def test_the_card_404s_for_a_feature_outside_the_training(client, owner, trainin
 def test_the_card_of_a_calibrated_feature_keeps_the_max_activation_scale(client, owner, training):
     client.force_login(owner)
     response = client.get(f"/steering/trainings/{training.pk}/features/7/card/")
-    assert 'data-calibrated="true"' in response.text and "-5.0 (suppress)" in response.text
+    assert 'data-calibrated="true"' in response.text and "−5.0 (suppress)" in response.text
     assert "uncalibrated" not in response.text and "data-dead" not in response.text
 
 
@@ -133,3 +134,85 @@ def test_search_results_say_which_features_are_uncalibrated_or_dead(client, owne
     assert 'data-feature-id="3" data-dead' in dead and "dead: never fired" in dead
     assert "uncalibrated: c is in residual-stream units" in dead
     assert "data-dead" not in unmeasured and "uncalibrated" not in unmeasured
+
+
+def test_it_says_how_many_of_all_matches_it_shows_and_loads_more(client, owner, training):
+    client.force_login(owner)
+
+    first = search(client, training, "feature")
+    more = client.get(
+        f"/steering/trainings/{training.pk}/features/", {"q": "feature", "offset": 20}, HTTP_HX_REQUEST="true"
+    )
+
+    assert "20 of 29 features match" in first.text and 'id="feature-results-more"' in first.text
+    assert "offset=20" in first.text
+    assert more.status_code == 200 and len(found(more)) == 9
+    assert not set(found(first)) & set(found(more))
+    # The count above the list is swapped out of band; nothing is left to load.
+    assert 'id="feature-results-count" hx-swap-oob="true">29 of 29' in more.text
+    assert 'id="feature-results-more"' not in more.text
+
+
+def test_it_ranks_the_demo_feature_named_by_the_word_first(client, owner, demo_feature_space):
+    client.force_login(owner)
+
+    response = search(client, demo_feature_space, "planet")
+
+    assert found(response)[0] == 1681 and "14 of 14 features match" in response.text
+
+
+def test_a_result_details_its_feature(client, owner, demo_feature_space):
+    client.force_login(owner)
+
+    html = search(client, demo_feature_space, "planet").text
+    row = html[html.index('data-feature-id="1681"') :]
+
+    assert '<details class="feature-details">' in row
+    assert '<span class="token mono">planet</span>' in row  # top tokens
+    assert "of tokens" in row and "Max activation" in row
+    assert "<mark>" in row  # a snippet with its strongest token marked
+
+
+def test_the_card_of_a_selected_feature_has_the_same_details(client, owner, demo_feature_space):
+    client.force_login(owner)
+
+    response = client.get(f"/steering/trainings/{demo_feature_space.pk}/features/1681/card/")
+
+    assert '<details class="feature-details">' in response.text and "<mark>" in response.text
+
+
+def prompt_features(client, training, prompt: str, **extra):
+    return client.post(
+        f"/steering/trainings/{training.pk}/features/active/",
+        {"prompt": prompt, **extra},
+        HTTP_HX_REQUEST="true",
+    )
+
+
+def test_prompt_features_require_login(client, training):
+    response = prompt_features(client, training, "planets")
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_prompt_features_say_the_prompt_is_empty(client, owner, training):
+    client.force_login(owner)
+
+    response = prompt_features(client, training, "  ")
+
+    assert response.status_code == 422 and "prompt is empty" in response.text
+
+
+@pytest.mark.slow
+def test_prompt_features_list_the_features_the_prompt_lights_up_with_add_buttons(
+    client, owner, demo_feature_space
+):
+    client.force_login(owner)
+
+    response = prompt_features(
+        client, demo_feature_space, "The planets of the solar system orbit the Sun: Mars, Venus and Earth."
+    )
+
+    assert response.status_code == 200
+    assert 1681 in found(response)[:10]
+    assert "20 features active on the prompt" in response.text
+    assert f'hx-get="/steering/trainings/{demo_feature_space.pk}/features/1681/card/"' in response.text

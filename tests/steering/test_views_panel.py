@@ -154,7 +154,7 @@ def test_it_fills_the_panel_from_a_preset(client, owner, training):
     assert (state.layers, state.temperature, state.max_tokens) == ([0, 2], 1.2, 33)
     [card] = state.features
     assert (card.index, card.label, card.coefficient) == (12, "cooking recipes", -8.0)
-    assert (card.slider_min, card.slider_max) == (-8.0, 5.0)  # the slider can show the preset's value
+    assert (card.slider_min, card.slider_max) == (-8, 8)  # symmetric, wide enough for the preset's value
 
 
 def test_it_404s_for_an_unknown_preset(client, owner, training):

@@ -118,6 +118,48 @@ def test_a_lower_perplexity_is_emerald(client, owner, training, make_run):
     assert '<div class="metric-value text-emerald">-1.25</div>' in html and "Lower uncertainty" in html
 
 
+def test_an_unchanged_perplexity_is_neutral(client, owner, training, make_run):
+    run = completed(make_run, owner)
+    SteeringRun.objects.filter(pk=run.pk).update(metrics={**METRICS, "perplexity_delta": 0.0})
+    client.force_login(owner)
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    assert '<div class="metric-value text-slate">0.00</div>' in html and "No change in uncertainty" in html
+    assert "Lower uncertainty" not in html
+
+
+def test_it_shows_the_in_run_activation_beside_the_clean_models_reading(client, owner, training, make_run):
+    run = completed(make_run, owner)
+    activation = {"feature_id": 3, "unsteered": 0.25, "steered": 3.5, "steered_in_run": 7.125}
+    SteeringRun.objects.filter(pk=run.pk).update(metrics={**METRICS, "feature_activation": [activation]})
+    client.force_login(owner)
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    assert "clean model reading the texts, unsteered → steered" in html and "0.250 → " in html
+    assert "in the steered run, steering on" in html and "7.125" in html
+
+
+@pytest.mark.parametrize(("chat", "shown"), [(False, True), (True, False)])
+def test_it_shows_the_prompt_greyed_before_a_continuation_but_not_before_a_chat_answer(
+    client, owner, training, make_run, chat, shown
+):
+    run = completed(make_run, owner, chat=chat)
+    client.force_login(owner)
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    prefix = '<span class="output-prompt" title="The prompt (not generated)">Tell me about rain</span>'
+    assert html.count(prefix) == (2 if shown else 0)  # before both columns
+    assert '<div id="unsteered-output" class="output-text">It is dry.</div>' in html
+
+
+def test_a_streaming_run_says_it_is_loading_the_model_until_its_first_token(
+    client, owner, training, make_run
+):
+    run = make_run(owner, status="running", started_at=timezone.now())
+    client.force_login(owner)
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    # Empty columns: the CSS shows the placeholder while #run-result streams and the column is still empty.
+    assert '<div id="steered-output" class="output-text"></div>' in html
+    assert html.count("loading the model…") == 2
+
+
 def test_a_failed_run_shows_its_reason(client, owner, training, make_run):
     run = make_run(owner, status="failed", error="no worker available", finished_at=timezone.now())
     client.force_login(owner)
