@@ -9,7 +9,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
 from steering_app.models import SteeringRun
-from steering_app.presenters import result_context
+from steering_app.presenters import output_id, result_context
 from steering_app.streaming import group_name, read_stream_token
 
 logger = logging.getLogger(__name__)
@@ -31,16 +31,16 @@ def current_run(run_id: int) -> SteeringRun:
 
 
 @database_sync_to_async
-def render_final(run: SteeringRun, unsteered: str, steered: str) -> str:
+def render_final(run: SteeringRun, unsteered: str, streamed: list[str]) -> str:
     return render_to_string(
-        f"{RESULT_TEMPLATE}#final", {**result_context(run, unsteered, steered), "oob": True}
+        f"{RESULT_TEMPLATE}#final", {**result_context(run, unsteered, streamed), "oob": True}
     )
 
 
 class RunStreamConsumer(AsyncWebsocketConsumer):
     """ws/steering/runs/<id>/: streams one run to its owner (or staff) as HTML for htmx's ws extension.
 
-    Token deltas are appended out of band to #unsteered-output / #steered-output; the end of the run
+    Token deltas are appended out of band to #unsteered-output and each variant's #steered-output(-k); the end of the run
     replaces #run-result with the stored comparison (full text, metrics or the failure) and closes the
     socket. A page that just submitted the run passes ?stream=<token>: it then reads the run's events
     from the mailbox the view subscribed before submitting, so it sees every token from the first.
@@ -50,7 +50,7 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         self.run_id = self.scope["url_route"]["kwargs"]["run_id"]
         self.finished = False
         self.tasks: list[asyncio.Task] = []
-        self.streamed = {"unsteered": "", "steered": ""}
+        self.streamed = {"unsteered": "", "variants": []}
         run = await visible_run(self.scope["user"], self.run_id)
         if run is None:
             await self.close(code=4403)
@@ -99,10 +99,20 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
             return
         event = message.get("event")
         if event == "delta":
-            unsteered, steered = message.get("unsteered", ""), message.get("steered", "")
+            unsteered = message.get("unsteered", "")
+            variants = message.get("variants") or [message.get("steered", "")]
             self.streamed["unsteered"] += unsteered
-            self.streamed["steered"] += steered
-            html = render_to_string(f"{RESULT_TEMPLATE}#delta", {"unsteered": unsteered, "steered": steered})
+            streamed = self.streamed["variants"]
+            streamed += [""] * (len(variants) - len(streamed))
+            for index, text in enumerate(variants):
+                streamed[index] += text
+            html = render_to_string(
+                f"{RESULT_TEMPLATE}#delta",
+                {
+                    "unsteered": unsteered,
+                    "variants": [(output_id(i), text) for i, text in enumerate(variants)],
+                },
+            )
             if html.strip():
                 await self.send(text_data=html)
         elif event == "started":
@@ -117,7 +127,7 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         if self.finished:
             return
         self.finished = True
-        html = await render_final(run, self.streamed["unsteered"], self.streamed["steered"])
+        html = await render_final(run, self.streamed["unsteered"], self.streamed["variants"])
         await self.send(text_data=html)
         if self.mailbox is not None:
             await self.channel_layer.group_discard(group_name(self.run_id), self.mailbox)

@@ -25,6 +25,7 @@ ERROR_FIELDS = {
     "seed": "seed",
     "method": "method",
     "chat": "chat",
+    "sweep": "sweep",
 }
 
 
@@ -36,6 +37,8 @@ class SteeringForm(forms.Form):
     max_tokens = forms.IntegerField(label="Max Tokens", max_value=MAX_INDEX)
     seed = forms.IntegerField(label="Seed", required=False, max_value=MAX_ID)
     chat = forms.BooleanField(label="Chat template", required=False)
+    # The checkbox's value lists the multipliers ("0.5,1,2,4"), so a run's own sweep survives a reopen.
+    sweep = forms.CharField(label="Sweep strength", required=False)
     # Repeated inputs; parsed in clean() from the raw lists.
     layers = forms.Field(label="Intervention Layers", required=False)
     features = forms.Field(label="Selected Features", required=False)
@@ -44,7 +47,17 @@ class SteeringForm(forms.Form):
         cleaned = super().clean()
         cleaned["layers"] = self._integers("layers", self.data.getlist("layers"))
         cleaned["features"] = self._features()
+        cleaned["sweep"] = self._sweep(cleaned.get("sweep") or "")
         return cleaned
+
+    def _sweep(self, raw: str) -> list[float] | None:
+        if not raw.strip():
+            return None
+        try:
+            return [float(item) for item in raw.split(",")]
+        except ValueError:
+            self.add_error("sweep", "Sweep multipliers must be numbers separated by commas.")
+            return None
 
     def _integers(self, field: str, raw: list[str]) -> list[int]:
         try:
@@ -78,6 +91,7 @@ class SteeringForm(forms.Form):
             method=data["method"],
             temperature=data["temperature"],
             max_tokens=data["max_tokens"],
+            sweep=data.get("sweep"),
         )
 
     def run_request(self) -> RunRequest:

@@ -11,7 +11,7 @@ from django.shortcuts import get_object_or_404
 from steering_app.forms import SteeringForm
 from steering_app.limits import MAX_ID, MAX_LAYERS
 from steering_app.models import Feature, SteeringRun, Training
-from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_SWEEP, DEFAULT_TEMPERATURE
 
 # Slots next to the inputs where the panel shows a field's error (ids error-<name>).
 ERROR_SLOTS = (
@@ -24,6 +24,7 @@ ERROR_SLOTS = (
     "max_tokens",
     "seed",
     "chat",
+    "sweep",
 )
 SLIDER_RANGE = 5.0
 # The mock's Amplify button: where a feature just added starts, so that a first Generate steers with it.
@@ -76,6 +77,16 @@ class PanelState:
     max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int | None = None
     chat: bool = False
+    sweep: list[float] | None = None
+
+    @property
+    def sweep_value(self) -> str:
+        """The Sweep strength checkbox's value: this state's multipliers, else the default ones."""
+        return ",".join(f"{item:g}" for item in (self.sweep or DEFAULT_SWEEP))
+
+    @property
+    def sweep_label(self) -> str:
+        return ", ".join(f"×{item:g}" for item in (self.sweep or DEFAULT_SWEEP))
 
     def __post_init__(self):
         if not self.layers and self.training is not None:
@@ -121,6 +132,7 @@ def state_from_run(run: SteeringRun) -> PanelState:
         max_tokens=run.max_new_tokens,
         seed=run.seed,
         chat=run.chat,
+        sweep=run.sweep,
     )
 
 
@@ -152,6 +164,7 @@ def state_from_form(form: SteeringForm) -> PanelState:
     state.max_tokens = data.get("max_tokens") or state.max_tokens
     state.seed = data.get("seed")
     state.chat = bool(data.get("chat"))
+    state.sweep = data.get("sweep")
     return state
 
 
