@@ -5,18 +5,24 @@ one feature at layer 10 ("Amplify", coefficient 2), temperature 0.7, warm caches
 - S: the specification's reference approach (seed section 2) reproduced faithfully: two sequential
   `generate` calls with output_scores, the encode / scale / clamp / decode hook, a SentenceTransformer
   constructed inside the call, its four metrics.
-- O: ours, `run_comparison`: both continuations and all five metrics.
+- O: ours, `run_comparison`: both continuations and all five metrics, in the worker's slot batch.
+- SW: ours, a strength sweep of 4 variants (x0.5, x1, x2, x4) in one run, every variant's metrics.
+- C2, C4: 2 and 4 comparisons (different seeds) submitted together to one slot batch, as a worker runs them
+  (continuous batching, metrics as each ends): the wall time until the last finishes.
+- HFs (CUDA only): `model.generate(cache_implementation="static")`, transformers' best plain practice.
 
-The three run interleaved in one process (the order rotates each round); each reports the median of
---runs timed runs after one untimed warm-up. Prints a table and, last, `O/F=<ratio> S/O=<ratio>`.
+All run interleaved in one process (the order rotates each round); each reports the median of --runs
+timed runs after one untimed warm-up. Prints a table, the CPU and the matmul forms the batch chose, and,
+last, `O/F=<ratio> S/O=<ratio> SW/O=<ratio> C2/O=<ratio> C4/O=<ratio>` (and `O/HFs=` on CUDA).
 
-    .venv/bin/python bench/steering_bench.py [--runs 7] [--device cpu|cuda]
+    .venv/bin/python bench/steering_bench.py [--runs 7] [--device cpu|cuda] [--model SOURCE]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -27,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from steering_app.engine import SteeringSpec, run_comparison
+from steering_app.engine import SteeringSpec, finish, run_comparison
 from steering_app.engine.demo import DEMO_LAYER, DEMO_MODEL_NAME
+from steering_app.engine.generate import Generation, prepare
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import (
     SMOLLM2_DEMO,
@@ -38,6 +45,7 @@ from steering_app.engine.loader import (
     load_sae_cached,
 )
 from steering_app.engine.sae import save_sae
+from steering_app.engine.scheduler import scheduler_for
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 64
@@ -45,6 +53,7 @@ LAYER = DEMO_LAYER
 TEMPERATURE = 0.7
 COEFFICIENT = 2.0  # the specification UI's "Amplify" preset
 D_SAE = 8 * 576  # a usual 8x expansion
+SWEEP = (0.5, 1.0, 2.0, 4.0)
 
 
 def build_sae(lm, directory: Path):
@@ -84,6 +93,80 @@ def run_floor(lm, seed: int) -> str:
             temperature=TEMPERATURE,
         )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_static_floor(lm, seed: int) -> str:
+    """transformers' compiled static-cache generation: the best plain practice on a GPU."""
+    tokenizer, model = lm.tokenizer, lm.model
+    torch.manual_seed(seed)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(lm.device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            cache_implementation="static",
+        )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_concurrent(lm, sae, spec, embedder, seeds) -> list:
+    """Comparisons submitted together to the model's slot batch, as a worker runs them: admitted while rows
+    are free (the rest join as rows free up), stepped together, metrics computed as each ends."""
+    waiting = [
+        Generation(
+            lm,
+            sae,
+            prepare(
+                lm,
+                sae,
+                PROMPT,
+                [spec],
+                TEMPERATURE,
+                NEW_TOKENS,
+                seed,
+                sae_layer=LAYER,
+                min_new_tokens=NEW_TOKENS,
+            ),
+        )
+        for seed in seeds
+    ]
+    results = []
+    with lm.lock:
+        scheduler = scheduler_for(lm)
+        while waiting or scheduler.active:
+            while waiting and scheduler.admit(waiting[0]):
+                waiting.pop(0)
+            for ended in scheduler.step():
+                if ended.error is not None:
+                    raise ended.error
+                results.append(finish(lm, sae, ended.comparison, spec, embedder))
+    return results
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return " ".join(
+        sorted(flag for flag in flags if flag.startswith(("amx", "avx512f", "avx512_bf16", "avx2")))
+    )
 
 
 class SpecSteeringService:
@@ -210,12 +293,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per approach (at least 5)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--model", default=SMOLLM2_DEMO, help="model source (default: the demo SmolLM2)")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5")
 
     load_before = os.getloadavg()
-    lm = load_model(SMOLLM2_DEMO, device=args.device)
+    lm = load_model(args.model, device=args.device)
     embedder = get_embedder()
     with tempfile.TemporaryDirectory() as directory:
         sae, feature = build_sae(lm, Path(directory))
@@ -252,12 +336,49 @@ def main() -> None:
         details["O"] = result
         phases.append(result.timings)
 
-    approaches = {"F": floor, "S": reference, "O": ours}
+    sweep = [
+        SteeringSpec("multiplicative", ((feature, COEFFICIENT * multiplier),), (LAYER,))
+        for multiplier in SWEEP
+    ]
+
+    def swept(seed):
+        details["SW"] = run_comparison(
+            lm,
+            sae,
+            prompt=PROMPT,
+            spec=sweep,
+            temperature=TEMPERATURE,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            seed=seed,
+            sae_layer=LAYER,
+            embedder=embedder,
+        )
+
+    def concurrent(count):
+        return lambda seed: details.__setitem__(
+            f"C{count}", run_concurrent(lm, sae, spec, embedder, [seed + 1000 * i for i in range(count)])
+        )
+
+    approaches = {
+        "F": floor,
+        "S": reference,
+        "O": ours,
+        "SW": swept,
+        "C2": concurrent(2),
+        "C4": concurrent(4),
+    }
     labels = {
         "F": "plain generate, unsteered only (floor)",
         "S": "specification section 2 (reference)",
         "O": "ours: both continuations + 5 metrics",
+        "SW": "ours: sweep of 4 variants + metrics",
+        "C2": "ours: 2 comparisons together",
+        "C4": "ours: 4 comparisons together",
     }
+    if lm.device.type == "cuda":
+        approaches["HFs"] = lambda seed: details.__setitem__("HFs", run_static_floor(lm, seed))
+        labels["HFs"] = "generate, static cache (compiled)"
     times: dict[str, list[float]] = {name: [] for name in approaches}
     phases: list[dict] = []
     for name, run in approaches.items():  # warm-up
@@ -265,7 +386,8 @@ def main() -> None:
     phases.clear()
     order = list(approaches)
     for round_ in range(args.runs):
-        for name in order[round_ % 3 :] + order[: round_ % 3]:
+        shift = round_ % len(order)
+        for name in order[shift:] + order[:shift]:
             _synchronize(lm.device)
             started = time.perf_counter()
             approaches[name](round_)
@@ -276,7 +398,20 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(
         f"device: {lm.device} ({torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else 'CPU'}), "
-        f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
+        f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, dtype {lm.dtype}"
+    )
+    print(f"CPU: {cpu_model()}; flags: {cpu_flags() or 'none of amx/avx512f/avx2'}")
+    batch = scheduler_for(lm).batch
+    forms = batch.linear_forms["timings"]
+    print(
+        f"slot batch: {batch.rows} rows x {batch.length} tokens; matmul forms measured at load: "
+        + (
+            ", ".join(
+                f"{out}x{inp} {'W@x.T' if t < lin else 'F.linear'} ({lin * 1e3:.2f}/{t * 1e3:.2f} ms)"
+                for (out, inp), lin, t in forms
+            )
+            or "F.linear everywhere (not timed off the CPU)"
+        )
     )
     print(
         f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
@@ -287,11 +422,11 @@ def main() -> None:
         f"coefficient {COEFFICIENT}, temperature {TEMPERATURE}, {args.runs} interleaved runs each"
     )
     print()
-    print(f"{'':2} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
+    print(f"{'':3} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
     for name in approaches:
         values = times[name]
         print(
-            f"{name:2} {labels[name]:40} {medians[name]:9.3f} {min(values):7.3f} {max(values):7.3f} "
+            f"{name:3} {labels[name]:40} {medians[name]:9.3f} {min(values):7.3f} {max(values):7.3f} "
             f"{1000 * medians[name] / NEW_TOKENS:9.1f} {medians[name] / medians['F']:6.2f}"
         )
     phase_names = ["prefill", "decode", "metrics_forward", "embed"]
@@ -307,7 +442,16 @@ def main() -> None:
         f"O last run: KL {last.metrics['kl_divergence']:.4f}, similarity {last.metrics['semantic_similarity']:.2f}, "
         f"steered differs: {last.steered_text != last.unsteered_text}"
     )
-    print(f"O/F={medians['O'] / medians['F']:.2f} S/O={medians['S'] / medians['O']:.2f}")
+    ratios = {
+        "O/F": medians["O"] / medians["F"],
+        "S/O": medians["S"] / medians["O"],
+        "SW/O": medians["SW"] / medians["O"],
+        "C2/O": medians["C2"] / medians["O"],
+        "C4/O": medians["C4"] / medians["O"],
+    }
+    if "HFs" in medians:
+        ratios["O/HFs"] = medians["O"] / medians["HFs"]
+    print(" ".join(f"{name}={value:.2f}" for name, value in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ class Generation:
             steering.assign(0, plan)
             with steering.attached():
                 logits.append(model_forward(self.lm.model, prompt, cache, logits_to_keep=1)[0, -1].float())
-            self._record(steering.records, 0, plan, index)
+            self._record(steering.records(), 0, plan, index)
             batch.cache.write_prompt(row, cache, prompt.shape[1])
             batch.positions[row] = prompt.shape[1]
             batch.steering.assign(row, plan)
@@ -219,7 +219,8 @@ class Generation:
 
     def _record(self, records: dict[int, torch.Tensor], source_row: int, plan: RowPlan, index: int) -> None:
         if plan.capture:
-            self.records[index].append(records[source_row][-1])
+            # A copy: on a GPU the records are views into the captured step's output, rewritten every step.
+            self.records[index].append(records[source_row][-1].clone())
 
     def receive(self, step_logits: torch.Tensor, records: dict[int, torch.Tensor]) -> None:
         """The rows' logits and SAE records from a batch step."""

@@ -144,7 +144,7 @@ def _model_metrics(
     kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens
     with steering.attached():
         logits = model_forward(lm.model, input_ids, None, logits_to_keep=kept)[:, -kept:]
-    records = steering.records
+    records = steering.records()
 
     results = []
     for k, (spec, variant) in enumerate(zip(specs, comparison.variants)):

@@ -101,7 +101,7 @@ class Scheduler:
             ended = self._advance_all()
             if self.active:
                 logits = self.batch.step()
-                records = self.batch.steering.records
+                records = self.batch.steering.records()
                 for generation in self.active:
                     generation.receive(logits, records)
         except BaseException:

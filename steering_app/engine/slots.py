@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -135,6 +136,12 @@ def model_forward(
     return model(input_ids=input_ids, **kwargs).logits
 
 
+def use_cuda_graphs(device: torch.device) -> bool:
+    """On CUDA unless STEERLAB_CUDA_GRAPHS=0: a decode step is then one graph launch instead of hundreds of
+    kernel launches from Python, which bound it at small batch sizes."""
+    return device.type == "cuda" and os.environ.get("STEERLAB_CUDA_GRAPHS", "1").strip() != "0"
+
+
 @functools.cache
 def _special_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -159,6 +166,9 @@ class SlotBatch:
         self._span = torch.arange(length, device=lm.device)
         self.special_ids = _special_ids(lm.tokenizer).to(lm.device)
         self.linear_forms = choose_linear_forms(lm.model, rows, lm.device)
+        # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
+        self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
 
     def take(self, count: int) -> list[int] | None:
         """`count` free rows, or None when fewer are free."""
@@ -179,7 +189,21 @@ class SlotBatch:
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
-        """One decode step over all rows: logits [R, V] (float32) of each row's next token."""
+        """One decode step over all rows: logits [R, V] (float32) of each row's next token.
+
+        On a GPU the step is a CUDA graph, captured once per steering structure and replayed: the inputs,
+        positions, cache and steering tensors it reads are updated in place between steps.
+        """
+        if self.graphs is not None:
+            logits = self._replay()
+        else:
+            logits = self._forward()
+        occupied = torch.ones(self.rows, dtype=torch.bool, device=self.positions.device)
+        occupied[self.free] = False
+        self.positions += occupied.long()
+        return logits
+
+    def _forward(self) -> torch.Tensor:
         positions = self.positions.unsqueeze(1)
         self.cache.write_positions = positions
         mask = (self._span.unsqueeze(0) <= positions).view(self.rows, 1, 1, self.length)
@@ -198,7 +222,28 @@ class SlotBatch:
                 position_ids=positions,
                 attention_mask=mask,
             )
-        occupied = torch.ones(self.rows, dtype=torch.bool, device=self.positions.device)
-        occupied[self.free] = False
-        self.positions += occupied.long()
         return logits[:, -1, :].float()
+
+    def _replay(self) -> torch.Tensor:
+        self.steering.prepare()
+        key = self.steering.signature()
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture()
+        graph, logits, gathered = captured
+        graph.replay()
+        self.steering.gathered = gathered
+        return logits
+
+    def _capture(self):
+        """Warm up on a side stream (the step is idempotent: it rewrites the same cache entries), then capture."""
+        side = torch.cuda.Stream(device=self.lm.device)
+        side.wait_stream(torch.cuda.current_stream(self.lm.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream(self.lm.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self._forward()
+        return graph, logits, dict(self.steering.gathered)

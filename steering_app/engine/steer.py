@@ -184,7 +184,7 @@ class _MultiplicativeGroup:
 
 @dataclass
 class _CaptureGroup:
-    """The rows recording features of one SAE at its layer; ids padded to the widest row (read-only)."""
+    """The rows recording features of one SAE at its layer; ids padded to `width` (read-only, no effect on h)."""
 
     sae: SAE
     rows: list[int]
@@ -206,7 +206,11 @@ class RowSteering:
     bit for bit, and every operation is row-wise (elementwise, or batched over rows at a fixed shape),
     so a row's numbers depend only on its own plan. special_mask ([rows, seq] bool, True = special
     token) is set by the caller before each forward; special positions are not steered unless the row's
-    plan asks. records: after each forward, {row: [seq, len(capture)]} for the rows that capture.
+    plan asks. records() after a forward: {row: [seq, len(capture)]} for the rows that capture.
+
+    The tensors the hooks read are updated in place while the plans keep their structure (signature():
+    which layers, which SAEs, how wide the captures), so a captured CUDA graph of the step stays valid
+    as runs join and leave; a new structure builds new tensors (and a new graph).
     """
 
     def __init__(self, blocks: torch.nn.ModuleList, rows: int):
@@ -214,40 +218,70 @@ class RowSteering:
         self.rows = rows
         self.plans: list[RowPlan | None] = [None] * rows
         self.special_mask: torch.Tensor | None = None
-        self.records: dict[int, torch.Tensor] = {}
+        self.gathered: dict[tuple[int, int], torch.Tensor] = {}  # (layer, group) -> [rows, seq, width]
         self._handles: list = []
-        self._attached = False
-        self._ops: dict[int, _LayerOps] | None = None  # built from the plans when first needed
+        self._ops: dict[int, _LayerOps] | None = None
+        self._protected: torch.Tensor | None = None  # [rows] bool: rows whose special tokens stay unsteered
+        self._built_for: tuple | None = None
+        self._stale = True
 
     def assign(self, row: int, plan: RowPlan | None) -> None:
         self.plans[row] = plan
-        self._ops = None
-        if self._attached:
-            self._register()
+        self._stale = True
+
+    def signature(self) -> tuple:
+        """The plans' structure: hooked layers, SAE groups and capture widths (not the values)."""
+        additive, multiplicative, capture = set(), set(), {}
+        for plan in self.plans:
+            if plan is None:
+                continue
+            additive.update(layer for layer, _ in plan.additive)
+            if plan.multiplicative:
+                multiplicative.add((id(plan.sae), plan.sae_layer))
+            if plan.capture:
+                key = (id(plan.sae), plan.sae_layer)
+                capture[key] = max(capture.get(key, 0), _capture_width(len(plan.capture)))
+        return tuple(sorted(additive)), tuple(sorted(multiplicative)), tuple(sorted(capture.items()))
+
+    def prepare(self) -> None:
+        """Bring the hooks' tensors up to date with the plans: in place when the structure is unchanged."""
+        if not self._stale and self._ops is not None:
+            return
+        signature = self.signature()
+        fresh = self._layer_ops()
+        protected = self._protected_rows()
+        if self._ops is not None and signature == self._built_for:
+            _copy_ops(self._ops, fresh)
+            self._protected.copy_(protected)
+        else:
+            self._ops, self._protected, self._built_for = fresh, protected, signature
+        self._stale = False
+
+    def records(self) -> dict[int, torch.Tensor]:
+        """The last forward's captured activations per row: views into the gathered tensors."""
+        records = {}
+        for layer, ops in (self._ops or {}).items():
+            for index, group in enumerate(ops.capture):
+                gathered = self.gathered.get((layer, index))
+                if gathered is None:
+                    continue
+                for row, width in zip(group.rows, group.widths):
+                    records[row] = gathered[row, :, :width]
+        return records
 
     @contextmanager
     def attached(self) -> Iterator[RowSteering]:
         """Hooks on for the duration; removed on any exit, KeyboardInterrupt included."""
-        self._attached = True
+        self.prepare()
+        self.gathered = {}
         try:
-            self._register()
+            for layer, ops in self._ops.items():
+                self._handles.append(self.blocks[layer].register_forward_hook(self._hook(layer, ops)))
             yield self
         finally:
-            self._attached = False
-            self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _register(self) -> None:
-        self._remove()
-        self.records = {}
-        if self._ops is None:
-            self._ops = self._layer_ops()
-        for layer, ops in self._ops.items():
-            self._handles.append(self.blocks[layer].register_forward_hook(self._hook(ops)))
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
 
     def _layer_ops(self) -> dict[int, _LayerOps]:
         ops: dict[int, _LayerOps] = {}
@@ -265,11 +299,11 @@ class RowSteering:
                 by_sae.setdefault((id(plan.sae), plan.sae_layer), []).append(row)
             if plan.capture:
                 captures.setdefault((id(plan.sae), plan.sae_layer), []).append(row)
-        for (_, layer), rows in by_sae.items():
+        for (_, layer), rows in sorted(by_sae.items()):
             ops.setdefault(layer, _LayerOps()).multiplicative.append(self._multiplicative_group(rows))
-        for (_, layer), rows in captures.items():
+        for (_, layer), rows in sorted(captures.items()):
             ops.setdefault(layer, _LayerOps()).capture.append(self._capture_group(rows))
-        return ops
+        return dict(sorted(ops.items()))
 
     def _multiplicative_group(self, rows: list[int]) -> _MultiplicativeGroup:
         sae = self.plans[rows[0]].sae
@@ -286,19 +320,21 @@ class RowSteering:
     def _capture_group(self, rows: list[int]) -> _CaptureGroup:
         sae = self.plans[rows[0]].sae
         widths = [len(self.plans[row].capture) for row in rows]
-        ids = torch.zeros(self.rows, max(widths), dtype=torch.long, device=sae.device)
+        ids = torch.zeros(self.rows, _capture_width(max(widths)), dtype=torch.long, device=sae.device)
         for row in rows:
             features = self.plans[row].capture
             ids[row, : len(features)] = torch.tensor(features)
         return _CaptureGroup(sae, rows, widths, ids)
 
-    def _protected(self, device) -> torch.Tensor:
-        """[rows] bool: rows whose special tokens stay unsteered."""
+    def _protected_rows(self) -> torch.Tensor:
+        device = next((plan.sae.device for plan in self.plans if plan is not None), torch.device("cpu"))
         return torch.tensor(
             [plan is not None and not plan.steer_special_tokens for plan in self.plans], device=device
         )
 
-    def _hook(self, ops: _LayerOps):
+    def _hook(self, layer: int, ops: _LayerOps):
+        protected = self._protected
+
         def hook(module, args, output):
             hidden = block_hidden(output)
             if hidden.shape[0] != self.rows:
@@ -314,18 +350,36 @@ class RowSteering:
                 delta = torch.bmm(selected * group.coefficients.unsqueeze(1), group.decoder).to(hidden.dtype)
                 steered = torch.where(group.member[:, None, None], steered + delta, steered)
             if steered is not hidden and self.special_mask is not None:
-                keep = self.special_mask.to(hidden.device) & self._protected(hidden.device).unsqueeze(1)
+                keep = self.special_mask.to(hidden.device) & protected.unsqueeze(1)
                 steered = torch.where(keep.unsqueeze(-1), hidden, steered)
-            for group in ops.capture:
+            for index, group in enumerate(ops.capture):
                 activations = group.sae.encode(steered)
-                gathered = activations.gather(
-                    -1, group.ids.unsqueeze(1).expand(-1, hidden.shape[1], -1)
-                ).float()
-                for row, width in zip(group.rows, group.widths):
-                    self.records[row] = gathered[row, :, :width]
+                expanded = group.ids.unsqueeze(1).expand(-1, hidden.shape[1], -1)
+                self.gathered[(layer, index)] = activations.gather(-1, expanded).float()
             return None if steered is hidden else replace_block_hidden(output, steered)
 
         return hook
+
+
+def _capture_width(width: int) -> int:
+    """Capture widths rounded up to a power of two (at least 8), so that most runs share a structure."""
+    return max(8, 1 << (max(width, 1) - 1).bit_length())
+
+
+def _copy_ops(target: dict[int, _LayerOps], source: dict[int, _LayerOps]) -> None:
+    """Copy the values of source into target's tensors (the same structure): the hooks keep their tensors."""
+    for layer, ops in source.items():
+        kept = target[layer]
+        if ops.additive is not None:
+            kept.additive.copy_(ops.additive)
+        for old, new in zip(kept.multiplicative, ops.multiplicative):
+            old.member.copy_(new.member)
+            old.ids.copy_(new.ids)
+            old.coefficients.copy_(new.coefficients)
+            old.decoder.copy_(new.decoder)
+        for old, new in zip(kept.capture, ops.capture):
+            old.ids.copy_(new.ids)
+            old.rows, old.widths = new.rows, new.widths
 
 
 @contextmanager
