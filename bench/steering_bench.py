@@ -171,7 +171,7 @@ def cpu_flags() -> str:
 
 class SpecSteeringService:
     """Seed section 2's SteeringService, kept as written except where this environment forces a change:
-    no async, the model's own device instead of .cuda(), the decoder blocks found for Llama instead of
+    no async, the model's own device and dtype instead of .cuda(), the decoder blocks found for Llama instead of
     model.transformer.h (GPT-2 only), the embedder from the bundled files instead of a hub download,
     and min_new_tokens so that every approach generates the same 64 tokens. Its SAE encoder and
     decoder are built once, outside the timed call (the specification loads them per call), which
@@ -180,8 +180,8 @@ class SpecSteeringService:
     def __init__(self, lm, sae):
         self.lm = lm
         self.hook_handles = []
-        self.sae_encoder = torch.nn.Linear(sae.d_in, sae.d_sae).to(lm.device)
-        self.sae_decoder = torch.nn.Linear(sae.d_sae, sae.d_in).to(lm.device)
+        self.sae_encoder = torch.nn.Linear(sae.d_in, sae.d_sae).to(lm.device, lm.dtype)
+        self.sae_decoder = torch.nn.Linear(sae.d_sae, sae.d_in).to(lm.device, lm.dtype)
         with torch.no_grad():
             self.sae_encoder.weight.copy_(sae.W_enc.T)
             self.sae_encoder.bias.copy_(sae.b_enc)

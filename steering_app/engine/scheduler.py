@@ -6,9 +6,11 @@ rows) and returns those that ended, each with its Comparison or its error, so th
 cancellation never ends another's.
 
 The slot shape (rows, cache length) is fixed per process: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS, or
-the device's defaults below. Measured on the 2-core CPU (SmolLM2-135M, fp32, eager): a decode step costs
-about the same at 1 to 2 rows and grows beyond, so 6 rows (a sweep of 4 and its clean row, or 3
-comparisons) keep one run fast while sharing; a GPU step is launch-bound up to tens of rows, so 64.
+the device's defaults below, chosen from measurements (bench/steering_bench.py, .gpu/check_slots.py):
+- CPU (2-core Xeon, SmolLM2-135M fp32, eager): a step's cost grows with the rows (the linears stream the
+  weights per row group), so 6 rows: a sweep of 4 and its clean row, or 3 comparisons at once.
+- CUDA (H100, bf16, the step a CUDA graph): 4.2 ms at 8 rows, 4.4 at 16 and 32, 4.6 at 64, so 64 rows
+  (32 comparisons share each step for the price of one); 2048 positions cost 6 GB of KV cache there.
 """
 
 from __future__ import annotations

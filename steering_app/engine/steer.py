@@ -222,7 +222,7 @@ class RowSteering:
         self._handles: list = []
         self._ops: dict[int, _LayerOps] | None = None
         self._protected: torch.Tensor | None = None  # [rows] bool: rows whose special tokens stay unsteered
-        self._built_for: tuple | None = None
+        self._by_signature: dict[tuple, tuple[dict[int, _LayerOps], torch.Tensor]] = {}
         self._stale = True
 
     def assign(self, row: int, plan: RowPlan | None) -> None:
@@ -250,11 +250,14 @@ class RowSteering:
         signature = self.signature()
         fresh = self._layer_ops()
         protected = self._protected_rows()
-        if self._ops is not None and signature == self._built_for:
-            _copy_ops(self._ops, fresh)
-            self._protected.copy_(protected)
+        kept = self._by_signature.get(signature)
+        if kept is None:
+            # Kept for as long as the batch lives: a captured graph of this structure reads these tensors.
+            kept = self._by_signature[signature] = (fresh, protected)
         else:
-            self._ops, self._protected, self._built_for = fresh, protected, signature
+            _copy_ops(kept[0], fresh)
+            kept[1].copy_(protected)
+        self._ops, self._protected = kept
         self._stale = False
 
     def records(self) -> dict[int, torch.Tensor]:
