@@ -25,6 +25,7 @@ ERROR_FIELDS = {
     "seed": "seed",
     "method": "method",
     "chat": "chat",
+    "private": "private",
 }
 
 
@@ -36,6 +37,7 @@ class SteeringForm(forms.Form):
     max_tokens = forms.IntegerField(label="Max Tokens", max_value=MAX_INDEX)
     seed = forms.IntegerField(label="Seed", required=False, max_value=MAX_ID)
     chat = forms.BooleanField(label="Chat template", required=False)
+    private = forms.BooleanField(label="Private", required=False)
     # Repeated inputs; parsed in clean() from the raw lists.
     layers = forms.Field(label="Intervention Layers", required=False)
     features = forms.Field(label="Selected Features", required=False)
@@ -88,6 +90,7 @@ class SteeringForm(forms.Form):
             settings=self.steering_settings(),
             seed=data["seed"],
             chat=data["chat"],
+            private=data["private"],
         )
 
     def add_steering_error(self, error: SteeringError) -> None:

@@ -8,8 +8,14 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from steering_app.errors import Conflict, NotFound
-from steering_app.limits import MAX_ABS_COEFFICIENT, MAX_ABS_COEFFICIENT_HARD, MAX_ID, MAX_INDEX
+from steering_app.errors import Conflict, Forbidden, NotFound
+from steering_app.limits import (
+    MAX_ABS_COEFFICIENT,
+    MAX_ABS_COEFFICIENT_HARD,
+    MAX_FEATURES,
+    MAX_ID,
+    MAX_INDEX,
+)
 
 
 class LanguageModel(models.Model):
@@ -280,10 +286,23 @@ class Calibration(models.Model):
 
 class SteeringRunQuerySet(models.QuerySet):
     def visible_to(self, user) -> "SteeringRunQuerySet":
-        """The runs `user` may read: their own; staff read every run; nobody else reads any."""
+        """The runs `user` may read: every lab member reads the shared runs and their own private ones;
+        staff read every run; an anonymous visitor reads none. The one access rule of pages, API and
+        websocket: a run outside it answers 404, like one that does not exist."""
         if not user.is_authenticated:
             return self.none()
-        return self if user.is_staff else self.filter(owner=user)
+        return self if user.is_staff else self.filter(Q(private=False) | Q(owner=user))
+
+    def steering_feature(self, index: int) -> "SteeringRunQuerySet":
+        """The runs that steer feature `index` (of their own training).
+
+        JSONField's `contains` is not available on SQLite; a run steers at most MAX_FEATURES features,
+        so one key lookup per position covers every run on both SQLite and PostgreSQL.
+        """
+        matches = Q()
+        for position in range(MAX_FEATURES):
+            matches |= Q(**{f"features__{position}__feature_id": index})
+        return self.filter(matches)
 
 
 class SteeringRun(models.Model):
@@ -312,6 +331,9 @@ class SteeringRun(models.Model):
     max_new_tokens = models.PositiveIntegerField(default=64)
     seed = models.BigIntegerField()
     chat = models.BooleanField(default=False)
+    private = models.BooleanField(
+        default=False, help_text="Readable only by its owner and staff; otherwise by every lab member"
+    )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     unsteered_output = models.TextField(blank=True)
     steered_output = models.TextField(blank=True)
@@ -355,8 +377,27 @@ class SteeringRun(models.Model):
         return self.status in (self.Status.COMPLETED, self.Status.FAILED, self.Status.CANCELLED)
 
     def can_change(self, user) -> bool:
-        """Only the owner or staff cancel a run (or change it in any way)."""
+        """Only the owner or staff cancel, delete or share a run (or change it in any way); other members
+        who may read it see it read-only."""
         return user.is_authenticated and (user.is_staff or user.pk == self.owner_id)
+
+    def set_private(self, user, private: bool) -> None:
+        """Keep the run to its owner and staff, or share it with the lab again (owner or staff only)."""
+        self._check_can_change(user, "change who can read it")
+        # One column: a worker may be writing the run's outputs meanwhile.
+        SteeringRun.objects.filter(pk=self.pk).update(private=private)
+        self.private = private
+
+    def delete_by(self, user) -> None:
+        """Delete a finished run (owner or staff only); a queued or running one must be stopped first."""
+        self._check_can_change(user, "delete it")
+        if not self.is_finished:
+            raise Conflict(f"Run {self.pk} is {self.status}: stop it before deleting it.", "run_id")
+        self.delete()
+
+    def _check_can_change(self, user, action: str) -> None:
+        if not self.can_change(user):
+            raise Forbidden(f"Only the run's owner or staff can {action}.", "run_id")
 
 
 class ApiToken(models.Model):

@@ -24,6 +24,7 @@ ERROR_SLOTS = (
     "max_tokens",
     "seed",
     "chat",
+    "private",
 )
 SLIDER_RANGE = 5.0
 
@@ -60,6 +61,7 @@ class PanelState:
     max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int | None = None
     chat: bool = False
+    private: bool = False
 
     def __post_init__(self):
         if not self.layers and self.training is not None:
@@ -104,6 +106,7 @@ def state_from_run(run: SteeringRun) -> PanelState:
         max_tokens=run.max_new_tokens,
         seed=run.seed,
         chat=run.chat,
+        private=run.private,
     )
 
 
@@ -135,6 +138,7 @@ def state_from_form(form: SteeringForm) -> PanelState:
     state.max_tokens = data.get("max_tokens") or state.max_tokens
     state.seed = data.get("seed")
     state.chat = bool(data.get("chat"))
+    state.private = bool(data.get("private"))
     return state
 
 

@@ -62,6 +62,7 @@ class RunRequest:
     seed: int | None = None
     chat: bool = False
     model_id: int | None = None
+    private: bool = False
 
 
 def create(owner: "User", request: RunRequest) -> SteeringRun:
@@ -91,6 +92,7 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
         max_new_tokens=steering.max_tokens,
         seed=request.seed if request.seed is not None else random.randrange(2**31),
         chat=bool(request.chat),
+        private=bool(request.private),
     )
 
 

@@ -120,8 +120,17 @@ def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training, make
     assert 'name="feature_id" value="3"' in response.text
 
 
-def test_it_does_not_fill_from_another_users_run(client, owner, stranger, training, make_run):
-    run = make_run(owner)
+def test_it_fills_the_panel_from_a_teammates_shared_run(client, owner, teammate, training, make_run):
+    run = make_run(owner, prompt="Shared prompt")
+    client.force_login(teammate)
+
+    response = client.get(PANEL, {"run": run.pk})
+
+    assert response.status_code == 200 and response.context["state"].prompt == "Shared prompt"
+
+
+def test_it_does_not_fill_from_another_users_private_run(client, owner, stranger, training, make_run):
+    run = make_run(owner, private=True)
     client.force_login(stranger)
     assert client.get(PANEL, {"run": run.pk}).status_code == 404
 
