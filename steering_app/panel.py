@@ -119,6 +119,9 @@ def state_from_preset(preset) -> PanelState:
         method=preset.method,
         temperature=preset.temperature,
         max_tokens=preset.max_tokens,
+        prompt=preset.prompt,
+        seed=preset.seed,
+        chat=preset.chat,
     )
 
 

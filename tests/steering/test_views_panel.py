@@ -164,6 +164,40 @@ def test_it_fills_the_panel_from_a_preset(client, owner, training):
     [card] = state.features
     assert (card.index, card.label, card.coefficient) == (12, "cooking recipes", -8.0)
     assert (card.slider_min, card.slider_max) == (-8.0, 5.0)  # the slider can show the preset's value
+    assert (state.prompt, state.seed, state.chat) == ("", None, False)  # a preset without them
+
+
+def test_a_preset_restores_its_prompt_seed_chat_and_method(client, owner, training):
+    from presets_app.models import SteeringPreset
+
+    preset = SteeringPreset.objects.create(
+        training=training,
+        owner=owner,
+        name="rain, exactly",
+        features=[{"feature_id": 3, "coefficient": 1.5}],
+        intervention_layers=[2],
+        method="multiplicative",
+        temperature=0.0,
+        max_tokens=12,
+        prompt="Tell me about rain",
+        seed=777,
+        chat=True,
+    )
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"preset": preset.pk})
+
+    state = response.context["state"]
+    assert (state.prompt, state.seed, state.chat, state.method, state.layers) == (
+        "Tell me about rain",
+        777,
+        True,
+        "multiplicative",
+        [2],
+    )
+    assert (state.temperature, state.max_tokens) == (0.0, 12)
+    html = response.text
+    assert ">Tell me about rain</textarea>" in html and 'name="seed" value="777"' in html
 
 
 def test_it_404s_for_an_unknown_preset(client, owner, training):
