@@ -1,5 +1,6 @@
 import hashlib
 import secrets
+from collections.abc import Iterable
 from datetime import timedelta
 from functools import cached_property
 
@@ -182,6 +183,16 @@ class FeatureQuerySet(models.QuerySet):
         if number.isdecimal() and int(number) <= MAX_INDEX:
             matches |= Q(index=int(number))
         return self.filter(matches).order_by("index")
+
+    def labels(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        """{(training_id, index): label} of those features, in one query."""
+        keys = set(keys)
+        if not keys:
+            return {}
+        rows = self.filter(
+            training_id__in={training for training, _ in keys}, index__in={index for _, index in keys}
+        ).values_list("training_id", "index", "label")
+        return {(training, index): label for training, index, label in rows if (training, index) in keys}
 
 
 class Feature(models.Model):

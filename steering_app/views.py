@@ -15,7 +15,7 @@ from django_htmx.http import reswap, retarget
 
 from steering_app import panel, presenters, runs, services, streaming
 from steering_app.errors import Conflict, Forbidden, InvalidInput, SteeringError, WorkerUnavailable
-from steering_app.forms import SteeringForm
+from steering_app.forms import RunFilterForm, SteeringForm
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, SteeringRun, Training
 
@@ -105,11 +105,28 @@ def _refused(request, form: SteeringForm, status: int):
 @login_required
 @require_GET
 def run_list(request):
-    visible = SteeringRun.objects.visible_to(request.user).select_related("training__model", "owner")
-    if not request.user.is_staff:
-        visible = visible.filter(owner=request.user)
-    page = Paginator(visible.order_by("-created_at", "-id"), RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    return render(request, "steering/run_list.html", {"page": page, "show_owner": request.user.is_staff})
+    """The run history: the user's runs (staff: everyone's), or the lab's, by training and steered feature."""
+    filters = RunFilterForm(request.GET, user=request.user)
+    runs = filters.filter(SteeringRun.objects.visible_to(request.user)).select_related(
+        "training__model", "training__dataset", "owner"
+    )
+    page = Paginator(runs.order_by("-created_at", "-id"), RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    page.object_list = list(page.object_list)
+    labels = Feature.objects.labels(
+        (run.training_id, item["feature_id"]) for run in page.object_list for item in run.features
+    )
+    for run in page.object_list:
+        run.labelled_features = [
+            {**item, "label": labels.get((run.training_id, item["feature_id"]), "")} for item in run.features
+        ]
+    context = {
+        "page": page,
+        "filters": filters,
+        "scope": filters.scope_value,
+        "show_owner": filters.scope_value == RunFilterForm.EVERYONE,
+        "trainings": Training.objects.select_related("model", "dataset"),
+    }
+    return render(request, "steering/run_list.html", context)
 
 
 @login_required

@@ -3,7 +3,7 @@
 import pytest
 from django.utils import timezone
 
-from steering_app.models import SteeringRun
+from steering_app.models import SteeringRun, Training
 
 pytestmark = pytest.mark.django_db
 
@@ -73,6 +73,102 @@ def test_the_list_is_paginated(client, owner, training, make_run):
     assert len(listed(first)) == 20 and len(listed(second)) == 5
     assert not set(listed(first)) & set(listed(second))
     assert client.get("/steering/runs/", {"page": 99}).status_code == 200  # the last page, not an error
+
+
+def test_the_list_shows_method_training_and_labelled_features(client, owner, training, make_run):
+    make_run(
+        owner,
+        method="multiplicative",
+        features=[{"feature_id": 3, "coefficient": 2.5}, {"feature_id": 12, "coefficient": -1.0}],
+    )
+    client.force_login(owner)
+
+    html = client.get("/steering/runs/").text
+
+    assert "<th>Training</th>" in html and "<th>Method</th>" in html
+    assert "<td>multiplicative</td>" in html
+    assert f"#{training.pk} topk · L2" in html
+    assert '#3×2.50</span> <span class="muted">weather and rain</span>' in html
+    assert '#12×-1</span> <span class="muted">cooking recipes</span>' in html
+
+
+def test_everyones_runs_are_the_labs_shared_ones_and_the_users_own(
+    client, owner, teammate, stranger, training, make_run
+):
+    mine_private = make_run(owner, private=True)
+    shared = make_run(teammate)
+    make_run(stranger, private=True)
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/", {"scope": "all"})
+
+    assert sorted(listed(response)) == sorted([mine_private.pk, shared.pk])
+    assert response.context["show_owner"] is True and "teammate" in response.text
+    assert ">private</span>" in response.text
+
+
+def test_staff_can_narrow_the_list_to_their_own_runs(client, owner, staff, training, make_run):
+    make_run(owner)
+    own = make_run(staff)
+    client.force_login(staff)
+
+    assert listed(client.get("/steering/runs/", {"scope": "mine"})) == [own.pk]
+
+
+def test_the_list_filters_by_training_and_by_feature(client, owner, training, language_model, make_run):
+    other = Training.objects.create(
+        model=language_model,
+        encoder_type="standard",
+        hook_layer=1,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=16,
+        d_sae=8,
+        checkpoint_path="/x",
+        status="completed",
+    )
+    rain = make_run(
+        owner, features=[{"feature_id": 7, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]
+    )
+    recipes = make_run(owner, features=[{"feature_id": 12, "coefficient": 1.0}])
+    elsewhere = make_run(owner, training=other, features=[{"feature_id": 3, "coefficient": 1.0}])
+    client.force_login(owner)
+
+    assert sorted(listed(client.get("/steering/runs/", {"feature": "3"}))) == sorted([rain.pk, elsewhere.pk])
+    assert listed(client.get("/steering/runs/", {"feature": "#12"})) == [recipes.pk]
+    assert listed(client.get("/steering/runs/", {"training": other.pk})) == [elsewhere.pk]
+    assert listed(client.get("/steering/runs/", {"training": training.pk, "feature": "3"})) == [rain.pk]
+    response = client.get("/steering/runs/", {"feature": "31"})
+    assert listed(response) == [] and "No runs match these filters." in response.text
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"feature": "rain"}, "feature"),
+        ({"feature": "99999999999999999999"}, "feature"),
+        ({"training": "x"}, "training"),
+        ({"training": "99999999999999999999"}, "training"),
+        ({"scope": "nobody"}, "scope"),
+    ],
+)
+def test_a_bad_filter_is_shown_as_an_error_and_left_out(client, owner, training, make_run, params, field):
+    run = make_run(owner)
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/", params)
+
+    assert response.status_code == 200 and listed(response) == [run.pk]
+    assert f'id="filter-error-{field}"' in response.text
+
+
+def test_the_pages_keep_the_filters(client, owner, training, make_run):
+    for _ in range(21):
+        make_run(owner, features=[{"feature_id": 3, "coefficient": 1.0}])
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/", {"feature": "3", "training": training.pk})
+
+    assert f'href="?feature=3&amp;training={training.pk}&amp;page=2"' in response.text
 
 
 def test_the_detail_requires_login(client, owner, training, make_run):
