@@ -63,6 +63,13 @@ class Dataset(models.Model):
     def __str__(self):
         return self.name
 
+    @classmethod
+    def record_tokens(cls, pk: int | None, tokens: object) -> None:
+        """Its token count is the most any job read from it: a training, a calibration, or the SAE an import
+        brings (its cfg's metadata.tokens); a smaller or unknown count never lowers it."""
+        if pk is not None and isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            cls.objects.filter(pk=pk, num_tokens__lt=tokens).update(num_tokens=tokens)
+
 
 class JobStatus(models.TextChoices):
     """The life of a background job (an SAE training, a feature calibration)."""
