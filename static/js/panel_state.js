@@ -64,10 +64,15 @@
   document.addEventListener("change", function (event) {
     if (isConfiguration(event.target)) schedule();
   });
-  document.addEventListener("click", function (event) {
-    const button = event.target.closest && event.target.closest("#steering-form button[type=button]");
-    if (button && !button.closest("#presets-section")) schedule();
-  });
+  // Capturing: steering.js's own click handler may remove the button (a feature card's ×) from the form.
+  document.addEventListener(
+    "click",
+    function (event) {
+      const button = event.target.closest && event.target.closest("#steering-form button[type=button]");
+      if (button && !button.closest("#presets-section")) schedule();
+    },
+    true
+  );
   // A feature card added by the search results' "+ Add".
   document.addEventListener("htmx:afterSwap", function (event) {
     if (event.detail.target && event.detail.target.id === "selected-features") schedule();
