@@ -130,6 +130,8 @@ def update_preset(request: HttpRequest, payload: PresetPatch, preset_id: int = P
     """Owner or staff only."""
     preset = services.get_preset_to_modify(request.auth, preset_id)
     changes = payload.model_dump(exclude_unset=True, exclude_none=True)
+    if "seed" in payload.model_fields_set:  # null is a value here: back to a random seed per run
+        changes["seed"] = payload.seed
     if payload.features is not None:
         changes["features"] = _to_dicts(payload.features)
     return services.update_preset(preset, changes)

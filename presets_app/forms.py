@@ -15,7 +15,7 @@ PRESET_FIELDS = {
 
 
 class PresetForm(SteeringForm):
-    """Parses what the panel would generate with; presets keep no prompt, seed or chat setting."""
+    """Parses what the panel would generate with, prompt, seed and chat setting included."""
 
     preset_name = forms.CharField(required=False, strip=False)
     preset_description = forms.CharField(required=False, strip=False)
@@ -36,6 +36,9 @@ class PresetForm(SteeringForm):
             "method": settings.method or None,
             "temperature": settings.temperature,
             "max_tokens": settings.max_tokens,
+            "prompt": self.cleaned_data["prompt"],
+            "seed": self.cleaned_data["seed"],
+            "chat": self.cleaned_data["chat"],
         }
 
     def first_error(self) -> InvalidInput:

@@ -22,6 +22,10 @@ class SteeringPreset(models.Model):
     )
     temperature = models.FloatField(default=0.7)
     max_tokens = models.PositiveIntegerField(default=64)
+    # Optional: what a run adds to the settings. Loading the preset fills them in when it has them.
+    prompt = models.TextField(blank=True)
+    seed = models.BigIntegerField(null=True, blank=True, help_text="Empty: a random seed per run")
+    chat = models.BooleanField(default=False, help_text="Wrap the prompt in the model's chat template")
     is_favorite = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
@@ -37,6 +41,9 @@ class SteeringPreset(models.Model):
                 condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="preset_temperature_range"
             ),
             models.CheckConstraint(condition=Q(max_tokens__gte=1), name="preset_max_tokens_positive"),
+            models.CheckConstraint(
+                condition=Q(seed__isnull=True) | Q(seed__gte=0), name="preset_seed_non_negative"
+            ),
         ]
         indexes = [
             models.Index(fields=["training", "-is_favorite", "-created_at"], name="preset_training_listing")

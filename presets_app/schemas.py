@@ -8,7 +8,15 @@ from ninja import Field, Schema
 
 from presets_app.models import SteeringPreset
 from presets_app.services import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS
-from steering_app.limits import MAX_FEATURES, MAX_ID, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE
+from steering_app.limits import (
+    MAX_FEATURES,
+    MAX_ID,
+    MAX_INDEX,
+    MAX_LAYERS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+)
 from steering_app.schemas import NO_NUL, STRICT, FeatureCoefficient, Page
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 
@@ -34,6 +42,11 @@ class PresetIn(Schema):
     method: Method = "additive"
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE)
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    prompt: str = Field(
+        "", max_length=MAX_PROMPT_CHARS, pattern=NO_NUL, description="Optional; blank: the preset keeps none."
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Optional; null: a random seed per run.")
+    chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
     is_favorite: bool = False
 
 
@@ -49,6 +62,9 @@ class PresetPatch(Schema):
     method: Method | None = None
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
     max_tokens: int | None = Field(None, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: forget the seed (random per run).")
+    chat: bool | None = None
     is_favorite: bool | None = None
 
 
@@ -62,6 +78,9 @@ class PresetSettingsOut(Schema):
     method: str
     temperature: float
     max_tokens: int
+    prompt: str
+    seed: int | None
+    chat: bool
     is_favorite: bool
 
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from presets_app.models import SteeringPreset
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError
-from steering_app.limits import MAX_ID, MAX_INDEX
+from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import Feature, Training
 from steering_app.steering_settings import (
     SteeringSettings,
@@ -39,10 +39,14 @@ SETTINGS = (
     "method",
     "temperature",
     "max_tokens",
+    "prompt",
+    "seed",
+    "chat",
     "is_favorite",
 )
-# The steering fields' defaults are SteeringSettings.from_fields'.
-DEFAULTS = {"description": "", "is_favorite": False}
+# The steering fields' defaults are SteeringSettings.from_fields'. A preset without a seed (null) leaves each
+# run its own random one.
+DEFAULTS = {"description": "", "prompt": "", "chat": False, "is_favorite": False}
 
 
 def clean_preset(training: Training, data: dict, known_features: Container[int] | None = None) -> dict:
@@ -58,8 +62,13 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
     values = {**DEFAULTS, **{key: value for key, value in data.items() if value is not None}}
     name = _text(values.get("name") or "", "name", MAX_NAME_CHARS)
     description = _text(values["description"], "description", MAX_DESCRIPTION_CHARS)
-    if not isinstance(values["is_favorite"], bool):
-        raise InvalidInput("is_favorite must be true or false.", "is_favorite")
+    prompt = _text(values["prompt"], "prompt", MAX_PROMPT_CHARS)
+    seed = values.get("seed")
+    if seed is not None and (not is_integer(seed) or not 0 <= seed <= MAX_SEED):
+        raise InvalidInput("seed must be a non-negative 63-bit integer, or null for a random one.", "seed")
+    for flag in ("chat", "is_favorite"):
+        if not isinstance(values[flag], bool):
+            raise InvalidInput(f"{flag} must be true or false.", flag)
     steering = SteeringSettings.from_fields(values).validate(training, known_features)
     features, layers = steering.features, steering.layers
     return {
@@ -70,6 +79,9 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
         "method": steering.method,
         "temperature": steering.temperature,
         "max_tokens": steering.max_tokens,
+        "prompt": prompt if prompt.strip() else "",
+        "seed": seed,
+        "chat": values["chat"],
         "is_favorite": values["is_favorite"],
     }
 
@@ -217,6 +229,9 @@ def export_document(presets: Iterable[SteeringPreset]) -> dict:
                 "method": preset.method,
                 "temperature": preset.temperature,
                 "max_tokens": preset.max_tokens,
+                "prompt": preset.prompt,
+                "seed": preset.seed,
+                "chat": preset.chat,
                 "is_favorite": preset.is_favorite,
             }
             for preset in presets

@@ -126,20 +126,24 @@ class CalibrationAdmin(admin.ModelAdmin):
 
 @admin.register(SteeringRun)
 class SteeringRunAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "training", "method", "status", "created_at", "finished_at"]
-    list_filter = ["status", "method", "training"]
+    """A run records what was asked and what came out: staff read and delete runs, never add or edit one
+    (with no change permission every field is read-only and a POST to the change page is refused)."""
+
+    list_display = ["id", "owner", "training", "method", "private", "status", "created_at", "finished_at"]
+    list_filter = ["status", "method", "private", "training"]
     search_fields = ["prompt", "owner__username"]
-    readonly_fields = [
-        "unsteered_output",
-        "steered_output",
-        "metrics",
-        "timings",
-        "error",
-        "created_at",
-        "started_at",
-        "finished_at",
-    ]
     list_select_related = ["owner", "training__model", "training__dataset"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # A queued or running run is still being written by a worker: stop it first (as the API says). Admin's
+        # "delete selected" asks this of every run it would delete, so it refuses those too.
+        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
 
 
 @admin.register(ApiToken)

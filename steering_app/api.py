@@ -7,7 +7,7 @@ from ninja.errors import HttpError
 
 from steering_app import runs, services
 from steering_app.errors import Conflict, Forbidden, NotFound
-from steering_app.limits import MAX_ID, MAX_PAGE, MAX_SEARCH_CHARS
+from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.schemas import (
     NO_NUL,
@@ -21,6 +21,7 @@ from steering_app.schemas import (
     ModelOut,
     RunOut,
     RunPage,
+    RunPatch,
     TrainingOut,
     error_responses,
 )
@@ -166,6 +167,7 @@ def run_request(payload: GenerateIn) -> runs.RunRequest:
         settings=SteeringSettings.from_fields(payload.model_dump()),
         seed=payload.seed,
         chat=payload.chat,
+        private=payload.private,
     )
 
 
@@ -220,6 +222,7 @@ def run_out(run: SteeringRun) -> dict:
     return {
         "id": run.pk,
         "owner": run.owner.get_username(),
+        "private": run.private,
         "status": run.status,
         "settings": {
             "training_id": run.training_id,
@@ -254,7 +257,8 @@ def visible_runs(user):
 
 
 def get_visible_run(user, run_id: int) -> SteeringRun:
-    """Another user's run is a 404, like an unknown one: its existence is not the caller's business."""
+    """A run the caller may not read (another member's private run) is a 404, like an unknown one: its
+    existence is not the caller's business."""
     run = visible_runs(user).filter(pk=run_id).first()
     if run is None:
         raise NotFound(f"Run {run_id} does not exist.", "run_id")
@@ -263,8 +267,24 @@ def get_visible_run(user, run_id: int) -> SteeringRun:
 
 @router.get("/steering/runs/{run_id}", response={200: RunOut, **error_responses(404)})
 def get_run(request, run_id: int = Id):
-    """One run: status, the settings that made it, outputs, metrics and error. Staff see every run."""
+    """One run: status, the settings that made it, outputs, metrics and error. Every member reads the
+    shared runs; a private run only its owner and staff (404 for anyone else)."""
     return run_out(get_visible_run(request.auth, run_id))
+
+
+@router.patch("/steering/runs/{run_id}", response={200: RunOut, **error_responses(403, 404)})
+def update_run(request, payload: RunPatch, run_id: int = Id):
+    """Make a run private (only its owner and staff read it) or share it with the lab; owner or staff only."""
+    run = get_visible_run(request.auth, run_id)
+    run.set_private(request.auth, payload.private)
+    return run_out(run)
+
+
+@router.delete("/steering/runs/{run_id}", response={204: None, **error_responses(403, 404, 409)})
+def delete_run(request, run_id: int = Id):
+    """Delete a finished run (owner or staff only); stop a queued or running one first (409 until then)."""
+    get_visible_run(request.auth, run_id).delete_by(request.auth)
+    return Status(204, None)
 
 
 @router.get("/steering/runs", response={200: RunPage, **error_responses()})
@@ -272,11 +292,21 @@ def list_runs(
     request,
     limit: int = Query(20, ge=1, le=MAX_PAGE),
     offset: int = Offset,
-    everyone: bool = Query(False, alias="all", description="Staff only: list every user's runs."),
+    everyone: bool = Query(
+        False, alias="all", description="Every run you may read (the lab's shared runs; staff: all runs)."
+    ),
+    training_id: int | None = Query(None, ge=1, le=MAX_ID, description="Only runs of this training."),
+    feature_id: int | None = Query(
+        None, ge=0, le=MAX_INDEX, description="Only runs that steer this feature."
+    ),
 ):
-    """The caller's runs, newest first."""
+    """The caller's runs, newest first; `all=true`: every run the caller may read."""
     visible = visible_runs(request.auth)
     queryset = visible if everyone else visible.filter(owner=request.auth)
+    if training_id is not None:
+        queryset = queryset.filter(training_id=training_id)
+    if feature_id is not None:
+        queryset = queryset.steering_feature(feature_id)
     found, total = page(queryset.order_by("-created_at", "-id"), limit, offset)
     return {"runs": [run_out(run) for run in found], "total": total, "limit": limit, "offset": offset}
 

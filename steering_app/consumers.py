@@ -38,7 +38,8 @@ def render_final(run: SteeringRun, unsteered: str, streamed: list[str]) -> str:
 
 
 class RunStreamConsumer(AsyncWebsocketConsumer):
-    """ws/steering/runs/<id>/: streams one run to its owner (or staff) as HTML for htmx's ws extension.
+    """ws/steering/runs/<id>/: streams one run to those who may read it (SteeringRun.objects.visible_to) as
+    HTML for htmx's ws extension; anyone else is refused as if the run did not exist.
 
     Token deltas are appended out of band to #unsteered-output and each variant's #steered-output(-k); the end of the run
     replaces #run-result with the stored comparison (full text, metrics or the failure) and closes the
@@ -52,8 +53,8 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         self.tasks: list[asyncio.Task] = []
         self.streamed = {"unsteered": "", "variants": []}
         run = await visible_run(self.scope["user"], self.run_id)
-        if run is None:
-            await self.close(code=4403)
+        if run is None:  # unknown, or another member's private run: the same answer, as a page's 404
+            await self.close(code=4404)
             return
         self.mailbox = self.requested_mailbox()
         if self.mailbox is None:

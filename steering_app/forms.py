@@ -9,7 +9,7 @@ from django import forms
 from steering_app.errors import SteeringError
 from steering_app.form_integers import storable_int
 from steering_app.limits import MAX_ID, MAX_INDEX
-from steering_app.models import SteeringRun
+from steering_app.models import SteeringRun, SteeringRunQuerySet
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
 
@@ -26,6 +26,7 @@ ERROR_FIELDS = {
     "method": "method",
     "chat": "chat",
     "sweep": "sweep",
+    "private": "private",
 }
 
 
@@ -39,6 +40,7 @@ class SteeringForm(forms.Form):
     chat = forms.BooleanField(label="Chat template", required=False)
     # The checkbox's value lists the multipliers ("0.5,1,2,4"), so a run's own sweep survives a reopen.
     sweep = forms.CharField(label="Sweep strength", required=False)
+    private = forms.BooleanField(label="Private", required=False)
     # Repeated inputs; parsed in clean() from the raw lists.
     layers = forms.Field(label="Intervention Layers", required=False)
     features = forms.Field(label="Selected Features", required=False)
@@ -102,6 +104,7 @@ class SteeringForm(forms.Form):
             settings=self.steering_settings(),
             seed=data["seed"],
             chat=data["chat"],
+            private=data["private"],
         )
 
     def add_steering_error(self, error: SteeringError) -> None:
@@ -115,3 +118,49 @@ class SteeringForm(forms.Form):
             label = self.fields[name].label if name in self.fields else "Request"
             items.extend((label, str(message)) for message in errors)
         return items
+
+
+class RunFilterForm(forms.Form):
+    """The run history's filters (a GET form): whose runs, which training, which steered feature.
+
+    A value it cannot use is shown as the field's error and that filter is left out.
+    """
+
+    MINE, EVERYONE = "mine", "all"
+
+    scope = forms.ChoiceField(
+        label="Runs", choices=[(MINE, "Mine"), (EVERYONE, "Everyone's")], required=False
+    )
+    training = forms.IntegerField(label="Training", min_value=1, max_value=MAX_ID, required=False)
+    feature = forms.CharField(label="Feature", max_length=20, required=False)
+
+    def __init__(self, data, user):
+        super().__init__(data)
+        self.user = user
+
+    def clean_feature(self) -> int | None:
+        raw = self.cleaned_data["feature"].strip().removeprefix("#")
+        if not raw:
+            return None
+        if not raw.isdecimal() or int(raw) > MAX_INDEX:
+            raise forms.ValidationError("A feature is its index, like 12 or #12.")
+        return int(raw)
+
+    @property
+    def scope_value(self) -> str:
+        """Staff see everyone's runs unless they ask for their own; members their own unless they ask."""
+        self.is_valid()
+        chosen = self.cleaned_data.get("scope")
+        return chosen or (self.EVERYONE if self.user.is_staff else self.MINE)
+
+    def filter(self, runs: SteeringRunQuerySet) -> SteeringRunQuerySet:
+        """`runs` (already those the user may read) narrowed by the valid filters."""
+        self.is_valid()
+        data = self.cleaned_data
+        if self.scope_value == self.MINE:
+            runs = runs.filter(owner=self.user)
+        if data.get("training"):
+            runs = runs.filter(training_id=data["training"])
+        if data.get("feature") is not None:
+            runs = runs.steering_feature(data["feature"])
+        return runs

@@ -1,6 +1,7 @@
 import hashlib
 import re
 import secrets
+from collections.abc import Iterable
 from datetime import timedelta
 from functools import cached_property
 
@@ -9,8 +10,14 @@ from django.db import models
 from django.db.models import Case, Q, When
 from django.utils import timezone
 
-from steering_app.errors import Conflict, NotFound
-from steering_app.limits import MAX_ABS_COEFFICIENT, MAX_ABS_COEFFICIENT_HARD, MAX_ID, MAX_INDEX
+from steering_app.errors import Conflict, Forbidden, NotFound
+from steering_app.limits import (
+    MAX_ABS_COEFFICIENT,
+    MAX_ABS_COEFFICIENT_HARD,
+    MAX_FEATURES,
+    MAX_ID,
+    MAX_INDEX,
+)
 
 
 class LanguageModel(models.Model):
@@ -56,6 +63,13 @@ class Dataset(models.Model):
 
     def __str__(self):
         return self.name
+
+    @classmethod
+    def record_tokens(cls, pk: int | None, tokens: object) -> None:
+        """Its token count is the most any job read from it: a training, a calibration, or the SAE an import
+        brings (its cfg's metadata.tokens); a smaller or unknown count never lowers it."""
+        if pk is not None and isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            cls.objects.filter(pk=pk, num_tokens__lt=tokens).update(num_tokens=tokens)
 
 
 class JobStatus(models.TextChoices):
@@ -205,6 +219,16 @@ class FeatureQuerySet(models.QuerySet):
         rank = Case(*ranks, default=5, output_field=models.IntegerField())
         return self.filter(matches).annotate(search_rank=rank).order_by("search_rank", "index")
 
+    def labels(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        """{(training_id, index): label} of those features, in one query."""
+        keys = set(keys)
+        if not keys:
+            return {}
+        rows = self.filter(
+            training_id__in={training for training, _ in keys}, index__in={index for _, index in keys}
+        ).values_list("training_id", "index", "label")
+        return {(training, index): label for training, index, label in rows if (training, index) in keys}
+
 
 # A whole word inside a label, for SQLite's REGEXP (Python's re) and PostgreSQL's ~* alike: no \b, which
 # PostgreSQL reads as a backspace, and no character classes only one of them knows.
@@ -313,10 +337,23 @@ class Calibration(models.Model):
 
 class SteeringRunQuerySet(models.QuerySet):
     def visible_to(self, user) -> "SteeringRunQuerySet":
-        """The runs `user` may read: their own; staff read every run; nobody else reads any."""
+        """The runs `user` may read: every lab member reads the shared runs and their own private ones;
+        staff read every run; an anonymous visitor reads none. The one access rule of pages, API and
+        websocket: a run outside it answers 404, like one that does not exist."""
         if not user.is_authenticated:
             return self.none()
-        return self if user.is_staff else self.filter(owner=user)
+        return self if user.is_staff else self.filter(Q(private=False) | Q(owner=user))
+
+    def steering_feature(self, index: int) -> "SteeringRunQuerySet":
+        """The runs that steer feature `index` (of their own training).
+
+        JSONField's `contains` is not available on SQLite; a run steers at most MAX_FEATURES features,
+        so one key lookup per position covers every run on both SQLite and PostgreSQL.
+        """
+        matches = Q()
+        for position in range(MAX_FEATURES):
+            matches |= Q(**{f"features__{position}__feature_id": index})
+        return self.filter(matches)
 
 
 class SteeringRun(models.Model):
@@ -347,6 +384,9 @@ class SteeringRun(models.Model):
     chat = models.BooleanField(default=False)
     sweep = models.JSONField(
         null=True, blank=True, help_text="Strength multipliers, one steered variant each; null: one variant."
+    )
+    private = models.BooleanField(
+        default=False, help_text="Readable only by its owner and staff; otherwise by every lab member"
     )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     unsteered_output = models.TextField(blank=True)
@@ -394,8 +434,27 @@ class SteeringRun(models.Model):
         return self.status in (self.Status.COMPLETED, self.Status.FAILED, self.Status.CANCELLED)
 
     def can_change(self, user) -> bool:
-        """Only the owner or staff cancel a run (or change it in any way)."""
+        """Only the owner or staff cancel, delete or share a run (or change it in any way); other members
+        who may read it see it read-only."""
         return user.is_authenticated and (user.is_staff or user.pk == self.owner_id)
+
+    def set_private(self, user, private: bool) -> None:
+        """Keep the run to its owner and staff, or share it with the lab again (owner or staff only)."""
+        self._check_can_change(user, "change who can read it")
+        # One column: a worker may be writing the run's outputs meanwhile.
+        SteeringRun.objects.filter(pk=self.pk).update(private=private)
+        self.private = private
+
+    def delete_by(self, user) -> None:
+        """Delete a finished run (owner or staff only); a queued or running one must be stopped first."""
+        self._check_can_change(user, "delete it")
+        if not self.is_finished:
+            raise Conflict(f"Run {self.pk} is {self.status}: stop it before deleting it.", "run_id")
+        self.delete()
+
+    def _check_can_change(self, user, action: str) -> None:
+        if not self.can_change(user):
+            raise Forbidden(f"Only the run's owner or staff can {action}.", "run_id")
 
 
 class ApiToken(models.Model):

@@ -1,4 +1,5 @@
-"""The steering panel's state: what its inputs show, opened fresh, from a run, a preset or a refused form."""
+"""The steering panel's state: what its inputs show, opened fresh, from a run, a preset, its URL or a refused
+form."""
 
 import math
 from dataclasses import dataclass, field
@@ -9,7 +10,15 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404
 
 from steering_app.forms import SteeringForm
-from steering_app.limits import MAX_ID, MAX_LAYERS
+from steering_app.limits import (
+    MAX_FEATURES,
+    MAX_ID,
+    MAX_INDEX,
+    MAX_LAYERS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+)
 from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_SWEEP, DEFAULT_TEMPERATURE
 
@@ -25,10 +34,30 @@ ERROR_SLOTS = (
     "seed",
     "chat",
     "sweep",
+    "private",
 )
 SLIDER_RANGE = 5.0
 # The mock's Amplify button: where a feature just added starts, so that a first Generate steers with it.
 AMPLIFY = 2.0
+# The panel's configuration in its URL: the steering form's own field names (static/js/panel_state.js writes
+# the form into the query string as the user edits; a reload or a shared link reads it back). chat and
+# private come as 1 or 0 there, since an unticked box would otherwise be missing, as an absent value is.
+QUERY_FIELDS = (
+    "training",
+    "prompt",
+    "method",
+    "temperature",
+    "max_tokens",
+    "seed",
+    "chat",
+    "private",
+    "sweep",
+    "layers",
+    "feature_id",
+    "coefficient",
+)
+FLAGS = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
+SHOWN_CHARS = 40
 
 
 @dataclass
@@ -77,7 +106,16 @@ class PanelState:
     max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int | None = None
     chat: bool = False
+    private: bool = False
     sweep: list[float] | None = None
+    # Where it came from, for the note above the form: the preset loaded or the run copied (restored: the
+    # user's last run, reopened because the URL named nothing), whether the URL changed it since, and what
+    # the URL asked for that the panel cannot use.
+    preset: object | None = None
+    run: SteeringRun | None = None
+    restored: bool = False
+    edited: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def sweep_value(self) -> str:
@@ -133,6 +171,8 @@ def state_from_run(run: SteeringRun) -> PanelState:
         seed=run.seed,
         chat=run.chat,
         sweep=run.sweep,
+        private=run.private,
+        run=run,
     )
 
 
@@ -145,6 +185,10 @@ def state_from_preset(preset) -> PanelState:
         method=preset.method,
         temperature=preset.temperature,
         max_tokens=preset.max_tokens,
+        prompt=preset.prompt,
+        seed=preset.seed,
+        chat=preset.chat,
+        preset=preset,
     )
 
 
@@ -165,22 +209,165 @@ def state_from_form(form: SteeringForm) -> PanelState:
     state.seed = data.get("seed")
     state.chat = bool(data.get("chat"))
     state.sweep = data.get("sweep")
+    state.private = bool(data.get("private"))
     return state
 
 
 def initial_state(request) -> PanelState:
-    """The panel opened with ?run=, ?preset= or ?training=, else on the newest completed training."""
-    if "run" in request.GET:
-        runs = SteeringRun.objects.visible_to(request.user).select_related("training__model")
-        return state_from_run(get_object_or_404(runs, pk=_id_or_404(request.GET["run"])))
-    if "preset" in request.GET:
+    """The panel opened from its URL: ?run= or ?preset= fill it from a run or a preset, ?training= opens a
+    training, and the form's fields in the query (QUERY_FIELDS) set the rest. A URL with none of these
+    reopens the user's last run, else the newest completed training."""
+    query = request.GET
+    if "run" in query:
+        runs = SteeringRun.objects.visible_to(request.user).select_related("training__model", "owner")
+        state = state_from_run(get_object_or_404(runs, pk=_id_or_404(query["run"])))
+    elif "preset" in query:
         # Looked up by name: presets_app builds on steering_app, not the other way round.
-        presets = apps.get_model("presets_app", "SteeringPreset").objects
-        return state_from_preset(get_object_or_404(presets, pk=_id_or_404(request.GET["preset"])))
-    completed = Training.objects.completed()
-    if "training" in request.GET:
-        return PanelState(training=get_object_or_404(completed, pk=_id_or_404(request.GET["training"])))
-    return PanelState(training=completed.first())
+        presets = apps.get_model("presets_app", "SteeringPreset").objects.select_related("owner")
+        state = state_from_preset(get_object_or_404(presets, pk=_id_or_404(query["preset"])))
+    elif not any(name in query for name in QUERY_FIELDS):
+        return _last_run_state(request.user) or PanelState(training=Training.objects.completed().first())
+    else:
+        state = PanelState(training=Training.objects.completed().first())
+    return apply_query(state, query)
+
+
+def _last_run_state(user) -> PanelState | None:
+    last = (
+        SteeringRun.objects.filter(owner=user, training__status=Training.Status.COMPLETED)
+        .select_related("training__model", "owner")
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    if last is None:
+        return None
+    state = state_from_run(last)
+    state.restored = True
+    return state
+
+
+def apply_query(state: PanelState, query) -> PanelState:
+    """`state` with the form's fields of the query applied. A value the panel cannot use is left out with a
+    note saying why, never an error page. A query that names the training is a whole configuration (what
+    the page's script writes): its features and layers are then all there are, none when it has none."""
+    notes: list[str] = []
+    whole = "training" in query
+    if whole:
+        training = get_object_or_404(Training.objects.completed(), pk=_id_or_404(query["training"]))
+        if training != state.training:  # the preset's or run's settings belong to another feature space
+            state = PanelState(training=training, prompt=state.prompt)
+    training = state.training
+    if training is None:
+        return state
+    for name, parse in (
+        ("prompt", _prompt),
+        ("method", _method),
+        ("temperature", _bounded(float, 0, MAX_TEMPERATURE)),
+        ("max_tokens", _bounded(int, 1, settings.STEERLAB_MAX_NEW_TOKENS)),
+        ("seed", _seed),
+        ("chat", _flag),
+        ("private", _flag),
+    ):
+        if name in query:
+            try:
+                setattr(state, name, parse(query[name]))
+            except ValueError as error:
+                notes.append(f"Ignored {name}={_shown(query[name])} from the link: {error}.")
+    if whole or "layers" in query:
+        state.layers = _query_layers(query.getlist("layers"), training, notes)
+    if whole or "feature_id" in query or "coefficient" in query:
+        state.features = _query_features(query, training, notes)
+    state.edited = any(name in query for name in QUERY_FIELDS) and (state.preset or state.run) is not None
+    state.notes = notes
+    return state
+
+
+def _shown(raw: str) -> str:
+    return repr(raw if len(raw) <= SHOWN_CHARS else raw[:SHOWN_CHARS] + "…")
+
+
+def _bounded(kind: type, low, high):
+    def parse(raw: str):
+        try:
+            value = kind(raw)
+        except (ValueError, OverflowError):
+            raise ValueError("not a whole number" if kind is int else "not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"outside {_number(low)} to {_number(high)}")
+        return value
+
+    return parse
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _prompt(raw: str) -> str:
+    if len(raw) > MAX_PROMPT_CHARS or "\x00" in raw:
+        raise ValueError(f"a prompt is at most {MAX_PROMPT_CHARS} characters of text")
+    return raw
+
+
+def _method(raw: str) -> str:
+    if raw not in SteeringRun.Method.values:
+        raise ValueError("the method is additive or multiplicative")
+    return raw
+
+
+def _seed(raw: str) -> int | None:
+    if not raw.strip():
+        return None  # a random seed per run
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError("a seed is a non-negative 63-bit integer")
+    return value
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() not in FLAGS:
+        raise ValueError("1 or 0")
+    return FLAGS[raw.lower()]
+
+
+def _query_layers(values: list[str], training: Training, notes: list[str]) -> list[int]:
+    parse = _bounded(int, 0, training.model.num_layers - 1)
+    layers = set()
+    for raw in values:
+        try:
+            layers.add(parse(raw))
+        except ValueError as error:
+            notes.append(f"Ignored layer {_shown(raw)} from the link: {error}.")
+    return sorted(layers) or [training.hook_layer]
+
+
+def _query_features(query, training: Training, notes: list[str]) -> list[SelectedFeature]:
+    indices, coefficients = query.getlist("feature_id"), query.getlist("coefficient")
+    if len(indices) != len(coefficients):
+        notes.append("Ignored the link's features: each feature needs exactly one coefficient.")
+        return []
+    limit = training.max_abs_coefficient
+    index_of, coefficient_of = _bounded(int, 0, MAX_INDEX), _bounded(float, -limit, limit)
+    items, seen = [], set()
+    for raw_index, raw_coefficient in zip(indices, coefficients, strict=True):
+        try:
+            index, coefficient = index_of(raw_index), coefficient_of(raw_coefficient)
+        except ValueError as error:
+            notes.append(f"Ignored feature {_shown(raw_index)} from the link: {error}.")
+            continue
+        if index not in seen and len(items) < MAX_FEATURES:
+            seen.add(index)
+            items.append({"feature_id": index, "coefficient": coefficient})
+    cards = selected_features(training, items)
+    for card in cards:
+        if not card.known:
+            notes.append(
+                f"Ignored feature #{card.index} from the link: training {training.pk} has no such feature."
+            )
+    return [card for card in cards if card.known]
 
 
 def _id_or_404(raw: str) -> int:

@@ -62,6 +62,7 @@ class RunRequest:
     seed: int | None = None
     chat: bool = False
     model_id: int | None = None
+    private: bool = False
 
 
 def create(owner: "User", request: RunRequest) -> SteeringRun:
@@ -92,6 +93,7 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
         seed=request.seed if request.seed is not None else random.randrange(2**31),
         chat=bool(request.chat),
         sweep=steering.sweep,
+        private=bool(request.private),
     )
 
 

@@ -143,6 +143,9 @@ class GenerateIn(Schema):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
     method: Literal["additive", "multiplicative"] = "additive"
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
+    private: bool = Field(
+        False, description="Readable only by you and staff; by default every lab member can read the run."
+    )
     sweep: list[Annotated[float, Field(ge=-MAX_ABS_COEFFICIENT_HARD, le=MAX_ABS_COEFFICIENT_HARD)]] | None = (
         Field(
             None,
@@ -244,6 +247,7 @@ class RunSettingsOut(Schema):
 class RunOut(Schema):
     id: int
     owner: str
+    private: bool = Field(description="Readable only by its owner and staff; otherwise by every lab member.")
     status: Literal["queued", "running", "completed", "failed", "cancelled"]
     settings: RunSettingsOut
     unsteered_output: str
@@ -262,3 +266,11 @@ class RunOut(Schema):
 
 class RunPage(Page):
     runs: list[RunOut]
+
+
+class RunPatch(Schema):
+    """What the owner (or staff) may change on a stored run: only who can read it."""
+
+    model_config = STRICT
+
+    private: bool = Field(description="true: only the owner and staff read it; false: every lab member.")

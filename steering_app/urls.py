@@ -20,4 +20,6 @@ urlpatterns = [
     path("runs/", views.run_list, name="steering-runs"),
     path("runs/<int:pk>/", views.run_detail, name="steering-run"),
     path("runs/<int:pk>/cancel/", views.cancel_run, name="steering-run-cancel"),
+    path("runs/<int:pk>/visibility/", views.run_visibility, name="steering-run-visibility"),
+    path("runs/<int:pk>/delete/", views.delete_run, name="steering-run-delete"),
 ]

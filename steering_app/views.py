@@ -14,9 +14,9 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import reswap, retarget
 
 from steering_app import panel, presenters, runs, services, streaming
-from steering_app.errors import InvalidInput, SteeringError, WorkerUnavailable
+from steering_app.errors import Conflict, Forbidden, InvalidInput, SteeringError, WorkerUnavailable
 from steering_app.form_integers import storable_int
-from steering_app.forms import SteeringForm
+from steering_app.forms import RunFilterForm, SteeringForm
 from steering_app.limits import MAX_INDEX, MAX_PROMPT_CHARS, MAX_SEARCH_CHARS
 from steering_app.models import Feature, SteeringRun, Training
 
@@ -136,22 +136,80 @@ def _refused(request, form: SteeringForm, status: int):
 @login_required
 @require_GET
 def run_list(request):
-    visible = SteeringRun.objects.visible_to(request.user).select_related("training__model", "owner")
-    page = Paginator(visible.order_by("-created_at", "-id"), RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    return render(request, "steering/run_list.html", {"page": page, "show_owner": request.user.is_staff})
+    """The run history: the user's runs (staff: everyone's), or the lab's, by training and steered feature."""
+    filters = RunFilterForm(request.GET, user=request.user)
+    runs = filters.filter(SteeringRun.objects.visible_to(request.user)).select_related(
+        "training__model", "training__dataset", "owner"
+    )
+    page = Paginator(runs.order_by("-created_at", "-id"), RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    page.object_list = list(page.object_list)
+    labels = Feature.objects.labels(
+        (run.training_id, item["feature_id"]) for run in page.object_list for item in run.features
+    )
+    for run in page.object_list:
+        run.labelled_features = [
+            {**item, "label": labels.get((run.training_id, item["feature_id"]), "")} for item in run.features
+        ]
+    context = {
+        "page": page,
+        "filters": filters,
+        "scope": filters.scope_value,
+        "show_owner": filters.scope_value == RunFilterForm.EVERYONE,
+        "trainings": Training.objects.select_related("model", "dataset"),
+    }
+    return render(request, "steering/run_list.html", context)
 
 
 @login_required
 @require_GET
 def run_detail(request, pk):
+    """The share link of a run: every member reads a shared run, read-only unless it is theirs (or staff)."""
+    return _render_run(request, _visible_run(request, pk))
+
+
+def _visible_run(request, pk) -> SteeringRun:
     visible = SteeringRun.objects.visible_to(request.user).select_related(
         "training__model", "training__dataset", "owner"
     )
-    run = get_object_or_404(visible, pk=pk)
+    return get_object_or_404(visible, pk=pk)
+
+
+def _render_run(request, run: SteeringRun, notice: str = "", status: int = 200):
     context = presenters.result_context(run)
     context["features"] = panel.selected_features(run.training, run.features)
     context["rerun_url"] = reverse("steering-panel") + f"?run={run.pk}"
-    return render(request, "steering/run_detail.html", context)
+    context["can_change"] = run.can_change(request.user)
+    context["notice"] = notice
+    return render(request, "steering/run_detail.html", context, status=status)
+
+
+@login_required
+@require_POST
+def run_visibility(request, pk):
+    """The owner's Private / Share switch on the run page (private=1 or 0), back to the run's page."""
+    run = _visible_run(request, pk)
+    try:
+        run.set_private(request.user, request.POST.get("private") == "1")
+    except Forbidden as error:
+        raise PermissionDenied(error.message) from error
+    return redirect("steering-run", pk=run.pk)
+
+
+@login_required
+@require_POST
+def delete_run(request, pk):
+    run = _visible_run(request, pk)
+    try:
+        run.delete_by(request.user)
+    except Forbidden as error:
+        raise PermissionDenied(error.message) from error
+    except Conflict as error:
+        return _render_run(request, run, notice=error.message, status=409)
+    if request.htmx:  # the button's confirmation ran in htmx; the browser then goes to the list
+        response = HttpResponse(status=204)
+        response["HX-Redirect"] = reverse("steering-runs")
+        return response
+    return redirect("steering-runs")
 
 
 @login_required

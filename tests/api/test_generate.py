@@ -61,6 +61,19 @@ def test_it_stores_layers_sorted_and_passes_method_and_chat(
     assert run.intervention_layers == [0, 2, 3] and run.chat
 
 
+def test_it_stores_a_shared_run_by_default_and_a_private_one_when_asked(
+    client, owner, teammate, bearer, generate_body, fake_engine
+):
+    shared = post(client, generate_body, bearer(owner)).json()["run_id"]
+    private = post(client, {**generate_body, "private": True}, bearer(owner)).json()["run_id"]
+
+    assert SteeringRun.objects.get(pk=shared).private is False
+    assert SteeringRun.objects.get(pk=private).private is True
+    reader = bearer(teammate)
+    assert client.get(f"/api/steering/runs/{shared}", headers=reader).status_code == 200
+    assert client.get(f"/api/steering/runs/{private}", headers=reader).status_code == 404
+
+
 def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer, generate_body, monkeypatch):
     submitted = []
     monkeypatch.setattr("steering_app.worker.submit", submitted.append)
@@ -105,6 +118,8 @@ def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer
         ({"model_id": 999}, "model_id"),
         ({"training_id": "one"}, "training_id"),
         ({"model_id": None}, "model_id"),
+        ({"private": 1}, "private"),
+        ({"private": "yes"}, "private"),
     ],
 )
 def test_it_refuses_invalid_input_as_400_naming_the_field(

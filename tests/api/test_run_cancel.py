@@ -43,10 +43,24 @@ def test_it_flags_a_running_run_which_its_worker_then_stops(client, owner, beare
     assert run.cancel_requested_at is not None
 
 
-def test_it_answers_404_for_another_users_run_and_changes_nothing(client, owner, stranger, bearer, make_run):
+def test_it_answers_404_for_another_users_private_run_and_changes_nothing(
+    client, owner, stranger, bearer, make_run
+):
     run = queued(make_run, owner)
+    SteeringRun.objects.filter(pk=run.pk).update(private=True)
 
     assert_error(client.post(url(run), headers=bearer(stranger)), 404, "run_id")
+
+    run.refresh_from_db()
+    assert run.status == SteeringRun.Status.QUEUED
+
+
+def test_it_answers_403_to_a_teammate_who_reads_the_shared_run_and_changes_nothing(
+    client, owner, teammate, bearer, make_run
+):
+    run = queued(make_run, owner)
+
+    assert_error(client.post(url(run), headers=bearer(teammate)), 403, "run_id")
 
     run.refresh_from_db()
     assert run.status == SteeringRun.Status.QUEUED

@@ -81,16 +81,39 @@ def test_reading_a_run_changes_nothing_and_shows_the_workers_sweep(client, owner
     assert body["status"] == "failed" and body["error"] == "no worker available"
 
 
-def test_it_answers_404_for_another_users_run(client, owner, stranger, bearer, make_run):
+def test_it_shows_a_shared_run_to_a_teammate(client, owner, teammate, bearer, make_run):
     run = make_run(owner)
 
-    body = assert_error(client.get(url(run), headers=bearer(stranger)), 404, "run_id")
+    response = client.get(url(run), headers=bearer(teammate))
 
-    assert str(run.pk) in body["detail"]
+    assert response.status_code == 200
+    assert response.json()["owner"] == "owner" and response.json()["private"] is False
+
+
+def test_it_answers_404_for_another_users_private_run_as_for_an_unknown_one(
+    client, owner, stranger, bearer, make_run
+):
+    run = make_run(owner, private=True)
+
+    private = assert_error(client.get(url(run), headers=bearer(stranger)), 404, "run_id")
+    unknown = assert_error(
+        client.get(f"/api/steering/runs/{run.pk + 1}", headers=bearer(stranger)), 404, "run_id"
+    )
+
+    assert private["detail"] == f"Run {run.pk} does not exist."
+    assert unknown["detail"] == f"Run {run.pk + 1} does not exist."
+
+
+def test_it_shows_a_private_run_to_its_owner(client, owner, bearer, make_run):
+    run = make_run(owner, private=True)
+
+    response = client.get(url(run), headers=bearer(owner))
+
+    assert response.status_code == 200 and response.json()["private"] is True
 
 
 def test_it_shows_any_run_to_staff(client, owner, staff, bearer, make_run):
-    run = make_run(owner)
+    run = make_run(owner, private=True)
 
     response = client.get(url(run), headers=bearer(staff))
 

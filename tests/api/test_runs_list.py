@@ -33,18 +33,39 @@ def test_it_pages_with_limit_and_offset(client, owner, bearer, make_run):
 
 def test_it_lists_everyones_runs_to_staff_who_ask_for_all(client, owner, teammate, staff, bearer, make_run):
     make_run(owner)
-    make_run(teammate)
+    make_run(teammate, private=True)
     headers = bearer(staff)
 
     assert client.get(URL, headers=headers).json()["total"] == 0
     assert client.get(URL, {"all": "true"}, headers=headers).json()["total"] == 2
 
 
-def test_it_ignores_all_for_users_who_are_not_staff(client, owner, teammate, bearer, make_run):
-    make_run(owner)
-    make_run(teammate)
+def test_all_lists_the_labs_shared_runs_and_the_callers_own_to_members(
+    client, owner, teammate, bearer, make_run
+):
+    mine = make_run(owner, private=True)
+    shared = make_run(teammate)
+    make_run(teammate, private=True)
 
-    assert client.get(URL, {"all": "true"}, headers=bearer(owner)).json()["total"] == 1
+    body = client.get(URL, {"all": "true"}, headers=bearer(owner)).json()
+
+    assert sorted(run["id"] for run in body["runs"]) == sorted([mine.pk, shared.pk])
+    assert client.get(URL, headers=bearer(owner)).json()["total"] == 1  # without all: only the caller's
+
+
+def test_it_filters_by_training_and_by_steered_feature(client, owner, bearer, make_run, training):
+    weather = make_run(
+        owner, features=[{"feature_id": 7, "coefficient": 1.0}, {"feature_id": 3, "coefficient": -1.0}]
+    )
+    make_run(owner, features=[{"feature_id": 12, "coefficient": 2.0}])
+    headers = bearer(owner)
+
+    by_feature = client.get(URL, {"feature_id": 3}, headers=headers).json()
+    by_training = client.get(URL, {"training_id": training.pk}, headers=headers).json()
+    elsewhere = client.get(URL, {"training_id": training.pk + 1}, headers=headers).json()
+
+    assert [run["id"] for run in by_feature["runs"]] == [weather.pk]
+    assert by_training["total"] == 2 and elsewhere["total"] == 0
 
 
 def test_listing_changes_nothing_and_shows_the_workers_sweep(client, owner, bearer, make_run, settings):
@@ -59,7 +80,14 @@ def test_listing_changes_nothing_and_shows_the_workers_sweep(client, owner, bear
 
 
 @pytest.mark.parametrize(
-    ("params", "field"), [({"limit": 0}, "limit"), ({"offset": -5}, "offset"), ({"all": "maybe"}, "all")]
+    ("params", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"offset": -5}, "offset"),
+        ({"all": "maybe"}, "all"),
+        ({"training_id": 0}, "training_id"),
+        ({"feature_id": "x"}, "feature_id"),
+    ],
 )
 def test_it_refuses_bad_parameters_as_400(client, owner, bearer, params, field):
     assert_error(client.get(URL, params, headers=bearer(owner)), 400, field)

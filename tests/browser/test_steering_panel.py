@@ -54,6 +54,8 @@ def log_in(page, server):
 
 def prepare_comparison(page, server, max_tokens: int):
     seed = server.seed
+    # A fresh panel: /steering/ alone reopens the user's last run, which an earlier test may have made.
+    page.goto(f"{server.url}/steering/?training={seed['training']}")
     selected = page.locator("#training-select option:checked")
     assert selected.get_attribute("value") == str(seed["training"])  # the newest completed training
     assert " SAE • SmolLM2-135M-Instruct • " in selected.inner_text()

@@ -45,6 +45,40 @@ def test_it_saves_a_preset_for_the_user(login, teammate, body, training):
     )
 
 
+def test_it_keeps_no_prompt_seed_or_chat_unless_sent(login, owner, body):
+    response = login(owner).post(URL, body, content_type="application/json")
+
+    preset = SteeringPreset.objects.get()
+    assert (preset.prompt, preset.seed, preset.chat) == ("", None, False)
+    assert {key: response.json()[key] for key in ("prompt", "seed", "chat")} == {
+        "prompt": "",
+        "seed": None,
+        "chat": False,
+    }
+
+
+def test_it_saves_the_prompt_seed_chat_and_method_sent(login, owner, body):
+    body.update(
+        prompt="Tell me about rain", seed=2**40, chat=True, method="multiplicative", intervention_layers=[2]
+    )
+
+    response = login(owner).post(URL, body, content_type="application/json")
+
+    assert response.status_code == 201, response.content
+    preset = SteeringPreset.objects.get()
+    assert (preset.prompt, preset.seed, preset.chat, preset.method) == (
+        "Tell me about rain",
+        2**40,
+        True,
+        "multiplicative",
+    )
+    assert (response.json()["prompt"], response.json()["seed"], response.json()["chat"]) == (
+        "Tell me about rain",
+        2**40,
+        True,
+    )
+
+
 def test_it_names_a_preset_automatically(login, owner, body):
     body.pop("name")
 
@@ -124,6 +158,13 @@ def test_it_refuses_multiplicative_steering_off_the_sae_layer(login, owner, body
         ("is_favorite", 0),
         ("name", "nul\x00"),
         ("temperature", "0.5"),
+        ("seed", -1),
+        ("seed", 2**63),
+        ("seed", "7"),
+        ("chat", 1),
+        ("prompt", "nul\x00"),
+        ("prompt", "x" * 20_001),
+        ("prompt", 5),
     ],
 )
 def test_it_refuses_values_out_of_range_or_of_the_wrong_type(login, owner, body, field, value):

@@ -7,7 +7,14 @@ URL = "/api/presets/steering/export"
 
 def test_it_downloads_a_versioned_document_in_the_order_asked(login, stranger, make_preset, training):
     first = make_preset(
-        name="first", description="d", is_favorite=True, method="multiplicative", intervention_layers=[2]
+        name="first",
+        description="d",
+        is_favorite=True,
+        method="multiplicative",
+        intervention_layers=[2],
+        prompt="It rains",
+        seed=5,
+        chat=True,
     )
     second = make_preset(name="second")
 
@@ -28,8 +35,12 @@ def test_it_downloads_a_versioned_document_in_the_order_asked(login, stranger, m
         "method": "multiplicative",
         "temperature": 0.5,
         "max_tokens": 40,
+        "prompt": "It rains",
+        "seed": 5,
+        "chat": True,
         "is_favorite": True,
     }
+    assert (document["presets"][0]["prompt"], document["presets"][0]["seed"]) == ("", None)
 
 
 def test_it_answers_404_naming_unknown_ids(login, owner, preset):

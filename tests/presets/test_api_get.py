@@ -17,6 +17,15 @@ def test_it_shows_any_members_preset(login, stranger, preset):
         preset.training_id,
     )
     assert body["features"] == preset.features
+    assert (body["prompt"], body["seed"], body["chat"]) == ("", None, False)
+
+
+def test_it_shows_the_prompt_seed_and_chat_it_keeps(login, teammate, make_preset):
+    preset = make_preset(prompt="Tell me about rain", seed=42, chat=True)
+
+    body = login(teammate).get(url(preset.pk)).json()
+
+    assert (body["prompt"], body["seed"], body["chat"]) == ("Tell me about rain", 42, True)
 
 
 def test_it_answers_404_for_an_unknown_preset(login, owner):

@@ -53,6 +53,36 @@ def test_it_imports_a_json_body_as_the_users_presets(login, teammate, training):
     )
 
 
+def test_it_imports_an_older_export_without_prompt_seed_or_chat(login, owner, training):
+    old = item(training)
+    assert not {"prompt", "seed", "chat"} & set(old)
+
+    response = post_json(login(owner), document(old))
+
+    assert response.status_code == 201, response.content
+    preset = SteeringPreset.objects.get()
+    assert (preset.prompt, preset.seed, preset.chat, preset.method) == ("", None, False, "additive")
+
+
+def test_it_imports_the_prompt_seed_and_chat_of_a_document(login, owner, training):
+    response = post_json(login(owner), document(item(training, prompt="Rain?", seed=3, chat=True)))
+
+    assert response.status_code == 201, response.content
+    preset = SteeringPreset.objects.get()
+    assert (preset.prompt, preset.seed, preset.chat) == ("Rain?", 3, True)
+
+
+@pytest.mark.parametrize(("field", "value"), [("seed", -3), ("seed", "3"), ("chat", "yes"), ("prompt", 7)])
+def test_it_refuses_a_bad_prompt_seed_or_chat_naming_it(login, owner, training, preset, field, value):
+    before = snapshot()
+
+    assert_error(
+        post_json(login(owner), document(item(training, **{field: value}))), 400, f"presets[0].{field}"
+    )
+
+    assert snapshot() == before
+
+
 def test_it_imports_a_multipart_file(login, owner, training):
     upload = SimpleUploadedFile(
         "presets.json", json.dumps(document(item(training))).encode(), "application/json"
@@ -67,7 +97,7 @@ def test_it_imports_a_multipart_file(login, owner, training):
 
 def test_it_reproduces_exported_presets_exactly(login, owner, teammate, make_preset):
     originals = [
-        make_preset(name="a", description="first", is_favorite=True),
+        make_preset(name="a", description="first", is_favorite=True, prompt="Rain?", seed=2**62, chat=True),
         make_preset(
             name="b",
             method="multiplicative",

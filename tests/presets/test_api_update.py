@@ -23,6 +23,23 @@ def test_it_lets_the_owner_change_only_the_fields_sent(login, owner, preset):
     assert response.json()["name"] == "renamed"
 
 
+def test_it_sets_and_forgets_the_prompt_seed_and_chat(login, owner, preset):
+    client = login(owner)
+
+    body = client.patch(
+        url(preset.pk), {"prompt": "Rain?", "seed": 9, "chat": True}, content_type="application/json"
+    ).json()
+    assert (body["prompt"], body["seed"], body["chat"]) == ("Rain?", 9, True)
+
+    client.patch(url(preset.pk), {"name": "kept seed"}, content_type="application/json")
+    preset.refresh_from_db()
+    assert (preset.name, preset.prompt, preset.seed, preset.chat) == ("kept seed", "Rain?", 9, True)
+
+    client.patch(url(preset.pk), {"seed": None, "prompt": ""}, content_type="application/json")
+    preset.refresh_from_db()
+    assert (preset.prompt, preset.seed, preset.chat) == ("", None, True)
+
+
 def test_it_lets_staff_change_anyones_preset(login, staff, preset):
     response = login(staff).patch(
         url(preset.pk), {"features": [{"feature_id": 12, "coefficient": 4}]}, content_type="application/json"

@@ -45,8 +45,18 @@ def test_it_saves_the_current_configuration(login, teammate, panel_form, trainin
         0.4,
         48,
     )
+    assert (preset.prompt, preset.seed, preset.chat) == ("The weather today is", None, False)
     assert [p.pk for p in response.context["presets"]] == [preset.pk]
     assert response.context["notice"] == "Saved “rainy”."
+
+
+def test_it_saves_the_seed_and_chat_setting_of_the_panel(login, owner, panel_form):
+    panel_form.update(seed="1234", chat="1")
+
+    login(owner).post(URL, panel_form, headers={"HX-Request": "true"})
+
+    preset = SteeringPreset.objects.get()
+    assert (preset.prompt, preset.seed, preset.chat) == ("The weather today is", 1234, True)
 
 
 def test_it_names_the_preset_automatically(login, owner, panel_form):
@@ -76,6 +86,8 @@ def test_it_names_the_preset_automatically(login, owner, panel_form):
         ({"method": "multiplicative"}, "intervention_layers"),
         ({"training": ""}, "training_id"),
         ({"preset_name": "x" * 201}, "name"),
+        ({"seed": "-4"}, "seed"),
+        ({"seed": "soon"}, "seed"),
     ],
 )
 def test_it_saves_nothing_and_shows_why_on_an_error(login, owner, panel_form, preset, change, field):

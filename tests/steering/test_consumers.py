@@ -112,18 +112,39 @@ def test_the_owner_receives_tokens_status_and_the_final_comparison(application, 
     assert closed["type"] == "websocket.close"
 
 
-def test_a_stranger_is_refused(application, owner, stranger, training, make_run):
+def test_a_teammate_watches_a_shared_run(application, owner, teammate, training, make_run):
     run = make_run(owner)
+
+    headers = headers_for(teammate)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        await publish_async(run, "delta", unsteered="a", steered="b")
+        message = await ws.receive_from(TIMEOUT)
+        await ws.disconnect()
+        return connected, message
+
+    connected, message = async_to_sync(scenario)()
+    assert connected and "beforeend:#steered-output" in message
+
+
+def test_a_stranger_is_refused_a_private_run_as_if_it_did_not_exist(
+    application, owner, stranger, training, make_run
+):
+    private = make_run(owner, private=True)
+    unknown = SteeringRun(pk=private.pk + 1000)
 
     headers = headers_for(stranger)
 
-    async def scenario():
+    async def scenario(run):
         ws = communicator(application, run, headers)
         connected, code = await ws.connect()
         await ws.disconnect()
         return connected, code
 
-    assert async_to_sync(scenario)() == (False, 4403)
+    assert async_to_sync(scenario)(private) == (False, 4404)
+    assert async_to_sync(scenario)(unknown) == (False, 4404)
 
 
 def test_an_anonymous_visitor_is_refused(application, owner, training, make_run):
@@ -154,8 +175,8 @@ def test_a_foreign_origin_is_refused(application, owner, training, make_run):
     assert async_to_sync(scenario)() is False
 
 
-def test_staff_may_watch_any_run(application, owner, staff, training, make_run):
-    run = make_run(owner)
+def test_staff_may_watch_any_run_private_ones_too(application, owner, staff, training, make_run):
+    run = make_run(owner, private=True)
 
     headers = headers_for(staff)
 

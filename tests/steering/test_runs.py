@@ -248,19 +248,20 @@ def test_fail_leaves_an_ended_run_as_it_ended(owner, training):
 
 
 @pytest.mark.parametrize(
-    ("reader", "sees_owners_run"), [("owner", True), ("stranger", False), ("staff", True)]
+    ("reader", "sees_shared", "sees_private"),
+    [("owner", True, True), ("teammate", True, False), ("staff", True, True)],
 )
-def test_visible_to_lets_the_owner_and_staff_read_a_run(
-    request, owner, stranger, staff, training, reader, sees_owners_run
+def test_visible_to_lets_members_read_shared_runs_and_only_the_owner_and_staff_private_ones(
+    request, owner, teammate, staff, training, reader, sees_shared, sees_private
 ):
-    owners_run = runs.create(owner, request_for(training))
-    strangers_run = runs.create(stranger, request_for(training))
+    shared = runs.create(owner, request_for(training))
+    private = runs.create(owner, request_for(training, private=True))
     user = request.getfixturevalue(reader)
 
     visible = set(SteeringRun.objects.visible_to(user).values_list("pk", flat=True))
 
-    assert (owners_run.pk in visible) is sees_owners_run
-    assert (strangers_run.pk in visible) is (reader in ("stranger", "staff"))
+    assert private.private and not shared.private
+    assert (shared.pk in visible, private.pk in visible) == (sees_shared, sees_private)
 
 
 def test_visible_to_shows_an_anonymous_user_nothing(owner, training):

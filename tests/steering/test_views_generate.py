@@ -91,6 +91,15 @@ def test_it_creates_a_queued_run_and_hands_it_to_the_worker(client, owner, train
     assert "Seed 99" in response.text
 
 
+def test_a_run_is_shared_unless_the_private_box_is_ticked(client, owner, training, submitted):
+    client.force_login(owner)
+
+    client.post(GENERATE, form_data(training), **HTMX)
+    client.post(GENERATE, form_data(training, private="1"), **HTMX)
+
+    assert list(SteeringRun.objects.order_by("id").values_list("private", flat=True)) == [False, True]
+
+
 def test_a_blank_seed_draws_one_that_is_shown(client, owner, training, submitted):
     client.force_login(owner)
     response = client.post(GENERATE, form_data(training, seed=""), **HTMX)

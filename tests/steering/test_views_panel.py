@@ -120,8 +120,17 @@ def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training, make
     assert 'name="feature_id" value="3"' in response.text
 
 
-def test_it_does_not_fill_from_another_users_run(client, owner, stranger, training, make_run):
-    run = make_run(owner)
+def test_it_fills_the_panel_from_a_teammates_shared_run(client, owner, teammate, training, make_run):
+    run = make_run(owner, prompt="Shared prompt")
+    client.force_login(teammate)
+
+    response = client.get(PANEL, {"run": run.pk})
+
+    assert response.status_code == 200 and response.context["state"].prompt == "Shared prompt"
+
+
+def test_it_does_not_fill_from_another_users_private_run(client, owner, stranger, training, make_run):
+    run = make_run(owner, private=True)
     client.force_login(stranger)
     assert client.get(PANEL, {"run": run.pk}).status_code == 404
 
@@ -155,6 +164,40 @@ def test_it_fills_the_panel_from_a_preset(client, owner, training):
     [card] = state.features
     assert (card.index, card.label, card.coefficient) == (12, "cooking recipes", -8.0)
     assert (card.slider_min, card.slider_max) == (-8, 8)  # symmetric, wide enough for the preset's value
+    assert (state.prompt, state.seed, state.chat) == ("", None, False)  # a preset without them
+
+
+def test_a_preset_restores_its_prompt_seed_chat_and_method(client, owner, training):
+    from presets_app.models import SteeringPreset
+
+    preset = SteeringPreset.objects.create(
+        training=training,
+        owner=owner,
+        name="rain, exactly",
+        features=[{"feature_id": 3, "coefficient": 1.5}],
+        intervention_layers=[2],
+        method="multiplicative",
+        temperature=0.0,
+        max_tokens=12,
+        prompt="Tell me about rain",
+        seed=777,
+        chat=True,
+    )
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"preset": preset.pk})
+
+    state = response.context["state"]
+    assert (state.prompt, state.seed, state.chat, state.method, state.layers) == (
+        "Tell me about rain",
+        777,
+        True,
+        "multiplicative",
+        [2],
+    )
+    assert (state.temperature, state.max_tokens) == (0.0, 12)
+    html = response.text
+    assert ">Tell me about rain</textarea>" in html and 'name="seed" value="777"' in html
 
 
 def test_it_404s_for_an_unknown_preset(client, owner, training):
@@ -211,3 +254,152 @@ def test_it_marks_the_selected_cards_of_an_uncalibrated_training(client, owner, 
     assert 'data-max-abs-coefficient="4000"' in response.text
     assert 'data-calibrated="false" data-dead' in response.text
     assert "uncalibrated: c is in residual-stream units" in response.text
+
+
+def test_the_url_carries_the_whole_configuration(client, owner, training):
+    client.force_login(owner)
+    query = (
+        f"training={training.pk}&prompt=Tell+me+about+rain&method=additive&temperature=0.25&max_tokens=17"
+        "&seed=4321&chat=1&private=1&layers=3&layers=1&feature_id=12&coefficient=-1.5&feature_id=3"
+        "&coefficient=2"
+    )
+
+    response = client.get(f"{PANEL}?{query}")
+
+    state = response.context["state"]
+    assert response.status_code == 200 and state.notes == []
+    assert (state.prompt, state.method, state.temperature, state.max_tokens, state.seed) == (
+        "Tell me about rain",
+        "additive",
+        0.25,
+        17,
+        4321,
+    )
+    assert (state.chat, state.private, state.layers) == (True, True, [1, 3])
+    assert [(card.index, card.label, card.coefficient) for card in state.features] == [
+        (12, "cooking recipes", -1.5),
+        (3, "weather and rain", 2.0),
+    ]
+    html = response.text
+    assert ">Tell me about rain</textarea>" in html and 'name="seed" value="4321"' in html
+    assert 'name="private" value="1" checked' in html
+    assert 'src="/static/js/panel_state.js"' in html
+
+
+def test_a_url_naming_the_training_without_features_or_layers_has_none(client, owner, training, make_run):
+    make_run(owner)  # the last run is not reopened: the URL names a configuration
+    client.force_login(owner)
+
+    state = client.get(PANEL, {"training": training.pk, "prompt": "Hi"}).context["state"]
+
+    assert (state.features, state.layers, state.prompt, state.run) == ([], [training.hook_layer], "Hi", None)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "kept"),
+    [
+        ("temperature", "hot", 0.7),
+        ("temperature", "2.5", 0.7),
+        ("temperature", "nan", 0.7),
+        ("max_tokens", "0", 64),
+        ("max_tokens", "1e3", 64),
+        ("seed", "-1", None),
+        ("seed", "9" * 30, None),
+        ("method", "sideways", "additive"),
+        ("chat", "maybe", False),
+        ("prompt", "nul\x00", ""),
+    ],
+)
+def test_a_bad_value_in_the_url_is_ignored_with_a_visible_note(client, owner, training, name, value, kept):
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"training": training.pk, name: value})
+
+    assert response.status_code == 200
+    state = response.context["state"]
+    assert getattr(state, name) == kept
+    [note] = state.notes
+    assert note.startswith(f"Ignored {name}=") and "from the link" in note
+    assert 'class="notice notice-warn link-note"' in response.text
+
+
+def test_bad_layers_and_features_in_the_url_are_ignored_one_by_one(client, owner, training):
+    client.force_login(owner)
+    query = (
+        f"training={training.pk}&layers=1&layers=99&layers=x"
+        "&feature_id=3&coefficient=2&feature_id=999&coefficient=1&feature_id=7&coefficient=lots"
+        "&feature_id=12&coefficient=500&feature_id=3&coefficient=4"
+    )
+
+    response = client.get(f"{PANEL}?{query}")
+
+    state = response.context["state"]
+    assert response.status_code == 200
+    assert state.layers == [1]
+    assert [(card.index, card.coefficient) for card in state.features] == [(3, 2.0)]
+    notes = " | ".join(state.notes)
+    assert "Ignored layer '99'" in notes and "Ignored layer 'x'" in notes
+    assert "Ignored feature #999 from the link: training" in notes
+    assert "Ignored feature '7' from the link: not a number" in notes
+    assert "Ignored feature '12' from the link: outside -100 to 100" in notes
+
+
+def test_features_without_their_coefficients_are_ignored_with_a_note(client, owner, training):
+    client.force_login(owner)
+
+    response = client.get(f"{PANEL}?training={training.pk}&feature_id=3&feature_id=7&coefficient=1")
+
+    assert response.context["state"].features == []
+    assert response.context["state"].notes == [
+        "Ignored the link's features: each feature needs exactly one coefficient."
+    ]
+
+
+def test_the_url_changes_a_preset_but_the_panel_still_names_it(client, owner, training):
+    from presets_app.models import SteeringPreset
+
+    preset = SteeringPreset.objects.create(
+        training=training,
+        owner=owner,
+        name="rainy",
+        features=[{"feature_id": 12, "coefficient": -8.0}],
+        intervention_layers=[0, 2],
+        prompt="From the preset",
+        seed=5,
+    )
+    client.force_login(owner)
+
+    loaded = client.get(PANEL, {"preset": preset.pk})
+    edited = client.get(PANEL, {"preset": preset.pk, "training": training.pk, "seed": "6", "layers": "1"})
+
+    assert loaded.context["state"].edited is False and edited.context["state"].edited is True
+    assert 'id="loaded-preset"' in loaded.text and "rainy" in loaded.text and "then edited" not in loaded.text
+    assert "then edited" in edited.text
+    state = edited.context["state"]
+    # A whole configuration: what the URL leaves out (features) is gone; the prompt, not in it, is kept.
+    assert (state.seed, state.layers, state.features, state.prompt) == (6, [1], [], "From the preset")
+
+
+def test_a_url_without_a_configuration_reopens_the_users_last_run(
+    client, owner, teammate, training, make_run
+):
+    now = timezone.now()
+    make_run(owner, prompt="older", created_at=now - timezone.timedelta(hours=1))
+    last = make_run(owner, prompt="latest", seed=99, created_at=now - timezone.timedelta(minutes=1))
+    make_run(teammate, prompt="someone else's", created_at=now)
+    client.force_login(owner)
+
+    response = client.get(PANEL)
+
+    state = response.context["state"]
+    assert (state.prompt, state.seed, state.run, state.restored) == ("latest", 99, last, True)
+    assert 'id="loaded-run"' in response.text and f"?training={training.pk}" in response.text  # Start fresh
+
+
+def test_a_member_without_runs_gets_a_fresh_panel(client, owner, teammate, training, make_run):
+    make_run(teammate)
+    client.force_login(owner)
+
+    state = client.get(PANEL).context["state"]
+
+    assert (state.prompt, state.features, state.run, state.notes) == ("", [], None, [])

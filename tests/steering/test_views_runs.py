@@ -3,7 +3,7 @@
 import pytest
 from django.utils import timezone
 
-from steering_app.models import SteeringRun
+from steering_app.models import SteeringRun, Training
 
 pytestmark = pytest.mark.django_db
 
@@ -75,22 +75,223 @@ def test_the_list_is_paginated(client, owner, training, make_run):
     assert client.get("/steering/runs/", {"page": 99}).status_code == 200  # the last page, not an error
 
 
+def test_the_list_shows_method_training_and_labelled_features(client, owner, training, make_run):
+    make_run(
+        owner,
+        method="multiplicative",
+        features=[{"feature_id": 3, "coefficient": 2.5}, {"feature_id": 12, "coefficient": -1.0}],
+    )
+    client.force_login(owner)
+
+    html = client.get("/steering/runs/").text
+
+    assert "<th>Training</th>" in html and "<th>Method</th>" in html
+    assert "<td>multiplicative</td>" in html
+    assert f"#{training.pk} topk · L2" in html
+    assert '#3×2.50</span> <span class="muted">weather and rain</span>' in html
+    assert '#12×-1</span> <span class="muted">cooking recipes</span>' in html
+
+
+def test_everyones_runs_are_the_labs_shared_ones_and_the_users_own(
+    client, owner, teammate, stranger, training, make_run
+):
+    mine_private = make_run(owner, private=True)
+    shared = make_run(teammate)
+    make_run(stranger, private=True)
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/", {"scope": "all"})
+
+    assert sorted(listed(response)) == sorted([mine_private.pk, shared.pk])
+    assert response.context["show_owner"] is True and "teammate" in response.text
+    assert ">private</span>" in response.text
+
+
+def test_staff_can_narrow_the_list_to_their_own_runs(client, owner, staff, training, make_run):
+    make_run(owner)
+    own = make_run(staff)
+    client.force_login(staff)
+
+    assert listed(client.get("/steering/runs/", {"scope": "mine"})) == [own.pk]
+
+
+def test_the_list_filters_by_training_and_by_feature(client, owner, training, language_model, make_run):
+    other = Training.objects.create(
+        model=language_model,
+        encoder_type="standard",
+        hook_layer=1,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=16,
+        d_sae=8,
+        checkpoint_path="/x",
+        status="completed",
+    )
+    rain = make_run(
+        owner, features=[{"feature_id": 7, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]
+    )
+    recipes = make_run(owner, features=[{"feature_id": 12, "coefficient": 1.0}])
+    elsewhere = make_run(owner, training=other, features=[{"feature_id": 3, "coefficient": 1.0}])
+    client.force_login(owner)
+
+    assert sorted(listed(client.get("/steering/runs/", {"feature": "3"}))) == sorted([rain.pk, elsewhere.pk])
+    assert listed(client.get("/steering/runs/", {"feature": "#12"})) == [recipes.pk]
+    assert listed(client.get("/steering/runs/", {"training": other.pk})) == [elsewhere.pk]
+    assert listed(client.get("/steering/runs/", {"training": training.pk, "feature": "3"})) == [rain.pk]
+    response = client.get("/steering/runs/", {"feature": "31"})
+    assert listed(response) == [] and "No runs match these filters." in response.text
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"feature": "rain"}, "feature"),
+        ({"feature": "99999999999999999999"}, "feature"),
+        ({"training": "x"}, "training"),
+        ({"training": "99999999999999999999"}, "training"),
+        ({"scope": "nobody"}, "scope"),
+    ],
+)
+def test_a_bad_filter_is_shown_as_an_error_and_left_out(client, owner, training, make_run, params, field):
+    run = make_run(owner)
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/", params)
+
+    assert response.status_code == 200 and listed(response) == [run.pk]
+    assert f'id="filter-error-{field}"' in response.text
+
+
+def test_the_pages_keep_the_filters(client, owner, training, make_run):
+    for _ in range(21):
+        make_run(owner, features=[{"feature_id": 3, "coefficient": 1.0}])
+    client.force_login(owner)
+
+    response = client.get("/steering/runs/", {"feature": "3", "training": training.pk})
+
+    assert f'href="?feature=3&amp;training={training.pk}&amp;page=2"' in response.text
+
+
 def test_the_detail_requires_login(client, owner, training, make_run):
     run = make_run(owner)
     response = client.get(f"/steering/runs/{run.pk}/")
     assert response.status_code == 302 and response["Location"].startswith("/login/")
 
 
-def test_another_users_run_is_404(client, owner, stranger, training, make_run):
-    run = completed(make_run, owner)
+def test_another_users_private_run_is_404(client, owner, stranger, training, make_run):
+    run = completed(make_run, owner, private=True)
     client.force_login(stranger)
     assert client.get(f"/steering/runs/{run.pk}/").status_code == 404
 
 
-def test_staff_can_open_any_run(client, owner, staff, training, make_run):
+def test_a_teammate_reads_a_shared_run_read_only_with_a_rerun(client, owner, teammate, training, make_run):
     run = completed(make_run, owner)
+    client.force_login(teammate)
+
+    response = client.get(f"/steering/runs/{run.pk}/")
+
+    html = response.text
+    assert response.status_code == 200 and response.context["can_change"] is False
+    assert "It rains and pours." in html and "Shared by <strong>owner</strong>" in html
+    assert f'href="/steering/?run={run.pk}"' in html
+    assert 'id="toggle-private"' not in html and 'id="delete-run"' not in html
+
+
+def test_the_owner_sees_the_visibility_switch_and_delete(client, owner, training, make_run):
+    run = completed(make_run, owner)
+    client.force_login(owner)
+
+    html = client.get(f"/steering/runs/{run.pk}/").text
+
+    assert 'id="toggle-private"' in html and "Make private" in html and 'id="delete-run"' in html
+
+
+def test_staff_can_open_any_run(client, owner, staff, training, make_run):
+    run = completed(make_run, owner, private=True)
     client.force_login(staff)
-    assert client.get(f"/steering/runs/{run.pk}/").status_code == 200
+    response = client.get(f"/steering/runs/{run.pk}/")
+    assert response.status_code == 200 and response.context["can_change"] is True
+
+
+@pytest.mark.parametrize("user", ["owner", "staff"])
+def test_the_owner_or_staff_make_a_run_private_and_share_it_again(
+    request, client, owner, training, make_run, user
+):
+    run = completed(make_run, owner)
+    client.force_login(request.getfixturevalue(user))
+    url = f"/steering/runs/{run.pk}/visibility/"
+
+    response = client.post(url, {"private": "1"})
+
+    assert response.status_code == 302 and response["Location"] == f"/steering/runs/{run.pk}/"
+    run.refresh_from_db()
+    assert run.private is True
+    client.post(url, {"private": "0"})
+    run.refresh_from_db()
+    assert run.private is False
+
+
+def test_a_teammate_cannot_change_who_reads_a_shared_run(client, owner, teammate, training, make_run):
+    run = completed(make_run, owner)
+    client.force_login(teammate)
+
+    response = client.post(f"/steering/runs/{run.pk}/visibility/", {"private": "1"})
+
+    assert response.status_code == 403
+    run.refresh_from_db()
+    assert run.private is False
+
+
+def test_a_stranger_cannot_share_a_private_run(client, owner, stranger, training, make_run):
+    run = completed(make_run, owner, private=True)
+    client.force_login(stranger)
+
+    assert client.post(f"/steering/runs/{run.pk}/visibility/", {"private": "0"}).status_code == 404
+    run.refresh_from_db()
+    assert run.private is True
+
+
+def test_the_owner_deletes_a_finished_run_and_returns_to_the_list(client, owner, training, make_run):
+    run = completed(make_run, owner)
+    client.force_login(owner)
+
+    response = client.post(f"/steering/runs/{run.pk}/delete/")
+
+    assert response.status_code == 302 and response["Location"] == "/steering/runs/"
+    assert not SteeringRun.objects.filter(pk=run.pk).exists()
+
+
+def test_delete_from_htmx_sends_the_browser_to_the_list(client, owner, training, make_run):
+    run = completed(make_run, owner)
+    client.force_login(owner)
+
+    response = client.post(f"/steering/runs/{run.pk}/delete/", headers={"HX-Request": "true"})
+
+    assert response.status_code == 204 and response["HX-Redirect"] == "/steering/runs/"
+    assert not SteeringRun.objects.filter(pk=run.pk).exists()
+
+
+def test_delete_refuses_a_teammate_and_a_stranger_and_keeps_the_runs(
+    client, owner, teammate, stranger, training, make_run
+):
+    shared, private = completed(make_run, owner), completed(make_run, owner, private=True)
+
+    client.force_login(teammate)
+    assert client.post(f"/steering/runs/{shared.pk}/delete/").status_code == 403
+    client.force_login(stranger)
+    assert client.post(f"/steering/runs/{private.pk}/delete/").status_code == 404
+    assert client.get(f"/steering/runs/{shared.pk}/delete/").status_code == 405
+
+    assert SteeringRun.objects.filter(pk__in=[shared.pk, private.pk]).count() == 2
+
+
+def test_delete_of_an_unfinished_run_says_to_stop_it_first(client, owner, training, make_run):
+    run = make_run(owner)  # queued
+    client.force_login(owner)
+
+    response = client.post(f"/steering/runs/{run.pk}/delete/")
+
+    assert response.status_code == 409 and "stop it before deleting it" in response.text
+    assert SteeringRun.objects.filter(pk=run.pk).exists()
 
 
 def test_the_detail_shows_the_stored_comparison_settings_and_metrics(client, owner, training, make_run):
@@ -207,8 +408,20 @@ def test_stop_without_htmx_returns_to_the_run_page_which_says_cancelled(client, 
     assert "Run cancelled" in response.text and "cancelled by owner" in response.text
 
 
-def test_stop_refuses_strangers_and_changes_nothing(client, owner, stranger, training, make_run):
+def test_stop_refuses_a_teammate_who_reads_the_shared_run(client, owner, teammate, training, make_run):
     run = make_run(owner)
+    client.force_login(teammate)
+
+    html = client.get(f"/steering/runs/{run.pk}/").text
+    response = client.post(f"/steering/runs/{run.pk}/cancel/")
+
+    assert 'id="stop-run"' not in html and response.status_code == 403
+    run.refresh_from_db()
+    assert run.status == "queued"
+
+
+def test_stop_refuses_strangers_and_changes_nothing(client, owner, stranger, training, make_run):
+    run = make_run(owner, private=True)
     client.force_login(stranger)
 
     assert client.post(f"/steering/runs/{run.pk}/cancel/").status_code == 404

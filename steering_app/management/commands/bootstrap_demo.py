@@ -1,3 +1,4 @@
+import json
 import os
 import secrets
 
@@ -5,8 +6,15 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_DATASET, DEMO_FEATURES, DEMO_MODEL, DEMO_MODEL_NAME
-from steering_app.models import LanguageModel, Training
+from steering_app.engine.demo import (
+    DEMO_CHECKPOINT,
+    DEMO_DATASET,
+    DEMO_DATASET_DESCRIPTION,
+    DEMO_FEATURES,
+    DEMO_MODEL,
+    DEMO_MODEL_NAME,
+)
+from steering_app.models import Dataset, LanguageModel, Training
 
 DEMO_USER = "demo"
 
@@ -21,6 +29,7 @@ class Command(BaseCommand):
             raise CommandError(f"The demo SAE is missing from {DEMO_CHECKPOINT}")
         model = self.ensure_model()
         self.ensure_training(model)
+        self.ensure_dataset()
         self.ensure_user()
 
     def ensure_model(self) -> LanguageModel:
@@ -49,6 +58,16 @@ class Command(BaseCommand):
             DEMO_DATASET,
             stdout=self.stdout,
         )
+
+    def ensure_dataset(self) -> None:
+        """The demo corpus's token count (from the SAE's cfg) and description; databases bootstrapped before
+        import_sae recorded the count showed 0 tokens in admin."""
+        metadata = json.loads((DEMO_CHECKPOINT / "cfg.json").read_text()).get("metadata", {})
+        dataset = Dataset.objects.filter(name=DEMO_DATASET).first()
+        if dataset is None:
+            return
+        Dataset.record_tokens(dataset.pk, metadata.get("tokens"))
+        Dataset.objects.filter(pk=dataset.pk, description="").update(description=DEMO_DATASET_DESCRIPTION)
 
     def ensure_user(self) -> None:
         configured = os.environ.get("DEMO_PASSWORD")

@@ -160,9 +160,7 @@ class Command(BaseCommand):
         calibration.progress = 1.0
         calibration.finished_at = timezone.now()
         calibration.save(update_fields=["status", "tokens_seen", "progress", "finished_at"])
-        Dataset.objects.filter(pk=calibration.dataset_id, num_tokens__lt=result.tokens).update(
-            num_tokens=result.tokens
-        )
+        Dataset.record_tokens(calibration.dataset_id, result.tokens)
 
     def fail(self, calibration: Calibration, reason: str) -> None:
         calibration.status = Calibration.Status.FAILED

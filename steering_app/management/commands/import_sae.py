@@ -137,9 +137,10 @@ class Command(BaseCommand):
     @transaction.atomic
     def create_training(self, model, sae, path, layer, hook_name, table, dataset_name) -> Training:
         dataset = None
+        metadata = sae.cfg.get("metadata", {})
         if dataset_name:
             dataset, _ = Dataset.objects.get_or_create(name=dataset_name, defaults={"source": dataset_name})
-        metadata = sae.cfg.get("metadata", {})
+            Dataset.record_tokens(dataset.pk, metadata.get("tokens"))
         training = Training.objects.create(
             model=model,
             dataset=dataset,

@@ -277,9 +277,7 @@ class Command(BaseCommand):
             (Feature.from_description(training, entry["index"], entry) for entry in run.features),
             batch_size=2000,
         )
-        Dataset.objects.filter(pk=training.dataset_id, num_tokens__lt=run.stats["tokens"]).update(
-            num_tokens=run.stats["tokens"]
-        )
+        Dataset.record_tokens(training.dataset_id, run.stats["tokens"])
 
     def fail(self, training: Training, reason: str) -> None:
         training.status = Training.Status.FAILED

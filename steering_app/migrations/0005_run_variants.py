@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('steering_app', '0003_calibration_and_feature_examples'),
+        ('steering_app', '0004_steeringrun_private'),
     ]
 
     operations = [
