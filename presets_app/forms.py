@@ -39,6 +39,7 @@ class PresetForm(SteeringForm):
             "prompt": self.cleaned_data["prompt"],
             "seed": self.cleaned_data["seed"],
             "chat": self.cleaned_data["chat"],
+            "sweep": settings.sweep,
         }
 
     def first_error(self) -> InvalidInput:

@@ -26,6 +26,9 @@ class SteeringPreset(models.Model):
     prompt = models.TextField(blank=True)
     seed = models.BigIntegerField(null=True, blank=True, help_text="Empty: a random seed per run")
     chat = models.BooleanField(default=False, help_text="Wrap the prompt in the model's chat template")
+    sweep = models.JSONField(
+        null=True, blank=True, help_text="Strength multipliers, one steered variant each; empty: no sweep"
+    )
     is_favorite = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)

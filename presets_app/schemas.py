@@ -17,7 +17,7 @@ from steering_app.limits import (
     MAX_SEED,
     MAX_TEMPERATURE,
 )
-from steering_app.schemas import NO_NUL, STRICT, FeatureCoefficient, Page
+from steering_app.schemas import NO_NUL, STRICT, FeatureCoefficient, Page, Sweep
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 
 Method = Literal["additive", "multiplicative"]
@@ -47,6 +47,7 @@ class PresetIn(Schema):
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Optional; null: a random seed per run.")
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
+    sweep: Sweep | None = Field(None, description="Optional strength sweep (the generate body's `sweep`).")
     is_favorite: bool = False
 
 
@@ -65,6 +66,7 @@ class PresetPatch(Schema):
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: forget the seed (random per run).")
     chat: bool | None = None
+    sweep: Sweep | None = None
     is_favorite: bool | None = None
 
 
@@ -81,6 +83,7 @@ class PresetSettingsOut(Schema):
     prompt: str
     seed: int | None
     chat: bool
+    sweep: list[float] | None
     is_favorite: bool
 
 

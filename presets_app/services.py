@@ -42,6 +42,7 @@ SETTINGS = (
     "prompt",
     "seed",
     "chat",
+    "sweep",
     "is_favorite",
 )
 # The steering fields' defaults are SteeringSettings.from_fields'. A preset without a seed (null) leaves each
@@ -82,6 +83,7 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
         "prompt": prompt if prompt.strip() else "",
         "seed": seed,
         "chat": values["chat"],
+        "sweep": steering.sweep,
         "is_favorite": values["is_favorite"],
     }
 
@@ -232,6 +234,7 @@ def export_document(presets: Iterable[SteeringPreset]) -> dict:
                 "prompt": preset.prompt,
                 "seed": preset.seed,
                 "chat": preset.chat,
+                "sweep": preset.sweep,
                 "is_favorite": preset.is_favorite,
             }
             for preset in presets

@@ -188,6 +188,7 @@ def state_from_preset(preset) -> PanelState:
         prompt=preset.prompt,
         seed=preset.seed,
         chat=preset.chat,
+        sweep=preset.sweep,
         preset=preset,
     )
 

@@ -124,6 +124,13 @@ class FeatureCoefficient(Schema):
     )
 
 
+# Strength multipliers of a sweep: one steered variant each.
+Sweep = Annotated[
+    list[Annotated[float, Field(ge=-MAX_ABS_COEFFICIENT_HARD, le=MAX_ABS_COEFFICIENT_HARD)]],
+    Field(min_length=1, max_length=MAX_VARIANTS),
+]
+
+
 class GenerateIn(Schema):
     model_config = STRICT
 
@@ -146,15 +153,11 @@ class GenerateIn(Schema):
     private: bool = Field(
         False, description="Readable only by you and staff; by default every lab member can read the run."
     )
-    sweep: list[Annotated[float, Field(ge=-MAX_ABS_COEFFICIENT_HARD, le=MAX_ABS_COEFFICIENT_HARD)]] | None = (
-        Field(
-            None,
-            min_length=1,
-            max_length=MAX_VARIANTS,
-            description="A strength sweep: one steered variant per multiplier, each the features with every "
-            f"coefficient times it (the panel's default is {list(DEFAULT_SWEEP)}). The answer's `variants` "
-            "follow this order. At most the worker's slot rows - 1 variants.",
-        )
+    sweep: Sweep | None = Field(
+        None,
+        description="A strength sweep: one steered variant per multiplier, each the features with every "
+        f"coefficient times it (the panel's default is {list(DEFAULT_SWEEP)}). The answer's `variants` "
+        "follow this order. At most the worker's slot rows - 1 variants.",
     )
 
 

@@ -363,3 +363,34 @@ def test_it_gives_identical_outputs_and_zero_kl_at_coefficient_zero_on_the_real_
     assert result["metrics"]["word_overlap"] == 1.0
     assert result["seed"] == 1234
     assert SteeringRun.objects.get(pk=result["run_id"]).status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("sweep", "why"),
+    [
+        ([0.5, 1, 2, 4, 8, 16], "1 to 5"),  # more variants than the batch's 6 rows leave beside the clean one
+        ([1, 1000], "beyond ±100"),  # 2 × 1000 past the training's limit
+        ([], None),  # the schema wants at least one multiplier
+    ],
+)
+def test_it_refuses_a_sweep_the_worker_cannot_run_naming_the_field(
+    client, owner, bearer, generate_body, fake_engine, sweep, why
+):
+    generate_body["sweep"] = sweep
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 400, "sweep")
+
+    assert why is None or why in body["detail"]
+    assert not SteeringRun.objects.exists()
+
+
+def test_it_stores_a_sweep_with_the_run(client, owner, bearer, generate_body, fake_engine):
+    generate_body["sweep"] = [0.5, 4]
+
+    response = post(client, generate_body, bearer(owner))
+
+    assert response.status_code == 200, response.content
+    run = SteeringRun.objects.get()
+    assert run.sweep == [0.5, 4.0]
+    detail = client.get(f"/api/steering/runs/{run.pk}", headers=bearer(owner)).json()
+    assert detail["settings"]["sweep"] == [0.5, 4.0]

@@ -177,3 +177,63 @@ def test_changing_the_training_asks_first_when_features_are_selected(page, serve
     assert messages == ["Changing training job will clear selected features. Continue?"]
     assert page.locator("#training-select").input_value() == str(server.seed["training"])
     assert page.locator("#selected-features .feature-card").count() == 1
+
+
+# Records, while the run streams, the text length of the baseline column and of every variant's column.
+SWEEP_RECORDER = """
+() => {
+  window.__columns = [];
+  new MutationObserver(() => {
+    const result = document.getElementById("run-result");
+    if (!result || result.dataset.state !== "streaming") return;
+    const lengths = {};
+    document.querySelectorAll("#unsteered-output, [id^=steered-output]").forEach(
+      (node) => { lengths[node.id] = node.textContent.length; });
+    window.__columns.push(lengths);
+  }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}
+"""
+
+
+def test_a_sweep_streams_every_column_then_charts_strength(page, server):
+    log_in(page, server)
+    prepare_comparison(page, server, max_tokens=12)
+    page.check("#sweep")
+    page.evaluate(SWEEP_RECORDER)
+    page.click("#generate-button")
+    wait_for_result(page, FIRST_RUN_SECONDS)
+
+    columns = [
+        "unsteered-output",
+        "steered-output",
+        "steered-output-1",
+        "steered-output-2",
+        "steered-output-3",
+    ]
+    samples = page.evaluate("window.__columns")
+    for column in columns:  # each column received text while the run streamed, not only at the end
+        assert any(sample.get(column, 0) > 0 for sample in samples), (column, samples[-3:])
+    titles = page.locator("#run-result .output-column h3").all_inner_texts()
+    assert [title.strip() for title in titles] == [
+        "Unsteered (Baseline)",
+        "Steered ×0.5",
+        "Steered ×1",
+        "Steered ×2",
+        "Steered ×4",
+    ]
+    for column in columns:
+        assert page.locator(f"#{column}").inner_text().strip()
+
+    chart = page.locator("#sweep-result svg")
+    expect(chart.locator("circle")).to_have_count(8)  # activation and perplexity at each of 4 strengths
+    assert len(chart.locator("polyline.series-activation").get_attribute("points").split()) == 4
+    rows = page.locator("#sweep-result tbody tr")
+    expect(rows).to_have_count(4)
+    assert [rows.nth(i).locator("td").first.inner_text() for i in range(4)] == ["×0.5", "×1", "×2", "×4"]
+    for i in range(4):
+        kl, similarity = (
+            rows.nth(i).locator("td").nth(4).inner_text(),
+            rows.nth(i).locator("td").nth(5).inner_text(),
+        )
+        assert kl != "–" and float(kl) >= 0 and similarity.endswith("%")
+    expect(page.locator("#run-result .metric-card")).to_have_count(0)  # the sweep's table replaces the cards

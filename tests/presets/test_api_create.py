@@ -190,3 +190,15 @@ def test_it_refuses_a_training_that_is_not_completed(login, owner, body, trainin
 def test_it_refuses_anonymous_users(client, body):
     assert_error(client.post(URL, body, content_type="application/json"), 401)
     assert not SteeringPreset.objects.exists()
+
+
+def test_it_saves_a_strength_sweep_and_refuses_one_past_the_limit(login, owner, body):
+    client = login(owner)
+    body["sweep"] = [0.5, 2]
+    saved = client.post(URL, body, content_type="application/json")
+    assert saved.status_code in (200, 201), saved.content
+    assert saved.json()["sweep"] == [0.5, 2.0] and SteeringPreset.objects.get().sweep == [0.5, 2.0]
+
+    body.update(name="too strong", sweep=[1, 1000])
+    assert_error(client.post(URL, body, content_type="application/json"), 400, "sweep")
+    assert SteeringPreset.objects.count() == 1

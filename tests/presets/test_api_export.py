@@ -38,6 +38,7 @@ def test_it_downloads_a_versioned_document_in_the_order_asked(login, stranger, m
         "prompt": "It rains",
         "seed": 5,
         "chat": True,
+        "sweep": None,
         "is_favorite": True,
     }
     assert (document["presets"][0]["prompt"], document["presets"][0]["seed"]) == ("", None)

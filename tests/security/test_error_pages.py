@@ -41,7 +41,10 @@ def test_it_shows_the_404_page_for_another_members_private_run(client, owner, st
     assert response.status_code == 404
     html = response.text
     assert_in_layout(html, 404)
-    assert '<h1 id="error-title">Not found</h1>' in html and "Log out (stranger)" in html  # the navigation
+    assert (
+        '<h1 id="error-title">Not found</h1>' in html
+        and 'Log out<span class="nav-user"> (stranger)</span>' in html
+    )  # the navigation
     assert "secret" not in html and "SteeringRun" not in html
 
 
@@ -64,7 +67,7 @@ def test_it_shows_the_403_page_with_the_reason(client, owner, teammate, training
     assert response.status_code == 403
     assert_in_layout(response.text, 403)
     assert "Only the run&#x27;s owner or staff can stop it." in response.text
-    assert "Log out (teammate)" in response.text
+    assert 'Log out<span class="nav-user"> (teammate)</span>' in response.text
 
 
 def test_it_shows_the_500_page_when_a_view_fails(owner, training, monkeypatch):
