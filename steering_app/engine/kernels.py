@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-TIMING_REPEATS = 5
+TIMING_REPEATS = 3
 
 
 class TransposedLinear(torch.nn.Linear):
@@ -34,36 +34,44 @@ class TransposedLinear(torch.nn.Linear):
         return y.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
-def _best_seconds(function, x: torch.Tensor) -> float:
-    function(x)  # warm-up
+def _best_seconds(forward, modules: list[torch.nn.Module], x: torch.Tensor) -> float:
+    """Best time of one pass over every module of a shape: their weights together stream from memory as in
+    a decode step (one module timed again and again would sit in the cache and mislead)."""
+    for module in modules:  # warm-up
+        forward(module, x)
     best = float("inf")
     for _ in range(TIMING_REPEATS):
         started = time.perf_counter()
-        function(x)
+        for module in modules:
+            forward(module, x)
         best = min(best, time.perf_counter() - started)
     return best
+
+
+def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
 
 
 @torch.inference_mode()
 def choose_linear_forms(model: torch.nn.Module, rows: int, device: torch.device) -> dict[str, list]:
     """{"transposed": [modules], "timings": [(shape, linear_s, transposed_s)]}: the nn.Linear modules for
-    which W @ x.T was faster at `rows` rows here. Nothing is timed off the CPU (a GPU keeps F.linear)."""
-    linears = [module for module in model.modules() if type(module) is torch.nn.Linear]
+    which W @ x.T was faster at `rows` rows here (times per pass over all modules of the shape). Nothing is
+    timed off the CPU (a GPU keeps F.linear)."""
     choice: dict[str, list] = {"transposed": [], "timings": []}
     if device.type != "cpu":
         return choice
-    faster: dict[tuple, bool] = {}
-    for module in linears:
-        weight = module.weight
-        shape = (tuple(weight.shape), weight.dtype, module.bias is not None)
-        if shape not in faster:
-            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            linear_s = _best_seconds(lambda x, m=module: F.linear(x, m.weight, m.bias), x)
-            transposed_s = _best_seconds(lambda x, m=module: TransposedLinear.forward(m, x), x)
-            faster[shape] = transposed_s < linear_s
-            choice["timings"].append((shape[0], linear_s, transposed_s))
-        if faster[shape]:
-            choice["transposed"].append(module)
+    groups: dict[tuple, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            weight = module.weight
+            groups.setdefault((tuple(weight.shape), weight.dtype, module.bias is not None), []).append(module)
+    for (shape, dtype, _bias), modules in groups.items():
+        x = torch.randn(rows, shape[1], dtype=dtype, device=device)
+        linear_s = _best_seconds(_linear, modules, x)
+        transposed_s = _best_seconds(TransposedLinear.forward, modules, x)
+        choice["timings"].append((shape, linear_s, transposed_s))
+        if transposed_s < linear_s:
+            choice["transposed"].extend(modules)
     logger.info(
         "Linear forms at %d rows: %s",
         rows,
