@@ -33,6 +33,12 @@ def result_ids(page, container: str) -> list[int]:
     ]
 
 
+def open_fresh_panel(page, server):
+    """Signed in, on an empty panel: /steering/ alone reopens the user's last run, which an earlier test made."""
+    log_in(page, server)
+    page.goto(f"{server.url}/steering/?training={server.seed['training']}")
+
+
 def search_and_add(page, query: str, index: int):
     page.fill("#feature-search", query)
     page.locator(f'#feature-results .feature-result[data-feature-id="{index}"] .btn-add').click()
@@ -42,7 +48,7 @@ def search_and_add(page, query: str, index: int):
 
 
 def test_it_ranks_the_feature_named_by_the_word_first_and_says_how_many_match(page, server):
-    log_in(page, server)
+    open_fresh_panel(page, server)
 
     page.fill("#feature-search", "planet")
     expect(page.locator("#feature-results-count")).to_have_text(
@@ -65,7 +71,7 @@ def test_it_ranks_the_feature_named_by_the_word_first_and_says_how_many_match(pa
 
 
 def test_a_feature_active_on_the_prompt_is_added_with_one_click(page, server):
-    log_in(page, server)
+    open_fresh_panel(page, server)
     page.fill("#prompt", PLANETS)
 
     page.click("#prompt-features-button")
@@ -84,7 +90,7 @@ def test_a_feature_active_on_the_prompt_is_added_with_one_click(page, server):
 
 
 def test_it_asks_for_a_prompt_before_listing_its_features(page, server):
-    log_in(page, server)
+    open_fresh_panel(page, server)
 
     page.click("#prompt-features-button")
 
@@ -92,7 +98,7 @@ def test_it_asks_for_a_prompt_before_listing_its_features(page, server):
 
 
 def test_a_typed_coefficient_moves_the_slider_and_is_the_one_the_run_stores(page, server):
-    log_in(page, server)
+    open_fresh_panel(page, server)
     card = search_and_add(page, "planet", PLANET)
     slider = card.locator('input[name="coefficient"]')
     assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("-5", "5")
@@ -123,7 +129,7 @@ def test_a_typed_coefficient_moves_the_slider_and_is_the_one_the_run_stores(page
 
 
 def test_the_panel_says_when_every_coefficient_is_zero(page, server):
-    log_in(page, server)
+    open_fresh_panel(page, server)
     notice = page.locator("#control-run-notice")
     card = search_and_add(page, "planet", PLANET)
     expect(notice).to_be_hidden()
@@ -143,7 +149,7 @@ def test_the_panel_says_when_every_coefficient_is_zero(page, server):
 
 
 def test_select_all_stays_within_the_layer_limit(page, server):
-    log_in(page, server)
+    open_fresh_panel(page, server)
 
     page.click('[data-action="select-all-layers"]')
 
@@ -155,7 +161,7 @@ def test_select_all_stays_within_the_layer_limit(page, server):
 
 
 def test_screenshots_of_the_panel_after_a_completed_run(page, server, capsys):
-    log_in(page, server)
+    open_fresh_panel(page, server)
     search_and_add(page, "planet", PLANET)
     page.fill("#prompt", "Tell me about your day.")
     page.fill("#max-tokens", "24")
