@@ -76,9 +76,6 @@ class Scheduler:
                 f"worker's {batch.length}-token slots (STEERLAB_SLOT_TOKENS)",
             )
 
-    def fits_now(self, request: Request) -> bool:
-        return request.rows <= len(self.batch.free)
-
     def admit(self, generation: Generation) -> bool:
         """Prefill the generation into free rows; False (nothing changed) when too few rows are free."""
         self.check_fits(generation.request)

@@ -138,10 +138,6 @@ class RowPlan:
     capture: tuple[int, ...] = ()
     steer_special_tokens: bool = False
 
-    @property
-    def steers(self) -> bool:
-        return bool(self.additive or self.multiplicative)
-
 
 def plan_row(sae: SAE, sae_layer: int, spec: SteeringSpec | None, capture: Iterable[int] = ()) -> RowPlan:
     """The row plan of spec (None: a clean row); zero coefficients take no part, so c = 0 is the clean row."""
