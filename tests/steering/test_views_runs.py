@@ -85,8 +85,8 @@ def test_the_list_shows_method_training_and_labelled_features(client, owner, tra
 
     html = client.get("/steering/runs/").text
 
-    assert "<th>Training</th>" in html and "<th>Method</th>" in html
-    assert "<td>multiplicative</td>" in html
+    assert '<th class="col-training">Training</th>' in html and '<th class="col-method">Method</th>' in html
+    assert '<td class="col-method">multiplicative</td>' in html
     assert f"#{training.pk} topk · L2" in html
     assert '#3×2.50</span> <span class="muted">weather and rain</span>' in html
     assert '#12×-1</span> <span class="muted">cooking recipes</span>' in html
