@@ -80,7 +80,9 @@ def build_sae(lm, directory: Path):
     return sae, feature
 
 
-def run_floor(lm, seed: int) -> str:
+def run_floor(lm, seed: int, **generate_options) -> str:
+    """Plain `generate` of the unsteered continuation; cache_implementation="static" makes it transformers'
+    compiled static-cache generation, the best plain practice on a GPU."""
     tokenizer, model = lm.tokenizer, lm.model
     torch.manual_seed(seed)
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(lm.device)
@@ -91,23 +93,7 @@ def run_floor(lm, seed: int) -> str:
             min_new_tokens=NEW_TOKENS,
             do_sample=True,
             temperature=TEMPERATURE,
-        )
-    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-
-
-def run_static_floor(lm, seed: int) -> str:
-    """transformers' compiled static-cache generation: the best plain practice on a GPU."""
-    tokenizer, model = lm.tokenizer, lm.model
-    torch.manual_seed(seed)
-    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(lm.device)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=True,
-            temperature=TEMPERATURE,
-            cache_implementation="static",
+            **generate_options,
         )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
@@ -377,7 +363,9 @@ def main() -> None:
         "C4": "ours: 4 comparisons together",
     }
     if lm.device.type == "cuda":
-        approaches["HFs"] = lambda seed: details.__setitem__("HFs", run_static_floor(lm, seed))
+        approaches["HFs"] = lambda seed: details.__setitem__(
+            "HFs", run_floor(lm, seed, cache_implementation="static")
+        )
         labels["HFs"] = "generate, static cache (compiled)"
     times: dict[str, list[float]] = {name: [] for name in approaches}
     phases: list[dict] = []
