@@ -403,3 +403,16 @@ def test_a_member_without_runs_gets_a_fresh_panel(client, owner, teammate, train
     state = client.get(PANEL).context["state"]
 
     assert (state.prompt, state.features, state.run, state.notes) == ("", [], None, [])
+
+
+def test_a_reopened_sweep_run_keeps_its_multipliers_and_the_history_shows_them(client, owner, make_run):
+    run = make_run(owner, sweep=[0.25, 3.0], status="completed")
+    client.force_login(owner)
+
+    panel = client.get(PANEL, {"run": run.pk})
+
+    assert panel.context["state"].sweep == [0.25, 3.0]
+    assert 'name="sweep" value="0.25,3" checked' in panel.text
+    assert "(×0.25, ×3)" in panel.text
+    history = client.get("/steering/runs/").text
+    assert "sweep ×0.25, ×3.0" in history
