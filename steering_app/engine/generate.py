@@ -173,9 +173,7 @@ class Generation:
         tokenizer = lm.tokenizer
         self.eos_ids = eos_token_ids(lm)
         self.eos_index = torch.tensor(sorted(self.eos_ids), device=lm.device, dtype=torch.long)
-        self.pad_id = (
-            min(self.eos_ids, default=0) if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-        )
+        self.pad_id = pad_token_id(lm)
         self.generator = torch.Generator(device=lm.device).manual_seed(request.seed)
         count = request.rows
         self.plans = [
@@ -428,6 +426,12 @@ def eos_token_ids(lm: LoadedModel) -> set[int]:
     if lm.tokenizer.eos_token_id is not None:
         ids.add(int(lm.tokenizer.eos_token_id))
     return ids
+
+
+def pad_token_id(lm: LoadedModel) -> int:
+    """What a finished row is fed, and what pads a batch: the tokenizer's pad token, else an EOS token."""
+    pad = lm.tokenizer.pad_token_id
+    return min(eos_token_ids(lm), default=0) if pad is None else pad
 
 
 def encode_prompt(lm: LoadedModel, prompt: str, chat: bool) -> list[int]:

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .generate import Comparison, eos_token_ids
+from .generate import Comparison, pad_token_id
 from .layers import decoder_blocks
 from .loader import LoadedModel
 from .sae import SAE
-from .slots import model_forward
+from .slots import model_forward, special_ids
 from .steer import RowSteering, SteeringSpec, plan_row
 
 if TYPE_CHECKING:
@@ -133,12 +133,10 @@ def _model_metrics(
             plan_row(sae, comparison.sae_layer, spec),
         ]
     width = max(len(row) for row in rows)
-    eos = eos_token_ids(lm)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else min(eos, default=0)
+    pad_id = pad_token_id(lm)
     input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=lm.device)
-    special_ids = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), device=lm.device, dtype=torch.long)
     steering = RowSteering(decoder_blocks(lm.model), len(rows))
-    steering.special_mask = torch.isin(input_ids, special_ids)
+    steering.special_mask = torch.isin(input_ids, special_ids(lm.tokenizer).to(lm.device))
     for row, plan in enumerate(plans):
         steering.assign(row, plan)
     kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens

@@ -145,7 +145,8 @@ def use_cuda_graphs(device: torch.device) -> bool:
 
 
 @functools.cache
-def _special_ids(tokenizer) -> torch.Tensor:
+def special_ids(tokenizer) -> torch.Tensor:
+    """The tokenizer's special token ids (never steered), as a tensor for torch.isin."""
     return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
 
 
@@ -166,7 +167,7 @@ class SlotBatch:
         self.inputs = torch.zeros(rows, dtype=torch.long, device=lm.device)
         self.free = list(range(rows))
         self._span = torch.arange(length, device=lm.device)
-        self.special_ids = _special_ids(lm.tokenizer).to(lm.device)
+        self.special_ids = special_ids(lm.tokenizer).to(lm.device)
         self.linear_forms = choose_linear_forms(lm.model, rows, lm.device)
         # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
         self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
