@@ -390,16 +390,10 @@ def main() -> None:
     )
     print(f"CPU: {cpu_model()}; flags: {cpu_flags() or 'none of amx/avx512f/avx2'}")
     batch = scheduler_for(lm).batch
-    forms = batch.linear_forms["timings"]
     print(
-        f"slot batch: {batch.rows} rows x {batch.length} tokens; matmul forms measured at load: "
-        + (
-            ", ".join(
-                f"{out}x{inp} {'W@x.T' if t < lin else 'F.linear'} ({lin * 1e3:.2f}/{t * 1e3:.2f} ms)"
-                for (out, inp), lin, t in forms
-            )
-            or "F.linear everywhere (not timed off the CPU)"
-        )
+        f"slot batch: {batch.rows} rows x {batch.length} tokens; a step runs "
+        + ("the occupied rows only (row-invariant kernels)" if batch.occupied_only else "all rows")
+        + f"; linear forms measured at load, ms per pass at {batch.rows} rows: {batch.kernels.describe()}"
     )
     print(
         f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "

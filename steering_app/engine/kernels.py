@@ -1,19 +1,29 @@
-"""Which matmul form each linear layer uses in a slot step, chosen by timing both on the machine itself.
+"""How the linear layers of a slot step compute on this machine: chosen by running them, never by CPU name.
 
-On a CPU, a linear over a few rows can run as F.linear's x @ W.T or as W @ x.T, and which is faster
-depends on the CPU: on a Xeon with AMX, F.linear at 2 rows costs what 1 row does and W @ x.T three times
-that; on another CPU of the same machine kind it was the other way round. So the choice is never made
-by CPU name: each distinct weight shape is timed in both forms at the batch's row count when the batch is
-built (a few milliseconds per shape), and the faster form is used. Both forms compute each row from its
-own input only, at a fixed shape, so either keeps a row's numbers independent of the other rows.
+A slot step must give each row the same numbers whatever else shares the batch. Two ways hold that:
+
+- **Row-invariant kernels, occupied rows only.** MKL's packed sgemm (the weights reordered once,
+  cblas_sgemm_compute) computes a row of x @ Wᵀ with the same code path at any row count. F.linear does
+  not: on the CPUs measured, 1 and 2 rows take different kernels with different reduction orders. When
+  every linear shape of the model gives bit-identical rows at 1 to R rows here, a step may run over the
+  occupied rows only (slots.py checks a whole step too), and a lone comparison pays for its 2 rows, not R.
+- **A fixed shape.** Otherwise (no MKL, a dtype other than float32, a CPU where the check fails, or a GPU,
+  whose CUDA graph has a fixed shape anyway) every step runs all R rows, and each weight shape uses the
+  fastest form at R rows: F.linear's x @ Wᵀ, W @ xᵀ, or the packed form. Which is fastest flips between
+  CPUs of one machine kind (on an AMX Xeon F.linear at 2 rows costs what 1 row does and W @ xᵀ three
+  times that; elsewhere it was the other way round), so each shape is timed on the machine itself.
+
+The choice is made once per model and row count (a few hundred milliseconds) and kept.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +31,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 TIMING_REPEATS = 3
+LINEAR, TRANSPOSED, PACKED = "F.linear", "W@x.T", "packed"
 
 
 class TransposedLinear(torch.nn.Linear):
@@ -32,6 +43,152 @@ class TransposedLinear(torch.nn.Linear):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.weight.shape[0])
+
+
+class PackedLinear(torch.nn.Linear):
+    """nn.Linear through MKL's packed sgemm; `packed_weight` is set on the module by StepKernels."""
+
+    packed_weight: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _packed(self.packed_weight, self.weight, self.bias, x)
+
+
+FORM_CLASSES = {TRANSPOSED: TransposedLinear, PACKED: PackedLinear}
+
+
+def _packed(packed: torch.Tensor, weight: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
+    # The last argument must equal x's row count, or _mkl_linear silently falls back to F.linear.
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch._C.has_mkl
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    )
+
+
+def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """weight [out, in] reordered for MKL's packed sgemm (the layout is tuned for `rows` rows)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+
+
+@dataclass
+class ShapeChoice:
+    """One weight shape: its modules, the seconds per pass over them in each form at R rows, the form used."""
+
+    shape: tuple[int, int]
+    modules: list[torch.nn.Linear]
+    seconds: dict[str, float]
+    form: str
+    row_invariant: bool  # the packed form gives bit-identical rows at 1..R rows here
+
+
+@dataclass
+class StepKernels:
+    """The forms a model's linears take in a slot step of `rows` rows, and whether they are row-invariant."""
+
+    rows: int
+    shapes: list[ShapeChoice] = field(default_factory=list)
+
+    @property
+    def row_invariant(self) -> bool:
+        """Every linear takes the packed form, and it gave bit-identical rows at every row count."""
+        return bool(self.shapes) and all(c.form == PACKED and c.row_invariant for c in self.shapes)
+
+    def describe(self) -> str:
+        if not self.shapes:
+            return "F.linear everywhere (not timed off the CPU)"
+        return ", ".join(
+            f"{out}x{inp} {choice.form} ("
+            + "/".join(f"{form} {seconds * 1e3:.2f}" for form, seconds in choice.seconds.items())
+            + " ms)"
+            for choice in self.shapes
+            for out, inp in [choice.shape]
+        )
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The chosen forms for one step (under the model's lock), then nn.Linear again, so every other use
+        of the shared model (prefill, metrics, plain generate) is untouched."""
+        swapped = [
+            (module, FORM_CLASSES[choice.form])
+            for choice in self.shapes
+            if choice.form != LINEAR
+            for module in choice.modules
+        ]
+        # object.__setattr__: nn.Module's own __setattr__ costs microseconds, hundreds of times a step.
+        for module, form_class in swapped:
+            object.__setattr__(module, "__class__", form_class)
+        try:
+            yield
+        finally:
+            for module, _ in swapped:
+                object.__setattr__(module, "__class__", torch.nn.Linear)
+
+
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_kernels(model: torch.nn.Module, rows: int, device: torch.device) -> StepKernels:
+    """The model's StepKernels for `rows` rows, measured at first use and kept for the model's lifetime
+    (packed weights cost one more copy of the linears' weights in memory)."""
+    by_rows = _CHOSEN.setdefault(model, {})
+    if rows not in by_rows:
+        by_rows[rows] = _choose(model, rows, device)
+    return by_rows[rows]
+
+
+@torch.inference_mode()
+def _choose(model: torch.nn.Module, rows: int, device: torch.device) -> StepKernels:
+    kernels = StepKernels(rows)
+    if device.type != "cpu":
+        return kernels
+    groups: dict[tuple, list[torch.nn.Linear]] = {}
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            weight = module.weight
+            groups.setdefault((tuple(weight.shape), weight.dtype, module.bias is not None), []).append(module)
+    for (shape, dtype, _bias), modules in groups.items():
+        kernels.shapes.append(_measure_shape(shape, dtype, modules, rows, device))
+    everywhere_invariant = all(choice.row_invariant for choice in kernels.shapes)
+    for choice in kernels.shapes:
+        choice.form = PACKED if everywhere_invariant else min(choice.seconds, key=choice.seconds.get)
+        if choice.form != PACKED:
+            for module in choice.modules:
+                module.__dict__.pop("packed_weight", None)  # not used: give the memory back
+    logger.info(
+        "Slot step at %d rows: %s; row-invariant: %s", rows, kernels.describe(), kernels.row_invariant
+    )
+    return kernels
+
+
+def _measure_shape(shape, dtype, modules, rows: int, device) -> ShapeChoice:
+    """Each form's time at `rows` rows, and whether the packed form is row-invariant (form decided later)."""
+    x = torch.randn(rows, shape[1], dtype=dtype, device=device)
+    forms: dict[str, Callable] = {
+        LINEAR: lambda m, x: F.linear(x, m.weight, m.bias),
+        TRANSPOSED: TransposedLinear.forward,
+    }
+    invariant = False
+    if can_pack(modules[0].weight):
+        for module in modules:
+            module.packed_weight = pack(module.weight, rows)
+        forms[PACKED] = PackedLinear.forward
+        invariant = _rows_invariant(modules[0], x)
+    seconds = {form: _best_seconds(forward, modules, x) for form, forward in forms.items()}
+    return ShapeChoice(shape, modules, seconds, LINEAR, invariant)
+
+
+def _rows_invariant(module: torch.nn.Linear, x: torch.Tensor) -> bool:
+    """Whether the packed form gives each row the same bits at every row count from 1 to len(x)."""
+    full = PackedLinear.forward(module, x)
+    return all(
+        torch.equal(PackedLinear.forward(module, x[:count]), full[:count]) for count in range(1, len(x))
+    )
 
 
 def _best_seconds(forward, modules: list[torch.nn.Module], x: torch.Tensor) -> float:
@@ -46,51 +203,3 @@ def _best_seconds(forward, modules: list[torch.nn.Module], x: torch.Tensor) -> f
             forward(module, x)
         best = min(best, time.perf_counter() - started)
     return best
-
-
-def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
-
-
-@torch.inference_mode()
-def choose_linear_forms(model: torch.nn.Module, rows: int, device: torch.device) -> dict[str, list]:
-    """{"transposed": [modules], "timings": [(shape, linear_s, transposed_s)]}: the nn.Linear modules for
-    which W @ x.T was faster at `rows` rows here (times per pass over all modules of the shape). Nothing is
-    timed off the CPU (a GPU keeps F.linear)."""
-    choice: dict[str, list] = {"transposed": [], "timings": []}
-    if device.type != "cpu":
-        return choice
-    groups: dict[tuple, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            weight = module.weight
-            groups.setdefault((tuple(weight.shape), weight.dtype, module.bias is not None), []).append(module)
-    for (shape, dtype, _bias), modules in groups.items():
-        x = torch.randn(rows, shape[1], dtype=dtype, device=device)
-        linear_s = _best_seconds(_linear, modules, x)
-        transposed_s = _best_seconds(TransposedLinear.forward, modules, x)
-        choice["timings"].append((shape, linear_s, transposed_s))
-        if transposed_s < linear_s:
-            choice["transposed"].extend(modules)
-    logger.info(
-        "Linear forms at %d rows: %s",
-        rows,
-        ", ".join(
-            f"{out}x{inp} {'W@x.T' if t < lin else 'F.linear'} ({lin * 1e3:.2f} vs {t * 1e3:.2f} ms)"
-            for (out, inp), lin, t in choice["timings"]
-        ),
-    )
-    return choice
-
-
-@contextmanager
-def transposed_linears(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """The given modules compute as TransposedLinear for one call (under the model's lock), then back, so
-    every other use of the shared model keeps nn.Linear."""
-    for module in modules:
-        module.__class__ = TransposedLinear
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.__class__ = torch.nn.Linear

@@ -141,6 +141,24 @@ class SAE(torch.nn.Module):
         threshold = self.threshold.index_select(0, idx) if self.threshold is not None else None
         return self._activate(pre, threshold)
 
+    def encoder_columns(self, ids: torch.Tensor) -> tuple | None:
+        """What encode_rows needs for per-row latents ids [R, W]: (W_enc's columns [R, d_in, W], b_enc [R, W],
+        threshold [R, W] or None), or None for a topk SAE, whose latents depend on all the others."""
+        if self.architecture == "topk":
+            return None
+        columns = self.W_enc.T[ids].transpose(1, 2).contiguous()
+        threshold = self.threshold[ids] if self.threshold is not None else None
+        return columns, self.b_enc[ids], threshold
+
+    def encode_rows(self, x: torch.Tensor, ids: torch.Tensor, columns: tuple | None) -> torch.Tensor:
+        """Activations [R, seq, W] of each row's own latents ids [R, W] for x [R, seq, d_in]; columns from
+        encoder_columns(ids): then only those W columns of the encoder are multiplied, not all d_sae."""
+        if columns is None:
+            return self.encode(x).gather(-1, ids.unsqueeze(1).expand(-1, x.shape[1], -1))
+        weights, bias, threshold = columns
+        pre = torch.bmm(self._sae_in(x), weights) + bias.unsqueeze(1)
+        return self._activate(pre, None if threshold is None else threshold.unsqueeze(1))
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f.to(self.dtype) @ self.W_dec + self.b_dec
 

@@ -25,7 +25,7 @@ from .loader import LoadedModel
 from .slots import SlotBatch
 from .steer import SpecError
 
-DEFAULT_SHAPES = {"cpu": (6, 512), "cuda": (64, 2048)}
+DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (64, 2048)}
 
 
 def slot_shape(device: torch.device) -> tuple[int, int]:

@@ -3,10 +3,13 @@
 Runs share the steps of one batch (continuous batching): a run is prefilled on its own, its KV written
 into free rows, and it joins at the next step; it leaves when it ends. Each row has its own write
 position, starting at 0, its own position ids and its own attention mask, so a row's keys sit where
-they would sit alone and every operation of a step is row-wise at a fixed shape: a row's numbers
-depend only on its own inputs, never on which other runs share the batch (matrix kernels change their
-reduction order with the shape, so the shape never changes). transformers' StaticCache shares one write
-position across rows, hence this Cache of ours and the grouped attention below.
+they would sit alone and every operation of a step is row-wise: a row's numbers depend only on its own
+inputs, never on which other runs share the batch. Matrix kernels may change their reduction order
+with the row count, so a step runs all R rows, empty ones included, unless the kernels chosen for this
+machine were shown to give every row the same bits at any row count (kernels.py, and a probe step
+here): then a step runs only rows [0, last occupied], and a lone run pays for its own rows only.
+transformers' StaticCache shares one write position across rows, hence this Cache of ours and the
+grouped attention below.
 """
 
 from __future__ import annotations
@@ -14,19 +17,23 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
-from .kernels import choose_linear_forms, transposed_linears
+from .kernels import step_kernels
 from .layers import decoder_blocks
+from .lean import TOLERANCE, LeanStep, has_hooks
 from .loader import LoadedModel
 from .steer import RowSteering
 
 ATTENTION = "steerlab_slots"
+SPAN_STEP = 64  # positions a step attends to, in multiples of this (when the kernels allow trimming)
 
 
 class SlotCache(Cache):
@@ -40,6 +47,7 @@ class SlotCache(Cache):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.write_positions: torch.Tensor | None = None
+        self.span = length  # a step attends to positions [0, span) of each row (SlotBatch._forward)
 
     def _allocate(self, layer: int, like: torch.Tensor) -> None:
         if layer not in self.keys:
@@ -49,12 +57,16 @@ class SlotCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self._allocate(layer_idx, key_states)
+        # A step may cover only the first rows and positions (SlotBatch.step): views, written in place.
+        count = key_states.shape[0]
+        keys = self.keys[layer_idx][:count, :, : self.span]
+        values = self.values[layer_idx][:count, :, : self.span]
         # A scatter along the position axis touches only the new entries (indexing rows and positions with a
         # slice between them made PyTorch copy the whole cache, most of a CPU step at 6 rows).
         index = self.write_positions[:, None, :, None].expand_as(key_states)
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys.scatter_(2, index, key_states)
+        values.scatter_(2, index, value_states)
+        return keys, values
 
     def write_prompt(self, row: int, prefilled: Cache, length: int) -> None:
         """Copy a batch-of-one prefill's KV into `row` at positions [0, length) and clear the rest."""
@@ -104,15 +116,26 @@ AttentionInterface.register(ATTENTION, grouped_attention)
 @contextmanager
 def slot_attention(model: torch.nn.Module) -> Iterator[None]:
     """The model's attention through grouped_attention for one forward (under the model's lock)."""
-    configs = {id(module.config): module.config for module in model.modules() if hasattr(module, "config")}
-    saved = {key: config._attn_implementation for key, config in configs.items()}
+    configs = _configs(model)
+    saved = [config._attn_implementation for config in configs]
     try:
-        for config in configs.values():
+        for config in configs:
             config._attn_implementation = ATTENTION
         yield
     finally:
-        for key, config in configs.items():
-            config._attn_implementation = saved[key]
+        for config, implementation in zip(configs, saved):
+            config._attn_implementation = implementation
+
+
+_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _configs(model: torch.nn.Module) -> list:
+    """The model's distinct configs (found once: walking the modules every step costs a millisecond)."""
+    if model not in _CONFIGS:
+        found = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+        _CONFIGS[model] = list(found.values())
+    return _CONFIGS[model]
 
 
 @functools.cache
@@ -153,8 +176,9 @@ def special_ids(tokenizer) -> torch.Tensor:
 class SlotBatch:
     """R rows and a KV cache of `length` positions on one model; step() runs one token for every row.
 
-    Rows are handed out with take() and given back with give_back(); a free row runs too (its numbers
-    are discarded), so the step's shape never changes. The caller holds the model's lock.
+    Rows are handed out with take() (lowest first) and given back with give_back(). A step runs rows
+    [0, step_rows()): all R, free ones included (their numbers are discarded), unless occupied_only, when
+    it stops at the last occupied row. The caller holds the model's lock.
     """
 
     def __init__(self, lm: LoadedModel, rows: int, length: int):
@@ -168,10 +192,15 @@ class SlotBatch:
         self.free = list(range(rows))
         self._span = torch.arange(length, device=lm.device)
         self.special_ids = special_ids(lm.tokenizer).to(lm.device)
-        self.linear_forms = choose_linear_forms(lm.model, rows, lm.device)
+        self.kernels = step_kernels(lm.model, rows, lm.device)
         # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
         self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
+        lean = LeanStep(lm.model, length) if LeanStep.supports(lm.model) else None
+        self.lean: LeanStep | None = lean
+        checks = self._checks()
+        self.lean = lean if checks.lean else None
+        self.occupied_only = checks.row_invariant
 
     def take(self, count: int) -> list[int] | None:
         """`count` free rows, or None when fewer are free."""
@@ -190,9 +219,16 @@ class SlotBatch:
     def set_input(self, row: int, token: int) -> None:
         self.inputs[row] = token
 
+    def step_rows(self) -> int:
+        """How many rows (from row 0) the next step computes."""
+        if not self.occupied_only:
+            return self.rows
+        free = set(self.free)
+        return max((row + 1 for row in range(self.rows) if row not in free), default=1)
+
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
-        """One decode step over all rows: logits [R, V] (float32) of each row's next token.
+        """One decode step: logits [step_rows(), V] (float32) of each row's next token.
 
         On a GPU the step is a CUDA graph, captured once per steering structure and replayed: the inputs,
         positions, cache and steering tensors it reads are updated in place between steps.
@@ -200,23 +236,43 @@ class SlotBatch:
         if self.graphs is not None:
             logits = self._replay()
         else:
-            logits = self._forward()
+            logits = self._forward(self.step_rows())
         occupied = torch.ones(self.rows, dtype=torch.bool, device=self.positions.device)
         occupied[self.free] = False
         self.positions += occupied.long()
         return logits
 
-    def _forward(self) -> torch.Tensor:
-        positions = self.positions.unsqueeze(1)
+    def attended_span(self, count: int) -> int:
+        """Positions the next step over `count` rows attends to: all, or, when occupied_only, the rows' longest
+        context rounded up to SPAN_STEP (masked zeros beyond a row's own context add nothing)."""
+        if not self.occupied_only:
+            return self.length
+        longest = int(self.positions[:count].max()) + 1
+        return min(self.length, -(-longest // SPAN_STEP) * SPAN_STEP)
+
+    def _forward(
+        self, count: int | None = None, span: int | None = None, lean: bool | None = None
+    ) -> torch.Tensor:
+        """The model over rows [0, count) (default: all), at each row's position, attending to positions
+        [0, span) (default: attended_span), through the lean step or the modules (default: lean if it can)."""
+        count = self.rows if count is None else count
+        span = self.attended_span(count) if span is None else span
+        positions = self.positions[:count].unsqueeze(1)
         self.cache.write_positions = positions
-        mask = (self._span.unsqueeze(0) <= positions).view(self.rows, 1, 1, self.length)
-        inputs = self.inputs.unsqueeze(1)
+        self.cache.span = span
+        mask = (self._span[:span].unsqueeze(0) <= positions).view(count, 1, 1, span)
+        inputs = self.inputs[:count].unsqueeze(1)
         self.steering.special_mask = torch.isin(inputs, self.special_ids)
-        with (
-            slot_attention(self.lm.model),
-            transposed_linears(self.linear_forms["transposed"]),
-            self.steering.attached(),
-        ):
+        if lean is None:
+            lean = self.lean is not None and not has_hooks(self.lm.model)
+        if lean:
+            with self.kernels.applied():
+                self.steering.begin()
+                logits = self.lean(
+                    inputs[:, 0], positions[:, 0], self.cache, mask, self.steering, grouped_attention
+                )
+            return logits.float()
+        with slot_attention(self.lm.model), self.kernels.applied(), self.steering.attached():
             logits = model_forward(
                 self.lm.model,
                 inputs,
@@ -250,3 +306,51 @@ class SlotBatch:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             logits = self._forward()
         return graph, logits, dict(self.steering.gathered)
+
+    @torch.inference_mode()
+    def _checks(self) -> StepChecks:
+        """What this machine's step was shown to do, checked once per model and batch shape on random tokens
+        at position 0 of the still empty batch (its cache rows are cleared again before any run writes a
+        prompt):
+        - lean: the lean step's logits match the module path's (within TOLERANCE of the largest logit);
+        - row_invariant (CPU, with row-invariant linears): whole steps give a row the same bits at every row
+          count and attended span, so steps may skip free rows and unused positions."""
+        by_shape = _CHECKED.setdefault(self.lm.model, {})
+        key = (self.rows, self.length)
+        if key not in by_shape:
+            generator = torch.Generator().manual_seed(0)
+            vocabulary = self.lm.model.get_input_embeddings().num_embeddings
+            tokens = torch.randint(vocabulary, (self.rows,), generator=generator).to(self.lm.device)
+            self.inputs.copy_(tokens)
+            lean = self.lean is not None and self._lean_matches()
+            by_shape[key] = StepChecks(lean, self._rows_invariant(lean))
+            self.inputs.zero_()
+            for layer in self.cache.keys:
+                self.cache.keys[layer].zero_()
+                self.cache.values[layer].zero_()
+        return by_shape[key]
+
+    def _lean_matches(self) -> bool:
+        modules = self._forward(self.rows, self.length, lean=False)
+        lean = self._forward(self.rows, self.length, lean=True)
+        tolerance = TOLERANCE.get(self.lm.dtype, 1e-2) * float(modules.abs().max())
+        return bool((lean - modules).abs().max() <= tolerance)
+
+    def _rows_invariant(self, lean: bool) -> bool:
+        if self.graphs is not None or not self.kernels.row_invariant:
+            return False
+        full = self._forward(self.rows, self.length, lean)
+        spans = range(SPAN_STEP, self.length, SPAN_STEP)
+        return all(
+            torch.equal(self._forward(count, self.length, lean), full[:count])
+            for count in range(1, self.rows)
+        ) and all(torch.equal(self._forward(1, span, lean), full[:1]) for span in spans)
+
+
+@dataclass(frozen=True)
+class StepChecks:
+    lean: bool
+    row_invariant: bool
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(rows, length): StepChecks}

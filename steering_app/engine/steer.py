@@ -176,6 +176,7 @@ class _MultiplicativeGroup:
     ids: torch.Tensor  # [rows, MAX_FEATURES] long
     coefficients: torch.Tensor  # [rows, MAX_FEATURES]
     decoder: torch.Tensor  # [rows, MAX_FEATURES, d_in]: W_dec[ids]
+    encoder: tuple | None  # SAE.encoder_columns(ids)
 
 
 @dataclass
@@ -186,6 +187,7 @@ class _CaptureGroup:
     rows: list[int]
     widths: list[int]
     ids: torch.Tensor  # [rows, width] long
+    encoder: tuple | None  # SAE.encoder_columns(ids)
 
 
 @dataclass
@@ -271,16 +273,49 @@ class RowSteering:
     @contextmanager
     def attached(self) -> Iterator[RowSteering]:
         """Hooks on for the duration; removed on any exit, KeyboardInterrupt included."""
-        self.prepare()
-        self.gathered = {}
+        self.begin()
         try:
-            for layer, ops in self._ops.items():
-                self._handles.append(self.blocks[layer].register_forward_hook(self._hook(layer, ops)))
+            for layer in self._ops:
+                self._handles.append(self.blocks[layer].register_forward_hook(self._hook(layer)))
             yield self
         finally:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
+
+    def begin(self) -> None:
+        """Ready for one forward that calls steer() itself between blocks (lean.py), without hooks."""
+        self.prepare()
+        self.gathered = {}
+
+    def steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `layer`'s output hidden [rows, seq, d] after this forward's steering (itself if none)."""
+        ops = self._ops.get(layer)
+        if ops is None:
+            return hidden
+        count = hidden.shape[0]
+        if count > self.rows:
+            raise RuntimeError(f"steering planned for {self.rows} rows, the forward has {count}")
+        # A step over the first rows only (SlotBatch.step) is padded back to all rows here, so the SAE's
+        # matmuls keep their shape and a row's numbers stay independent of how many rows ran.
+        padded, special_mask = hidden, self.special_mask
+        if count < self.rows:
+            padded = _pad_rows(hidden, self.rows)
+            special_mask = None if special_mask is None else _pad_rows(special_mask, self.rows)
+        steered = padded
+        if ops.additive is not None:
+            steered = steered + ops.additive.to(hidden.dtype).unsqueeze(1)
+        for group in ops.multiplicative:
+            selected = group.sae.encode_rows(steered, group.ids, group.encoder)
+            delta = torch.bmm(selected * group.coefficients.unsqueeze(1), group.decoder).to(hidden.dtype)
+            steered = torch.where(group.member[:, None, None], steered + delta, steered)
+        if steered is not padded and special_mask is not None:
+            keep = special_mask.to(hidden.device) & self._protected.unsqueeze(1)
+            steered = torch.where(keep.unsqueeze(-1), padded, steered)
+        for index, group in enumerate(ops.capture):
+            activations = group.sae.encode_rows(steered, group.ids, group.encoder)
+            self.gathered[(layer, index)] = activations.float()
+        return hidden if steered is padded else steered[:count]
 
     def _layer_ops(self) -> dict[int, _LayerOps]:
         ops: dict[int, _LayerOps] = {}
@@ -314,7 +349,7 @@ class RowSteering:
             ids[row, : len(features)] = torch.tensor([idx for idx, _ in features])
             coefficients[row, : len(features)] = torch.tensor([coef for _, coef in features])
             member[row] = True
-        return _MultiplicativeGroup(sae, member, ids, coefficients, sae.W_dec[ids])
+        return _MultiplicativeGroup(sae, member, ids, coefficients, sae.W_dec[ids], sae.encoder_columns(ids))
 
     def _capture_group(self, rows: list[int]) -> _CaptureGroup:
         sae = self.plans[rows[0]].sae
@@ -323,7 +358,7 @@ class RowSteering:
         for row in rows:
             features = self.plans[row].capture
             ids[row, : len(features)] = torch.tensor(features)
-        return _CaptureGroup(sae, rows, widths, ids)
+        return _CaptureGroup(sae, rows, widths, ids, sae.encoder_columns(ids))
 
     def _protected_rows(self) -> torch.Tensor:
         device = next((plan.sae.device for plan in self.plans if plan is not None), torch.device("cpu"))
@@ -331,33 +366,18 @@ class RowSteering:
             [plan is not None and not plan.steer_special_tokens for plan in self.plans], device=device
         )
 
-    def _hook(self, layer: int, ops: _LayerOps):
-        protected = self._protected
-
+    def _hook(self, layer: int):
         def hook(module, args, output):
             hidden = block_hidden(output)
-            if hidden.shape[0] != self.rows:
-                raise RuntimeError(
-                    f"steering planned for {self.rows} rows, the forward has {hidden.shape[0]}"
-                )
-            steered = hidden
-            if ops.additive is not None:
-                steered = steered + ops.additive.to(hidden.dtype).unsqueeze(1)
-            for group in ops.multiplicative:
-                activations = group.sae.encode(steered)
-                selected = activations.gather(-1, group.ids.unsqueeze(1).expand(-1, hidden.shape[1], -1))
-                delta = torch.bmm(selected * group.coefficients.unsqueeze(1), group.decoder).to(hidden.dtype)
-                steered = torch.where(group.member[:, None, None], steered + delta, steered)
-            if steered is not hidden and self.special_mask is not None:
-                keep = self.special_mask.to(hidden.device) & protected.unsqueeze(1)
-                steered = torch.where(keep.unsqueeze(-1), hidden, steered)
-            for index, group in enumerate(ops.capture):
-                activations = group.sae.encode(steered)
-                expanded = group.ids.unsqueeze(1).expand(-1, hidden.shape[1], -1)
-                self.gathered[(layer, index)] = activations.gather(-1, expanded).float()
+            steered = self.steer(layer, hidden)
             return None if steered is hidden else replace_block_hidden(output, steered)
 
         return hook
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """tensor [count, ...] with zero rows appended up to `rows`."""
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 def _capture_width(width: int) -> int:
@@ -376,9 +396,17 @@ def _copy_ops(target: dict[int, _LayerOps], source: dict[int, _LayerOps]) -> Non
             old.ids.copy_(new.ids)
             old.coefficients.copy_(new.coefficients)
             old.decoder.copy_(new.decoder)
+            _copy_tensors(old.encoder, new.encoder)
         for old, new in zip(kept.capture, ops.capture):
             old.ids.copy_(new.ids)
+            _copy_tensors(old.encoder, new.encoder)
             old.rows, old.widths = new.rows, new.widths
+
+
+def _copy_tensors(target: tuple | None, source: tuple | None) -> None:
+    for old, new in zip(target or (), source or ()):
+        if old is not None:
+            old.copy_(new)
 
 
 @contextmanager

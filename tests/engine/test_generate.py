@@ -9,6 +9,7 @@ from steering_app.engine import run_comparison
 from steering_app.engine.generate import Stopped, compare, eos_token_ids, sample_coupled
 from steering_app.engine.loader import get_embedder
 from steering_app.engine.metrics import comparison_metrics
+from steering_app.engine.scheduler import scheduler_for
 from steering_app.engine.steer import SteeringSpec
 
 from .conftest import SAE_LAYER, hooks_everywhere, random_sae, tiny_lm
@@ -184,6 +185,8 @@ def test_it_stops_before_the_next_step_once_should_stop_says_so_and_leaves_no_ho
     sae = random_sae(tmp_path, d_in=32, hook_layer=1)
     spec = SteeringSpec("additive", ((0, 2.0),), (1,))
     forwards, asked = [], []
+    with tiny.lock:
+        scheduler_for(tiny)  # the model's batch is built (its kernels checked by probe steps) before counting
     counter = tiny.model.register_forward_hook(lambda module, args, output: forwards.append(1))
 
     def should_stop() -> bool:

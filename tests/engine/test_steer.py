@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from steering_app.engine.generate import compare
-from steering_app.engine.kernels import TransposedLinear
+from steering_app.engine.kernels import PackedLinear, TransposedLinear
 from steering_app.engine.layers import decoder_blocks
+from steering_app.engine.scheduler import scheduler_for
 from steering_app.engine.steer import SpecError, SteeringSpec, steering_hooks, validate
 
 from .conftest import hooks_everywhere, random_sae
@@ -33,6 +34,8 @@ class BlockProbe:
 
 
 def _run_probed(tiny, sae, spec, layer, **kwargs):
+    with tiny.lock:
+        scheduler_for(tiny)  # the model's batch is built (its kernels checked by probe steps) before probing
     probe = BlockProbe(tiny.model, layer)
     try:
         comparison = compare(tiny, sae, "Hello there, how are", spec, 0.8, 6, seed=3, sae_layer=1, **kwargs)
@@ -121,7 +124,7 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
     with pytest.raises(type(interrupt)):
         compare(tiny, sae, "Hello there", spec, 0.8, 8, seed=1, sae_layer=1, on_step=on_step)
     assert hooks_everywhere(tiny.model) == []
-    assert not any(isinstance(module, TransposedLinear) for module in tiny.model.modules())
+    assert not any(isinstance(module, (PackedLinear, TransposedLinear)) for module in tiny.model.modules())
 
 
 @pytest.mark.parametrize(
