@@ -194,26 +194,40 @@ class Generation:
 
     @torch.inference_mode()
     def prefill(self, batch: SlotBatch, rows: list[int]) -> None:
-        """Each row alone (a batch of one, so the clean row never depends on the variants), then into the batch."""
+        """The run's rows read the prompt, each as it would alone (so the clean row never depends on the
+        variants), and take their seats in the batch: in one forward where the batch's kernels make that
+        row-invariant, else one batch-of-one forward per row."""
         started = time.perf_counter()
         self.rows = rows
+        if batch.prefills_together():
+            _check_stop(self.should_stop)
+            logits, records, cache = batch.prefill_together(self.request.prompt_ids, self.plans)
+            for index, (plan, row) in enumerate(zip(self.plans, rows)):
+                self._record(records, index, plan, index)
+                batch.seat(row, plan, cache, len(self.request.prompt_ids), source_row=index)
+            self.logits = logits
+        else:
+            self.logits = torch.stack(
+                [
+                    self._prefill_alone(batch, row, plan, index)
+                    for index, (plan, row) in enumerate(zip(self.plans, rows))
+                ]
+            )
+        self.timings = {"prefill": time.perf_counter() - started, "slots": list(rows)}
+        self._decode_started = time.perf_counter()
+
+    def _prefill_alone(self, batch: SlotBatch, row: int, plan: RowPlan, index: int) -> torch.Tensor:
+        _check_stop(self.should_stop)
         prompt = torch.tensor([self.request.prompt_ids], device=self.lm.device)
         steering = RowSteering(decoder_blocks(self.lm.model), 1)
         steering.special_mask = torch.isin(prompt, batch.special_ids)
-        logits = []
-        for index, (plan, row) in enumerate(zip(self.plans, rows)):
-            _check_stop(self.should_stop)
-            cache = new_cache(self.lm.model)
-            steering.assign(0, plan)
-            with steering.attached():
-                logits.append(model_forward(self.lm.model, prompt, cache, logits_to_keep=1)[0, -1].float())
-            self._record(steering.records(), 0, plan, index)
-            batch.cache.write_prompt(row, cache, prompt.shape[1])
-            batch.positions[row] = prompt.shape[1]
-            batch.steering.assign(row, plan)
-        self.logits = torch.stack(logits)
-        self.timings = {"prefill": time.perf_counter() - started, "slots": list(rows)}
-        self._decode_started = time.perf_counter()
+        steering.assign(0, plan)
+        cache = new_cache(self.lm.model)
+        with steering.attached():
+            logits = model_forward(self.lm.model, prompt, cache, logits_to_keep=1)[0, -1].float()
+        self._record(steering.records(), 0, plan, index)
+        batch.seat(row, plan, cache, prompt.shape[1])
+        return logits
 
     def _record(self, records: dict[int, torch.Tensor], source_row: int, plan: RowPlan, index: int) -> None:
         if plan.capture:

@@ -26,7 +26,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 class LeanStep:
-    """step(ids, positions, cache, mask, steering) -> logits [rows, V] of a Llama-family model."""
+    """A Llama-family model's forward over a slot cache: decode steps, and prefills and teacher-forced passes
+    (`length`: the positions its rotary table covers)."""
 
     def __init__(self, model: torch.nn.Module, length: int):
         self.model = model
@@ -88,27 +89,34 @@ class LeanStep:
         mask: torch.Tensor,
         steering: RowSteering,
         attention,
+        keep: int = 1,
     ) -> torch.Tensor:
-        """ids [rows], positions [rows]: one token per row; mask [rows, 1, 1, span]; attention: the slot
-        attention function (slots.grouped_attention)."""
-        rows = ids.shape[0]
-        cos = self.cos[positions].view(rows, 1, 1, self.head_dim)
-        sin = self.signed_sin[positions].view(rows, 1, 1, self.head_dim)
-        h = F.embedding(ids, self.embed.weight).view(rows, 1, self.hidden)
+        """Logits [rows, keep, V] of the last `keep` positions of ids [rows, seq] at positions [rows, seq],
+        writing their keys and values into cache (a slots.SlotCache); mask [rows, 1, seq, span] (True =
+        attend); attention: the slot attention function (slots.grouped_attention)."""
+        rows, seq = ids.shape
+        cos = self.cos[positions].unsqueeze(1)  # [rows, 1, seq, head_dim]: one table row per token
+        sin = self.signed_sin[positions].unsqueeze(1)
+        h = F.embedding(ids, self.embed.weight)
         for index, layer in enumerate(self.layers):
             attention_module = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
-            q = attention_module.q_proj.forward(x).view(rows, self.heads, 1, self.head_dim)
-            k = attention_module.k_proj.forward(x).view(rows, self.kv_heads, 1, self.head_dim)
-            v = attention_module.v_proj.forward(x).view(rows, self.kv_heads, 1, self.head_dim)
+            q = self._heads(attention_module.q_proj.forward(x), self.heads)
+            k = self._heads(attention_module.k_proj.forward(x), self.kv_heads)
+            v = self._heads(attention_module.v_proj.forward(x), self.kv_heads)
             keys, values = cache.update(self._rotate(k, cos, sin), v, index)
             out, _ = attention(attention_module, self._rotate(q, cos, sin), keys, values, mask, self.scaling)
-            h = h + attention_module.o_proj.forward(out.reshape(rows, 1, -1))
+            h = h + attention_module.o_proj.forward(out.reshape(rows, seq, -1))
             mlp = layer.mlp
             x = self._norm(layer.post_attention_layernorm, h)
             h = h + mlp.down_proj.forward(F.silu(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
             h = steering.steer(index, h)
-        return self.lm_head.forward(self._norm(self.final_norm, h))[:, -1, :]
+        return self.lm_head.forward(self._norm(self.final_norm, h[:, -keep:]))
+
+    def _heads(self, projected: torch.Tensor, heads: int) -> torch.Tensor:
+        """[rows, seq, heads * head_dim] -> [rows, heads, seq, head_dim]."""
+        rows, seq, _ = projected.shape
+        return projected.view(rows, seq, heads, self.head_dim).transpose(1, 2)
 
 
 def has_hooks(model: torch.nn.Module) -> bool:

@@ -68,15 +68,19 @@ class SlotCache(Cache):
         values.scatter_(2, index, value_states)
         return keys, values
 
-    def write_prompt(self, row: int, prefilled: Cache, length: int) -> None:
-        """Copy a batch-of-one prefill's KV into `row` at positions [0, length) and clear the rest."""
-        for layer, cached in enumerate(prefilled.layers):
-            keys, values = cached.keys[0, :, :length], cached.values[0, :, :length]
-            self._allocate(layer, cached.keys)
+    def write_prompt(self, row: int, prefilled: Cache | SlotCache, length: int, source_row: int = 0) -> None:
+        """Copy a prefill's KV (source_row of a DynamicCache or a SlotCache) into `row` at positions
+        [0, length) and clear the rest."""
+        if isinstance(prefilled, SlotCache):
+            layers = [(prefilled.keys[layer], prefilled.values[layer]) for layer in sorted(prefilled.keys)]
+        else:
+            layers = [(cached.keys, cached.values) for cached in prefilled.layers]
+        for layer, (keys, values) in enumerate(layers):
+            self._allocate(layer, keys)
             self.keys[layer][row].zero_()
             self.values[layer][row].zero_()
-            self.keys[layer][row, :, :length] = keys
-            self.values[layer][row, :, :length] = values
+            self.keys[layer][row, :, :length] = keys[source_row, :, :length]
+            self.values[layer][row, :, :length] = values[source_row, :, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are per row and always passed explicitly
@@ -219,6 +223,31 @@ class SlotBatch:
     def set_input(self, row: int, token: int) -> None:
         self.inputs[row] = token
 
+    def seat(self, row: int, plan, prefilled: Cache | SlotCache, length: int, source_row: int = 0) -> None:
+        """Put a prefilled row (its KV for `length` prompt tokens, its steering plan) into `row`."""
+        self.cache.write_prompt(row, prefilled, length, source_row)
+        self.positions[row] = length
+        self.steering.assign(row, plan)
+
+    def prefills_together(self) -> bool:
+        """Whether a run's rows may be prefilled in one forward (prefill_together): with row-invariant kernels
+        and the lean step, a row's prefill is the same alone or beside its run's other rows."""
+        return self.occupied_only and self.lean is not None and not has_hooks(self.lm.model)
+
+    @torch.inference_mode()
+    def prefill_together(self, prompt_ids: list[int], plans: list) -> tuple[torch.Tensor, dict, SlotCache]:
+        """One forward over a run's rows (row i steered by plans[i]), each reading the whole prompt: the last
+        position's logits [rows, V], the SAE records ({row: [seq, width]}) and the SlotCache holding their KV."""
+        rows, length = len(plans), len(prompt_ids)
+        ids = torch.tensor([prompt_ids], device=self.lm.device).expand(rows, length)
+        steering = RowSteering(self.steering.blocks, rows)
+        steering.special_mask = torch.isin(ids, self.special_ids)
+        for row, plan in enumerate(plans):
+            steering.assign(row, plan)
+        with self.kernels.applied():
+            logits, cache = teacher_forced(self.lean, ids, steering, keep=1)
+        return logits[:, -1, :].float(), steering.records(), cache
+
     def step_rows(self) -> int:
         """How many rows (from row 0) the next step computes."""
         if not self.occupied_only:
@@ -268,10 +297,8 @@ class SlotBatch:
         if lean:
             with self.kernels.applied():
                 self.steering.begin()
-                logits = self.lean(
-                    inputs[:, 0], positions[:, 0], self.cache, mask, self.steering, grouped_attention
-                )
-            return logits.float()
+                logits = self.lean(inputs, positions, self.cache, mask, self.steering, grouped_attention)
+            return logits[:, -1, :].float()
         with slot_attention(self.lm.model), self.kernels.applied(), self.steering.attached():
             logits = model_forward(
                 self.lm.model,
@@ -345,6 +372,30 @@ class SlotBatch:
             torch.equal(self._forward(count, self.length, lean), full[:count])
             for count in range(1, self.rows)
         ) and all(torch.equal(self._forward(1, span, lean), full[:1]) for span in spans)
+
+
+def lean_step(lm: LoadedModel) -> LeanStep | None:
+    """The lean step of the model's shared batch, when it was checked and no hooks are on the model."""
+    batch = getattr(lm.scheduler, "batch", None)
+    if batch is None or batch.lean is None or has_hooks(lm.model):
+        return None
+    return batch.lean
+
+
+@torch.inference_mode()
+def teacher_forced(
+    lean: LeanStep, input_ids: torch.Tensor, steering: RowSteering, keep: int
+) -> tuple[torch.Tensor, SlotCache]:
+    """input_ids [rows, seq] read from position 0 (causal) through the lean step: the logits [rows, keep, V]
+    of the last `keep` positions, and the SlotCache of their keys and values."""
+    rows, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(rows, length)
+    cache = SlotCache(rows, length)
+    cache.write_positions = positions
+    causal = positions[0].unsqueeze(0) <= positions[0].unsqueeze(1)  # [query, key]
+    mask = causal.view(1, 1, length, length).expand(rows, 1, length, length)
+    steering.begin()
+    return lean(input_ids, positions, cache, mask, steering, grouped_attention, keep=keep), cache
 
 
 @dataclass(frozen=True)
