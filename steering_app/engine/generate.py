@@ -201,11 +201,7 @@ class Generation:
         self.rows = rows
         if batch.prefills_together():
             _check_stop(self.should_stop)
-            logits, records, cache = batch.prefill_together(self.request.prompt_ids, self.plans)
-            for index, (plan, row) in enumerate(zip(self.plans, rows)):
-                self._record(records, index, plan, index)
-                batch.seat(row, plan, cache, len(self.request.prompt_ids), source_row=index)
-            self.logits = logits
+            self.logits = self._prefill_lean(batch, rows, self.plans, 0)
         else:
             self.logits = torch.stack(
                 [
@@ -216,8 +212,20 @@ class Generation:
         self.timings = {"prefill": time.perf_counter() - started, "slots": list(rows)}
         self._decode_started = time.perf_counter()
 
+    def _prefill_lean(
+        self, batch: SlotBatch, rows: list[int], plans: list[RowPlan], first: int
+    ) -> torch.Tensor:
+        """Rows read the prompt in one lean forward and take their seats; plans[i] is the run's row first + i."""
+        logits, records, cache = batch.prefill(self.request.prompt_ids, plans)
+        for offset, (plan, row) in enumerate(zip(plans, rows)):
+            self._record(records, offset, plan, first + offset)
+            batch.seat(row, plan, cache, len(self.request.prompt_ids), source_row=offset)
+        return logits
+
     def _prefill_alone(self, batch: SlotBatch, row: int, plan: RowPlan, index: int) -> torch.Tensor:
         _check_stop(self.should_stop)
+        if batch.lean_usable():
+            return self._prefill_lean(batch, [row], [plan], index)[0]
         prompt = torch.tensor([self.request.prompt_ids], device=self.lm.device)
         steering = RowSteering(decoder_blocks(self.lm.model), 1)
         steering.special_mask = torch.isin(prompt, batch.special_ids)

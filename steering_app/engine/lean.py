@@ -14,6 +14,9 @@ module path in slots.py.
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +28,35 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
+class _Layer(NamedTuple):
+    input_norm: torch.nn.Module
+    attention: torch.nn.Module
+    q: torch.nn.Linear
+    k: torch.nn.Linear
+    v: torch.nn.Linear
+    o: torch.nn.Linear
+    mlp_norm: torch.nn.Module
+    gate: torch.nn.Linear
+    up: torch.nn.Linear
+    down: torch.nn.Linear
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module) -> _Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(
+            layer.input_layernorm,
+            attention,
+            attention.q_proj,
+            attention.k_proj,
+            attention.v_proj,
+            attention.o_proj,
+            layer.post_attention_layernorm,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        )
+
+
 class LeanStep:
     """A Llama-family model's forward over a slot cache: decode steps, and prefills and teacher-forced passes
     (`length`: the positions its rotary table covers)."""
@@ -33,13 +65,14 @@ class LeanStep:
         self.model = model
         inner = model.model
         config = model.config
-        self.layers = list(inner.layers)
+        # Each layer's modules looked up once (nn.Module attribute access costs a microsecond, 16 per layer).
+        self.layers = [_Layer.of(layer) for layer in inner.layers]
         self.embed = inner.embed_tokens
         self.final_norm = inner.norm
         self.lm_head = model.lm_head
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
-        attention = self.layers[0].self_attn
+        attention = self.layers[0].attention
         self.head_dim = attention.head_dim
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -99,17 +132,15 @@ class LeanStep:
         sin = self.signed_sin[positions].unsqueeze(1)
         h = F.embedding(ids, self.embed.weight)
         for index, layer in enumerate(self.layers):
-            attention_module = layer.self_attn
-            x = self._norm(layer.input_layernorm, h)
-            q = self._heads(attention_module.q_proj.forward(x), self.heads)
-            k = self._heads(attention_module.k_proj.forward(x), self.kv_heads)
-            v = self._heads(attention_module.v_proj.forward(x), self.kv_heads)
+            x = self._norm(layer.input_norm, h)
+            q = self._heads(layer.q.forward(x), self.heads)
+            k = self._heads(layer.k.forward(x), self.kv_heads)
+            v = self._heads(layer.v.forward(x), self.kv_heads)
             keys, values = cache.update(self._rotate(k, cos, sin), v, index)
-            out, _ = attention(attention_module, self._rotate(q, cos, sin), keys, values, mask, self.scaling)
-            h = h + attention_module.o_proj.forward(out.reshape(rows, seq, -1))
-            mlp = layer.mlp
-            x = self._norm(layer.post_attention_layernorm, h)
-            h = h + mlp.down_proj.forward(F.silu(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+            out, _ = attention(layer.attention, self._rotate(q, cos, sin), keys, values, mask, self.scaling)
+            h = h + layer.o.forward(out.reshape(rows, seq, -1))
+            x = self._norm(layer.mlp_norm, h)
+            h = h + layer.down.forward(F.silu(layer.gate.forward(x)) * layer.up.forward(x))
             h = steering.steer(index, h)
         return self.lm_head.forward(self._norm(self.final_norm, h[:, -keep:]))
 
@@ -119,8 +150,14 @@ class LeanStep:
         return projected.view(rows, seq, heads, self.head_dim).transpose(1, 2)
 
 
+_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def has_hooks(model: torch.nn.Module) -> bool:
-    """Whether any module of the model has forward hooks (which only the module path would call)."""
-    return any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()) or bool(
+    """Whether any module of the model has forward hooks (which only the module path would call). Asked every
+    step, so the modules are listed once (walking them costs a millisecond)."""
+    if model not in _MODULES:
+        _MODULES[model] = list(model.modules())
+    return any(module._forward_hooks or module._forward_pre_hooks for module in _MODULES[model]) or bool(
         torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
     )

@@ -229,15 +229,19 @@ class SlotBatch:
         self.positions[row] = length
         self.steering.assign(row, plan)
 
+    def lean_usable(self) -> bool:
+        """Whether forwards may take the lean step now (none does while hooks are on the model)."""
+        return self.lean is not None and not has_hooks(self.lm.model)
+
     def prefills_together(self) -> bool:
-        """Whether a run's rows may be prefilled in one forward (prefill_together): with row-invariant kernels
-        and the lean step, a row's prefill is the same alone or beside its run's other rows."""
-        return self.occupied_only and self.lean is not None and not has_hooks(self.lm.model)
+        """Whether a run's rows may read the prompt in one forward (prefill): with row-invariant kernels and
+        the lean step, a row's prefill is the same alone or beside its run's other rows."""
+        return self.occupied_only and self.lean_usable()
 
     @torch.inference_mode()
-    def prefill_together(self, prompt_ids: list[int], plans: list) -> tuple[torch.Tensor, dict, SlotCache]:
-        """One forward over a run's rows (row i steered by plans[i]), each reading the whole prompt: the last
-        position's logits [rows, V], the SAE records ({row: [seq, width]}) and the SlotCache holding their KV."""
+    def prefill(self, prompt_ids: list[int], plans: list) -> tuple[torch.Tensor, dict, SlotCache]:
+        """One lean forward over len(plans) rows (row i steered by plans[i]), each reading the whole prompt: the
+        last position's logits [rows, V], the SAE records ({row: [seq, width]}) and the SlotCache of their KV."""
         rows, length = len(plans), len(prompt_ids)
         ids = torch.tensor([prompt_ids], device=self.lm.device).expand(rows, length)
         steering = RowSteering(self.steering.blocks, rows)
