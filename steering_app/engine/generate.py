@@ -180,6 +180,7 @@ class Generation:
             plan_row(sae, request.sae_layer, spec, request.capture) for spec in (None, *request.variants)
         ]
         self.rows: list[int] = []
+        self._row_index: torch.Tensor | None = None  # the rows as a tensor on the device
         self.tokens: list[list[int]] = [[] for _ in range(count)]
         self.finished = [False] * count
         self.streams = [_TextStream(tokenizer) for _ in range(count)]
@@ -199,6 +200,8 @@ class Generation:
         row-invariant, else one batch-of-one forward per row."""
         started = time.perf_counter()
         self.rows = rows
+        # Made once: indexing each step's logits with a list would copy the list to the device every step.
+        self._row_index = torch.tensor(rows, device=self.lm.device)
         if batch.prefills_together():
             _check_stop(self.should_stop)
             self.logits = self._prefill_lean(batch, rows, self.plans, 0)
@@ -244,7 +247,7 @@ class Generation:
 
     def receive(self, step_logits: torch.Tensor, records: dict[int, torch.Tensor]) -> None:
         """The rows' logits and SAE records from a batch step."""
-        self.logits = step_logits[self.rows]
+        self.logits = step_logits.index_select(0, self._row_index)
         for index, (row, plan) in enumerate(zip(self.rows, self.plans)):
             self._record(records, row, plan, index)
 

@@ -194,6 +194,7 @@ class SlotBatch:
         self.positions = torch.zeros(rows, dtype=torch.long, device=lm.device)
         self.inputs = torch.zeros(rows, dtype=torch.long, device=lm.device)
         self.free = list(range(rows))
+        self._advancing = torch.zeros(rows, dtype=torch.long, device=lm.device)  # 1 for taken rows
         self._span = torch.arange(length, device=lm.device)
         self.special_ids = special_ids(lm.tokenizer).to(lm.device)
         self.kernels = step_kernels(lm.model, rows, lm.device)
@@ -211,6 +212,7 @@ class SlotBatch:
         if count > len(self.free):
             return None
         taken, self.free = self.free[:count], self.free[count:]
+        self._advancing[taken] = 1
         return taken
 
     def give_back(self, rows: list[int]) -> None:
@@ -218,6 +220,7 @@ class SlotBatch:
             self.steering.assign(row, None)
             self.positions[row] = 0
             self.inputs[row] = 0
+        self._advancing[rows] = 0
         self.free = sorted(self.free + list(rows))
 
     def set_input(self, row: int, token: int) -> None:
@@ -270,9 +273,7 @@ class SlotBatch:
             logits = self._replay()
         else:
             logits = self._forward(self.step_rows())
-        occupied = torch.ones(self.rows, dtype=torch.bool, device=self.positions.device)
-        occupied[self.free] = False
-        self.positions += occupied.long()
+        self.positions += self._advancing
         return logits
 
     def attended_span(self, count: int) -> int:

@@ -76,13 +76,21 @@ def _run(scheduler, request_under_test, lm, sae, others, schedule):
     return result
 
 
+@pytest.mark.parametrize("occupied_only", [True, False], ids=["occupied-rows", "all-rows"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_it_gives_bit_identical_numbers_alone_and_beside_other_runs(smollm2, smollm2_sae, cat_scale, seed):
+def test_it_gives_bit_identical_numbers_alone_and_beside_other_runs(
+    smollm2, smollm2_sae, cat_scale, seed, occupied_only
+):
+    """Both ways of stepping: over the occupied rows only (where this machine's kernels were shown to be
+    row-invariant) and over all rows, the fixed shape every other machine uses."""
     lm, sae = smollm2, smollm2_sae
     spec = SteeringSpec("additive", ((0, 3.0),), (SAE_LAYER, 14), feature_scales={0: cat_scale})
     request = _request(lm, sae, "Tell me about your favourite animal.", [spec], 16, seed)
     others = _others(lm, sae, cat_scale)
     scheduler = Scheduler(lm, ROWS, LENGTH)
+    if occupied_only and not scheduler.batch.occupied_only:
+        pytest.skip("this CPU's kernels were not row-invariant: every step runs all rows (the other case)")
+    scheduler.batch.occupied_only = occupied_only
     alone = _run(scheduler, request, lm, sae, [], [])
     slots = {tuple(alone.timings["slots"])}
     # 1, 2 and 3 neighbours, joining before the request, during it and after its first steps.
@@ -157,3 +165,29 @@ def test_it_refuses_a_run_the_slots_cannot_hold_naming_the_field(
     with pytest.raises(SpecError) as raised:
         scheduler.admit(Generation(lm, sae, _request(lm, sae, "Hello", specs, tokens, seed=0)))
     assert raised.value.field == field and len(scheduler.batch.free) == ROWS
+
+
+def test_the_lean_step_computes_what_the_modules_compute(smollm2, smollm2_sae, cat_scale):
+    """SmolLM2's batch steps without transformers' modules; a forward hook on the model (which only module
+    calls would reach) sends the same request through the modules, and the numbers agree."""
+    lm, sae = smollm2, smollm2_sae
+    spec = SteeringSpec("multiplicative", ((0, 4.0),), (SAE_LAYER,))
+    request = _request(lm, sae, "Tell me about your cat.", [spec], 12, seed=3)
+    scheduler = Scheduler(lm, ROWS, LENGTH)
+    assert scheduler.batch.lean is not None
+    lean = _run(scheduler, request, lm, sae, [], [])
+    calls = []
+    handle = decoder_blocks(lm.model)[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        modules = _run(scheduler, request, lm, sae, [], [])
+    finally:
+        handle.remove()
+    assert len(calls) == 2 + 11  # the module path ran: two prompt reads, then one call per decode step
+    assert modules.unsteered_ids == lean.unsteered_ids and modules.steered_ids == lean.steered_ids
+    scale = float(lean.clean_logits.abs().max())
+    for ours, theirs in (
+        (lean.clean_logits, modules.clean_logits),
+        (lean.steered_logits, modules.steered_logits),
+    ):
+        assert float((ours - theirs).abs().max()) <= 1e-4 * scale
+    assert lean.steered_ids != lean.unsteered_ids  # the check is not vacuous: the steering acted
