@@ -61,8 +61,11 @@ class LeanStep:
     """A Llama-family model's forward over a slot cache: decode steps, and prefills and teacher-forced passes
     (`length`: the positions its rotary table covers)."""
 
-    def __init__(self, model: torch.nn.Module, length: int):
+    def __init__(self, model: torch.nn.Module, length: int, attention):
+        """attention(module, query, key, value, mask, scaling) -> (output [rows, seq, heads, head_dim], _):
+        the slot attention (slots.py)."""
         self.model = model
+        self.attention = attention
         inner = model.model
         config = model.config
         # Each layer's modules looked up once (nn.Module attribute access costs a microsecond, 16 per layer).
@@ -107,12 +110,12 @@ class LeanStep:
         )
 
     def _norm(self, module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-        # As LlamaRMSNorm: normalized in float32, cast back, then scaled.
-        normed = F.rms_norm(h.float(), (self.hidden,), eps=module.variance_epsilon)
-        return module.weight * normed.to(h.dtype)
+        # LlamaRMSNorm in one call (it computes in float32 inside); LlamaRMSNorm rounds to the model's dtype
+        # once more before scaling, a difference within the probe's tolerance.
+        return F.rms_norm(h, (self.hidden,), module.weight, module.variance_epsilon)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin
+        return torch.addcmul(x * cos, torch.roll(x, self.head_dim // 2, dims=-1), sin)
 
     def __call__(
         self,
@@ -121,12 +124,11 @@ class LeanStep:
         cache,
         mask: torch.Tensor,
         steering: RowSteering,
-        attention,
         keep: int = 1,
     ) -> torch.Tensor:
         """Logits [rows, keep, V] of the last `keep` positions of ids [rows, seq] at positions [rows, seq],
         writing their keys and values into cache (a slots.SlotCache); mask [rows, 1, seq, span] (True =
-        attend); attention: the slot attention function (slots.grouped_attention)."""
+        attend)."""
         rows, seq = ids.shape
         cos = self.cos[positions].unsqueeze(1)  # [rows, 1, seq, head_dim]: one table row per token
         sin = self.signed_sin[positions].unsqueeze(1)
@@ -137,7 +139,9 @@ class LeanStep:
             k = self._heads(layer.k.forward(x), self.kv_heads)
             v = self._heads(layer.v.forward(x), self.kv_heads)
             keys, values = cache.update(self._rotate(k, cos, sin), v, index)
-            out, _ = attention(layer.attention, self._rotate(q, cos, sin), keys, values, mask, self.scaling)
+            out, _ = self.attention(
+                layer.attention, self._rotate(q, cos, sin), keys, values, mask, self.scaling
+            )
             h = h + layer.o.forward(out.reshape(rows, seq, -1))
             x = self._norm(layer.mlp_norm, h)
             h = h + layer.down.forward(F.silu(layer.gate.forward(x)) * layer.up.forward(x))

@@ -7,10 +7,13 @@ cancellation never ends another's.
 
 The slot shape (rows, cache length) is fixed per process: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS, or
 the device's defaults below, chosen from measurements (bench/steering_bench.py, .gpu/check_slots.py):
-- CPU (2-core Xeon, SmolLM2-135M fp32, eager): a step's cost grows with the rows (the linears stream the
-  weights per row group), so 6 rows: a sweep of 4 and its clean row, or 3 comparisons at once.
-- CUDA (H100, bf16, the step a CUDA graph): 4.2 ms at 8 rows, 4.4 at 16 and 32, 4.6 at 64, so 64 rows
-  (32 comparisons share each step for the price of one); 2048 positions cost 6 GB of KV cache there.
+- CPU (2-core AMX Xeon, SmolLM2-135M fp32): where the kernels were shown row-invariant (kernels.py), a step
+  runs only the occupied rows and attended positions, so free rows and positions cost nothing: 8 rows hold
+  a sweep of 4 beside a comparison, or 4 comparisons. The lean step costs 33 ms at 1 row, 36 at 2, 41 at
+  4, 50 at 8. Elsewhere every step runs all 8 rows.
+- CUDA (H100, bf16, the step a CUDA graph over all rows): a bare step costs 3.4 ms at 16 rows x 1024
+  positions, 3.6 at 64 x 512 and 5.0 at 64 x 2048 (attention reads every row's whole cache), so 32 x 1024:
+  16 comparisons share each step, and a request may hold 1024 positions.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .loader import LoadedModel
 from .slots import SlotBatch
 from .steer import SpecError
 
-DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (64, 2048)}
+DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (32, 1024)}
 
 
 def slot_shape(device: torch.device) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
@@ -117,6 +118,21 @@ def grouped_attention(
 AttentionInterface.register(ATTENTION, grouped_attention)
 
 
+def sdpa_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """grouped_attention's contract through PyTorch's fused attention (a few kernels instead of about ten)."""
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def lean_attention(device: torch.device):
+    """The lean step's attention: fused on a GPU, where a step is bound by its kernel count; grouped_attention
+    on a CPU, whose bits were shown invariant to row count and attended span (the fused CPU kernel's were not
+    checked)."""
+    return sdpa_attention if device.type == "cuda" else grouped_attention
+
+
 @contextmanager
 def slot_attention(model: torch.nn.Module) -> Iterator[None]:
     """The model's attention through grouped_attention for one forward (under the model's lock)."""
@@ -201,7 +217,7 @@ class SlotBatch:
         # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
         self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
-        lean = LeanStep(lm.model, length) if LeanStep.supports(lm.model) else None
+        lean = LeanStep(lm.model, length, lean_attention(lm.device)) if LeanStep.supports(lm.model) else None
         self.lean: LeanStep | None = lean
         checks = self._checks()
         self.lean = lean if checks.lean else None
@@ -302,7 +318,7 @@ class SlotBatch:
         if lean:
             with self.kernels.applied():
                 self.steering.begin()
-                logits = self.lean(inputs, positions, self.cache, mask, self.steering, grouped_attention)
+                logits = self.lean(inputs, positions, self.cache, mask, self.steering)
             return logits[:, -1, :].float()
         with slot_attention(self.lm.model), self.kernels.applied(), self.steering.attached():
             logits = model_forward(
@@ -400,7 +416,7 @@ def teacher_forced(
     causal = positions[0].unsqueeze(0) <= positions[0].unsqueeze(1)  # [query, key]
     mask = causal.view(1, 1, length, length).expand(rows, 1, length, length)
     steering.begin()
-    return lean(input_ids, positions, cache, mask, steering, grouped_attention, keep=keep), cache
+    return lean(input_ids, positions, cache, mask, steering, keep=keep), cache
 
 
 @dataclass(frozen=True)
