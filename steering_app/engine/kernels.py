@@ -46,7 +46,7 @@ class TransposedLinear(torch.nn.Linear):
 
 
 class PackedLinear(torch.nn.Linear):
-    """nn.Linear through MKL's packed sgemm; `packed_weight` is set on the module by StepKernels."""
+    """nn.Linear through MKL's packed sgemm; `packed_weight` is set on the module by StepKernels.applied()."""
 
     packed_weight: torch.Tensor
 
@@ -71,9 +71,17 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """weight [out, in] reordered for MKL's packed sgemm (the layout is tuned for `rows` rows)."""
-    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+# The packed layout is tuned for a row count, and packs for different counts may round differently, so every
+# batch of a model uses the one pack of each weight (invariance is then checked per batch's row count).
+PACK_ROWS = 8
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> its packed weight
+
+
+def packed_weight(module: torch.nn.Linear) -> torch.Tensor:
+    """module.weight [out, in] reordered once for MKL's packed sgemm."""
+    if module not in _PACKS:
+        _PACKS[module] = torch.ops.mkl._mkl_reorder_linear_weight(module.weight, PACK_ROWS)
+    return _PACKS[module]
 
 
 @dataclass
@@ -85,6 +93,7 @@ class ShapeChoice:
     seconds: dict[str, float]
     form: str
     row_invariant: bool  # the packed form gives bit-identical rows at 1..R rows here
+    packs: dict = field(default_factory=dict)  # module -> packed weight, while the form may be packed
 
 
 @dataclass
@@ -115,19 +124,19 @@ class StepKernels:
         """The chosen forms for one step (under the model's lock), then nn.Linear again, so every other use
         of the shared model (prefill, metrics, plain generate) is untouched."""
         swapped = [
-            (module, FORM_CLASSES[choice.form])
-            for choice in self.shapes
-            if choice.form != LINEAR
-            for module in choice.modules
+            (module, choice) for choice in self.shapes if choice.form != LINEAR for module in choice.modules
         ]
-        # object.__setattr__: nn.Module's own __setattr__ costs microseconds, hundreds of times a step.
-        for module, form_class in swapped:
-            object.__setattr__(module, "__class__", form_class)
+        # object.__setattr__ and __dict__: nn.Module's own __setattr__ costs microseconds, hundreds of times a step.
+        for module, choice in swapped:
+            object.__setattr__(module, "__class__", FORM_CLASSES[choice.form])
+            if choice.form == PACKED:
+                module.__dict__["packed_weight"] = choice.packs[module]
         try:
             yield
         finally:
             for module, _ in swapped:
                 object.__setattr__(module, "__class__", torch.nn.Linear)
+                module.__dict__.pop("packed_weight", None)
 
 
 _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -158,8 +167,9 @@ def _choose(model: torch.nn.Module, rows: int, device: torch.device) -> StepKern
     for choice in kernels.shapes:
         choice.form = PACKED if everywhere_invariant else min(choice.seconds, key=choice.seconds.get)
         if choice.form != PACKED:
-            for module in choice.modules:
-                module.__dict__.pop("packed_weight", None)  # not used: give the memory back
+            for module in choice.packs:
+                _PACKS.pop(module, None)  # not used here: freed unless another batch's choice holds it
+            choice.packs = {}
     logger.info(
         "Slot step at %d rows: %s; row-invariant: %s", rows, kernels.describe(), kernels.row_invariant
     )
@@ -173,22 +183,19 @@ def _measure_shape(shape, dtype, modules, rows: int, device) -> ShapeChoice:
         LINEAR: lambda m, x: F.linear(x, m.weight, m.bias),
         TRANSPOSED: TransposedLinear.forward,
     }
-    invariant = False
+    invariant, packs = False, {}
     if can_pack(modules[0].weight):
-        for module in modules:
-            module.packed_weight = pack(module.weight, rows)
-        forms[PACKED] = PackedLinear.forward
-        invariant = _rows_invariant(modules[0], x)
+        packs = {module: packed_weight(module) for module in modules}
+        forms[PACKED] = lambda m, x: _packed(packs[m], m.weight, m.bias, x)
+        invariant = _rows_invariant(forms[PACKED], modules[0], x)
     seconds = {form: _best_seconds(forward, modules, x) for form, forward in forms.items()}
-    return ShapeChoice(shape, modules, seconds, LINEAR, invariant)
+    return ShapeChoice(shape, modules, seconds, LINEAR, invariant, packs)
 
 
-def _rows_invariant(module: torch.nn.Linear, x: torch.Tensor) -> bool:
-    """Whether the packed form gives each row the same bits at every row count from 1 to len(x)."""
-    full = PackedLinear.forward(module, x)
-    return all(
-        torch.equal(PackedLinear.forward(module, x[:count]), full[:count]) for count in range(1, len(x))
-    )
+def _rows_invariant(forward, module: torch.nn.Linear, x: torch.Tensor) -> bool:
+    """Whether forward gives each row the same bits at every row count from 1 to len(x)."""
+    full = forward(module, x)
+    return all(torch.equal(forward(module, x[:count]), full[:count]) for count in range(1, len(x)))
 
 
 def _best_seconds(forward, modules: list[torch.nn.Module], x: torch.Tensor) -> float:

@@ -1,19 +1,20 @@
 """Continuous batching: the generations that share one model's SlotBatch, admitted and advanced step by step.
 
 A worker keeps one Scheduler per model. admit() prefills a generation into free rows at a step
-boundary; step() advances every admitted generation by one token (one forward over all the batch's
-rows) and returns those that ended, each with its Comparison or its error, so that one run's failure or
+boundary; step() advances every admitted generation by one token (one forward over the batch's rows)
+and returns those that ended, each with its Comparison or its error, so that one run's failure or
 cancellation never ends another's.
 
 The slot shape (rows, cache length) is fixed per process: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS, or
-the device's defaults below, chosen from measurements (bench/steering_bench.py, .gpu/check_slots.py):
+the device's defaults below, chosen from measurements (bench/steering_bench.py, bench/slots_check.py):
 - CPU (2-core AMX Xeon, SmolLM2-135M fp32): where the kernels were shown row-invariant (kernels.py), a step
   runs only the occupied rows and attended positions, so free rows and positions cost nothing: 8 rows hold
   a sweep of 4 beside a comparison, or 4 comparisons. The lean step costs 33 ms at 1 row, 36 at 2, 41 at
   4, 50 at 8. Elsewhere every step runs all 8 rows.
-- CUDA (H100, bf16, the step a CUDA graph over all rows): a bare step costs 3.4 ms at 16 rows x 1024
-  positions, 3.6 at 64 x 512 and 5.0 at 64 x 2048 (attention reads every row's whole cache), so 32 x 1024:
-  16 comparisons share each step, and a request may hold 1024 positions.
+- CUDA (H100, bf16, the lean step a CUDA graph over all rows): a bare step costs 2.4 ms at 16 rows x 1024
+  positions, 2.6 at 32 x 1024 and 2.9 at 64 x 1024 (attention reads every row's whole cache: 64 x 2048
+  cost 5.0 ms), so 32 x 1024: 16 comparisons share each step at about the cost of one, and a request may
+  hold 1024 positions.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def special_ids(tokenizer) -> torch.Tensor:
 
 
 class SlotBatch:
-    """R rows and a KV cache of `length` positions on one model; step() runs one token for every row.
+    """R rows and a KV cache of `length` positions on one model; step() runs one token for every taken row.
 
     Rows are handed out with take() (lowest first) and given back with give_back(). A step runs rows
     [0, step_rows()): all R, free ones included (their numbers are discarded), unless occupied_only, when
@@ -217,10 +217,13 @@ class SlotBatch:
         # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
         self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
-        lean = LeanStep(lm.model, length, lean_attention(lm.device)) if LeanStep.supports(lm.model) else None
-        self.lean: LeanStep | None = lean
+        # The lean step is a candidate until the probe steps of _checks() compare it with the modules.
+        self.lean: LeanStep | None = (
+            LeanStep(lm.model, length, lean_attention(lm.device)) if LeanStep.supports(lm.model) else None
+        )
         checks = self._checks()
-        self.lean = lean if checks.lean else None
+        if not checks.lean:
+            self.lean = None
         self.occupied_only = checks.row_invariant
 
     def take(self, count: int) -> list[int] | None:

@@ -368,7 +368,10 @@ def test_it_gives_identical_outputs_and_zero_kl_at_coefficient_zero_on_the_real_
 @pytest.mark.parametrize(
     ("sweep", "why"),
     [
-        ([0.5, 1, 2, 4, 8, 16], "1 to 5"),  # more variants than the batch's 6 rows leave beside the clean one
+        (
+            [0.5, 1, 1.5, 2, 2.5, 3, 4, 8],
+            "1 to 7",
+        ),  # more variants than the batch's 8 rows leave beside the clean one
         ([1, 1000], "beyond ±100"),  # 2 × 1000 past the training's limit
         ([], None),  # the schema wants at least one multiplier
     ],
