@@ -64,6 +64,17 @@ def sync():
         torch.cuda.synchronize()
 
 
+def seconds_per_step(step, warm_up=3, repeats=20) -> float:
+    for _ in range(warm_up):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    return (time.perf_counter() - started) / repeats
+
+
 def timed(scheduler, label):
     """Prefill of one run, its scheduler steps (host work included), bare batch steps, and scheduler steps with
     the batch full."""
@@ -73,29 +84,11 @@ def timed(scheduler, label):
     assert scheduler.admit(generation(B.PROMPT, [spec], 5, 200))
     sync()
     prefill = time.perf_counter() - started
-    for _ in range(3):
-        scheduler.step()
-    sync()
-    started = time.perf_counter()
-    for _ in range(20):
-        scheduler.step()
-    sync()
-    step_1run = (time.perf_counter() - started) / 20
-    started = time.perf_counter()
-    for _ in range(20):
-        batch.step()
-    sync()
-    bare = (time.perf_counter() - started) / 20
+    step_1run = seconds_per_step(scheduler.step)
+    bare = seconds_per_step(batch.step, warm_up=0)
     for seed in range(batch.rows // 2 - 1):
         assert scheduler.admit(generation(B.PROMPT, [spec], seed, 200))
-    for _ in range(3):
-        scheduler.step()
-    sync()
-    started = time.perf_counter()
-    for _ in range(20):
-        scheduler.step()
-    sync()
-    step_full = (time.perf_counter() - started) / 20
+    step_full = seconds_per_step(scheduler.step)
     print(
         f"{label}: prefill of a 2-row run {prefill * 1e3:.1f} ms; scheduler step with 1 run {step_1run * 1e3:.2f} ms; "
         f"bare batch step {bare * 1e3:.2f} ms; scheduler step with {len(scheduler.active)} runs {step_full * 1e3:.2f} ms"
