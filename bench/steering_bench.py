@@ -393,6 +393,7 @@ def main() -> None:
     print(
         f"slot batch: {batch.rows} rows x {batch.length} tokens; a step runs "
         + ("the occupied rows only (row-invariant kernels)" if batch.occupied_only else "all rows")
+        + (" through the lean step" if batch.lean is not None else " through transformers' modules")
         + f"; linear forms measured at load, ms per pass at {batch.rows} rows: {batch.kernels.describe()}"
     )
     print(

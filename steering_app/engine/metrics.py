@@ -140,7 +140,7 @@ def _model_metrics(
     for row, plan in enumerate(plans):
         steering.assign(row, plan)
     kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens
-    lean = lean_step(lm)
+    lean = lean_step(lm, width)
     if lean is not None:
         logits, _ = teacher_forced(lean, input_ids, steering, kept)  # plain F.linear: fastest at many rows
     else:

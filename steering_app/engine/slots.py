@@ -398,10 +398,11 @@ class SlotBatch:
         ) and all(torch.equal(self._forward(1, span, lean), full[:1]) for span in spans)
 
 
-def lean_step(lm: LoadedModel) -> LeanStep | None:
-    """The lean step of the model's shared batch, when it was checked and no hooks are on the model."""
+def lean_step(lm: LoadedModel, positions: int) -> LeanStep | None:
+    """The lean step of the model's shared batch, when it was checked, its rotary table covers `positions`
+    and no hooks are on the model."""
     batch = getattr(lm.scheduler, "batch", None)
-    if batch is None or batch.lean is None or has_hooks(lm.model):
+    if batch is None or batch.lean is None or positions > batch.length or has_hooks(lm.model):
         return None
     return batch.lean
 
