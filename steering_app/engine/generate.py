@@ -2,9 +2,10 @@
 
 All rows of a run sample with the same random draw each step (shared Gumbel noise from a generator seeded
 by the run's seed), so equal distributions give equal tokens and any difference between the outputs is
-caused by the steering. Each row is prefilled alone (a batch of one) and every decode step runs the
-batch's full, fixed shape, so a row's numbers depend on its own inputs only: the clean continuation is
-the same whatever the variants, and a run gives the same text alone or beside other runs (slots.py).
+caused by the steering. Each row reads the prompt as it would alone (a batch of one, or the run's rows
+together where the batch's kernels are row-invariant) and every decode step keeps a row's numbers
+independent of the other rows (slots.py): the clean continuation is the same whatever the variants, and a
+run gives the same text alone or beside other runs.
 """
 
 from __future__ import annotations
