@@ -306,12 +306,12 @@ def main() -> None:
             seed,
         )
 
-    def ours(seed):
-        result = run_comparison(
+    def comparison(specs, seed):
+        return run_comparison(
             lm,
             sae,
             prompt=PROMPT,
-            spec=spec,
+            spec=specs,
             temperature=TEMPERATURE,
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
@@ -319,7 +319,9 @@ def main() -> None:
             sae_layer=LAYER,
             embedder=embedder,
         )
-        details["O"] = result
+
+    def ours(seed):
+        result = details["O"] = comparison(spec, seed)
         phases.append(result.timings)
 
     sweep = [
@@ -328,18 +330,7 @@ def main() -> None:
     ]
 
     def swept(seed):
-        details["SW"] = run_comparison(
-            lm,
-            sae,
-            prompt=PROMPT,
-            spec=sweep,
-            temperature=TEMPERATURE,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            seed=seed,
-            sae_layer=LAYER,
-            embedder=embedder,
-        )
+        details["SW"] = comparison(sweep, seed)
 
     def concurrent(count):
         return lambda seed: details.__setitem__(

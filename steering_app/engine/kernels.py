@@ -18,6 +18,7 @@ The choice is made once per model and row count (a few hundred milliseconds) and
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -123,20 +124,28 @@ class StepKernels:
     def applied(self) -> Iterator[None]:
         """The chosen forms for one step (under the model's lock), then nn.Linear again, so every other use
         of the shared model (prefill, metrics, plain generate) is untouched."""
-        swapped = [
-            (module, choice) for choice in self.shapes if choice.form != LINEAR for module in choice.modules
-        ]
         # object.__setattr__ and __dict__: nn.Module's own __setattr__ costs microseconds, hundreds of times a step.
-        for module, choice in swapped:
-            object.__setattr__(module, "__class__", FORM_CLASSES[choice.form])
-            if choice.form == PACKED:
-                module.__dict__["packed_weight"] = choice.packs[module]
+        for module, form_class, packed in self._swaps:
+            object.__setattr__(module, "__class__", form_class)
+            if packed is not None:
+                module.__dict__["packed_weight"] = packed
         try:
             yield
         finally:
-            for module, _ in swapped:
+            for module, _, _ in self._swaps:
                 object.__setattr__(module, "__class__", torch.nn.Linear)
                 module.__dict__.pop("packed_weight", None)
+
+    @functools.cached_property
+    def _swaps(self) -> list[tuple]:
+        """(module, its form's class, its packed weight or None) for every linear not left as F.linear; listed
+        at the first step (the forms are final by then), not at every step."""
+        return [
+            (module, FORM_CLASSES[choice.form], choice.packs[module] if choice.form == PACKED else None)
+            for choice in self.shapes
+            if choice.form != LINEAR
+            for module in choice.modules
+        ]
 
 
 _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -65,7 +65,6 @@ class LeanStep:
     def __init__(self, model: torch.nn.Module, length: int, attention):
         """attention(module, query, key, value, mask, scaling) -> (output [rows, seq, heads, head_dim], _):
         the slot attention (slots.py)."""
-        self.model = model
         self.attention = attention
         inner = model.model
         config = model.config
@@ -75,7 +74,6 @@ class LeanStep:
         self.final_norm = inner.norm
         self.lm_head = model.lm_head
         self.hidden = config.hidden_size
-        self.eps = config.rms_norm_eps
         attention = self.layers[0].attention
         self.head_dim = attention.head_dim
         self.heads = config.num_attention_heads
