@@ -44,6 +44,29 @@ def language_model(db):
 
 
 @pytest.fixture
+def make_training(language_model):
+    """make_training(**fields) -> another stored training of language_model: a completed standard SAE with 8
+    features at layer 1 unless fields say otherwise."""
+
+    def make(**fields) -> Training:
+        layer = fields.get("hook_layer", 1)
+        values = {
+            "model": language_model,
+            "encoder_type": "standard",
+            "hook_layer": layer,
+            "hook_name": f"blocks.{layer}.hook_resid_post",
+            "d_in": 16,
+            "d_sae": 8,
+            "checkpoint_path": "/x",
+            "status": "completed",
+        }
+        values.update(fields)
+        return Training.objects.create(**values)
+
+    return make
+
+
+@pytest.fixture
 def training(language_model):
     """A completed 32-feature training at layer 2; features 0..31, labels 'feature #i' except a few words."""
     training = Training.objects.create(

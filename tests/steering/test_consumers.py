@@ -112,10 +112,15 @@ def test_the_owner_receives_tokens_status_and_the_final_comparison(application, 
     assert closed["type"] == "websocket.close"
 
 
-def test_a_teammate_watches_a_shared_run(application, owner, teammate, training, make_run):
-    run = make_run(owner)
+@pytest.mark.parametrize(
+    ("watcher", "private"),
+    [("teammate", False), ("staff", True)],
+    ids=["a teammate watches a shared run", "staff watch any run, private ones too"],
+)
+def test_a_reader_of_the_run_watches_it(application, owner, training, make_run, request, watcher, private):
+    run = make_run(owner, private=private)
 
-    headers = headers_for(teammate)
+    headers = headers_for(request.getfixturevalue(watcher))
 
     async def scenario():
         ws = communicator(application, run, headers)
@@ -173,23 +178,6 @@ def test_a_foreign_origin_is_refused(application, owner, training, make_run):
         return connected
 
     assert async_to_sync(scenario)() is False
-
-
-def test_staff_may_watch_any_run_private_ones_too(application, owner, staff, training, make_run):
-    run = make_run(owner, private=True)
-
-    headers = headers_for(staff)
-
-    async def scenario():
-        ws = communicator(application, run, headers)
-        connected, _ = await ws.connect()
-        await publish_async(run, "delta", unsteered="a", steered="b")
-        message = await ws.receive_from(TIMEOUT)
-        await ws.disconnect()
-        return connected, message
-
-    connected, message = async_to_sync(scenario)()
-    assert connected and "beforeend:#steered-output" in message
 
 
 def test_a_run_that_finished_before_the_socket_opened_is_sent_at_once(application, owner, training, make_run):

@@ -49,17 +49,8 @@ def test_it_returns_nothing_for_an_empty_query(client, owner, training):
     assert response.status_code == 200 and found(response) == []
 
 
-def test_it_stays_within_the_training(client, owner, training):
-    other = Training.objects.create(
-        model=training.model,
-        encoder_type="standard",
-        hook_layer=1,
-        hook_name="blocks.1.hook_resid_post",
-        d_in=16,
-        d_sae=4,
-        checkpoint_path="/x",
-        status="completed",
-    )
+def test_it_stays_within_the_training(client, owner, training, make_training):
+    other = make_training(d_sae=4)
     Feature.objects.create(training=other, index=0, label="rain elsewhere")
     client.force_login(owner)
     assert found(search(client, training, "rain")) == [3]

@@ -15,28 +15,9 @@ def test_it_redirects_anonymous_users_to_login(client):
     assert response.status_code == 302 and response["Location"].startswith("/login/")
 
 
-def test_it_preselects_the_newest_completed_training(client, owner, training, language_model):
-    older = Training.objects.create(
-        model=language_model,
-        encoder_type="standard",
-        hook_layer=1,
-        hook_name="blocks.1.hook_resid_post",
-        d_in=16,
-        d_sae=8,
-        checkpoint_path="/x",
-        status="completed",
-        created_at=timezone.now() - timezone.timedelta(days=3),
-    )
-    Training.objects.create(  # newer but not completed: not offered
-        model=language_model,
-        encoder_type="jumprelu",
-        hook_layer=1,
-        hook_name="blocks.1.hook_resid_post",
-        d_in=16,
-        d_sae=8,
-        checkpoint_path="/x",
-        status="running",
-    )
+def test_it_preselects_the_newest_completed_training(client, owner, training, make_training):
+    older = make_training(created_at=timezone.now() - timezone.timedelta(days=3))
+    make_training(encoder_type="jumprelu", status="running")  # newer but not completed: not offered
     client.force_login(owner)
 
     response = client.get(PANEL)
@@ -58,18 +39,8 @@ def test_it_shows_the_empty_state_without_completed_trainings(client, owner, lan
     assert "No completed trainings available. Complete a training first to use steering." in response.text
 
 
-def test_it_opens_on_the_requested_training(client, owner, training, language_model):
-    other = Training.objects.create(
-        model=language_model,
-        encoder_type="standard",
-        hook_layer=0,
-        hook_name="blocks.0.hook_resid_post",
-        d_in=16,
-        d_sae=8,
-        checkpoint_path="/x",
-        status="completed",
-        created_at=timezone.now() - timezone.timedelta(days=1),
-    )
+def test_it_opens_on_the_requested_training(client, owner, training, make_training):
+    other = make_training(hook_layer=0, created_at=timezone.now() - timezone.timedelta(days=1))
     client.force_login(owner)
 
     response = client.get(PANEL, {"training": other.pk})

@@ -3,7 +3,7 @@
 import pytest
 from django.utils import timezone
 
-from steering_app.models import SteeringRun, Training
+from steering_app.models import SteeringRun
 
 pytestmark = pytest.mark.django_db
 
@@ -115,17 +115,8 @@ def test_staff_can_narrow_the_list_to_their_own_runs(client, owner, staff, train
     assert listed(client.get("/steering/runs/", {"scope": "mine"})) == [own.pk]
 
 
-def test_the_list_filters_by_training_and_by_feature(client, owner, training, language_model, make_run):
-    other = Training.objects.create(
-        model=language_model,
-        encoder_type="standard",
-        hook_layer=1,
-        hook_name="blocks.1.hook_resid_post",
-        d_in=16,
-        d_sae=8,
-        checkpoint_path="/x",
-        status="completed",
-    )
+def test_the_list_filters_by_training_and_by_feature(client, owner, training, make_training, make_run):
+    other = make_training()
     rain = make_run(
         owner, features=[{"feature_id": 7, "coefficient": 1.0}, {"feature_id": 3, "coefficient": 2.0}]
     )
