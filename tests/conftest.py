@@ -5,6 +5,7 @@ import json
 import pytest
 from django.utils import timezone
 
+from presets_app.models import SteeringPreset
 from steering_app.models import Feature, LanguageModel, Training
 
 
@@ -41,6 +42,27 @@ def language_model(db):
         num_layers=4,
         hidden_size=16,
     )
+
+
+@pytest.fixture
+def make_preset(training, owner):
+    """make_preset(**fields) -> a stored preset of `owner` in `training` unless fields say otherwise."""
+    counter = iter(range(1, 1000))
+
+    def make(**fields) -> SteeringPreset:
+        values = {
+            "training": training,
+            "owner": owner,
+            "name": f"preset {next(counter)}",
+            "features": [{"feature_id": 3, "coefficient": 2.0}, {"feature_id": 7, "coefficient": -1.5}],
+            "intervention_layers": [1, 2],
+            "temperature": 0.5,
+            "max_tokens": 40,
+        }
+        values.update(fields)
+        return SteeringPreset.objects.create(**values)
+
+    return make
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
-"""Preset fixtures. Users and the 32-feature training come from tests/conftest.py."""
+"""Preset fixtures. Users, the 32-feature training and make_preset come from tests/conftest.py."""
 
 import pytest
 from django.test.signals import template_rendered
 from template_partials.templatetags.partials import TemplateProxy
 
-from presets_app.models import SteeringPreset
 from steering_app.models import Training
 
 
@@ -19,27 +18,6 @@ def partials_report_their_context(monkeypatch):
         return render(self, context)
 
     monkeypatch.setattr(TemplateProxy, "_render", instrumented)
-
-
-@pytest.fixture
-def make_preset(training, owner):
-    """make_preset(**fields) -> a stored preset of `owner` in `training` unless fields say otherwise."""
-    counter = iter(range(1, 1000))
-
-    def make(**fields) -> SteeringPreset:
-        values = {
-            "training": training,
-            "owner": owner,
-            "name": f"preset {next(counter)}",
-            "features": [{"feature_id": 3, "coefficient": 2.0}, {"feature_id": 7, "coefficient": -1.5}],
-            "intervention_layers": [1, 2],
-            "temperature": 0.5,
-            "max_tokens": 40,
-        }
-        values.update(fields)
-        return SteeringPreset.objects.create(**values)
-
-    return make
 
 
 @pytest.fixture

@@ -112,12 +112,8 @@ def test_staff_can_fill_from_any_run(client, owner, staff, training, make_run):
     assert client.get(PANEL, {"run": run.pk}).status_code == 200
 
 
-def test_it_fills_the_panel_from_a_preset(client, owner, training):
-    from presets_app.models import SteeringPreset
-
-    preset = SteeringPreset.objects.create(
-        training=training,
-        owner=owner,
+def test_it_fills_the_panel_from_a_preset(client, owner, training, make_preset):
+    preset = make_preset(
         name="rainy",
         features=[{"feature_id": 12, "coefficient": -8.0}],
         intervention_layers=[0, 2],
@@ -138,12 +134,8 @@ def test_it_fills_the_panel_from_a_preset(client, owner, training):
     assert (state.prompt, state.seed, state.chat) == ("", None, False)  # a preset without them
 
 
-def test_a_preset_restores_its_prompt_seed_chat_and_method(client, owner, training):
-    from presets_app.models import SteeringPreset
-
-    preset = SteeringPreset.objects.create(
-        training=training,
-        owner=owner,
+def test_a_preset_restores_its_prompt_seed_chat_and_method(client, owner, training, make_preset):
+    preset = make_preset(
         name="rain, exactly",
         features=[{"feature_id": 3, "coefficient": 1.5}],
         intervention_layers=[2],
@@ -326,12 +318,8 @@ def test_features_without_their_coefficients_are_ignored_with_a_note(client, own
     ]
 
 
-def test_the_url_changes_a_preset_but_the_panel_still_names_it(client, owner, training):
-    from presets_app.models import SteeringPreset
-
-    preset = SteeringPreset.objects.create(
-        training=training,
-        owner=owner,
+def test_the_url_changes_a_preset_but_the_panel_still_names_it(client, owner, training, make_preset):
+    preset = make_preset(
         name="rainy",
         features=[{"feature_id": 12, "coefficient": -8.0}],
         intervention_layers=[0, 2],
