@@ -81,6 +81,7 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
     if request.seed is not None and (not is_integer(request.seed) or not 0 <= request.seed <= MAX_SEED):
         raise InvalidInput("seed must be a non-negative 63-bit integer.", "seed")
     steering = request.settings.validate(training)
+    services.check_prompt_fits(training, request.prompt, bool(request.chat), steering.max_tokens)
     return SteeringRun.objects.create(
         owner=owner,
         training=training,

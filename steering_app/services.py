@@ -185,6 +185,52 @@ def batch_for(run: SteeringRun) -> EngineBatch:
     return EngineBatch(run)
 
 
+def slot_tokens() -> int:
+    """Positions one run may hold in the worker's batch (the engine's slot length for this machine's device),
+    read the way max_variants() reads the rows."""
+    from steering_app.engine.loader import resolve_device
+    from steering_app.engine.scheduler import slot_shape
+
+    return slot_shape(resolve_device())[1]
+
+
+def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:
+    """How many tokens the model reads for the prompt (the seam tests replace with a fake engine)."""
+    from steering_app.engine import loader
+    from steering_app.engine.generate import encode_text
+    from steering_app.engine.steer import SpecError
+
+    try:
+        return len(encode_text(loader.load_tokenizer(training.model.source), prompt, chat))
+    except SpecError as error:
+        raise InvalidInput(str(error), error.field) from error
+
+
+def check_prompt_fits(training: Training, prompt: str, chat: bool, max_new_tokens: int = 1) -> int:
+    """The prompt's token count, as the worker will read it; InvalidInput naming `prompt` when the prompt alone
+    leaves no room in the worker's slots, or `max_tokens` when it and max_new_tokens do not fit together.
+
+    Every prompt the server reads passes here first, so that no request makes the model read more positions
+    than a slot holds (a 20,000-character prompt can be 20,000 tokens)."""
+    count = prompt_token_count(training, prompt, chat)
+    length = slot_tokens()
+    if count > length:
+        raise InvalidInput(
+            f"The prompt is {count} tokens; the worker's slots hold at most {length} "
+            "(STEERLAB_SLOT_TOKENS). Shorten the prompt.",
+            "prompt",
+        )
+    # A run's cache holds the prompt and every generated token but the last (engine Request.tokens).
+    room = length - count + 1
+    if max_new_tokens > room:
+        raise InvalidInput(
+            f"max_tokens can be at most {room} for this {count}-token prompt: the worker's slots hold "
+            f"{length} tokens (STEERLAB_SLOT_TOKENS).",
+            "max_tokens",
+        )
+    return count
+
+
 def residual_norm(training: Training, prompt: str) -> float:
     """|h| at the training's layer over the prompt (clean model): the unit of an uncalibrated training's
     coefficients. InvalidInput for a prompt without text."""

@@ -6,11 +6,28 @@ import pytest
 from django.utils import timezone
 
 from presets_app.models import SteeringPreset
+from steering_app import services
 from steering_app.models import Feature, LanguageModel, Training
+
+# The model the Django-side tests steer: a record only, with no weights and no tokenizer on disk.
+FAKE_MODEL_SOURCE = "/nonexistent/tiny"
 
 
 def make_user(django_user_model, username: str, **extra):
     return django_user_model.objects.create_user(username=username, password="pw-" + username, **extra)
+
+
+@pytest.fixture(autouse=True)
+def fake_model_counts_words_as_tokens(monkeypatch):
+    """The fake model has no tokenizer: its prompts count a word a token, so the slot limits still apply."""
+    count_tokens = services.prompt_token_count
+
+    def count(training, prompt, chat):
+        if training.model.source == FAKE_MODEL_SOURCE:
+            return len(prompt.split())
+        return count_tokens(training, prompt, chat)
+
+    monkeypatch.setattr(services, "prompt_token_count", count)
 
 
 @pytest.fixture
@@ -37,7 +54,7 @@ def staff(django_user_model):
 def language_model(db):
     return LanguageModel.objects.create(
         name="tiny-llama",
-        source="/nonexistent/tiny",
+        source=FAKE_MODEL_SOURCE,
         architecture="LlamaForCausalLM",
         num_layers=4,
         hidden_size=16,

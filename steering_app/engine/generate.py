@@ -461,7 +461,11 @@ def pad_token_id(lm: LoadedModel) -> int:
 
 
 def encode_prompt(lm: LoadedModel, prompt: str, chat: bool) -> list[int]:
-    tokenizer = lm.tokenizer
+    return encode_text(lm.tokenizer, prompt, chat)
+
+
+def encode_text(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The ids the model reads for a prompt: the tokenizer's own special tokens, or the chat template."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SpecError("chat", "this model's tokenizer has no chat template")

@@ -57,6 +57,7 @@ class LoadedModel:
 _models: dict[tuple[str, str, str], LoadedModel] = {}
 _saes: dict[tuple, SAE] = {}
 _embedders: dict[str, object] = {}
+_tokenizers: dict[str, object] = {}
 _registry_lock = threading.Lock()
 _key_locks: dict[tuple, threading.Lock] = {}
 
@@ -212,6 +213,25 @@ def load_model(
         )
         _models[key] = loaded
         return loaded
+
+
+def load_tokenizer(source: str):
+    """The model's tokenizer, cached: the web tier counts a prompt's tokens without loading the weights where
+    it can (a loaded model's own tokenizer; else a GGUF model's dequantized copy, which load_model writes once)."""
+    resolved = resolve_source(source)
+    loaded = next((lm for key, lm in list(_models.items()) if key[0] == resolved), None)
+    if loaded is not None:
+        return loaded.tokenizer
+    with _lock_for(("tokenizer", resolved)):
+        if resolved not in _tokenizers:
+            path = Path(resolved)
+            if path.suffix == ".gguf" and not (_dequantized_dir(path) / "config.json").is_file():
+                return load_model(source, device="cpu").tokenizer
+            from transformers import AutoTokenizer
+
+            directory = _dequantized_dir(path) if path.suffix == ".gguf" else resolved
+            _tokenizers[resolved] = AutoTokenizer.from_pretrained(str(directory))
+        return _tokenizers[resolved]
 
 
 def describe_model(source: str) -> dict:
