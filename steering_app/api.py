@@ -6,7 +6,7 @@ from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError
 
 from steering_app import runs, services
-from steering_app.errors import Conflict, Forbidden, NotFound
+from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.schemas import (
@@ -173,7 +173,7 @@ def run_request(payload: GenerateIn) -> runs.RunRequest:
 
 @router.post(
     "/steering/generate",
-    response={200: GenerateOut, 202: GenerateAccepted, **error_responses(403, 404, 409, 503, 507)},
+    response={200: GenerateOut, 202: GenerateAccepted, **error_responses(403, 404, 409, 429, 503, 507)},
 )
 async def generate(
     request,
@@ -203,6 +203,8 @@ async def generate(
     if run.status == SteeringRun.Status.CANCELLED:
         raise HttpError(409, f"Run {run.pk} was cancelled ({run.error}).")
     if run.status == SteeringRun.Status.FAILED:
+        if run.error_field:  # the worker refused the request: the caller's input, as at creation
+            raise InvalidInput(f"Run {run.pk} was refused: {run.error}", run.error_field)
         if run.error == runs.OOM_MESSAGE:
             raise HttpError(507, runs.OOM_MESSAGE)
         if run.started_at is None:

@@ -32,3 +32,11 @@ class Conflict(SteeringError):
 
 class WorkerUnavailable(SteeringError):
     """No steering worker took the run; the run is failed with this message."""
+
+
+class TooManyRuns(SteeringError):
+    """The member already has as many runs queued as one member may; retry once one has started."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, "runs")
+        self.retry_after = retry_after

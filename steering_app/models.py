@@ -396,6 +396,9 @@ class SteeringRun(models.Model):
     # steered_output and metrics.
     variants = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
+    # The input at fault when the worker refused the run's request (the API then answers 400 naming it);
+    # blank for every other ending.
+    error_field = models.CharField(max_length=40, blank=True)
     timings = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -455,6 +458,18 @@ class SteeringRun(models.Model):
     def _check_can_change(self, user, action: str) -> None:
         if not self.can_change(user):
             raise Forbidden(f"Only the run's owner or staff can {action}.", "run_id")
+
+
+class Worker(models.Model):
+    """A worker process that serves the queue, known by the heartbeat its sweep timer writes every few
+    seconds, busy or idle: a queued run fails "no worker available" only when no worker has beaten lately."""
+
+    name = models.CharField(max_length=200, unique=True, help_text="host:pid")
+    started_at = models.DateTimeField(default=timezone.now)
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return self.name
 
 
 class ApiToken(models.Model):

@@ -6,10 +6,15 @@
        +-----------------+--fail / sweep_stale--> failed (with the reason)
 
 The panel and the API create and submit; every worker mode (inline, embedded, channel) calls
-process_queued(), which claims the oldest queued run, processes it, and repeats; the workers also call
-sweep_stale() on a timer and as they start. A run always ends: any failure while processing fails it
-with its reason. While a worker processes a run, a liveness thread writes the run's heartbeat every
+process_queued(), which claims queued runs in fair-share order (next_in_turn), processes them, and repeats;
+the workers also call beat() and sweep_stale() on a timer and as they start. A run always ends: any failure
+while processing fails it with its reason, and a run whose cancel was asked for ends cancelled wherever it
+stopped. While a worker processes a run, a liveness thread writes the run's heartbeat every
 HEARTBEAT_SECONDS and watches its cancel flag; the engine asks before every step whether to stop.
+
+Fair share: one member's backlog must not hold back another's run. The next run is the oldest queued run
+of the member with the fewest runs in progress; among equals, the member whose latest run started longest
+ago. A member may have STEERLAB_MAX_QUEUED_PER_MEMBER runs queued; one more is refused (TooManyRuns, 429).
 """
 
 import asyncio
@@ -21,18 +26,18 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Self
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Q
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from steering_app import services, streaming, worker
-from steering_app.errors import InvalidInput, WorkerUnavailable
+from steering_app.errors import InvalidInput, SteeringError, TooManyRuns, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
-from steering_app.models import SteeringRun, Training
+from steering_app.models import SteeringRun, Training, Worker
 from steering_app.steering_settings import SteeringSettings, is_integer
 
 if TYPE_CHECKING:
@@ -48,8 +53,12 @@ NO_WORKER = "no worker available"
 WORKER_STOPPED = "the worker stopped before finishing"
 WORKER_GONE = "the worker stopped before finishing: its process is gone"
 HEARTBEAT_SECONDS = 1.0
-# How far down the queue one claim looks when other workers keep taking the oldest runs first.
+# How many times one claim tries again when other workers take the run it chose first.
 CLAIM_CANDIDATES = 20
+# A worker that has not beaten for this long is gone: six missed sweeps (worker.SWEEP_SECONDS is 5).
+WORKER_SILENT_SECONDS = 30.0
+# What a member over the queue cap is told to wait: about one short run.
+RETRY_AFTER_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,8 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
         raise InvalidInput("seed must be a non-negative 63-bit integer.", "seed")
     steering = request.settings.validate(training)
     services.check_prompt_fits(training, request.prompt, bool(request.chat), steering.max_tokens)
+    services.check_steering_scales(training, steering.features)
+    _check_queue_share(owner)
     return SteeringRun.objects.create(
         owner=owner,
         training=training,
@@ -98,6 +109,16 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
     )
 
 
+def _check_queue_share(owner: "User") -> None:
+    cap = settings.STEERLAB_MAX_QUEUED_PER_MEMBER
+    if SteeringRun.objects.filter(owner=owner, status=Status.QUEUED).count() >= cap:
+        raise TooManyRuns(
+            f"You have {cap} runs waiting in the queue, the most one member may have "
+            "(STEERLAB_MAX_QUEUED_PER_MEMBER); send more once one has started.",
+            RETRY_AFTER_SECONDS,
+        )
+
+
 def submit(run: SteeringRun) -> None:
     """Tell the workers a run is waiting. When no worker can be told, the run fails and WorkerUnavailable
     says so: the panel shows the message, the API answers 503."""
@@ -110,23 +131,48 @@ def submit(run: SteeringRun) -> None:
 
 
 def claim(accepts: Callable[[SteeringRun], bool] | None = None) -> SteeringRun | None:
-    """Move the oldest queued run to running and return it; None when none is left, or when `accepts`
-    refuses it (a batch with too few free rows: the run waits, and no later run overtakes it here).
+    """Move the next run in turn (next_in_turn) to running and return it; None when none is queued, or when
+    `accepts` refuses it (a batch with too few free rows: the run waits, and no other run overtakes it here).
 
     Every worker claims this way: a message to a worker means "work is waiting", not "run this one", so
     a free worker takes runs whose messages went to a busy one.
     """
-    queued = SteeringRun.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
-    for run in queued.select_related("training__model")[:CLAIM_CANDIDATES]:
-        if accepts is not None and not accepts(run):
+    for _attempt in range(CLAIM_CANDIDATES):
+        run = next_in_turn()
+        if run is None or (accepts is not None and not accepts(run)):
             return None
         now = timezone.now()
         taken = SteeringRun.objects.filter(pk=run.pk, status=Status.QUEUED).update(
             status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
         )
         if taken:
-            return SteeringRun.objects.select_related("training__model").get(pk=run.pk)
-    return None
+            run.refresh_from_db()
+            return run
+    return None  # other workers kept taking the runs chosen here; they are serving the queue
+
+
+def next_in_turn() -> SteeringRun | None:
+    """The queued run that goes next by the fair-share rule: the oldest queued run of the member with the
+    fewest runs in progress; among equals, the member whose latest run started longest ago (or never), then
+    the member whose oldest queued run is oldest."""
+    queued = SteeringRun.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
+    heads: dict[int, int] = {}  # member -> their oldest queued run, oldest first
+    for pk, owner_id in queued.values_list("pk", "owner_id"):
+        heads.setdefault(owner_id, pk)
+    if not heads:
+        return None
+    members = SteeringRun.objects.filter(owner_id__in=heads).values("owner_id")
+    in_progress = dict(
+        members.filter(status=Status.RUNNING).annotate(count=Count("id")).values_list("owner_id", "count")
+    )
+    last_started = dict(
+        members.filter(started_at__isnull=False)
+        .annotate(last=Max("started_at"))
+        .values_list("owner_id", "last")
+    )
+    never = datetime.min.replace(tzinfo=UTC)
+    member = min(heads, key=lambda owner: (in_progress.get(owner, 0), last_started.get(owner) or never))
+    return SteeringRun.objects.select_related("training__model").filter(pk=heads[member]).first()
 
 
 def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
@@ -220,7 +266,9 @@ class _Working:
                     variants=finite_json(variants),
                     timings=finite_json(result.timings),
                 )
-            elif isinstance(result, services.Cancelled):
+            elif isinstance(result, services.Cancelled) or _cancel_requested(run_id):
+                # Whatever stopped it (a step, the prompt read, loading the model), a run whose cancel was
+                # asked for ends cancelled, keeping who cancelled it and the text so far.
                 streamed = self.streamed[1]
                 _end_running(
                     run_id,
@@ -229,6 +277,9 @@ class _Working:
                     steered_output=streamed[0] if streamed else "",
                     variants=[{"steered_output": text} for text in streamed],
                 )
+            elif isinstance(result, SteeringError):  # the worker refused the request: the caller's to fix
+                logger.warning("Steering run %s refused: %s", run_id, result.message)
+                fail(run_id, result.message, field=result.field or "")
             else:
                 reason = failure_reason(result)
                 logger.error("Steering run %s failed: %s", run_id, reason, exc_info=result)
@@ -237,6 +288,10 @@ class _Working:
             self.liveness.__exit__(None, None, None)
         status, error = SteeringRun.objects.filter(pk=run_id).values_list("status", "error").get()
         self.emit(status, {"error": error})
+
+
+def _cancel_requested(run_id: int) -> bool:
+    return SteeringRun.objects.filter(pk=run_id, cancel_requested_at__isnull=False).exists()
 
 
 def _end_running(run_id: int, status: str, **stored) -> None:
@@ -265,28 +320,44 @@ def cancel(run_id: int, reason: str) -> bool:
     return bool(flagged)
 
 
-def fail(run_id: int, reason: str) -> bool:
-    """End a queued or running run as failed with `reason`; False when it had already ended."""
-    return bool(_fail_all(SteeringRun.objects.filter(pk=run_id), reason))
+def fail(run_id: int, reason: str, field: str = "") -> bool:
+    """End a queued or running run as failed with `reason` (and the input at fault, when the worker refused
+    the request); False when it had already ended."""
+    return bool(_fail_all(SteeringRun.objects.filter(pk=run_id), reason, field))
+
+
+def beat(name: str) -> None:
+    """A worker's heartbeat, written by its sweep timer whether it is busy or idle."""
+    now = timezone.now()
+    Worker.objects.update_or_create(name=name, defaults={"seen_at": now}, create_defaults={"started_at": now})
+
+
+def workers_alive() -> bool:
+    since = timezone.now() - timedelta(seconds=WORKER_SILENT_SECONDS)
+    return Worker.objects.filter(seen_at__gte=since).exists()
 
 
 def sweep_stale() -> int:
     """Fail the runs that can no longer finish, so that none stays queued or running forever.
 
-    - queued, and no worker took it within STEERLAB_RUN_TIMEOUT seconds;
+    - queued for over STEERLAB_RUN_TIMEOUT seconds while no worker is alive (none has beaten within
+      WORKER_SILENT_SECONDS): a busy worker's queue only waits, it never fails;
     - running, and its heartbeat is older than STEERLAB_RUN_MAX_SECONDS (however long it has run: a run
       slow because of load keeps beating and completes);
     - running on a worker of this host whose process is gone (killed, crashed): at once.
     """
     now = timezone.now()
-    unclaimed = SteeringRun.objects.filter(
-        status=Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_TIMEOUT)
-    )
     silent_since = now - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
     silent = SteeringRun.objects.filter(status=Status.RUNNING).filter(
         Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True, started_at__lt=silent_since)
     )
-    return _fail_all(unclaimed, NO_WORKER) + _fail_all(silent, WORKER_STOPPED) + _fail_orphans()
+    swept = _fail_all(silent, WORKER_STOPPED) + _fail_orphans()
+    if not workers_alive():
+        unclaimed = SteeringRun.objects.filter(
+            status=Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_TIMEOUT)
+        )
+        swept += _fail_all(unclaimed, NO_WORKER)
+    return swept
 
 
 def _fail_orphans() -> int:
@@ -310,9 +381,9 @@ def _process_alive(worker: str) -> bool:
     return True
 
 
-def _fail_all(runs, reason: str) -> int:
+def _fail_all(runs, reason: str, field: str = "") -> int:
     return runs.filter(status__in=ACTIVE).update(
-        status=Status.FAILED, error=reason, finished_at=timezone.now()
+        status=Status.FAILED, error=reason, error_field=field, finished_at=timezone.now()
     )
 
 

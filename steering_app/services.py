@@ -4,6 +4,7 @@ runs.py decides a run's life; this module only turns a SteeringRun into engine a
 engine's result into the values a run stores.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,11 +44,7 @@ def variant_specs(run: SteeringRun) -> list["SteeringSpec"]:
     """The engine's SteeringSpec of each variant, with each feature's a_i (its max activation, 1 when unknown)."""
     from steering_app.engine.steer import SteeringSpec
 
-    indices = [item["feature_id"] for item in run.features]
-    scales = {
-        feature.index: feature.steering_scale
-        for feature in Feature.objects.filter(training=run.training, index__in=indices)
-    }
+    scales = steering_scales(run.training, run.features)
     return [
         SteeringSpec(
             method=run.method,
@@ -57,6 +54,27 @@ def variant_specs(run: SteeringRun) -> list["SteeringSpec"]:
         )
         for multiplier in multipliers(run)
     ]
+
+
+def steering_scales(training: Training, features: list[dict]) -> dict[int, float]:
+    """a_i of each steered feature: its max activation, 1 when unknown."""
+    indices = [item["feature_id"] for item in features]
+    return {
+        feature.index: feature.steering_scale
+        for feature in Feature.objects.filter(training=training, index__in=indices)
+    }
+
+
+def check_steering_scales(training: Training, features: list[dict]) -> None:
+    """InvalidInput naming `features` when a feature's a_i is not a finite number (a labels file imported
+    before imports checked it): the engine would refuse the run, so it is refused when it is created."""
+    for index, scale in sorted(steering_scales(training, features).items()):
+        if not math.isfinite(scale):
+            raise InvalidInput(
+                f"Feature {index} has no finite max activation ({scale}): recalibrate training {training.pk} "
+                "or import its labels again.",
+                "features",
+            )
 
 
 def multipliers(run: SteeringRun) -> list[float]:
@@ -143,6 +161,9 @@ class EngineBatch:
         return run.training.model_id == self.model_id and rows <= len(self.scheduler.batch.free)
 
     def admit(self, run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> bool:
+        """Prefill the run into free rows; False when too few are free. Cancelled when its cancel flag stops
+        the prompt read."""
+        from steering_app.engine import Stopped
         from steering_app.engine.steer import SpecError
 
         generation = start(run, on_step, should_stop)
@@ -151,6 +172,8 @@ class EngineBatch:
                 admitted = self.scheduler.admit(generation)
         except SpecError as error:
             raise InvalidInput(str(error), error.field) from error
+        except Stopped as error:
+            raise Cancelled(str(error)) from error
         if admitted:
             self.runs[id(generation)] = run
         return admitted

@@ -6,7 +6,8 @@ What a worker does with a run is decided in runs.py; every mode calls runs.proce
 - channel (REDIS_URL): a message on the channel `steering-worker`, consumed by any number of
   `python manage.py runworker steering-worker` processes (SteeringWorkerConsumer below).
 - inline (tests: STEERLAB_WORKER_MODE=inline): the run executes in the submitting thread.
-Embedded and channel workers also call runs.sweep_stale() every SWEEP_SECONDS, and once as they start.
+Embedded and channel workers also beat (runs.beat: "this worker is alive", busy or not) and call
+runs.sweep_stale() every SWEEP_SECONDS, and once as they start.
 """
 
 import asyncio
@@ -46,10 +47,11 @@ def submit(run_id: int) -> None:
 
 
 def sweep() -> None:
-    """One sweep; a failing database must not stop the timer that calls it."""
+    """This worker's heartbeat and one sweep; a failing database must not stop the timer that calls it."""
     from steering_app import runs
 
     try:
+        runs.beat(runs.worker_name())
         swept = runs.sweep_stale()
     except Exception:
         logger.exception("Sweeping stale runs failed")

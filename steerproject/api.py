@@ -10,7 +10,15 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from steering_app.auth import api_auth
-from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError, WorkerUnavailable
+from steering_app.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    SteeringError,
+    TooManyRuns,
+    WorkerUnavailable,
+)
 from steerproject.safejson import MalformedJSON, SafeJSONParser
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ STATUS_CODES: dict[type[SteeringError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    TooManyRuns: 429,
     WorkerUnavailable: 503,
 }
 
@@ -69,7 +78,10 @@ def status_code(exc: SteeringError) -> int:
 
 @api.exception_handler(SteeringError)
 def on_steering_error(request, exc: SteeringError):
-    return error(request, status_code(exc), exc.message, exc.field)
+    response = error(request, status_code(exc), exc.message, exc.field)
+    if isinstance(exc, TooManyRuns):
+        response["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 @api.exception_handler(DjangoValidationError)

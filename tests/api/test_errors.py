@@ -37,7 +37,7 @@ def test_it_serves_the_openapi_schema_and_docs_without_login(client, db):
 def test_it_documents_every_error_status_of_generate(client, db):
     responses = client.get("/api/openapi.json").json()["paths"]["/api/steering/generate"]["post"]["responses"]
 
-    assert set(responses) == {"200", "202", "400", "401", "403", "404", "409", "500", "503", "507"}
+    assert set(responses) == {"200", "202", "400", "401", "403", "404", "409", "429", "500", "503", "507"}
     assert responses["507"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
 
 

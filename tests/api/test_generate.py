@@ -7,10 +7,12 @@ from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from steering_app.errors import InvalidInput
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.runs import OOM_MESSAGE
 from tests.api.conftest import FAKE_METRICS
 from tests.api.support import assert_error
+from tests.fake_engine import use_engine
 
 URL = "/api/steering/generate"
 
@@ -218,6 +220,56 @@ def test_it_answers_500_with_the_reason_but_no_traceback_when_the_engine_fails(
     assert SteeringRun.objects.get().status == "failed"
 
 
+def test_it_answers_429_with_retry_after_beyond_the_members_queue_share_and_creates_nothing(
+    client, owner, teammate, bearer, generate_body, monkeypatch, settings
+):
+    settings.STEERLAB_MAX_QUEUED_PER_MEMBER = 2
+    monkeypatch.setattr("steering_app.worker.submit", lambda run_id: None)  # a busy worker: runs stay queued
+    for _ in range(2):
+        assert post(client, generate_body, bearer(owner), "?async=true").status_code == 202
+
+    response = post(client, generate_body, bearer(owner), "?async=true")
+
+    body = assert_error(response, 429, "runs")
+    assert int(response["Retry-After"]) > 0 and "2 runs waiting" in body["detail"]
+    assert SteeringRun.objects.filter(owner=owner).count() == 2
+    assert post(client, generate_body, bearer(teammate), "?async=true").status_code == 202
+
+
+def test_it_answers_400_naming_the_field_when_the_worker_refuses_the_request(
+    client, owner, bearer, generate_body, failing_engine
+):
+    failing_engine(
+        InvalidInput("max_new_tokens: 30 prompt tokens + 8 new tokens exceed the slots", "max_tokens")
+    )
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 400, "max_tokens")
+
+    assert "exceed the slots" in body["detail"]
+    assert SteeringRun.objects.get().error_field == "max_tokens"
+
+
+def test_it_answers_409_never_500_when_a_cancel_stops_the_prompt_read(
+    client, owner, bearer, generate_body, monkeypatch
+):
+    from steering_app import runs
+    from steering_app.engine import Stopped
+
+    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+
+    def cancelled_while_reading_the_prompt(run, on_step, should_stop):
+        runs.cancel(run.pk, "cancelled by owner")
+        raise Stopped("generation stopped: the run was cancelled")
+
+    use_engine(monkeypatch, cancelled_while_reading_the_prompt)
+
+    body = assert_error(post(client, generate_body, bearer(owner)), 409)
+
+    assert "cancelled by owner" in body["detail"]
+    run = SteeringRun.objects.get()
+    assert (run.status, run.error) == ("cancelled", "cancelled by owner")
+
+
 def test_it_answers_anonymous_requests_with_401(client, generate_body):
     assert_error(post(client, generate_body, {}), 401)
     assert not SteeringRun.objects.exists()
@@ -363,6 +415,28 @@ def test_it_gives_identical_outputs_and_zero_kl_at_coefficient_zero_on_the_real_
     assert result["metrics"]["word_overlap"] == 1.0
     assert result["seed"] == 1234
     assert SteeringRun.objects.get(pk=result["run_id"]).status == "completed"
+
+
+@pytest.mark.slow
+def test_it_refuses_max_tokens_beyond_the_slots_for_this_prompt_as_400_and_creates_no_run(
+    client, owner, bearer, smollm2_training
+):
+    body = {
+        "training_id": smollm2_training.pk,
+        "model_id": smollm2_training.model_id,
+        "prompt": "The weather today is",
+        "features": [{"feature_id": 3, "coefficient": 1.0}],
+        "intervention_layers": [SAE_LAYER],
+        "max_tokens": 512,  # the documented cap, but the CPU's 512-token slots hold the prompt too
+    }
+
+    response = client.post(
+        "/api/steering/generate", body, content_type="application/json", headers=bearer(owner)
+    )
+
+    detail = assert_error(response, 400, "max_tokens")["detail"]
+    assert "max_tokens can be at most" in detail and "512" in detail
+    assert not SteeringRun.objects.exists()
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from steering_app import runs, services, worker
-from steering_app.errors import Conflict, InvalidInput, NotFound, WorkerUnavailable
-from steering_app.models import SteeringRun, Training
+from steering_app.errors import Conflict, InvalidInput, NotFound, TooManyRuns, WorkerUnavailable
+from steering_app.models import Feature, SteeringRun, Training, Worker
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
 from steerproject.api import status_code
@@ -139,6 +139,147 @@ def test_it_fails_runs_no_worker_took_in_time(owner, training, settings):
     fresh.refresh_from_db()
     assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, "no worker available")
     assert fresh.status == SteeringRun.Status.QUEUED
+
+
+def test_a_queued_run_waits_past_the_timeout_while_a_worker_beats_and_fails_once_none_has(
+    owner, training, settings
+):
+    from django.utils import timezone
+
+    settings.STEERLAB_RUN_TIMEOUT = 5
+    waiting = runs.create(owner, request_for(training))
+    age(waiting, 60)
+    runs.beat("busy-host:1")  # a worker serving someone else's long sweep: alive, not free
+
+    assert runs.sweep_stale() == 0
+    waiting.refresh_from_db()
+    assert waiting.status == SteeringRun.Status.QUEUED
+
+    silent_since = timezone.now() - timezone.timedelta(seconds=runs.WORKER_SILENT_SECONDS + 1)
+    Worker.objects.update(seen_at=silent_since)
+    assert runs.sweep_stale() == 1
+    waiting.refresh_from_db()
+    assert (waiting.status, waiting.error) == (SteeringRun.Status.FAILED, runs.NO_WORKER)
+
+
+def queue_of(owner, training, count: int) -> list[SteeringRun]:
+    return [runs.create(owner, request_for(training, prompt=f"run {index}")) for index in range(count)]
+
+
+def test_runs_are_taken_round_robin_across_members_not_oldest_first(owner, teammate, staff, training):
+    backlog = queue_of(owner, training, 4)
+    theirs = queue_of(teammate, training, 2)
+    staffs = queue_of(staff, training, 1)
+
+    order = []
+    while (run := runs.claim()) is not None:
+        order.append(run.pk)
+
+    assert order == [
+        backlog[0].pk,
+        theirs[0].pk,
+        staffs[0].pk,
+        backlog[1].pk,
+        theirs[1].pk,
+        backlog[2].pk,
+        backlog[3].pk,
+    ]
+
+
+def test_a_member_with_no_run_in_progress_goes_before_a_backlog_with_runs_in_the_batch(
+    owner, teammate, training
+):
+    backlog = queue_of(owner, training, 5)
+    first, second = runs.claim(), runs.claim()  # the batch holds two of the backlog
+    late = runs.create(teammate, request_for(training))
+
+    assert (first.pk, second.pk) == (backlog[0].pk, backlog[1].pk)
+    assert runs.claim().pk == late.pk
+
+
+def test_the_next_run_in_turn_waits_for_rows_rather_than_being_overtaken(owner, teammate, training):
+    mine = runs.create(owner, request_for(training))
+    runs.create(teammate, request_for(training))
+
+    assert runs.claim(accepts=lambda run: run.pk != mine.pk) is None
+    assert SteeringRun.objects.filter(status=SteeringRun.Status.RUNNING).count() == 0
+
+
+def test_it_refuses_a_run_beyond_the_members_queue_share_and_stores_nothing(
+    owner, teammate, training, settings
+):
+    settings.STEERLAB_MAX_QUEUED_PER_MEMBER = 3
+    queue_of(owner, training, 3)
+
+    with pytest.raises(TooManyRuns) as refused:
+        runs.create(owner, request_for(training))
+
+    assert status_code(refused.value) == 429 and refused.value.retry_after > 0
+    assert "STEERLAB_MAX_QUEUED_PER_MEMBER" in refused.value.message
+    assert SteeringRun.objects.filter(owner=owner).count() == 3
+    assert runs.create(teammate, request_for(training)).status == SteeringRun.Status.QUEUED
+    runs.claim()  # one of the member's runs starts: there is room again
+    assert runs.create(owner, request_for(training)).status == SteeringRun.Status.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "field"),
+    [(" ".join(["word"] * 600), 1, "prompt"), ("four words of prompt", 512, "max_tokens")],
+)
+def test_it_refuses_a_prompt_and_max_tokens_beyond_the_workers_slots_when_created(
+    owner, training, monkeypatch, prompt, max_tokens, field
+):
+    monkeypatch.setenv("STEERLAB_SLOT_TOKENS", "512")
+
+    with pytest.raises(InvalidInput) as refused:
+        runs.create(owner, request_for(training, prompt=prompt, max_new_tokens=max_tokens))
+
+    assert refused.value.field == field
+    assert "509" in refused.value.message if field == "max_tokens" else "512" in refused.value.message
+    assert not SteeringRun.objects.exists()
+    runs.create(owner, request_for(training, prompt="four words of prompt", max_new_tokens=509))
+
+
+def test_it_refuses_a_feature_whose_max_activation_is_not_finite(owner, training):
+    Feature.objects.filter(training=training, index=3).update(max_activation=math.inf)
+
+    with pytest.raises(InvalidInput) as refused:
+        runs.create(owner, request_for(training))
+
+    assert refused.value.field == "features" and "Feature 3" in refused.value.message
+    assert not SteeringRun.objects.exists()
+
+
+def test_a_request_the_worker_refuses_fails_with_the_field_at_fault(owner, training, monkeypatch):
+    def refuse(run, on_step, should_stop):
+        raise InvalidInput("max_tokens: 4 prompt tokens + 64 new tokens exceed the slots", "max_tokens")
+
+    use_engine(monkeypatch, refuse)
+    run = runs.create(owner, request_for(training))
+
+    processed = runs.process(runs.claim())
+
+    assert (processed.status, processed.error_field) == (SteeringRun.Status.FAILED, "max_tokens")
+    assert processed.error == "max_tokens: 4 prompt tokens + 64 new tokens exceed the slots"
+    assert run.pk == processed.pk
+
+
+def test_a_cancel_that_stops_the_prompt_read_ends_the_run_cancelled_by_its_canceller(
+    owner, training, monkeypatch
+):
+    """The engine raises its own Stopped when the cancel flag stops the prefill, before any step."""
+    from steering_app.engine import Stopped
+
+    def stopped_while_reading_the_prompt(run, on_step, should_stop):
+        runs.cancel(run.pk, "cancelled by owner")
+        raise Stopped("generation stopped: the run was cancelled")
+
+    use_engine(monkeypatch, stopped_while_reading_the_prompt)
+    runs.create(owner, request_for(training))
+
+    processed = runs.process(runs.claim())
+
+    assert (processed.status, processed.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
 
 
 def test_it_names_out_of_memory_in_the_words_users_act_on():
@@ -279,11 +420,19 @@ def age(run, seconds: int) -> None:
     )
 
 
+def left_silent(run, seconds: int) -> None:
+    """As a worker of another host leaves a run it stopped serving: running, no heartbeat for `seconds`."""
+    from django.utils import timezone
+
+    long_ago = timezone.now() - timezone.timedelta(seconds=seconds)
+    running(run, started_at=long_ago, heartbeat_at=long_ago, worker="elsewhere:1")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_embedded_worker_sweeps_stale_runs_on_its_timer_without_any_request(owner, training, settings):
-    settings.STEERLAB_RUN_TIMEOUT = 5
+    settings.STEERLAB_RUN_MAX_SECONDS = 5
     stale = runs.create(owner, request_for(training))
-    age(stale, 60)
+    left_silent(stale, 60)
 
     async def scenario():
         embedded = worker.EmbeddedWorker(sweep_seconds=0.05)
@@ -298,14 +447,14 @@ def test_the_embedded_worker_sweeps_stale_runs_on_its_timer_without_any_request(
     async_to_sync(scenario)()
 
     stale.refresh_from_db()
-    assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, "no worker available")
+    assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, runs.WORKER_STOPPED)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_the_runworker_sweeper_thread_fails_stale_runs_as_it_starts(owner, training, settings):
-    settings.STEERLAB_RUN_TIMEOUT = 5
+    settings.STEERLAB_RUN_MAX_SECONDS = 5
     stale = runs.create(owner, request_for(training))
-    age(stale, 60)
+    left_silent(stale, 60)
 
     stop = worker.start_sweeper_thread(interval=60)
     try:
@@ -317,7 +466,8 @@ def test_the_runworker_sweeper_thread_fails_stale_runs_as_it_starts(owner, train
     finally:
         stop.set()
 
-    assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, "no worker available")
+    assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, runs.WORKER_STOPPED)
+    assert Worker.objects.filter(name=runs.worker_name()).exists()  # and it beat as it started
 
 
 def running(run, **fields) -> None:
