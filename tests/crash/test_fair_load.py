@@ -1,0 +1,179 @@
+"""A bounded load test of the embedded default deployment (daphne with its worker inside, SQLite, the real
+SmolLM2 and the demo SAE): three members each send 10 async sweeps at once, a fourth sends 20 single runs
+while they are served.
+
+What a lab depends on, asserted on the real server: no 500, no run failed while the worker lived (a busy
+worker is no missing worker), every run completed, and a single run waits no longer than the runs that were
+in the batch when it arrived take to end: another member's backlog does not stand in front of it. The queue
+cap answers 429 with Retry-After, and a client that honours it gets every sweep in.
+"""
+
+import os
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+
+import pytest
+import requests
+
+from tests.crash.test_embedded_crash import embedded_environment
+from tests.processes import (
+    FINISHED,
+    HTTP_SECONDS,
+    api_token,
+    free_port,
+    manage,
+    seed,
+    share_model_cache,
+    start_daphne,
+    stop,
+    tails,
+)
+
+pytestmark = pytest.mark.slow
+
+SWEEPERS = ("alice", "bob", "carol")
+SINGLE = "dave"
+SWEEPS_EACH, SINGLES = 10, 20
+SWEEP = [0.5, 1.0, 2.0]  # 4 rows of the CPU's 8: two sweeps share a step
+TOKENS = 8
+SINGLE_EVERY_SECONDS = 1.0
+LOAD_SECONDS = 120  # the whole load, submissions and completions, is bounded by this
+# A single run may wait for the in-flight runs to end, plus the worker's reaction: one claim after a step.
+REACTION_SECONDS = 1.0
+
+
+class Client:
+    """One member's script: async generates, honouring 429's Retry-After, every status code counted."""
+
+    def __init__(self, url: str, token: str, body: dict, statuses: Counter, lock: threading.Lock):
+        self.url, self.body = url, body
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.statuses, self.lock = statuses, lock
+        self.run_ids: list[int] = []
+
+    def submit(self, deadline: float, **changes) -> None:
+        while time.monotonic() < deadline:
+            response = self.session.post(
+                f"{self.url}/api/steering/generate?async=true",
+                json={**self.body, **changes},
+                timeout=HTTP_SECONDS,
+            )
+            with self.lock:
+                self.statuses[response.status_code] += 1
+            if response.status_code == 202:
+                self.run_ids.append(response.json()["run_id"])
+                return
+            if response.status_code != 429:
+                return
+            time.sleep(min(float(response.headers["Retry-After"]), max(0.0, deadline - time.monotonic())))
+
+    def runs(self) -> list[dict]:
+        found = []
+        for run_id in self.run_ids:
+            response = self.session.get(f"{self.url}/api/steering/runs/{run_id}", timeout=HTTP_SECONDS)
+            with self.lock:
+                self.statuses[response.status_code] += 1
+            found.append(response.json())
+        return found
+
+
+def moment(value: str | None) -> float:
+    return datetime.fromisoformat(value).timestamp() if value else float("inf")
+
+
+def longest_fair_wait(single: dict, every_run: list[dict]) -> float:
+    """How long the runs in flight when `single` was created kept running after it: the most it may wait."""
+    created = moment(single["created_at"])
+    in_flight = [
+        moment(run["finished_at"])
+        for run in every_run
+        if run is not single and moment(run["started_at"]) <= created < moment(run["finished_at"])
+    ]
+    return max([created, *in_flight]) - created
+
+
+def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    share_model_cache(data_dir)
+    env = embedded_environment(data_dir)
+    seeded = seed(env, tmp_path, SWEEPERS[0], "pw-load-123")
+    for name in (*SWEEPERS[1:], SINGLE):
+        manage(
+            env,
+            "shell",
+            "-c",
+            f"from django.contrib.auth.models import User; User.objects.create_user({name!r})",
+        )
+    tokens = {name: api_token(env, name) for name in (*SWEEPERS, SINGLE)}
+    log = tmp_path / "daphne.log"
+    server = start_daphne(env, log, port := free_port())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        requests.get(f"{url}/login/", timeout=HTTP_SECONDS)  # the first connection starts the embedded worker
+        training = requests.get(
+            f"{url}/api/trainings/{seeded['training']}",
+            headers={"Authorization": f"Bearer {tokens[SINGLE]}"},
+            timeout=HTTP_SECONDS,
+        ).json()
+        body = {
+            "training_id": training["id"],
+            "model_id": training["model_id"],
+            "prompt": "The weather today is",
+            "features": [{"feature_id": seeded["feature"], "coefficient": 1.0}],
+            "intervention_layers": [training["hook_layer"]],
+            "temperature": 0.7,
+            "max_tokens": TOKENS,
+        }
+        statuses, lock = Counter(), threading.Lock()
+        clients = {name: Client(url, tokens[name], body, statuses, lock) for name in tokens}
+        deadline = time.monotonic() + LOAD_SECONDS
+
+        def backlog(client: Client) -> None:
+            for seed_value in range(SWEEPS_EACH):
+                client.submit(deadline, sweep=SWEEP, seed=seed_value)
+
+        def singles(client: Client) -> None:
+            for seed_value in range(SINGLES):
+                client.submit(deadline, seed=seed_value)
+                time.sleep(SINGLE_EVERY_SECONDS)
+
+        threads = [threading.Thread(target=backlog, args=(clients[name],)) for name in SWEEPERS]
+        threads.append(threading.Thread(target=singles, args=(clients[SINGLE],)))
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        every_run: list[dict] = []
+        while time.monotonic() < deadline:
+            every_run = [run for client in clients.values() for run in client.runs()]
+            if all(run["status"] in FINISHED for run in every_run):
+                break
+            time.sleep(1.0)
+        elapsed = time.monotonic() - started
+    finally:
+        stop(server)
+
+    outcomes = Counter(run["status"] for run in every_run)
+    failures = [(run["id"], run["error"]) for run in every_run if run["status"] == "failed"]
+    singles_done = [run for run in every_run if run["owner"] == SINGLE]
+    waits = [moment(run["started_at"]) - moment(run["created_at"]) for run in singles_done]
+    excess = [
+        (run["id"], round(wait - longest_fair_wait(run, every_run), 2))
+        for run, wait in zip(singles_done, waits, strict=True)
+        if wait > longest_fair_wait(run, every_run) + REACTION_SECONDS
+    ]
+    with capsys.disabled():
+        print(
+            f"\n[load] {elapsed:.0f} s: HTTP {dict(sorted(statuses.items()))}, runs {dict(outcomes)}, "
+            f"longest single-run wait {max(waits, default=0):.2f} s"
+        )
+    assert not any(thread.is_alive() for thread in threads), "the clients did not finish within the bound"
+    assert statuses[500] == 0, (statuses, tails(log))
+    assert failures == [], tails(log)
+    assert len(every_run) == len(SWEEPERS) * SWEEPS_EACH + SINGLES, (outcomes, statuses)
+    assert outcomes == {"completed": len(every_run)}, (outcomes, tails(log))
+    assert excess == [], f"single runs that waited past the runs in flight ahead of them: {excess}"
