@@ -189,6 +189,8 @@ def test_without_htmx_it_redirects_to_the_run(client, owner, training, submitted
         ({"temperature": "warm"}, "Temperature: Enter a number."),
         ({"max_tokens": "100000"}, "Max Tokens: max_tokens must be between 1 and"),
         ({"max_tokens": "0"}, "Max Tokens: max_tokens must be between 1 and"),
+        ({"max_tokens": "512"}, "Max Tokens: max_tokens can be at most 509 for this 4-token prompt"),
+        ({"prompt": "word " * 600}, "Prompt: The prompt is 600 tokens"),
         ({"seed": "-4"}, "Seed: seed must be a non-negative 63-bit integer."),
         ({"training": "987654"}, "Training Job: Training 987654 does not exist."),
     ],
