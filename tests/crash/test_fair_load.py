@@ -8,7 +8,6 @@ in the batch when it arrived take to end: another member's backlog does not stan
 cap answers 429 with Retry-After, and a client that honours it gets every sweep in.
 """
 
-import os
 import threading
 import time
 from collections import Counter
