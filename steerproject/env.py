@@ -10,6 +10,8 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from steerproject import private_files
+
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -56,12 +58,15 @@ def env_list(env: Mapping[str, str], name: str, default: list[str]) -> list[str]
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def secret_key(env: Mapping[str, str], debug: bool) -> str:
+def secret_key(env: Mapping[str, str], debug: bool, data_path: Path) -> str:
     key = env.get("SECRET_KEY", "")
     if key:
         return key
     if debug:
-        return "insecure-development-key-only-for-debug"
+        # A key written in the code is public: anyone could forge sessions and signed tokens of a server
+        # that runs with it. A development server gets a random key of its own, in the file that `make serve`
+        # generates, so sessions survive a restart.
+        return private_files.read_or_create_secret(data_path / "secret_key")
     raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
 
 

@@ -13,11 +13,12 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 ENV = os.environ
 
 DEBUG = env.env_bool(ENV, "DEBUG", default=False)
-SECRET_KEY = env.secret_key(ENV, DEBUG)
+STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
+private_files.make_private_dir(STEERLAB_DATA_DIR)
+SECRET_KEY = env.secret_key(ENV, DEBUG, STEERLAB_DATA_DIR)
 ALLOWED_HOSTS = env.env_list(ENV, "ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.env_list(ENV, "CSRF_TRUSTED_ORIGINS", [])
 
-STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
 STEERLAB_DEVICE = env.device(ENV)
 STEERLAB_DTYPE = env.dtype(ENV)
 STEERLAB_MAX_NEW_TOKENS = env.env_int(ENV, "STEERLAB_MAX_NEW_TOKENS", default=512)
@@ -29,7 +30,6 @@ STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
 os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
 os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
 os.environ.setdefault("STEERLAB_DTYPE", STEERLAB_DTYPE)
-private_files.make_private_dir(STEERLAB_DATA_DIR)
 
 INSTALLED_APPS = [
     "daphne",

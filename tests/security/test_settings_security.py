@@ -81,6 +81,48 @@ def test_it_caches_in_memory_by_default_and_in_redis_with_redis_url():
         env.caches({"REDIS_URL": "http://cache"})
 
 
+# --- SECRET_KEY under DEBUG
+
+
+def test_it_generates_a_private_random_key_for_debug_without_a_secret_key(tmp_path):
+    first = load_settings(tmp_path / "a", {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+    again = load_settings(tmp_path / "a", {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+    elsewhere = load_settings(tmp_path / "b", {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+
+    assert first.returncode == again.returncode == elsewhere.returncode == 0, first.stderr
+    (key,) = eval(first.stdout)
+    assert key == (tmp_path / "a" / "secret_key").read_text().strip() and len(key) >= 50
+    assert mode(tmp_path / "a" / "secret_key") == 0o600
+    assert eval(again.stdout) == (key,)
+    assert eval(elsewhere.stdout) != (key,)
+    assert list((tmp_path / "a").glob("*secret_key*")) == [tmp_path / "a" / "secret_key"]  # no staging left
+
+
+def test_it_uses_the_key_make_serve_generated_and_makes_it_private(tmp_path):
+    (tmp_path / "secret_key").write_text("generated-by-make\n")
+    (tmp_path / "secret_key").chmod(0o644)
+
+    result = load_settings(tmp_path, {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == ("generated-by-make",)
+    assert mode(tmp_path / "secret_key") == 0o600
+
+
+def test_it_still_requires_a_secret_key_without_debug_and_writes_none(tmp_path):
+    result = load_settings(tmp_path, {"SECRET_KEY": ""})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and "SECRET_KEY" in result.stderr
+    assert not (tmp_path / "secret_key").exists()
+
+
+def test_a_secret_key_from_the_environment_wins_over_the_file(tmp_path):
+    (tmp_path / "secret_key").write_text("from-the-file")
+
+    assert env.secret_key({"SECRET_KEY": "from-env"}, True, tmp_path) == "from-env"
+
+
 # --- private data directory and database file
 
 
