@@ -94,9 +94,13 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LOGIN_URL = "login"
-# Login throttling (steerproject/login_throttle.py): this many failures per username or address within the
-# window lock them out for the window's length.
+# Login throttling (steerproject/login_throttle.py): this many failures of one username from one address, or
+# of any usernames from one address, within the window lock them out for the window's length. The address's
+# limit is looser so that members behind one NAT do not lock each other out.
 STEERLAB_LOGIN_MAX_FAILURES = env.env_int(ENV, "STEERLAB_LOGIN_MAX_FAILURES", default=5)
+STEERLAB_LOGIN_MAX_ADDRESS_FAILURES = env.env_int(
+    ENV, "STEERLAB_LOGIN_MAX_ADDRESS_FAILURES", default=4 * STEERLAB_LOGIN_MAX_FAILURES
+)
 STEERLAB_LOGIN_WINDOW_SECONDS = env.env_int(ENV, "STEERLAB_LOGIN_WINDOW_SECONDS", default=900)
 LOGIN_REDIRECT_URL = "/steering/"
 LOGOUT_REDIRECT_URL = "login"

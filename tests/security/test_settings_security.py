@@ -53,6 +53,7 @@ def test_it_turns_on_secure_cookies_and_hsts(tmp_path):
         ({"STEERLAB_HSTS_SECONDS": "a year"}, "STEERLAB_HSTS_SECONDS"),
         ({"STEERLAB_HSTS_SECONDS": "-1"}, "STEERLAB_HSTS_SECONDS"),
         ({"STEERLAB_LOGIN_MAX_FAILURES": "0"}, "STEERLAB_LOGIN_MAX_FAILURES"),
+        ({"STEERLAB_LOGIN_MAX_ADDRESS_FAILURES": "many"}, "STEERLAB_LOGIN_MAX_ADDRESS_FAILURES"),
         ({"STEERLAB_LOGIN_WINDOW_SECONDS": "soon"}, "STEERLAB_LOGIN_WINDOW_SECONDS"),
     ],
 )
