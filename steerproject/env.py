@@ -93,6 +93,19 @@ def data_dir(env: Mapping[str, str], base_dir: Path) -> Path:
     return path.resolve()
 
 
+def dataset_dirs(env: Mapping[str, str]) -> list[Path]:
+    """STEERLAB_DATASET_DIRS: folders, besides <data dir>/datasets, that trainings and calibrations may read."""
+    dirs = []
+    for item in env_list(env, "STEERLAB_DATASET_DIRS", []):
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            raise ImproperlyConfigured(f"STEERLAB_DATASET_DIRS must list absolute paths; got {item!r}")
+        if not path.is_dir():
+            raise ImproperlyConfigured(f"STEERLAB_DATASET_DIRS lists {item!r}, which is not a directory")
+        dirs.append(path.resolve())
+    return dirs
+
+
 def database(env: Mapping[str, str], data_path: Path) -> dict:
     url = env.get("DATABASE_URL", "").strip()
     if not url:

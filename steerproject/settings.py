@@ -19,6 +19,8 @@ SECRET_KEY = env.secret_key(ENV, DEBUG, STEERLAB_DATA_DIR)
 ALLOWED_HOSTS = env.env_list(ENV, "ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.env_list(ENV, "CSRF_TRUSTED_ORIGINS", [])
 
+# Where train_sae and calibrate_features may read a corpus (steering_app/dataset_roots.py).
+STEERLAB_DATASET_DIRS = env.dataset_dirs(ENV)
 STEERLAB_DEVICE = env.device(ENV)
 STEERLAB_DTYPE = env.dtype(ENV)
 STEERLAB_MAX_NEW_TOKENS = env.env_int(ENV, "STEERLAB_MAX_NEW_TOKENS", default=512)

@@ -82,6 +82,38 @@ def test_it_caches_in_memory_by_default_and_in_redis_with_redis_url():
         env.caches({"REDIS_URL": "http://cache"})
 
 
+# --- STEERLAB_DATASET_DIRS
+
+
+def test_it_lists_the_extra_dataset_roots(tmp_path):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "shared")
+
+    result = load_settings(
+        tmp_path,
+        {"SECRET_KEY": "k", "STEERLAB_DATASET_DIRS": f"{tmp_path / 'corpora'}, {tmp_path / 'link'},"},
+        show="[str(path) for path in s.STEERLAB_DATASET_DIRS]",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == ([str(tmp_path / "corpora"), str(tmp_path / "shared")],)
+    assert env.dataset_dirs({}) == []
+
+
+@pytest.mark.parametrize(
+    "entry", ["corpora", "{tmp}/missing", "{tmp}/a-file"], ids=["relative", "missing", "a file"]
+)
+def test_it_refuses_a_dataset_root_that_is_not_an_absolute_directory(tmp_path, entry):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "a-file").write_text("")
+
+    result = load_settings(tmp_path, {"SECRET_KEY": "k", "STEERLAB_DATASET_DIRS": entry.format(tmp=tmp_path)})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and "STEERLAB_DATASET_DIRS" in result.stderr
+
+
 # --- SECRET_KEY under DEBUG
 
 

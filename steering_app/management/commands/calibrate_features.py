@@ -33,7 +33,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dataset",
             default=DEMO_ALIAS,
-            help="dataset name, 'demo' (the built-in demo corpus, the default), a text file or a directory",
+            help="dataset name, 'demo' (the built-in demo corpus, the default), or a text file or a directory "
+            "under the dataset roots (<data dir>/datasets, STEERLAB_DATASET_DIRS)",
         )
         parser.add_argument(
             "--tokens",

@@ -6,7 +6,9 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from steering_app import dataset_roots
 from steering_app.engine import demo
+from steering_app.errors import InvalidInput
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 DEMO_ALIAS = "demo"  # --dataset demo: the built-in demo corpus
@@ -15,24 +17,36 @@ DEMO_ONLY = ("work", "prompts", "offline_tokens")
 
 
 def resolve_dataset(name_or_path: str) -> Dataset:
-    """A registered dataset by name, the built-in demo corpus, or a text file / directory (registered now)."""
+    """A registered dataset by name, the built-in demo corpus, or a text file / directory under the dataset
+    roots (registered now)."""
     dataset = Dataset.objects.filter(name=name_or_path).first()
     if dataset is not None:
+        if dataset.source != DEMO_ALIAS:
+            corpus_files(dataset.source)  # a registered dataset's path is refused before the job starts too
         return dataset
     if name_or_path == DEMO_ALIAS:
         return Dataset.objects.create(
             name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION
         )
-    path = Path(name_or_path).expanduser().resolve()
+    path = Path(name_or_path).expanduser()
     if not path.exists():
         raise CommandError(
             f"Unknown dataset {name_or_path!r}: not a registered dataset, 'demo', or a text path"
         )
+    corpus_files(str(path))  # refused before the job starts, naming the path as given
+    path = path.resolve()
     kind = "directory of text files" if path.is_dir() else "text file"
     dataset, _ = Dataset.objects.get_or_create(
         name=str(path), defaults={"source": str(path), "description": kind}
     )
     return dataset
+
+
+def corpus_files(source: str) -> list[Path]:
+    try:
+        return dataset_roots.corpus_files(source)
+    except InvalidInput as error:
+        raise CommandError(error.message) from None
 
 
 def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
@@ -51,7 +65,9 @@ def dataset_texts(dataset: Dataset, lm):
 
     if dataset.source == DEMO_ALIAS:
         return corpus.read_text_file(demo_corpus(lm, data_dir() / demo.DEMO_WORK_DIR, demo.DEMO_SEED))
-    return corpus.read_texts(dataset.source)
+    # Checked again as the job starts reading, and the checked targets are read: the links of a folder may
+    # have changed since the job was asked for.
+    return corpus.read_texts(corpus_files(dataset.source))
 
 
 class Command(BaseCommand):
@@ -70,7 +86,11 @@ class Command(BaseCommand):
         )
         parser.add_argument("--model", help="name of a registered language model")
         parser.add_argument("--layer", type=int, help="decoder block whose output is modelled")
-        parser.add_argument("--dataset", help="dataset name, 'demo', a text file or a directory")
+        parser.add_argument(
+            "--dataset",
+            help="dataset name, 'demo', or a text file or a directory under the dataset roots "
+            "(<data dir>/datasets, STEERLAB_DATASET_DIRS)",
+        )
         # The training's sizes: TrainConfig's defaults, or with --demo the demo's recipe.
         for flag, kind, what, demo_value in (
             ("--d-sae", int, "latents", demo.DEMO_D_SAE),
