@@ -237,7 +237,7 @@ def test_it_ends_failed_when_the_dataset_does_not_exist(training, tmp_path):
 
 
 @pytest.mark.django_db
-def test_it_ends_failed_when_the_checkpoint_cannot_be_read(training, dataset_dir):
+def test_it_ends_failed_when_the_checkpoint_cannot_be_read_and_registers_no_dataset(training, dataset_dir):
     before = feature_rows(training.pk)
     text = corpus.write_corpus(dataset_dir / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
 
@@ -246,8 +246,21 @@ def test_it_ends_failed_when_the_checkpoint_cannot_be_read(training, dataset_dir
 
     calibration = Calibration.objects.get(training=training)
     assert calibration.status == Calibration.Status.FAILED and "/nonexistent/sae" in calibration.error
-    assert calibration.dataset.source == str(text.resolve())
+    assert calibration.dataset is None and not Dataset.objects.exists()
     assert feature_rows(training.pk) == before
+
+
+@pytest.mark.django_db
+def test_a_failed_calibration_keeps_the_registered_dataset_it_read(training, dataset_dir):
+    text = corpus.write_corpus(dataset_dir / "corpus.txt", ["A document."])
+    registered = Dataset.objects.create(name="lab-corpus", source=str(text))
+
+    with pytest.raises(CommandError, match="failed"):
+        call_command("calibrate_features", "--training", training.pk, "--dataset", "lab-corpus")
+
+    calibration = Calibration.objects.get(training=training)
+    assert calibration.status == Calibration.Status.FAILED and calibration.dataset == registered
+    assert list(Dataset.objects.all()) == [registered]
 
 
 @pytest.fixture

@@ -119,6 +119,7 @@ def test_it_marks_an_interrupted_training_failed(tiny_model, text_file, tmp_path
     training = Training.objects.get()
     assert (training.status, training.error) == (Training.Status.FAILED, "interrupted")
     assert not Feature.objects.exists() and not (tmp_path / "sae" / "cfg.json").exists()
+    assert training.dataset is None and not Dataset.objects.exists()
 
 
 def test_it_refuses_a_dataset_outside_the_dataset_roots_and_records_nothing(
