@@ -1,9 +1,15 @@
+from pathlib import Path
+
+from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from steering_app import dataset_roots
+from steering_app.errors import InvalidInput
 from steering_app.models import (
     ApiToken,
     Calibration,
@@ -23,8 +29,27 @@ class LanguageModelAdmin(admin.ModelAdmin):
     readonly_fields = ["architecture", "num_layers", "hidden_size", "created_at"]
 
 
+class DatasetForm(forms.ModelForm):
+    class Meta:
+        model = Dataset
+        fields = "__all__"
+
+    def clean_source(self):
+        """A source that is a file or folder on this machine is read by the jobs that name the dataset, so it
+        must lie under the dataset roots. Any other source is a name, such as the hub dataset an imported SAE
+        was trained on: recorded, never read (the jobs check again as they read)."""
+        source = self.cleaned_data["source"]
+        if Path(source).exists():
+            try:
+                dataset_roots.corpus_files(source)
+            except InvalidInput as error:
+                raise ValidationError(error.message) from None
+        return source
+
+
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
+    form = DatasetForm
     list_display = ["name", "source", "num_tokens"]
     search_fields = ["name", "source", "description"]
 

@@ -10,7 +10,7 @@ from django.template.loader import render_to_string
 
 from steering_app.models import SteeringRun
 from steering_app.presenters import output_id, result_context
-from steering_app.streaming import group_name, read_stream_token
+from steering_app.streaming import ACCESS_CHANGED, group_name, read_stream_token
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +21,9 @@ WATCH_SECONDS = 3.0
 
 
 @database_sync_to_async
-def visible_run(user, run_id: int) -> SteeringRun | None:
-    return SteeringRun.objects.visible_to(user).filter(pk=run_id).first()
-
-
-@database_sync_to_async
-def current_run(run_id: int) -> SteeringRun:
-    return SteeringRun.objects.select_related("training").get(pk=run_id)
+def readable_run(user, run_id: int) -> SteeringRun | None:
+    """The run as it is now, or None once user may not read it: its owner may make it private at any time."""
+    return SteeringRun.objects.visible_to(user).select_related("training").filter(pk=run_id).first()
 
 
 @database_sync_to_async
@@ -45,6 +41,8 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
     replaces #run-result with the stored comparison (full text, metrics or the failure) and closes the
     socket. A page that just submitted the run passes ?stream=<token>: it then reads the run's events
     from the mailbox the view subscribed before submitting, so it sees every token from the first.
+    A reader who may no longer read the run (its owner made it private: the "access" event, or any later
+    read of the run) has the socket closed at once with 4404, as a refused connect, and nothing more sent.
     """
 
     async def connect(self):
@@ -52,7 +50,7 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         self.finished = False
         self.tasks: list[asyncio.Task] = []
         self.streamed = {"unsteered": "", "variants": []}
-        run = await visible_run(self.scope["user"], self.run_id)
+        run = await readable_run(self.scope["user"], self.run_id)
         if run is None:  # unknown, or another member's private run: the same answer, as a page's 404
             await self.close(code=4404)
             return
@@ -60,8 +58,11 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         if self.mailbox is None:
             await self.channel_layer.group_add(group_name(self.run_id), self.channel_name)
         await self.accept()
-        # The run may have finished before the socket opened: tell the client so it never waits forever.
-        run = await current_run(self.run_id)
+        # The run may have finished, or turned private, before the socket joined its group: the events that
+        # said so are gone, so read it again. The client must never wait forever, nor read a private run.
+        run = await self.still_readable()
+        if run is None:
+            return
         if run.is_finished:
             await self.finish(run)
             return
@@ -91,9 +92,16 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
     async def watch(self):
         while not self.finished:
             await asyncio.sleep(WATCH_SECONDS)
-            run = await current_run(self.run_id)
-            if run.is_finished:
+            run = await self.still_readable()
+            if run is not None and run.is_finished:
                 await self.finish(run)
+
+    async def still_readable(self) -> SteeringRun | None:
+        """The run as it is now; None, with the socket closed, once the user may no longer read it."""
+        run = await readable_run(self.scope["user"], self.run_id)
+        if run is None:
+            await self.lose_access()
+        return run
 
     async def run_event(self, message):
         if self.finished:
@@ -121,8 +129,12 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
                 f"{RESULT_TEMPLATE}#status", {"state": SteeringRun.Status.RUNNING, "status_oob": True}
             )
             await self.send(text_data=html)
+        elif event == ACCESS_CHANGED:
+            await self.still_readable()
         elif event in (SteeringRun.Status.COMPLETED, SteeringRun.Status.FAILED, SteeringRun.Status.CANCELLED):
-            await self.finish(await current_run(self.run_id))
+            run = await self.still_readable()
+            if run is not None:
+                await self.finish(run)
 
     async def finish(self, run: SteeringRun):
         if self.finished:
@@ -130,10 +142,21 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         self.finished = True
         html = await render_final(run, self.streamed["unsteered"], self.streamed["variants"])
         await self.send(text_data=html)
+        await self.stop()
+
+    async def lose_access(self):
+        """The user may no longer read the run: close as a refused connect does, with nothing more sent."""
+        if self.finished:
+            return
+        self.finished = True
+        await self.stop(code=4404)
+
+    async def stop(self, code: int | None = None):
+        """Stop reading the run's events and close the socket."""
         if self.mailbox is not None:
             await self.channel_layer.group_discard(group_name(self.run_id), self.mailbox)
         current = asyncio.current_task()
         for task in self.tasks:
             if task is not current:
                 task.cancel()
-        await self.close()
+        await self.close(code=code)

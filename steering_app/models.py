@@ -6,10 +6,11 @@ from datetime import timedelta
 from functools import cached_property
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Case, Q, When
 from django.utils import timezone
 
+from steering_app import streaming
 from steering_app.errors import Conflict, Forbidden, NotFound
 from steering_app.limits import (
     MAX_ABS_COEFFICIENT,
@@ -447,6 +448,13 @@ class SteeringRun(models.Model):
         # One column: a worker may be writing the run's outputs meanwhile.
         SteeringRun.objects.filter(pk=self.pk).update(private=private)
         self.private = private
+        if private:
+            # Members watching it live must stop reading it now, not when the run ends; after the commit, so
+            # that their sockets read it as private. Robust: the change is made; a channel layer that is down
+            # only delays the close to the sockets' next periodic read of the run.
+            transaction.on_commit(
+                lambda: streaming.publish(self.pk, streaming.ACCESS_CHANGED, {}), robust=True
+            )
 
     def delete_by(self, user) -> None:
         """Delete a finished run (owner or staff only); a queued or running one must be stopped first."""

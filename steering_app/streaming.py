@@ -14,6 +14,8 @@ from django.core import signing
 
 STREAM_SALT = "steering.run-stream"
 STREAM_TOKEN_MAX_AGE = 600
+# The run's readers changed: each websocket checks whether its user may still read the run.
+ACCESS_CHANGED = "access"
 
 
 def group_name(run_id: int) -> str:

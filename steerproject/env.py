@@ -10,6 +10,8 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from steerproject import private_files
+
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -56,12 +58,15 @@ def env_list(env: Mapping[str, str], name: str, default: list[str]) -> list[str]
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def secret_key(env: Mapping[str, str], debug: bool) -> str:
+def secret_key(env: Mapping[str, str], debug: bool, data_path: Path) -> str:
     key = env.get("SECRET_KEY", "")
     if key:
         return key
     if debug:
-        return "insecure-development-key-only-for-debug"
+        # A key written in the code is public: anyone could forge sessions and signed tokens of a server
+        # that runs with it. A development server gets a random key of its own, in the file that `make serve`
+        # generates, so sessions survive a restart.
+        return private_files.read_or_create_secret(data_path / "secret_key")
     raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
 
 
@@ -86,6 +91,19 @@ def data_dir(env: Mapping[str, str], base_dir: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ImproperlyConfigured(f"STEERLAB_DATA_DIR must be a directory; {path} is a file")
     return path.resolve()
+
+
+def dataset_dirs(env: Mapping[str, str]) -> list[Path]:
+    """STEERLAB_DATASET_DIRS: folders, besides <data dir>/datasets, that trainings and calibrations may read."""
+    dirs = []
+    for item in env_list(env, "STEERLAB_DATASET_DIRS", []):
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            raise ImproperlyConfigured(f"STEERLAB_DATASET_DIRS must list absolute paths; got {item!r}")
+        if not path.is_dir():
+            raise ImproperlyConfigured(f"STEERLAB_DATASET_DIRS lists {item!r}, which is not a directory")
+        dirs.append(path.resolve())
+    return dirs
 
 
 def database(env: Mapping[str, str], data_path: Path) -> dict:

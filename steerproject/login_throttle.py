@@ -1,10 +1,13 @@
 """Login throttling for the login page and the admin's: after too many failures, refuse for a while.
 
-Failures are counted per username and per client address in Django's cache (shared through Redis when
-REDIS_URL is set; per process otherwise). Once either reaches STEERLAB_LOGIN_MAX_FAILURES within
-STEERLAB_LOGIN_WINDOW_SECONDS, logins for that username or from that address are refused for the same
-number of seconds, the right password included, without checking it. A successful login forgets its
-username's failures only: the address keeps its count, so one good account does not reset guessing at others.
+Failures are counted in Django's cache (shared through Redis when REDIS_URL is set; per process otherwise)
+twice: per username at a client address, and per address. STEERLAB_LOGIN_MAX_FAILURES failures of one
+username from one address within STEERLAB_LOGIN_WINDOW_SECONDS lock that username at that address;
+STEERLAB_LOGIN_MAX_ADDRESS_FAILURES failures of any usernames lock the whole address. A lab behind one NAT
+shares an address: one member's mistyped passwords lock out that member only, not a colleague, while an
+address that sprays guesses across many usernames is still stopped. A lock lasts the window's length and
+refuses the right password too, without checking it. A successful login forgets its username's failures at
+that address only: the address keeps its count, so one good account does not reset guessing at others.
 """
 
 import hashlib
@@ -31,7 +34,8 @@ def client_address(request) -> str:
 
 class LoginThrottle:
     def __init__(self, username: str, address: str):
-        self.user_key = self._key("user", username.casefold())
+        # A NUL cannot occur in an address, so no username/address pair is spelled like another one.
+        self.user_key = self._key("user-at-address", username.casefold() + "\0" + address)
         self.address_key = self._key("address", address)
 
     @staticmethod
@@ -49,10 +53,10 @@ class LoginThrottle:
     def record_failure(self) -> None:
         moment, window = now(), settings.STEERLAB_LOGIN_WINDOW_SECONDS
         states = cache.get_many(self._keys())
-        for key in self._keys():
+        for key, limit in self._limits().items():
             state = states.get(key, {})
             failures = [t for t in state.get("failures", []) if t > moment - window] + [moment]
-            if len(failures) >= settings.STEERLAB_LOGIN_MAX_FAILURES:
+            if len(failures) >= limit:
                 state = {"failures": [], "locked_until": moment + window}
             else:
                 state = {"failures": failures, "locked_until": state.get("locked_until", 0)}
@@ -63,6 +67,12 @@ class LoginThrottle:
 
     def _keys(self) -> list[str]:
         return [self.user_key, self.address_key]
+
+    def _limits(self) -> dict[str, int]:
+        return {
+            self.user_key: settings.STEERLAB_LOGIN_MAX_FAILURES,
+            self.address_key: settings.STEERLAB_LOGIN_MAX_ADDRESS_FAILURES,
+        }
 
 
 class ThrottledLoginMixin:

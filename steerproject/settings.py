@@ -13,11 +13,14 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 ENV = os.environ
 
 DEBUG = env.env_bool(ENV, "DEBUG", default=False)
-SECRET_KEY = env.secret_key(ENV, DEBUG)
+STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
+private_files.make_private_dir(STEERLAB_DATA_DIR)
+SECRET_KEY = env.secret_key(ENV, DEBUG, STEERLAB_DATA_DIR)
 ALLOWED_HOSTS = env.env_list(ENV, "ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.env_list(ENV, "CSRF_TRUSTED_ORIGINS", [])
 
-STEERLAB_DATA_DIR = env.data_dir(ENV, BASE_DIR)
+# Where train_sae and calibrate_features may read a corpus (steering_app/dataset_roots.py).
+STEERLAB_DATASET_DIRS = env.dataset_dirs(ENV)
 STEERLAB_DEVICE = env.device(ENV)
 STEERLAB_DTYPE = env.dtype(ENV)
 STEERLAB_MAX_NEW_TOKENS = env.env_int(ENV, "STEERLAB_MAX_NEW_TOKENS", default=512)
@@ -32,7 +35,6 @@ STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
 os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
 os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
 os.environ.setdefault("STEERLAB_DTYPE", STEERLAB_DTYPE)
-private_files.make_private_dir(STEERLAB_DATA_DIR)
 
 INSTALLED_APPS = [
     "daphne",
@@ -97,9 +99,13 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LOGIN_URL = "login"
-# Login throttling (steerproject/login_throttle.py): this many failures per username or address within the
-# window lock them out for the window's length.
+# Login throttling (steerproject/login_throttle.py): this many failures of one username from one address, or
+# of any usernames from one address, within the window lock them out for the window's length. The address's
+# limit is looser so that members behind one NAT do not lock each other out.
 STEERLAB_LOGIN_MAX_FAILURES = env.env_int(ENV, "STEERLAB_LOGIN_MAX_FAILURES", default=5)
+STEERLAB_LOGIN_MAX_ADDRESS_FAILURES = env.env_int(
+    ENV, "STEERLAB_LOGIN_MAX_ADDRESS_FAILURES", default=4 * STEERLAB_LOGIN_MAX_FAILURES
+)
 STEERLAB_LOGIN_WINDOW_SECONDS = env.env_int(ENV, "STEERLAB_LOGIN_WINDOW_SECONDS", default=900)
 LOGIN_REDIRECT_URL = "/steering/"
 LOGOUT_REDIRECT_URL = "login"

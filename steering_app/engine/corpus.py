@@ -389,23 +389,24 @@ def read_text_file(path: os.PathLike | str, max_chars: int = 4000) -> Iterator[s
         yield from _paragraph_chunks(document, max_chars)
 
 
-def read_text_dir(path: os.PathLike | str, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Iterator[str]:
-    """Documents of every text file under path (recursive, sorted by path)."""
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+def text_files(path: os.PathLike | str, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
+    """The files a corpus path names: a text file itself, or every text file under a directory (recursive,
+    sorted by path)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
         raise FileNotFoundError(f"{path}: no text files ({', '.join(suffixes)})")
+    return files
+
+
+def read_texts(files: Iterable[os.PathLike | str]) -> Iterator[str]:
+    """Documents of text files, one file after another."""
     for file in files:
         yield from read_text_file(file)
-
-
-def read_texts(path: os.PathLike | str) -> Iterator[str]:
-    """Documents of a text file or a directory of text files."""
-    path = Path(path)
-    if path.is_dir():
-        return read_text_dir(path)
-    if path.is_file():
-        return read_text_file(path)
-    raise FileNotFoundError(f"{path}: no such file or directory")
 
 
 def write_corpus(path: os.PathLike | str, texts: Iterable[str]) -> Path:

@@ -246,22 +246,27 @@ def test_the_corpus_files_read_back_as_documents(tmp_path):
     documents = ["First document.\n\nIt has two paragraphs.", "Second one.", "Third\fwith a form feed."]
     path = corpus.write_corpus(tmp_path / "c.txt", documents)
     assert list(corpus.read_text_file(path)) == [documents[0], documents[1], "Third\nwith a form feed."]
-    assert list(corpus.read_texts(path)) == list(corpus.read_text_file(path))
+    assert corpus.text_files(path) == [path]
+    assert list(corpus.read_texts([path])) == list(corpus.read_text_file(path))
 
     (tmp_path / "dir" / "sub").mkdir(parents=True)
     (tmp_path / "dir" / "b.txt").write_text("Bee.")
     (tmp_path / "dir" / "sub" / "a.md").write_text("Ay.")
     (tmp_path / "dir" / "skip.bin").write_text("no")
-    assert list(corpus.read_texts(tmp_path / "dir")) == ["Bee.", "Ay."]
+    assert corpus.text_files(tmp_path / "dir") == [
+        tmp_path / "dir" / "b.txt",
+        tmp_path / "dir" / "sub" / "a.md",
+    ]
+    assert list(corpus.read_texts(corpus.text_files(tmp_path / "dir"))) == ["Bee.", "Ay."]
     long = "\n\n".join(f"Paragraph {i} " + "x" * 90 for i in range(100))
     (tmp_path / "long.txt").write_text(long)
     chunks = list(corpus.read_text_file(tmp_path / "long.txt", max_chars=1000))
     assert len(chunks) > 5 and all(len(c) <= 1000 for c in chunks) and "\n\n".join(chunks) == long
     with pytest.raises(FileNotFoundError):
-        corpus.read_texts(tmp_path / "missing")
+        corpus.text_files(tmp_path / "missing")
     (tmp_path / "no-text").mkdir()
     with pytest.raises(FileNotFoundError):
-        list(corpus.read_texts(tmp_path / "no-text"))
+        corpus.text_files(tmp_path / "no-text")
 
 
 def test_the_demo_prompts_are_seeded_and_cover_every_topic_first():

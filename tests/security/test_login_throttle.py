@@ -1,4 +1,5 @@
-"""Login throttling on /login/ and /admin/login/: 5 failures per username or address lock them for 15 minutes."""
+"""Login throttling on /login/ and /admin/login/: 5 failures of a username from one address lock that username
+there, 20 failures of any usernames lock the address, for 15 minutes."""
 
 import pytest
 from django.test import Client
@@ -53,12 +54,24 @@ def test_it_refuses_the_right_password_after_five_failures(owner):
     assert "Try again in 15 minutes" in response.text
 
 
-def test_it_still_refuses_the_user_from_another_address(owner):
+def test_it_locks_a_username_at_that_address_only(owner):
     fail_five_times("owner", "10.0.0.1")
 
-    _, logged_in = attempt("owner", "pw-owner", "10.0.0.2")
+    _, there = attempt("owner", "pw-owner", "10.0.0.1")
+    response, elsewhere = attempt("owner", "pw-owner", "10.0.0.2")
 
-    assert not logged_in
+    assert not there
+    assert response.status_code == 302 and elsewhere
+
+
+def test_one_members_failures_do_not_lock_out_a_colleague_behind_the_same_address(owner, teammate):
+    fail_five_times("owner", "10.0.0.1")
+
+    _, owner_logged_in = attempt("owner", "pw-owner", "10.0.0.1")
+    response, teammate_logged_in = attempt("teammate", "pw-teammate", "10.0.0.1")
+
+    assert not owner_logged_in
+    assert response.status_code == 302 and teammate_logged_in
 
 
 def test_it_lets_another_user_in_from_another_address(owner, teammate):
@@ -69,26 +82,45 @@ def test_it_lets_another_user_in_from_another_address(owner, teammate):
     assert response.status_code == 302 and logged_in
 
 
-def test_it_refuses_every_user_from_an_address_that_failed_five_times(owner, teammate, stranger):
-    for username in ("owner", "teammate", "nobody", "owner", "teammate"):
-        attempt(username, "wrong", "10.0.0.9")
+def test_it_refuses_every_user_from_an_address_that_sprays_guesses_over_many_usernames(stranger):
+    for i in range(19):  # each username far below its own limit
+        attempt(f"member{i % 10}", "wrong", "10.0.0.9")
+    assert attempt("stranger", "pw-stranger", "10.0.0.9")[1]
 
-    _, stranger_logged_in = attempt("stranger", "pw-stranger", "10.0.0.9")
+    for i in range(20):
+        attempt(f"member{i % 10}", "wrong", "10.0.0.9")
+
+    response, stranger_logged_in = attempt("stranger", "pw-stranger", "10.0.0.9")
     _, elsewhere_logged_in = attempt("stranger", "pw-stranger", "10.0.0.10")
 
-    assert not stranger_logged_in and elsewhere_logged_in
+    assert response.status_code == 200 and not stranger_logged_in
+    assert "Too many failed logins" in response.text
+    assert elsewhere_logged_in
 
 
-def test_a_success_does_not_reset_the_address_count_of_other_users(owner, teammate):
+def test_a_success_forgets_its_own_failures_at_that_address(owner):
+    for _ in range(4):
+        attempt("owner", "wrong", "10.0.0.3")
+    assert attempt("owner", "pw-owner", "10.0.0.3")[1]
+
+    for _ in range(4):
+        attempt("owner", "wrong", "10.0.0.3")
+
+    assert attempt("owner", "pw-owner", "10.0.0.3")[1]
+
+
+def test_a_success_does_not_reset_the_address_count_of_other_users(owner, teammate, settings):
+    settings.STEERLAB_LOGIN_MAX_ADDRESS_FAILURES = 6
     for _ in range(4):
         attempt("owner", "wrong", "10.0.0.3")
     _, teammate_logged_in = attempt("teammate", "pw-teammate", "10.0.0.3")
-    attempt("nobody", "wrong", "10.0.0.3")  # the address's fifth failure
+    attempt("nobody", "wrong", "10.0.0.3")
+    attempt("nobody", "wrong", "10.0.0.3")  # the address's sixth failure
 
-    _, owner_logged_in = attempt("owner", "pw-owner", "10.0.0.4")  # the owner's own count is at 4
     _, address_logged_in = attempt("teammate", "pw-teammate", "10.0.0.3")
+    _, elsewhere_logged_in = attempt("teammate", "pw-teammate", "10.0.0.4")
 
-    assert teammate_logged_in and owner_logged_in and not address_logged_in
+    assert teammate_logged_in and not address_logged_in and elsewhere_logged_in
 
 
 def test_it_lets_the_user_in_again_after_the_lockout(owner, clock):
@@ -111,12 +143,18 @@ def test_failures_older_than_the_window_do_not_count(owner, clock):
     assert attempt("owner", "pw-owner")[1]
 
 
-def test_the_limits_come_from_settings(owner, settings):
+def test_the_limits_come_from_settings(owner, teammate, settings):
     settings.STEERLAB_LOGIN_MAX_FAILURES = 2
+    settings.STEERLAB_LOGIN_MAX_ADDRESS_FAILURES = 3
     attempt("owner", "wrong")
     attempt("owner", "wrong")
 
     assert not attempt("owner", "pw-owner")[1]
+    assert attempt("teammate", "pw-teammate")[1]
+
+    attempt("nobody", "wrong")
+
+    assert not attempt("teammate", "pw-teammate")[1]
 
 
 def test_the_admin_login_is_throttled_too(staff):

@@ -53,6 +53,7 @@ def test_it_turns_on_secure_cookies_and_hsts(tmp_path):
         ({"STEERLAB_HSTS_SECONDS": "a year"}, "STEERLAB_HSTS_SECONDS"),
         ({"STEERLAB_HSTS_SECONDS": "-1"}, "STEERLAB_HSTS_SECONDS"),
         ({"STEERLAB_LOGIN_MAX_FAILURES": "0"}, "STEERLAB_LOGIN_MAX_FAILURES"),
+        ({"STEERLAB_LOGIN_MAX_ADDRESS_FAILURES": "many"}, "STEERLAB_LOGIN_MAX_ADDRESS_FAILURES"),
         ({"STEERLAB_LOGIN_WINDOW_SECONDS": "soon"}, "STEERLAB_LOGIN_WINDOW_SECONDS"),
     ],
 )
@@ -79,6 +80,80 @@ def test_it_caches_in_memory_by_default_and_in_redis_with_redis_url():
     )
     with pytest.raises(ImproperlyConfigured, match="REDIS_URL"):
         env.caches({"REDIS_URL": "http://cache"})
+
+
+# --- STEERLAB_DATASET_DIRS
+
+
+def test_it_lists_the_extra_dataset_roots(tmp_path):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "shared")
+
+    result = load_settings(
+        tmp_path,
+        {"SECRET_KEY": "k", "STEERLAB_DATASET_DIRS": f"{tmp_path / 'corpora'}, {tmp_path / 'link'},"},
+        show="[str(path) for path in s.STEERLAB_DATASET_DIRS]",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == ([str(tmp_path / "corpora"), str(tmp_path / "shared")],)
+    assert env.dataset_dirs({}) == []
+
+
+@pytest.mark.parametrize(
+    "entry", ["corpora", "{tmp}/missing", "{tmp}/a-file"], ids=["relative", "missing", "a file"]
+)
+def test_it_refuses_a_dataset_root_that_is_not_an_absolute_directory(tmp_path, entry):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "a-file").write_text("")
+
+    result = load_settings(tmp_path, {"SECRET_KEY": "k", "STEERLAB_DATASET_DIRS": entry.format(tmp=tmp_path)})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and "STEERLAB_DATASET_DIRS" in result.stderr
+
+
+# --- SECRET_KEY under DEBUG
+
+
+def test_it_generates_a_private_random_key_for_debug_without_a_secret_key(tmp_path):
+    first = load_settings(tmp_path / "a", {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+    again = load_settings(tmp_path / "a", {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+    elsewhere = load_settings(tmp_path / "b", {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+
+    assert first.returncode == again.returncode == elsewhere.returncode == 0, first.stderr
+    (key,) = eval(first.stdout)
+    assert key == (tmp_path / "a" / "secret_key").read_text().strip() and len(key) >= 50
+    assert mode(tmp_path / "a" / "secret_key") == 0o600
+    assert eval(again.stdout) == (key,)
+    assert eval(elsewhere.stdout) != (key,)
+    assert list((tmp_path / "a").glob("*secret_key*")) == [tmp_path / "a" / "secret_key"]  # no staging left
+
+
+def test_it_uses_the_key_make_serve_generated_and_makes_it_private(tmp_path):
+    (tmp_path / "secret_key").write_text("generated-by-make\n")
+    (tmp_path / "secret_key").chmod(0o644)
+
+    result = load_settings(tmp_path, {"SECRET_KEY": "", "DEBUG": "1"}, show="s.SECRET_KEY")
+
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == ("generated-by-make",)
+    assert mode(tmp_path / "secret_key") == 0o600
+
+
+def test_it_still_requires_a_secret_key_without_debug_and_writes_none(tmp_path):
+    result = load_settings(tmp_path, {"SECRET_KEY": ""})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and "SECRET_KEY" in result.stderr
+    assert not (tmp_path / "secret_key").exists()
+
+
+def test_a_secret_key_from_the_environment_wins_over_the_file(tmp_path):
+    (tmp_path / "secret_key").write_text("from-the-file")
+
+    assert env.secret_key({"SECRET_KEY": "from-env"}, True, tmp_path) == "from-env"
 
 
 # --- private data directory and database file

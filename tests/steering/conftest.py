@@ -34,3 +34,23 @@ def smollm2_row(db):
         num_layers=30,
         hidden_size=576,
     )
+
+
+@pytest.fixture
+def data_dir(settings, tmp_path):
+    """A data dir of its own, as a deployment's: the database and the secret key beside an empty datasets/."""
+    path = tmp_path / "data"
+    (path / "datasets").mkdir(parents=True)
+    (path / "secret_key").write_text("the-deployments-secret-key\n")
+    (path / "steerlab.sqlite3").write_text("SQLite format 3")
+    settings.STEERLAB_DATA_DIR = path
+    return path
+
+
+@pytest.fixture
+def dataset_dir(settings, tmp_path):
+    """A dataset root (STEERLAB_DATASET_DIRS) for the corpora a test writes: jobs read no corpus elsewhere."""
+    path = tmp_path / "corpora"
+    path.mkdir()
+    settings.STEERLAB_DATASET_DIRS = [path]
+    return path

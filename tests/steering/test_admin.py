@@ -1,7 +1,7 @@
 import pytest
 from django.urls import reverse
 
-from steering_app.models import ApiToken, SteeringRun
+from steering_app.models import ApiToken, Dataset, SteeringRun
 
 pytestmark = pytest.mark.django_db
 
@@ -68,3 +68,41 @@ def test_it_revokes_api_tokens_from_the_admin_action(client, staff, owner):
     )
     token.refresh_from_db()
     assert token.revoked_at is not None and ApiToken.user_for(raw) is None
+
+
+def add_dataset(client, source):
+    return client.post(
+        reverse("admin:steering_app_dataset_add"),
+        {"name": "lab-corpus", "source": source, "description": "", "num_tokens": 0},
+    )
+
+
+@pytest.mark.parametrize("file", ["secret_key", "steerlab.sqlite3"])
+def test_it_refuses_a_dataset_source_outside_the_dataset_roots(client, staff, data_dir, dataset_dir, file):
+    client.force_login(staff)
+
+    response = add_dataset(client, str(data_dir / file))
+
+    assert response.status_code == 200
+    (error,) = response.context["adminform"].form.errors["source"]
+    assert str(data_dir / file) in error and "not under a dataset root" in error
+    assert str(data_dir / "datasets") in error and str(dataset_dir) in error
+    assert not Dataset.objects.exists()
+
+
+def test_it_registers_a_corpus_under_a_dataset_root(client, staff, data_dir):
+    (data_dir / "datasets" / "corpus.txt").write_text("A document.")
+    client.force_login(staff)
+
+    response = add_dataset(client, str(data_dir / "datasets" / "corpus.txt"))
+
+    assert response.status_code == 302
+    assert Dataset.objects.get().source == str(data_dir / "datasets" / "corpus.txt")
+
+
+def test_it_records_a_hub_dataset_name_which_no_job_reads(client, staff, data_dir):
+    client.force_login(staff)
+
+    response = add_dataset(client, "monology/pile-uncopyrighted")
+
+    assert response.status_code == 302 and Dataset.objects.get().source == "monology/pile-uncopyrighted"

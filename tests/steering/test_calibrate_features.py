@@ -9,10 +9,12 @@ import io
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import override_settings
 
 from steering_app import runs
 from steering_app.engine import corpus
@@ -68,7 +70,7 @@ def calibrated(django_db_setup, django_db_blocker, tmp_path_factory):
     calibration id, command output). Committed outside the tests' transactions, deleted afterwards."""
     text = calibration_corpus(tmp_path_factory.mktemp("calibration") / "corpus.txt", PROSE_TOKENS)
     out = io.StringIO()
-    with django_db_blocker.unblock():
+    with django_db_blocker.unblock(), override_settings(STEERLAB_DATASET_DIRS=[text.parent]):
         call_command("register_model", DEMO_MODEL_NAME, DEMO_MODEL, stdout=io.StringIO())
         call_command(
             "import_sae", "--model", DEMO_MODEL_NAME, "--path", str(DEMO_CHECKPOINT), stdout=io.StringIO()
@@ -88,7 +90,7 @@ def calibrated(django_db_setup, django_db_blocker, tmp_path_factory):
         yield training.pk, calibration.pk, out.getvalue()
         Training.objects.filter(pk=training.pk).delete()
         LanguageModel.objects.filter(name=DEMO_MODEL_NAME).delete()
-        Dataset.objects.filter(source=str(text)).delete()
+        Dataset.objects.filter(source=str(text.resolve())).delete()
 
 
 def measured(training_id) -> dict[int, Feature]:
@@ -179,7 +181,7 @@ def feature_rows(training_id):
 
 @pytest.mark.slow
 @pytest.mark.django_db
-def test_it_ends_failed_when_interrupted_and_changes_no_feature(calibrated, monkeypatch, tmp_path):
+def test_it_ends_failed_when_interrupted_and_changes_no_feature(calibrated, monkeypatch, dataset_dir):
     training_id, _, _ = calibrated
     before = feature_rows(training_id)
 
@@ -187,7 +189,7 @@ def test_it_ends_failed_when_interrupted_and_changes_no_feature(calibrated, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(calibrate_features.Command, "record_progress", interrupt)
-    text = corpus.write_corpus(tmp_path / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
+    text = corpus.write_corpus(dataset_dir / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
     with pytest.raises(CommandError, match="interrupted; marked failed"):
         call_command("calibrate_features", "--training", training_id, "--dataset", str(text), "--tokens", 500)
 
@@ -199,7 +201,7 @@ def test_it_ends_failed_when_interrupted_and_changes_no_feature(calibrated, monk
 
 @pytest.mark.slow
 @pytest.mark.django_db
-def test_it_writes_no_feature_when_writing_them_fails(calibrated, monkeypatch, tmp_path):
+def test_it_writes_no_feature_when_writing_them_fails(calibrated, monkeypatch, dataset_dir):
     training_id, _, _ = calibrated
     before = feature_rows(training_id)
 
@@ -208,7 +210,7 @@ def test_it_writes_no_feature_when_writing_them_fails(calibrated, monkeypatch, t
 
     # The last write of the features: the ones before it are rolled back with it.
     monkeypatch.setattr(Feature.objects, "bulk_create", broken)
-    text = corpus.write_corpus(tmp_path / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
+    text = corpus.write_corpus(dataset_dir / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
     with pytest.raises(CommandError, match="database went away"):
         call_command("calibrate_features", "--training", training_id, "--dataset", str(text), "--tokens", 500)
 
@@ -231,20 +233,154 @@ def test_it_ends_failed_when_the_dataset_does_not_exist(training, tmp_path):
     assert calibration.status == Calibration.Status.FAILED
     assert calibration.error.startswith(f"Unknown dataset '{tmp_path / 'missing.txt'}'")
     assert feature_rows(training.pk) == before
+    assert not Dataset.objects.exists()
 
 
 @pytest.mark.django_db
-def test_it_ends_failed_when_the_checkpoint_cannot_be_read(training, tmp_path):
+def test_it_ends_failed_when_the_checkpoint_cannot_be_read_and_registers_no_dataset(training, dataset_dir):
     before = feature_rows(training.pk)
-    text = corpus.write_corpus(tmp_path / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
+    text = corpus.write_corpus(dataset_dir / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
 
     with pytest.raises(CommandError, match="failed"):
         call_command("calibrate_features", "--training", training.pk, "--dataset", str(text))
 
     calibration = Calibration.objects.get(training=training)
     assert calibration.status == Calibration.Status.FAILED and "/nonexistent/sae" in calibration.error
-    assert calibration.dataset.source == str(text.resolve())
+    assert calibration.dataset is None and not Dataset.objects.exists()
     assert feature_rows(training.pk) == before
+
+
+@pytest.mark.django_db
+def test_a_failed_calibration_keeps_the_registered_dataset_it_read(training, dataset_dir):
+    text = corpus.write_corpus(dataset_dir / "corpus.txt", ["A document."])
+    registered = Dataset.objects.create(name="lab-corpus", source=str(text))
+
+    with pytest.raises(CommandError, match="failed"):
+        call_command("calibrate_features", "--training", training.pk, "--dataset", "lab-corpus")
+
+    calibration = Calibration.objects.get(training=training)
+    assert calibration.status == Calibration.Status.FAILED and calibration.dataset == registered
+    assert list(Dataset.objects.all()) == [registered]
+
+
+@pytest.fixture
+def engine_reads(monkeypatch, training):
+    """A stand-in engine for calibrations that need no weights: it loads nothing, measures no feature, and
+    records the documents the calibration gave it in the list this fixture returns."""
+    from steering_app.engine import calibrate, loader, sae
+
+    documents = []
+
+    def measure(model, tokenizer, sae, texts, layer, tokens, on_progress):
+        documents.extend(texts)
+        return SimpleNamespace(tokens=tokens, features=[], timings={"collect_s": 0.0, "describe_s": 0.0})
+
+    stand_in_sae = SimpleNamespace(d_in=training.d_in, d_sae=training.d_sae, to=lambda device: None)
+    monkeypatch.setattr(sae, "load_sae", lambda path, dtype: stand_in_sae)
+    monkeypatch.setattr(
+        loader, "load_model", lambda source, device: SimpleNamespace(model=None, tokenizer=None, device="cpu")
+    )
+    monkeypatch.setattr(calibrate, "calibrate_features", measure)
+    return documents
+
+
+def calibrate_on(training, dataset: str):
+    call_command(
+        "calibrate_features",
+        "--training",
+        training.pk,
+        "--dataset",
+        dataset,
+        "--tokens",
+        50,
+        stdout=io.StringIO(),
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("root", ["datasets", "STEERLAB_DATASET_DIRS"])
+def test_it_calibrates_on_a_corpus_under_a_dataset_root_and_registers_it(
+    training, data_dir, dataset_dir, engine_reads, root
+):
+    folder = (data_dir / "datasets" if root == "datasets" else dataset_dir) / "lab"
+    corpus.write_corpus(folder / "corpus.txt", ["Rain on the roof.", "Sun on the sea."])
+
+    calibrate_on(training, str(folder))
+
+    calibration = Calibration.objects.get(training=training)
+    assert calibration.status == Calibration.Status.COMPLETED
+    assert engine_reads == ["Rain on the roof.", "Sun on the sea."]
+    dataset = Dataset.objects.get()
+    assert calibration.dataset == dataset and dataset.source == str(folder.resolve())
+    assert dataset.num_tokens == 50
+
+
+def link(path: Path, target: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+    return path
+
+
+# --dataset paths to refuse, made in a data dir (its datasets/ folder and STEERLAB_DATASET_DIRS are the roots)
+# and a temporary folder outside both.
+OUTSIDE_THE_ROOTS = {
+    "the secret key": lambda data, elsewhere: data / "secret_key",
+    "the database": lambda data, elsewhere: data / "steerlab.sqlite3",
+    "the data dir itself": lambda data, elsewhere: data,
+    "a path that climbs out of datasets/": lambda data, elsewhere: data / "datasets" / ".." / "secret_key",
+    "a link in datasets/ to the secret key": lambda data, elsewhere: link(
+        data / "datasets" / "notes.txt", data / "secret_key"
+    ),
+    "a folder in datasets/ that holds such a link": lambda data, elsewhere: (
+        link(data / "datasets" / "folder" / "notes.txt", data / "secret_key").parent
+    ),
+    "a file outside every root": lambda data, elsewhere: corpus.write_corpus(
+        elsewhere / "notes.txt", ["Mine."]
+    ),
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("where", OUTSIDE_THE_ROOTS)
+def test_it_refuses_a_dataset_outside_the_dataset_roots_and_reads_nothing(
+    training, data_dir, dataset_dir, tmp_path, engine_reads, where
+):
+    before = feature_rows(training.pk)
+    path = OUTSIDE_THE_ROOTS[where](data_dir, tmp_path)
+
+    with pytest.raises(CommandError, match="not under a dataset root") as refused:
+        calibrate_on(training, str(path))
+
+    message = str(refused.value)
+    assert str(path) in message and str(data_dir / "datasets") in message and str(dataset_dir) in message
+    assert engine_reads == []
+    calibration = Calibration.objects.get(training=training)
+    assert calibration.status == Calibration.Status.FAILED and str(path) in calibration.error
+    assert not Dataset.objects.exists()
+    assert feature_rows(training.pk) == before
+
+
+@pytest.mark.django_db
+def test_it_never_reads_the_data_dirs_own_files_even_under_a_root_that_holds_them(
+    training, data_dir, settings, engine_reads
+):
+    settings.STEERLAB_DATASET_DIRS = [data_dir.parent]
+
+    with pytest.raises(CommandError, match="not under a dataset root"):
+        calibrate_on(training, str(data_dir / "secret_key"))
+
+    assert engine_reads == [] and not Dataset.objects.exists()
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_registered_dataset_whose_source_is_outside_the_roots(training, data_dir, engine_reads):
+    Dataset.objects.create(name="notes", source=str(data_dir / "secret_key"))
+
+    with pytest.raises(CommandError, match="not under a dataset root"):
+        calibrate_on(training, "notes")
+
+    assert engine_reads == []
+    assert Calibration.objects.get(training=training).status == Calibration.Status.FAILED
 
 
 @pytest.mark.django_db

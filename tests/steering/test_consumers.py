@@ -134,6 +134,103 @@ def test_a_reader_of_the_run_watches_it(application, owner, training, make_run, 
     assert connected and "beforeend:#steered-output" in message
 
 
+def make_private(run, user):
+    """PATCH /api/steering/runs/<id> {"private": true} as user (session login), its status code."""
+    client = Client()
+    client.force_login(user)
+    response = client.patch(
+        f"/api/steering/runs/{run.pk}", {"private": True}, content_type="application/json"
+    )
+    return response.status_code
+
+
+@pytest.mark.parametrize("mailbox", [False, True], ids=["watching the run", "the owner's submitting page"])
+def test_a_teammates_socket_closes_at_once_when_the_run_turns_private_and_the_owners_stays_open(
+    application, owner, teammate, training, monkeypatch, make_run, mailbox
+):
+    from channels.db import database_sync_to_async
+
+    # The privacy event must close it, not the consumers' periodic read of the run.
+    monkeypatch.setattr(consumers, "WATCH_SECONDS", 60)
+    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    run = make_run(owner)
+    owner_query = streaming.open_mailbox(run.pk).split("?", 1)[1] if mailbox else ""
+
+    owner_headers, teammate_headers = headers_for(owner), headers_for(teammate)
+
+    async def scenario():
+        owner_ws = communicator(application, run, owner_headers, query=owner_query)
+        teammate_ws = communicator(application, run, teammate_headers)
+        assert (await owner_ws.connect())[0] and (await teammate_ws.connect())[0]
+        await publish_async(run, "delta", unsteered="Shared", steered="Shared")
+        before = [await owner_ws.receive_from(TIMEOUT), await teammate_ws.receive_from(TIMEOUT)]
+        status = await database_sync_to_async(make_private)(run, owner)
+        closed = await teammate_ws.receive_output(TIMEOUT)
+        await publish_async(run, "delta", unsteered="Secret", steered="Secret")
+        owner_delta = await owner_ws.receive_from(TIMEOUT)
+        await finish_async(run, steered_output="Secret result")
+        await publish_async(run, "completed")
+        owner_final = await owner_ws.receive_from(TIMEOUT)
+        teammate_silent = await teammate_ws.receive_nothing(0.3)
+        await owner_ws.disconnect()
+        await teammate_ws.disconnect()
+        return before, status, closed, owner_delta, owner_final, teammate_silent
+
+    before, status, closed, owner_delta, owner_final, teammate_silent = async_to_sync(scenario)()
+    assert all(">Shared</div>" in message for message in before)
+    assert status == 200
+    assert closed == {"type": "websocket.close", "code": 4404}
+    assert teammate_silent
+    assert ">Secret</div>" in owner_delta
+    assert 'data-state="completed"' in owner_final and "Secret result" in owner_final
+
+
+def test_staff_keep_watching_a_run_that_turns_private(
+    application, owner, staff, training, monkeypatch, make_run
+):
+    from channels.db import database_sync_to_async
+
+    monkeypatch.setattr(consumers, "WATCH_SECONDS", 60)
+    run = make_run(owner)
+
+    headers = headers_for(staff)
+
+    async def scenario():
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        status = await database_sync_to_async(make_private)(run, owner)
+        await publish_async(run, "delta", unsteered="a", steered="b")
+        message = await ws.receive_from(TIMEOUT)
+        await ws.disconnect()
+        return connected, status, message
+
+    connected, status, message = async_to_sync(scenario)()
+    assert connected and status == 200 and "beforeend:#steered-output" in message
+
+
+def test_a_teammates_socket_closes_at_its_next_read_of_a_run_that_turned_private_unannounced(
+    application, owner, teammate, training, monkeypatch, make_run
+):
+    monkeypatch.setattr(consumers, "WATCH_SECONDS", 0.05)
+    run = make_run(owner)
+
+    headers = headers_for(teammate)
+
+    async def scenario():
+        from channels.db import database_sync_to_async
+
+        ws = communicator(application, run, headers)
+        connected, _ = await ws.connect()
+        # As if the privacy event were lost: the column changes with no message to the group.
+        await database_sync_to_async(SteeringRun.objects.filter(pk=run.pk).update)(private=True)
+        closed = await ws.receive_output(TIMEOUT)
+        await ws.disconnect()
+        return connected, closed
+
+    connected, closed = async_to_sync(scenario)()
+    assert connected and closed == {"type": "websocket.close", "code": 4404}
+
+
 def test_a_stranger_is_refused_a_private_run_as_if_it_did_not_exist(
     application, owner, stranger, training, make_run
 ):

@@ -53,10 +53,10 @@ def tiny_model(tmp_path):
 
 
 @pytest.fixture
-def text_file(tmp_path):
+def text_file(dataset_dir):
     rng = random.Random(0)
     sentences = (" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(600))
-    path = tmp_path / "corpus.txt"
+    path = dataset_dir / "corpus.txt"
     path.write_text("\n\n".join(sentences))
     return path
 
@@ -94,7 +94,7 @@ def test_it_trains_records_and_writes_a_checkpoint_import_sae_reads_back(tiny_mo
     assert 0 < training.stats["l0"] <= 4 and training.stats["explained_variance"] > 0
     assert training.features.count() == 64
     assert training.features.filter(max_activation__gt=0).exclude(label="").exists()
-    assert Dataset.objects.get().num_tokens >= 4000
+    assert training.dataset == Dataset.objects.get() and training.dataset.num_tokens >= 4000
 
     call_command("import_sae", "--model", "tiny", "--path", str(tmp_path / "sae"))
 
@@ -119,6 +119,20 @@ def test_it_marks_an_interrupted_training_failed(tiny_model, text_file, tmp_path
     training = Training.objects.get()
     assert (training.status, training.error) == (Training.Status.FAILED, "interrupted")
     assert not Feature.objects.exists() and not (tmp_path / "sae" / "cfg.json").exists()
+    assert training.dataset is None and not Dataset.objects.exists()
+
+
+def test_it_refuses_a_dataset_outside_the_dataset_roots_and_records_nothing(
+    tiny_model, data_dir, dataset_dir
+):
+    with pytest.raises(CommandError, match="not under a dataset root") as refused:
+        call_command(
+            "train_sae", "--model", "tiny", "--layer", "1", "--dataset", str(data_dir / "secret_key")
+        )
+
+    assert str(data_dir / "secret_key") in str(refused.value)
+    assert str(data_dir / "datasets") in str(refused.value) and str(dataset_dir) in str(refused.value)
+    assert not Training.objects.exists() and not Dataset.objects.exists()
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,12 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
-from steering_app.management.commands.train_sae import DEMO_ALIAS, dataset_texts, resolve_dataset
+from steering_app.management.commands.train_sae import (
+    DEMO_ALIAS,
+    dataset_texts,
+    resolve_dataset,
+    saved_dataset,
+)
 from steering_app.models import Calibration, Dataset, Feature, Training
 
 CALIBRATION_TOKENS = 100_000
@@ -24,8 +29,9 @@ class Command(BaseCommand):
     help = (
         "Measure every feature of a completed training on a corpus: max activation (the steering scale), "
         "activation frequency (0: dead), top tokens, the 5 strongest snippets, and a label from the top tokens "
-        "where the feature has none. Records a Calibration that ends completed or failed; features are "
-        "written all at once at the end, so a failed or interrupted calibration changes none."
+        "where the feature has none. Records a Calibration that ends completed or failed; features, and a "
+        "dataset met for the first time, are written all at once at the end, so a failed or interrupted "
+        "calibration changes none and registers no dataset."
     )
 
     def add_arguments(self, parser):
@@ -33,7 +39,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dataset",
             default=DEMO_ALIAS,
-            help="dataset name, 'demo' (the built-in demo corpus, the default), a text file or a directory",
+            help="dataset name, 'demo' (the built-in demo corpus, the default), or a text file or a directory "
+            "under the dataset roots (<data dir>/datasets, STEERLAB_DATASET_DIRS)",
         )
         parser.add_argument(
             "--tokens",
@@ -60,8 +67,8 @@ class Command(BaseCommand):
             started_at=timezone.now(),
         )
         try:
-            result = self.calibrate(calibration, options)
-            self.complete(calibration, result)
+            dataset, result = self.calibrate(calibration, options)
+            self.complete(calibration, dataset, result)
         except KeyboardInterrupt:
             self.fail(calibration, "interrupted")
             raise CommandError(f"Calibration {calibration.pk} interrupted; marked failed") from None
@@ -87,8 +94,10 @@ class Command(BaseCommand):
         from steering_app.engine.sae import load_sae
 
         training = calibration.training
-        calibration.dataset = resolve_dataset(options["dataset"])
-        calibration.save(update_fields=["dataset"])
+        dataset = resolve_dataset(options["dataset"])
+        if dataset.pk is not None:  # registered already: admin shows it while the calibration runs
+            calibration.dataset = dataset
+            calibration.save(update_fields=["dataset"])
         # Float32 whatever the checkpoint's dtype: max activations are the steering scales.
         sae = load_sae(training.checkpoint_path, dtype=torch.float32)
         if (sae.d_in, sae.d_sae) != (training.d_in, training.d_sae):
@@ -100,13 +109,13 @@ class Command(BaseCommand):
         sae.to(lm.device)
         self.stdout.write(
             f"Calibration {calibration.pk}: training {training.pk} ({training.model.name}, layer "
-            f"{training.hook_layer}) on {calibration.dataset.name}, {calibration.tokens_target} tokens, {lm.device}"
+            f"{training.hook_layer}) on {dataset.name}, {calibration.tokens_target} tokens, {lm.device}"
         )
-        return calibrate_features(
+        return dataset, calibrate_features(
             lm.model,
             lm.tokenizer,
             sae,
-            dataset_texts(calibration.dataset, lm),
+            dataset_texts(dataset, lm),
             training.hook_layer,
             tokens=calibration.tokens_target,
             on_progress=self.progress_recorder(calibration),
@@ -136,7 +145,7 @@ class Command(BaseCommand):
         )
 
     @transaction.atomic
-    def complete(self, calibration: Calibration, result) -> None:
+    def complete(self, calibration: Calibration, dataset: Dataset, result) -> None:
         training = calibration.training
         existing = {feature.index: feature for feature in training.features.all()}
         changed, created = [], []
@@ -155,11 +164,12 @@ class Command(BaseCommand):
             changed.append(feature)
         Feature.objects.bulk_update(changed, [*MEASURED_FIELDS, "label", "description"], batch_size=500)
         Feature.objects.bulk_create(created, batch_size=500)
+        calibration.dataset = saved_dataset(dataset)
         calibration.status = Calibration.Status.COMPLETED
         calibration.tokens_seen = result.tokens
         calibration.progress = 1.0
         calibration.finished_at = timezone.now()
-        calibration.save(update_fields=["status", "tokens_seen", "progress", "finished_at"])
+        calibration.save(update_fields=["dataset", "status", "tokens_seen", "progress", "finished_at"])
         Dataset.record_tokens(calibration.dataset_id, result.tokens)
 
     def fail(self, calibration: Calibration, reason: str) -> None:

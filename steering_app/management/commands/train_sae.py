@@ -6,7 +6,9 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from steering_app import dataset_roots
 from steering_app.engine import demo
+from steering_app.errors import InvalidInput
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 DEMO_ALIAS = "demo"  # --dataset demo: the built-in demo corpus
@@ -15,24 +17,44 @@ DEMO_ONLY = ("work", "prompts", "offline_tokens")
 
 
 def resolve_dataset(name_or_path: str) -> Dataset:
-    """A registered dataset by name, the built-in demo corpus, or a text file / directory (registered now)."""
+    """A registered dataset by name, the built-in demo corpus, or a text file / directory under the dataset
+    roots. One not registered yet comes back unsaved: the job records it with its results (saved_dataset),
+    so a job that fails leaves no dataset row behind."""
     dataset = Dataset.objects.filter(name=name_or_path).first()
     if dataset is not None:
+        if dataset.source != DEMO_ALIAS:
+            corpus_files(dataset.source)  # a registered dataset's path is refused before the job starts too
         return dataset
     if name_or_path == DEMO_ALIAS:
-        return Dataset.objects.create(
-            name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION
-        )
-    path = Path(name_or_path).expanduser().resolve()
+        return Dataset(name=DEMO_ALIAS, source=DEMO_ALIAS, description=demo.DEMO_DATASET_DESCRIPTION)
+    path = Path(name_or_path).expanduser()
     if not path.exists():
         raise CommandError(
             f"Unknown dataset {name_or_path!r}: not a registered dataset, 'demo', or a text path"
         )
+    corpus_files(str(path))  # refused before the job starts, naming the path as given
+    path = path.resolve()
     kind = "directory of text files" if path.is_dir() else "text file"
-    dataset, _ = Dataset.objects.get_or_create(
-        name=str(path), defaults={"source": str(path), "description": kind}
+    return Dataset.objects.filter(name=str(path)).first() or Dataset(
+        name=str(path), source=str(path), description=kind
     )
-    return dataset
+
+
+def saved_dataset(dataset: Dataset) -> Dataset:
+    """The dataset's row: its own, or the row of its name, made now (or by a job that completed meanwhile)."""
+    if dataset.pk is not None:
+        return dataset
+    row, _ = Dataset.objects.get_or_create(
+        name=dataset.name, defaults={"source": dataset.source, "description": dataset.description}
+    )
+    return row
+
+
+def corpus_files(source: str) -> list[Path]:
+    try:
+        return dataset_roots.corpus_files(source)
+    except InvalidInput as error:
+        raise CommandError(error.message) from None
 
 
 def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
@@ -51,7 +73,9 @@ def dataset_texts(dataset: Dataset, lm):
 
     if dataset.source == DEMO_ALIAS:
         return corpus.read_text_file(demo_corpus(lm, data_dir() / demo.DEMO_WORK_DIR, demo.DEMO_SEED))
-    return corpus.read_texts(dataset.source)
+    # Checked again as the job starts reading, and the checked targets are read: the links of a folder may
+    # have changed since the job was asked for.
+    return corpus.read_texts(corpus_files(dataset.source))
 
 
 class Command(BaseCommand):
@@ -70,7 +94,11 @@ class Command(BaseCommand):
         )
         parser.add_argument("--model", help="name of a registered language model")
         parser.add_argument("--layer", type=int, help="decoder block whose output is modelled")
-        parser.add_argument("--dataset", help="dataset name, 'demo', a text file or a directory")
+        parser.add_argument(
+            "--dataset",
+            help="dataset name, 'demo', or a text file or a directory under the dataset roots "
+            "(<data dir>/datasets, STEERLAB_DATASET_DIRS)",
+        )
         # The training's sizes: TrainConfig's defaults, or with --demo the demo's recipe.
         for flag, kind, what, demo_value in (
             ("--d-sae", int, "latents", demo.DEMO_D_SAE),
@@ -119,16 +147,17 @@ class Command(BaseCommand):
                 f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}"
             )
         self.check_sizes(options)
-        training = self.start_training(model, resolve_dataset(options["dataset"]), layer, options["d_sae"])
+        dataset = resolve_dataset(options["dataset"])
+        training = self.start_training(model, dataset, layer, options["d_sae"])
         try:
-            run = self.train(training, options)
+            run = self.train(training, dataset, options)
         except KeyboardInterrupt:
             self.fail(training, "interrupted")
             raise CommandError(f"Training {training.pk} interrupted; marked failed") from None
         except Exception as error:
             self.fail(training, f"{type(error).__name__}: {error}")
             raise CommandError(f"Training {training.pk} failed: {error}") from error
-        self.complete(training, run)
+        self.complete(training, dataset, run)
         stats = training.stats
         self.stdout.write(
             self.style.SUCCESS(
@@ -231,7 +260,8 @@ class Command(BaseCommand):
 
         return Training.objects.create(
             model=model,
-            dataset=dataset,
+            # A dataset this training meets for the first time is saved and linked when it completes.
+            dataset=dataset if dataset.pk is not None else None,
             encoder_type=Training.EncoderType.TOPK,
             hook_layer=layer,
             hook_name=hook_name_for(layer),
@@ -241,7 +271,7 @@ class Command(BaseCommand):
             status=Training.Status.RUNNING,
         )
 
-    def train(self, training: Training, options):
+    def train(self, training: Training, dataset: Dataset, options):
         from steering_app.engine.loader import data_dir, load_model
         from steering_app.engine.training import TrainConfig, train_from_texts
 
@@ -258,21 +288,22 @@ class Command(BaseCommand):
         return train_from_texts(
             lm.model,
             lm.tokenizer,
-            dataset_texts(training.dataset, lm),
+            dataset_texts(dataset, lm),
             training.hook_layer,
             out,
             tokens=options["tokens"],
             config=config,
             model_name=training.model.name,
-            dataset=training.dataset.name,
+            dataset=dataset.name,
         )
 
     @transaction.atomic
-    def complete(self, training: Training, run) -> None:
+    def complete(self, training: Training, dataset: Dataset, run) -> None:
+        training.dataset = saved_dataset(dataset)
         training.stats = {key: run.stats[key] for key in ("explained_variance", "l0", "dead_fraction")}
         training.status = Training.Status.COMPLETED
         training.completed_at = timezone.now()
-        training.save(update_fields=["stats", "status", "completed_at"])
+        training.save(update_fields=["dataset", "stats", "status", "completed_at"])
         Feature.objects.bulk_create(
             (Feature.from_description(training, entry["index"], entry) for entry in run.features),
             batch_size=2000,
