@@ -282,6 +282,31 @@ def test_a_cancel_that_stops_the_prompt_read_ends_the_run_cancelled_by_its_cance
     assert (processed.status, processed.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
 
 
+@pytest.mark.slow
+def test_a_cancel_during_the_real_prompt_read_ends_cancelled_not_failed(
+    owner, demo_feature_space, monkeypatch
+):
+    """The real engine: the cancel arrives after the run is claimed and before its prefill's forward, as a
+    Stop pressed while the prompt is read; the prefill's stop check ends it."""
+    start = services.start
+
+    def cancelled_as_it_starts(run, on_step, should_stop):
+        generation = start(run, on_step, should_stop)
+        runs.cancel(run.pk, "cancelled by owner")  # this process's run: its stop flag is set at once
+        return generation
+
+    monkeypatch.setattr(services, "start", cancelled_as_it_starts)
+    sweep = SteeringSettings(
+        features=[{"feature_id": 1681, "coefficient": 1.0}], layers=[10], max_tokens=8, sweep=[0.5, 1, 2]
+    )
+    runs.create(owner, RunRequest(demo_feature_space.pk, "The weather today is", sweep, seed=1))
+
+    processed = runs.process(runs.claim())
+
+    assert (processed.status, processed.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
+    assert processed.unsteered_output == ""
+
+
 def test_it_names_out_of_memory_in_the_words_users_act_on():
     import torch
 
