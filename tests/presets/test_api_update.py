@@ -1,3 +1,5 @@
+import pytest
+
 from presets_app.models import SteeringPreset
 from tests.api.support import assert_error
 from tests.presets.support import snapshot
@@ -66,6 +68,21 @@ def test_it_validates_the_result_like_a_new_preset(login, owner, preset):
     )
 
     assert_error(response, 400, "intervention_layers")
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"sweep": [-(10**400)]}, "sweep.0"),
+        ({"features": [{"feature_id": 3, "coefficient": 10**400}]}, "features.0.coefficient"),
+        ({"temperature": 10**400}, "temperature"),
+    ],
+)
+def test_it_refuses_an_integer_too_large_for_a_float_naming_the_field(login, owner, preset, changes, field):
+    before = snapshot()
+
+    assert_error(login(owner).patch(url(preset.pk), changes, content_type="application/json"), 400, field)
     assert snapshot() == before
 
 
