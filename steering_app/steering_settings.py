@@ -182,8 +182,9 @@ def _feature(item: object, training: Training, limit: float) -> dict:
 
 
 def _sweep(sweep: object, features: list[dict], training: Training) -> list[float] | None:
-    """None, or 1 to max_variants() multipliers, each within ±MAX_SWEEP_MULTIPLIER (the API's schema limit),
-    whose scaled coefficients stay within the training's limit."""
+    """None, or 1 to max_variants() multipliers, each within ±MAX_SWEEP_MULTIPLIER, whose scaled coefficients
+    stay within the training's limit. The one check of a sweep: the panel's form, the API's schemas and
+    presets leave every limit to it, so they accept and refuse the same sweeps."""
     if sweep is None:
         return None
     variants = max_variants()

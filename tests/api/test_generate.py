@@ -373,6 +373,7 @@ def test_it_gives_identical_outputs_and_zero_kl_at_coefficient_zero_on_the_real_
             "1 to 7",
         ),  # more variants than the batch's 8 rows leave beside the clean one
         ([1, 1000], "beyond ±100"),  # 2 × 1000 past the training's limit
+        ([1, 10_001], "within ±10000"),  # the panel's form refuses the same multiplier
         ([], None),  # the schema wants at least one multiplier
     ],
 )

@@ -218,3 +218,12 @@ def test_it_saves_a_strength_sweep_and_refuses_one_past_the_limit(login, owner, 
     body.update(name="too strong", sweep=[1, 1000])
     assert_error(client.post(URL, body, content_type="application/json"), 400, "sweep")
     assert SteeringPreset.objects.count() == 1
+
+
+def test_it_limits_a_sweep_multiplier_as_the_panel_and_generate_do(login, owner, body):
+    body.update(features=[{"feature_id": 3, "coefficient": 0}], sweep=[1, 10_001])
+
+    response = login(owner).post(URL, body, content_type="application/json")
+
+    assert "within ±10000" in assert_error(response, 400, "sweep")["detail"]
+    assert not SteeringPreset.objects.exists()
