@@ -42,6 +42,20 @@ def test_it_sets_and_forgets_the_prompt_seed_and_chat(login, owner, preset):
     assert (preset.prompt, preset.seed, preset.chat) == ("", None, True)
 
 
+def test_it_keeps_the_sweep_unless_sent_and_clears_it_when_sent_as_null(login, owner, preset):
+    client = login(owner)
+    client.patch(url(preset.pk), {"sweep": [0.5, 2]}, content_type="application/json")
+
+    client.patch(url(preset.pk), {"name": "kept sweep"}, content_type="application/json")
+    preset.refresh_from_db()
+    assert (preset.name, preset.sweep) == ("kept sweep", [0.5, 2.0])
+
+    response = client.patch(url(preset.pk), {"sweep": None}, content_type="application/json")
+    assert response.status_code == 200 and response.json()["sweep"] is None
+    preset.refresh_from_db()
+    assert preset.sweep is None
+
+
 def test_it_lets_staff_change_anyones_preset(login, staff, preset):
     response = login(staff).patch(
         url(preset.pk), {"features": [{"feature_id": 12, "coefficient": 4}]}, content_type="application/json"
