@@ -11,7 +11,8 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from steering_app.auth import api_auth
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError, WorkerUnavailable
-from steerproject.safejson import MalformedJSON, SafeJSONParser
+from steering_app.json_checks import MalformedJSON
+from steerproject.safejson import SafeJSONParser
 
 logger = logging.getLogger(__name__)
 
