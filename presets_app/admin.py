@@ -1,12 +1,36 @@
 from django import forms
 from django.contrib import admin
+from django.forms.fields import InvalidJSONInput
 from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.html import format_html_join
 
 from presets_app import services
 from presets_app.models import SteeringPreset
+from steering_app import json_checks
 from steering_app.errors import SteeringError
+
+
+class BoundedJSONField(forms.JSONField):
+    """Django's JSONField parses with json.loads, to validate a value and again to show it back, and a deeply
+    nested value drives json.loads into RecursionError (a 500). Its depth is bounded first, as the API bounds
+    a body's: too deep, it is a form error and is shown back as typed."""
+
+    def to_python(self, value):
+        if _too_deep(value):
+            raise forms.ValidationError(
+                f"The JSON is nested more than {json_checks.MAX_DEPTH} levels deep.", code="invalid"
+            )
+        return super().to_python(value)
+
+    def bound_data(self, data, initial):
+        if _too_deep(data) and not self.disabled:
+            return InvalidJSONInput(data)
+        return super().bound_data(data, initial)
+
+
+def _too_deep(value: object) -> bool:
+    return isinstance(value, str) and json_checks.nesting_depth(value.encode()) > json_checks.MAX_DEPTH
 
 
 class SteeringPresetForm(forms.ModelForm):
@@ -15,6 +39,7 @@ class SteeringPresetForm(forms.ModelForm):
     class Meta:
         model = SteeringPreset
         fields = "__all__"
+        field_classes = {"features": BoundedJSONField, "intervention_layers": BoundedJSONField}
 
     def clean(self):
         cleaned = super().clean()

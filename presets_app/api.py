@@ -12,6 +12,8 @@ from steerproject.safejson import is_json_media_type
 
 router = Router(tags=["presets"])
 PresetId = Path(..., ge=1, le=MAX_ID)
+# The fields a PATCH clears when it sends them as null; any other null field keeps its value.
+CLEARED_BY_NULL = {"seed", "sweep"}
 
 
 def _to_dicts(items) -> list[dict]:
@@ -130,8 +132,9 @@ def update_preset(request: HttpRequest, payload: PresetPatch, preset_id: int = P
     """Owner or staff only."""
     preset = services.get_preset_to_modify(request.auth, preset_id)
     changes = payload.model_dump(exclude_unset=True, exclude_none=True)
-    if "seed" in payload.model_fields_set:  # null is a value here: back to a random seed per run
-        changes["seed"] = payload.seed
+    # A null seed or sweep is a value, not "keep": a random seed per run; no sweep.
+    for name in CLEARED_BY_NULL & payload.model_fields_set:
+        changes[name] = getattr(payload, name)
     if payload.features is not None:
         changes["features"] = _to_dicts(payload.features)
     return services.update_preset(preset, changes)

@@ -66,7 +66,7 @@ class PresetPatch(Schema):
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: forget the seed (random per run).")
     chat: bool | None = None
-    sweep: Sweep | None = None
+    sweep: Sweep | None = Field(None, description="null: no sweep.")
     is_favorite: bool | None = None
 
 

@@ -12,13 +12,13 @@ from django.utils import timezone
 
 from presets_app.models import SteeringPreset
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, SteeringError
+from steering_app.json_checks import MalformedJSON, bracketed, loads
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import Feature, Training
 from steering_app.steering_settings import (
     SteeringSettings,
     is_integer,
 )
-from steerproject import safejson
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
@@ -254,9 +254,9 @@ def parse_document(raw: bytes) -> object:
     if len(raw) > MAX_IMPORT_BYTES:
         raise InvalidInput(f"The document is larger than {MAX_IMPORT_BYTES // 1024 // 1024} MB.", "file")
     try:
-        return safejson.loads(raw)
-    except safejson.MalformedJSON as error:
-        field = safejson.bracketed(error.path) or "file"
+        return loads(raw)
+    except MalformedJSON as error:
+        field = bracketed(error.path) or "file"
         position = error.path[1] if error.path[:1] == ("presets",) and len(error.path) > 1 else None
         where = f"Preset {position + 1} ({field})" if isinstance(position, int) else field
         raise InvalidInput(f"{where}: {error.message}", field) from error

@@ -7,6 +7,8 @@ MAX_LAYERS = 20
 MAX_FEATURES = 32
 # Steered variants per run (a strength sweep's multipliers); a worker whose batch has fewer rows allows fewer.
 MAX_VARIANTS = 8
+# Each strength multiplier of a sweep; the coefficients it scales must also stay within the training's limit.
+MAX_SWEEP_MULTIPLIER = 10_000.0
 # A calibrated training's coefficients are multiples of each feature's max activation: |c| up to 100.
 MAX_ABS_COEFFICIENT = 100.0
 # An uncalibrated one's are in residual-stream units (a_i = 1), so its limit scales with the residual norm

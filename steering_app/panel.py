@@ -293,7 +293,8 @@ def _bounded(kind: type, low, high):
             value = kind(raw)
         except (ValueError, OverflowError):
             raise ValueError("not a whole number" if kind is int else "not a number") from None
-        if not (math.isfinite(value) and low <= value <= high):
+        # The finite bounds refuse NaN and ±inf too; math.isfinite would overflow on a 400-digit int.
+        if not low <= value <= high:
             raise ValueError(f"outside {_number(low)} to {_number(high)}")
         return value
 

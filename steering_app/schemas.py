@@ -15,6 +15,7 @@ from steering_app.limits import (
     MAX_LAYERS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
+    MAX_SWEEP_MULTIPLIER,
     MAX_TEMPERATURE,
     MAX_VARIANTS,
 )
@@ -124,11 +125,14 @@ class FeatureCoefficient(Schema):
     )
 
 
-# Strength multipliers of a sweep: one steered variant each.
-Sweep = Annotated[
-    list[Annotated[float, Field(ge=-MAX_ABS_COEFFICIENT_HARD, le=MAX_ABS_COEFFICIENT_HARD)]],
-    Field(min_length=1, max_length=MAX_VARIANTS),
-]
+# Strength multipliers of a sweep, one steered variant each. Only the type is checked here: the limits are
+# SteeringSettings' alone, so the panel's form, the API and presets accept the same sweeps.
+Sweep = list[float]
+SWEEP_LIMITS = (
+    f"1 to {MAX_VARIANTS} multipliers (fewer when the worker's batch has fewer rows), each within "
+    f"±{MAX_SWEEP_MULTIPLIER:g}; every coefficient times each multiplier must stay within the training's "
+    "max_abs_coefficient."
+)
 
 
 class GenerateIn(Schema):
@@ -156,8 +160,8 @@ class GenerateIn(Schema):
     sweep: Sweep | None = Field(
         None,
         description="A strength sweep: one steered variant per multiplier, each the features with every "
-        f"coefficient times it (the panel's default is {list(DEFAULT_SWEEP)}). The answer's `variants` "
-        "follow this order. At most the worker's slot rows - 1 variants.",
+        f"coefficient times it (the panel's default is {list(DEFAULT_SWEEP)}): {SWEEP_LIMITS} The answer's "
+        "`variants` follow this order.",
     )
 
 

@@ -4,14 +4,20 @@ Runs, presets, the panel's forms and the API all build a SteeringSettings and ca
 one set of rules, one set of messages, each naming the field at fault.
 """
 
-import math
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
 
 from django.conf import settings
 
 from steering_app.errors import InvalidInput
-from steering_app.limits import MAX_FEATURES, MAX_INDEX, MAX_LAYERS, MAX_TEMPERATURE, MAX_VARIANTS
+from steering_app.limits import (
+    MAX_FEATURES,
+    MAX_INDEX,
+    MAX_LAYERS,
+    MAX_SWEEP_MULTIPLIER,
+    MAX_TEMPERATURE,
+    MAX_VARIANTS,
+)
 from steering_app.models import Feature, SteeringRun, Training
 
 DEFAULT_TEMPERATURE = 0.7
@@ -88,6 +94,13 @@ def is_number(value: object) -> bool:
     return is_integer(value) or isinstance(value, float)
 
 
+def within(value: object, limit: float) -> bool:
+    """A number with |value| <= limit: NaN and ±inf are not. Python compares an int with a float exactly,
+    so an integer no float can hold (JSON's 1 followed by 400 zeros) is refused here, where float() or
+    math.isfinite() would raise OverflowError."""
+    return is_number(value) and abs(value) <= limit
+
+
 def _method(method: object) -> str:
     if method not in SteeringRun.Method.values:
         raise InvalidInput("method must be additive or multiplicative.", "method")
@@ -159,7 +172,7 @@ def _feature(item: object, training: Training, limit: float) -> dict:
         raise InvalidInput(f"feature_id must be a non-negative integer; got {index!r}.", "features")
     if not is_number(coefficient):
         raise InvalidInput(f"Coefficient of feature {index} must be a number.", "features")
-    if not math.isfinite(coefficient) or abs(coefficient) > limit:
+    if not within(coefficient, limit):
         raise InvalidInput(
             f"Coefficient of feature {index} must be finite and within ±{limit:g}, "
             f"the limit of training {training.pk} ({_units(training)}).",
@@ -169,14 +182,18 @@ def _feature(item: object, training: Training, limit: float) -> dict:
 
 
 def _sweep(sweep: object, features: list[dict], training: Training) -> list[float] | None:
-    """None, or 1 to max_variants() multipliers whose scaled coefficients stay within the training's limit."""
+    """None, or 1 to max_variants() multipliers, each within ±MAX_SWEEP_MULTIPLIER, whose scaled coefficients
+    stay within the training's limit. The one check of a sweep: the panel's form, the API's schemas and
+    presets leave every limit to it, so they accept and refuse the same sweeps."""
     if sweep is None:
         return None
     variants = max_variants()
     if not isinstance(sweep, list | tuple) or not 1 <= len(sweep) <= variants:
         raise InvalidInput(f"sweep must list 1 to {variants} strength multipliers.", "sweep")
-    if not all(is_number(item) and math.isfinite(item) for item in sweep):
-        raise InvalidInput("Each sweep multiplier must be a finite number.", "sweep")
+    if not all(within(item, MAX_SWEEP_MULTIPLIER) for item in sweep):
+        raise InvalidInput(
+            f"Each sweep multiplier must be a finite number within ±{MAX_SWEEP_MULTIPLIER:g}.", "sweep"
+        )
     limit = training.max_abs_coefficient
     strongest = max(abs(item["coefficient"]) for item in features) * max(abs(item) for item in sweep)
     if strongest > limit:

@@ -19,7 +19,8 @@ from steering_app.errors import (
     TooManyRuns,
     WorkerUnavailable,
 )
-from steerproject.safejson import MalformedJSON, SafeJSONParser
+from steering_app.json_checks import MalformedJSON
+from steerproject.safejson import SafeJSONParser
 
 logger = logging.getLogger(__name__)
 

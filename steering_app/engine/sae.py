@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from steering_app import json_checks
+
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "topk", "jumprelu")
@@ -171,8 +173,10 @@ def _read_cfg(path: Path) -> dict:
     if not cfg_path.is_file():
         raise SAEFormatError(f"{cfg_path}: missing file {CFG_FILE}")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        cfg = json_checks.loads(cfg_path.read_bytes())
+    except json_checks.MalformedJSON as exc:  # too deep to parse safely, or text no database stores
+        raise SAEFormatError(f"{cfg_path}: {exc}") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise SAEFormatError(f"{cfg_path}: malformed cfg.json ({exc})") from exc
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{cfg_path}: malformed cfg.json (top level is not an object)")
@@ -206,6 +210,13 @@ def validate_cfg(cfg: dict) -> dict:
     parse_dtype(cfg["dtype"])
     if "metadata" in cfg and not isinstance(cfg["metadata"], dict):
         raise SAEFormatError("cfg.json: metadata must be an object")
+    # An import stores the hook name, and hook_layer_from_name matches it as text.
+    for where, hook_name in (
+        ("metadata.hook_name", cfg.get("metadata", {}).get("hook_name")),
+        ("hook_name", cfg.get("hook_name")),
+    ):
+        if hook_name is not None and not isinstance(hook_name, str):
+            raise SAEFormatError(f"cfg.json: {where}: must be text, got {hook_name!r:.40}")
     return cfg
 
 

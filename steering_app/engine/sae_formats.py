@@ -40,6 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from steering_app import json_checks
 from steering_app.engine.sae import CFG_FILE, WEIGHTS_FILE, SAEFormatError, hook_layer_from_name, save_sae
 
 GEMMA_SCOPE_FILES = ("params.npz", "params.safetensors")
@@ -52,6 +53,7 @@ LLAMA_SCOPE_WEIGHTS = (
 )
 LLAMA_SCOPE_ACT_FNS = ("relu", "jumprelu", "topk")
 GEMMA_SCOPE_ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+MAX_DIMENSION = 2**31 - 1
 
 _LAYER_IN_PATH = re.compile(r"(?:^|/)layer_(\d+)(?:/|_|$)")
 # Gemma Scope also publishes SAEs on the embeddings, attention and MLP outputs, and transcoders; the
@@ -265,8 +267,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_hyperparams(path: Path) -> dict:
     try:
-        params = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        params = json_checks.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8, or refused by json_checks
         raise SAEFormatError(f"{path}: malformed {LLAMA_SCOPE_CONFIG} ({error})") from error
     if not isinstance(params, dict):
         raise SAEFormatError(f"{path}: malformed {LLAMA_SCOPE_CONFIG} (top level is not an object)")
@@ -275,17 +277,21 @@ def _read_hyperparams(path: Path) -> dict:
 
 def _integer(params: dict, key: str, where: Path) -> int:
     value = params.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SAEFormatError(f"{where}: {key} must be a positive integer, got {value!r}")
+    # Bounded so that float arithmetic on it (sqrt(d_model)) cannot overflow; no SAE is that wide.
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIMENSION:
+        raise SAEFormatError(
+            f"{where}: {key} must be an integer from 1 to {MAX_DIMENSION}, got {value!r:.40}"
+        )
     return value
 
 
 def _number(value, what: str, where: Path, positive: bool = False) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise SAEFormatError(f"{where}: {what} must be a number, got {value!r}")
-    if positive and value <= 0:
+    number = json_checks.finite_float(value)
+    if number is None:
+        raise SAEFormatError(f"{where}: {what} must be a finite number, got {value!r:.40}")
+    if positive and number <= 0:
         raise SAEFormatError(f"{where}: {what} must be positive, got {value!r}")
-    return float(value)
+    return number
 
 
 def _norm_scales(params: dict, d_model: int, where: Path) -> tuple[float, float]:

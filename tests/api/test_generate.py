@@ -447,6 +447,7 @@ def test_it_refuses_max_tokens_beyond_the_slots_for_this_prompt_as_400_and_creat
             "1 to 7",
         ),  # more variants than the batch's 8 rows leave beside the clean one
         ([1, 1000], "beyond ±100"),  # 2 × 1000 past the training's limit
+        ([1, 10_001], "within ±10000"),  # the panel's form refuses the same multiplier
         ([], None),  # the schema wants at least one multiplier
     ],
 )

@@ -6,8 +6,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from presets_app.models import SteeringPreset
+from steering_app.json_checks import nesting_depth
 from steering_app.models import SteeringRun
-from steerproject.safejson import nesting_depth
 from tests.api.support import assert_error
 
 GENERATE = "/api/steering/generate"

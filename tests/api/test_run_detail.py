@@ -50,6 +50,31 @@ def test_its_settings_can_be_posted_back_to_generate(client, owner, bearer, make
     assert response.json()["seed"] == 11
 
 
+def test_it_accepts_again_the_settings_of_a_sweep_the_panel_ran_at_its_limits(
+    client, owner, bearer, training, fake_engine
+):
+    client.force_login(owner)
+    form = {
+        "training": training.pk,
+        "prompt": "Rain?",
+        "method": "additive",
+        "temperature": "0",
+        "max_tokens": "4",
+        "layers": ["2"],
+        "feature_id": ["3"],
+        "coefficient": ["0"],
+        "sweep": "10000,-10000",
+    }
+    assert client.post("/steering/generate/", form).status_code == 302
+    settings = client.get(url(SteeringRun.objects.get()), headers=bearer(owner)).json()["settings"]
+
+    response = client.post(
+        "/api/steering/generate?async=true", settings, content_type="application/json", headers=bearer(owner)
+    )
+
+    assert response.status_code == 202, response.content
+
+
 def test_it_shows_a_queued_run_without_metrics(client, owner, bearer, make_run):
     run = make_run(
         owner, status=SteeringRun.Status.QUEUED, metrics={}, unsteered_output="", steered_output=""

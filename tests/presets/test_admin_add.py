@@ -43,3 +43,11 @@ def test_it_proposes_the_staff_member_as_owner(login, staff):
     response = login(staff).get(URL)
 
     assert response.context["adminform"].form.initial["owner"] == staff.pk
+
+
+def test_it_refuses_deeply_nested_features_as_a_form_error(login, staff, owner, training):
+    response = login(staff).post(URL, form(training, owner, "[" * 100_000 + "]" * 100_000))
+
+    assert response.status_code == 200
+    assert "nested more than 64 levels" in str(response.context["adminform"].form.errors["features"])
+    assert not SteeringPreset.objects.exists()

@@ -174,6 +174,22 @@ def test_it_refuses_values_out_of_range_or_of_the_wrong_type(login, owner, body,
     assert not SteeringPreset.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"sweep": [10**400]}, "sweep.0"),
+        ({"features": [{"feature_id": 3, "coefficient": 10**400}]}, "features.0.coefficient"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"max_tokens": 10**400}, "max_tokens"),
+    ],
+)
+def test_it_refuses_an_integer_too_large_for_a_float_naming_the_field(login, owner, body, changes, field):
+    body.update(changes)
+
+    assert_error(login(owner).post(URL, body, content_type="application/json"), 400, field)
+    assert not SteeringPreset.objects.exists()
+
+
 def test_it_refuses_an_unknown_training(login, owner, body):
     body["training_id"] = 999
 
@@ -202,3 +218,12 @@ def test_it_saves_a_strength_sweep_and_refuses_one_past_the_limit(login, owner, 
     body.update(name="too strong", sweep=[1, 1000])
     assert_error(client.post(URL, body, content_type="application/json"), 400, "sweep")
     assert SteeringPreset.objects.count() == 1
+
+
+def test_it_limits_a_sweep_multiplier_as_the_panel_and_generate_do(login, owner, body):
+    body.update(features=[{"feature_id": 3, "coefficient": 0}], sweep=[1, 10_001])
+
+    response = login(owner).post(URL, body, content_type="application/json")
+
+    assert "within ±10000" in assert_error(response, 400, "sweep")["detail"]
+    assert not SteeringPreset.objects.exists()

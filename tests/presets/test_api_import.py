@@ -83,6 +83,26 @@ def test_it_refuses_a_bad_prompt_seed_or_chat_naming_it(login, owner, training, 
     assert snapshot() == before
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"sweep": [10**400]}, "presets[0].sweep"),
+        ({"sweep": [-(10**400)]}, "presets[0].sweep"),
+        ({"features": [{"feature_id": 12, "coefficient": 10**400}]}, "presets[0].features"),
+        ({"temperature": 10**400}, "presets[0].temperature"),
+        ({"max_tokens": 10**400}, "presets[0].max_tokens"),
+        ({"seed": 10**400}, "presets[0].seed"),
+    ],
+)
+def test_it_refuses_an_integer_too_large_for_a_float_naming_the_field(
+    login, owner, training, preset, fields, field
+):
+    before = snapshot()
+
+    assert_error(post_json(login(owner), document(item(training, **fields))), 400, field)
+    assert snapshot() == before
+
+
 def test_it_imports_a_multipart_file(login, owner, training):
     upload = SimpleUploadedFile(
         "presets.json", json.dumps(document(item(training))).encode(), "application/json"

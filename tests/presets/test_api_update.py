@@ -1,3 +1,5 @@
+import pytest
+
 from presets_app.models import SteeringPreset
 from tests.api.support import assert_error
 from tests.presets.support import snapshot
@@ -40,6 +42,20 @@ def test_it_sets_and_forgets_the_prompt_seed_and_chat(login, owner, preset):
     assert (preset.prompt, preset.seed, preset.chat) == ("", None, True)
 
 
+def test_it_keeps_the_sweep_unless_sent_and_clears_it_when_sent_as_null(login, owner, preset):
+    client = login(owner)
+    client.patch(url(preset.pk), {"sweep": [0.5, 2]}, content_type="application/json")
+
+    client.patch(url(preset.pk), {"name": "kept sweep"}, content_type="application/json")
+    preset.refresh_from_db()
+    assert (preset.name, preset.sweep) == ("kept sweep", [0.5, 2.0])
+
+    response = client.patch(url(preset.pk), {"sweep": None}, content_type="application/json")
+    assert response.status_code == 200 and response.json()["sweep"] is None
+    preset.refresh_from_db()
+    assert preset.sweep is None
+
+
 def test_it_lets_staff_change_anyones_preset(login, staff, preset):
     response = login(staff).patch(
         url(preset.pk), {"features": [{"feature_id": 12, "coefficient": 4}]}, content_type="application/json"
@@ -66,6 +82,21 @@ def test_it_validates_the_result_like_a_new_preset(login, owner, preset):
     )
 
     assert_error(response, 400, "intervention_layers")
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"sweep": [-(10**400)]}, "sweep.0"),
+        ({"features": [{"feature_id": 3, "coefficient": 10**400}]}, "features.0.coefficient"),
+        ({"temperature": 10**400}, "temperature"),
+    ],
+)
+def test_it_refuses_an_integer_too_large_for_a_float_naming_the_field(login, owner, preset, changes, field):
+    before = snapshot()
+
+    assert_error(login(owner).patch(url(preset.pk), changes, content_type="application/json"), 400, field)
     assert snapshot() == before
 
 

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from presets_app import services
@@ -50,6 +51,29 @@ def test_it_imports_nothing_from_a_bad_file_and_shows_why(login, owner, preset, 
 
     assert response.status_code == 200
     assert response.context["error"].field == "presets[1].intervention_layers"
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"sweep": [10**400]}, "presets[0].sweep"),
+        ({"features": [{"feature_id": 3, "coefficient": -(10**400)}]}, "presets[0].features"),
+    ],
+)
+def test_it_refuses_an_integer_too_large_for_a_float_and_shows_why(
+    login, owner, preset, training, changes, field
+):
+    document = json.loads(services.export_json([preset]))
+    document["presets"][0].update(changes)
+    before = snapshot()
+
+    response = login(owner).post(
+        URL, {"preset_file": upload(json.dumps(document).encode()), "training": training.pk}
+    )
+
+    assert response.status_code == 200
+    assert response.context["error"].field == field
     assert snapshot() == before
 
 

@@ -88,6 +88,7 @@ def test_it_names_the_preset_automatically(login, owner, panel_form):
         ({"preset_name": "x" * 201}, "name"),
         ({"seed": "-4"}, "seed"),
         ({"seed": "soon"}, "seed"),
+        ({"coefficient": ["0", "0"], "sweep": "1e308"}, "sweep"),  # past ±10000, as the API refuses it
     ],
 )
 def test_it_saves_nothing_and_shows_why_on_an_error(login, owner, panel_form, preset, change, field):

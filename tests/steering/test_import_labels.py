@@ -96,7 +96,7 @@ def test_it_accepts_another_name_given_as_neuronpedia_id(training, tmp_path):
     assert label_of(training, 1) == "commas"
 
 
-@pytest.mark.parametrize("index", ["32", -1, "x"])
+@pytest.mark.parametrize("index", ["32", -1, "x", "9" * 5000])
 def test_it_refuses_an_index_out_of_range_naming_its_line(training, tmp_path, index):
     before = snapshot(training)
     rows = [
@@ -133,3 +133,60 @@ def test_it_refuses_a_line_that_is_not_json(training, tmp_path):
         call_command("import_labels", "--training", training.pk, str(path))
 
     assert label_of(training, 0) == "feature #0"
+
+
+@pytest.mark.parametrize(
+    ("export", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested more than 64 levels"),
+        (
+            '{"index": 0, "description": "ok"}\n' + "[" * 100_000 + "]" * 100_000,
+            "line 2: .*nested more than 64",
+        ),
+    ],
+    ids=["json-list", "json-lines"],
+)
+def test_it_refuses_a_deeply_nested_export_and_changes_nothing(training, tmp_path, export, message):
+    before = snapshot(training)
+    path = tmp_path / "deep.jsonl"
+    path.write_text(export)
+
+    with pytest.raises(CommandError, match=message):
+        call_command("import_labels", "--training", training.pk, str(path))
+
+    assert snapshot(training) == before
+
+
+@pytest.mark.parametrize(
+    ("description", "message"),
+    [
+        (5, r"line 2: description: must be text, got 5"),
+        (["rain"], r"line 2: description: must be text"),
+        ("\ud800", r"line 2: description: .*lone surrogates"),
+        ("nul\x00", r"line 2: description: .*NUL"),
+    ],
+)
+def test_it_refuses_a_description_that_is_not_text_naming_its_line(training, tmp_path, description, message):
+    before = snapshot(training)
+    rows = [
+        {"modelId": "tiny-llama", "layer": "2-res-32", "index": "0", "description": "ok"},
+        {"modelId": "tiny-llama", "layer": "2-res-32", "index": "1", "description": description},
+    ]
+
+    with pytest.raises(CommandError, match=message):
+        call_command(
+            "import_labels", "--training", training.pk, str(write_jsonl(tmp_path / "bad.jsonl", rows))
+        )
+
+    assert snapshot(training) == before
+
+
+def test_it_ranks_an_explanation_whose_score_no_float_holds_as_unscored(training, tmp_path):
+    row = {"modelId": "tiny-llama", "layer": "2-res-32", "index": 1}
+    rows = [{**row, "description": "huge", "score": 10**400}, {**row, "description": "scored", "score": 0.1}]
+
+    call_command(
+        "import_labels", "--training", training.pk, str(write_jsonl(tmp_path / "scores.jsonl", rows))
+    )
+
+    assert label_of(training, 1) == "scored"

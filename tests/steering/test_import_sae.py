@@ -92,11 +92,24 @@ def test_it_keeps_a_feature_tables_top_snippets(language_model, tmp_path):
     assert Feature.objects.get(index=4).examples == []
 
 
+def with_metadata(directory, **metadata):
+    """The checkpoint with its cfg.json's metadata changed (json.dumps writes float("inf") as Infinity)."""
+    cfg = json.loads((directory / "cfg.json").read_text())
+    cfg["metadata"].update(metadata)
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    return directory
+
+
 def broken_checkpoints(tmp_path):
     missing_weights = write_saelens_checkpoint(tmp_path / "no-weights")
     (missing_weights / "sae_weights.safetensors").unlink()
     malformed_cfg = write_saelens_checkpoint(tmp_path / "bad-cfg")
     (malformed_cfg / "cfg.json").write_text("{not json")
+    deep_cfg = write_saelens_checkpoint(tmp_path / "deep-cfg")
+    (deep_cfg / "cfg.json").write_text(
+        '{"d_in": 16, "d_sae": 32, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
+    checkpoint = write_saelens_checkpoint
     return {
         "missing file": (missing_weights, "sae_weights.safetensors"),
         "malformed cfg.json": (malformed_cfg, "cfg.json"),
@@ -111,6 +124,27 @@ def broken_checkpoints(tmp_path):
             "out of range",
         ),
         "not a directory": (tmp_path / "nowhere", "cfg.json"),
+        "deeply nested cfg.json": (deep_cfg, r"cfg\.json: .*nested more than 64 levels"),
+        "infinite stat": (
+            with_metadata(checkpoint(tmp_path / "inf"), explained_variance=float("inf")),
+            r"cfg\.json: metadata\.explained_variance: must be a finite number, got Infinity",
+        ),
+        "stat not a number": (
+            with_metadata(checkpoint(tmp_path / "abc"), l0="abc"),
+            r"cfg\.json: metadata\.l0: must be a finite number",
+        ),
+        "token count past the database": (
+            with_metadata(checkpoint(tmp_path / "tokens"), tokens=2**63),
+            r"cfg\.json: metadata\.tokens: must be a whole number",
+        ),
+        "hook name not text": (
+            with_metadata(checkpoint(tmp_path / "hook"), hook_name=5),
+            r"cfg\.json: metadata\.hook_name: must be text",
+        ),
+        "lone surrogate": (
+            with_metadata(checkpoint(tmp_path / "surrogate"), model_name="\ud800"),
+            r"cfg\.json: metadata\.model_name: .*lone surrogates",
+        ),
     }
 
 
@@ -124,6 +158,12 @@ def broken_checkpoints(tmp_path):
         "d_in mismatch",
         "layer out of range",
         "not a directory",
+        "deeply nested cfg.json",
+        "infinite stat",
+        "stat not a number",
+        "token count past the database",
+        "hook name not text",
+        "lone surrogate",
     ],
 )
 def test_it_refuses_a_broken_checkpoint_and_creates_nothing(language_model, tmp_path, case):
@@ -144,7 +184,7 @@ def test_it_refuses_an_unknown_model(db, tmp_path):
 def test_it_refuses_labels_out_of_range_and_creates_nothing(language_model, tmp_path):
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps([{"index": 99, "description": "beyond d_sae"}]))
-    with pytest.raises(CommandError, match="index 99"):
+    with pytest.raises(CommandError, match=r"\[0\]\.index: must be a whole number from 0 to 31, got 99"):
         import_sae(
             "--model",
             "tiny-llama",
@@ -153,4 +193,61 @@ def test_it_refuses_labels_out_of_range_and_creates_nothing(language_model, tmp_
             "--labels",
             str(labels),
         )
+    assert not Training.objects.exists() and not Feature.objects.exists()
+
+
+def labels_file(tmp_path, *entries):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps([{"index": 1, "description": "fine"}, *entries]))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"index": 3, "examples": 5}, r"\[1\]\.examples: must be a list of text"),
+        ({"index": 3, "top_tokens": "notalist"}, r"\[1\]\.top_tokens: must be a list of text"),
+        ({"index": 3, "top_tokens": ["rain", 5]}, r"\[1\]\.top_tokens\[1\]: must be text"),
+        ({"index": 3, "max_activation": float("inf")}, r"\[1\]\.max_activation: must be a finite number"),
+        ({"index": 3, "max_activation": "abc"}, r"\[1\]\.max_activation: must be a finite number"),
+        ({"index": 3, "max_activation": 10**400}, r"\[1\]\.max_activation: must be a finite number"),
+        ({"index": 3, "activation_frequency": float("-inf")}, r"\[1\]\.activation_frequency: must be a"),
+        ({"index": 3, "activation_frequency": 1.5}, r"\[1\]\.activation_frequency: must be .* 0 to 1"),
+        ({"index": 3, "label": 5}, r"\[1\]\.label: must be text"),
+        ({"index": 3, "description": "\ud800"}, r"\[1\]\.description: .*lone surrogates"),
+        ({"index": 3, "description": "nul\x00"}, r"\[1\]\.description: .*NUL"),
+        ({"index": "²"}, r"\[1\]\.index: must be a whole number from 0 to 31"),
+        ({"index": "9" * 5000}, r"\[1\]\.index: must be a whole number from 0 to 31"),
+    ],
+)
+def test_it_refuses_a_labels_file_with_a_bad_value_naming_it_and_creates_nothing(
+    language_model, tmp_path, entry, message
+):
+    with pytest.raises(CommandError, match=message):
+        import_sae(
+            "--model",
+            "tiny-llama",
+            "--path",
+            str(write_saelens_checkpoint(tmp_path / "sae")),
+            "--labels",
+            str(labels_file(tmp_path, entry)),
+        )
+
+    assert not Training.objects.exists() and not Feature.objects.exists()
+
+
+def test_it_refuses_a_deeply_nested_labels_file_and_creates_nothing(language_model, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text("[" * 100_000 + "]" * 100_000)
+
+    with pytest.raises(CommandError, match="nested more than 64 levels"):
+        import_sae(
+            "--model",
+            "tiny-llama",
+            "--path",
+            str(write_saelens_checkpoint(tmp_path / "sae")),
+            "--labels",
+            str(labels),
+        )
+
     assert not Training.objects.exists() and not Feature.objects.exists()

@@ -166,7 +166,28 @@ def malformed(tmp_path: Path) -> dict[str, tuple[Path, str]]:
             write_llama_scope_folder(llama / "deep", hook_point="blocks.40.hook_resid_post"),
             "Layer 40 is out of range",
         ),
+        "deeply nested hyperparams.json": (
+            nested_hyperparams(write_llama_scope_folder(llama / "nested")),
+            "hyperparams.json: malformed hyperparams.json .*nested more than 64 levels",
+        ),
+        "d_model no float holds": (
+            write_llama_scope_folder(llama / "wide", hyperparams={"d_model": 10**400}),
+            "hyperparams.json: d_model must be an integer from 1 to 2147483647",
+        ),
+        "dataset norm no float holds": (
+            write_llama_scope_folder(
+                llama / "norm", hyperparams={"dataset_average_activation_norm": {"in": 10**400, "out": 9.0}}
+            ),
+            "hyperparams.json: dataset_average_activation_norm.in must be a finite number",
+        ),
     }
+
+
+def nested_hyperparams(folder: Path) -> Path:
+    """The folder, its hyperparams.json holding 100,000 nested lists: json.loads alone raises RecursionError."""
+    config = folder / "hyperparams.json"
+    config.write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + ", " + config.read_text()[1:])
+    return folder
 
 
 def _mkdir(path: Path) -> Path:
@@ -197,6 +218,9 @@ def _write(path: Path, content: bytes) -> Path:
         "no layer anywhere",
         "d_in mismatch after conversion",
         "layer out of range after conversion",
+        "deeply nested hyperparams.json",
+        "d_model no float holds",
+        "dataset norm no float holds",
     ],
 )
 def test_it_refuses_a_malformed_checkpoint_and_creates_nothing(smollm2_row, tmp_path, data_dir, case):

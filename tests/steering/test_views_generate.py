@@ -178,6 +178,11 @@ def test_without_htmx_it_redirects_to_the_run(client, owner, training, submitted
             "Selected Features: Each feature needs exactly one",
         ),
         ({"coefficient": ["2", "500"]}, "Selected Features: Coefficient of feature 7 must be finite"),
+        (  # the API's limit on a multiplier, whatever the coefficients
+            {"coefficient": ["0", "0"], "sweep": "1,1e308"},
+            "Sweep strength: Each sweep multiplier must be a finite number within ±10000.",
+        ),
+        ({"sweep": "0.5,nan"}, "Sweep strength: Each sweep multiplier must be a finite number"),
         ({"layers": None}, "Intervention Layers: Select at least one intervention layer."),
         ({"layers": ["9"]}, "Intervention Layers: Layer 9 is out of range"),
         (

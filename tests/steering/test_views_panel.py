@@ -266,6 +266,7 @@ def test_a_url_naming_the_training_without_features_or_layers_has_none(client, o
         ("temperature", "nan", 0.7),
         ("max_tokens", "0", 64),
         ("max_tokens", "1e3", 64),
+        ("max_tokens", "9" * 400, 64),  # no float holds it: compared as an int, not through math.isfinite
         ("seed", "-1", None),
         ("seed", "9" * 30, None),
         ("method", "sideways", "additive"),

@@ -1,12 +1,12 @@
 import gzip
 import json
-import math
 import re
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from steering_app import json_checks
 from steering_app.models import Feature, Training
 
 _LEADING_NUMBER = re.compile(r"\s*(\d+)")
@@ -23,11 +23,13 @@ def read_export(path: Path) -> list[tuple[str, dict]]:
     except (OSError, EOFError, UnicodeDecodeError) as error:
         raise CommandError(f"Cannot read {path}: {error}") from error
     if text.lstrip().startswith("["):
+        _bound_depth(raw, str(path))  # the list's entries are parsed one by one, each within the list's depth
         return _json_list(path, text)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        _bound_depth(line.encode(), f"{path}, line {number}")
         try:
             rows.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as error:
@@ -59,6 +61,14 @@ def _json_list(path: Path, text: str) -> list[tuple[str, dict]]:
     return rows
 
 
+def _bound_depth(raw: bytes, where: str) -> None:
+    """Refuse JSON nested too deep for json's recursive parser (RecursionError) before parsing it."""
+    try:
+        json_checks.check_depth(raw)
+    except json_checks.MalformedJSON as error:
+        raise CommandError(f"{where}: {error}") from error
+
+
 def _skip_space(text: str, position: int) -> int:
     while position < len(text) and text[position].isspace():
         position += 1
@@ -73,11 +83,7 @@ def score_of(row: dict) -> float | None:
     if isinstance(scores, list):
         for item in scores:
             candidates.append(item.get("value", item.get("score")) if isinstance(item, dict) else item)
-    numbers = [
-        float(value)
-        for value in candidates
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ]
+    numbers = [number for number in map(json_checks.finite_float, candidates) if number is not None]
     return max(numbers) if numbers else None
 
 
@@ -110,6 +116,11 @@ def best_explanations(rows, training: Training, neuronpedia_id: str | None) -> d
         missing = [key for key in ("modelId", "layer", "index", "description") if row.get(key) is None]
         if missing:
             raise CommandError(f"{where}: missing {', '.join(missing)}")
+        try:
+            json_checks.check_strings(row)  # first: the messages below quote the row's text
+            json_checks.text(row["description"], ("description",))
+        except json_checks.MalformedJSON as error:
+            raise CommandError(f"{where}: {error}") from error
         model_id, layer = str(row["modelId"]), str(row["layer"])
         if not matches_model(model_id, training, neuronpedia_id) or not matches_layer(
             layer, training, neuronpedia_id
@@ -120,11 +131,9 @@ def best_explanations(rows, training: Training, neuronpedia_id: str | None) -> d
                 f"{training.model.name} (source {training.model.source}) at layer {training.hook_layer} "
                 f"(expected {expected}); nothing imported. If the names differ, pass --neuronpedia-id MODEL/LAYER"
             )
-        index = row["index"]
-        if isinstance(index, str) and index.strip().isdecimal():
-            index = int(index)
+        index = json_checks.digits_as_int(row["index"])
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < training.d_sae:
-            raise CommandError(f"{where}: index {row['index']!r} is not in 0..{training.d_sae - 1}")
+            raise CommandError(f"{where}: index {row['index']!r:.40} is not in 0..{training.d_sae - 1}")
         score = score_of(row)
         rank = score if score is not None else -float("inf")
         if index not in best or rank > best[index][0]:
@@ -166,13 +175,13 @@ class Command(BaseCommand):
     def apply(self, training: Training, explanations: dict[int, dict]) -> int:
         features = list(training.features.filter(index__in=explanations))
         for feature in features:
-            description = str(explanations[feature.index]["description"]).strip()
+            description = explanations[feature.index]["description"].strip()
             feature.label = description[:300]
             feature.description = description
         Feature.objects.bulk_update(features, ["label", "description"], batch_size=500)
         present = {feature.index for feature in features}
         created = [
-            Feature.from_description(training, index, {"description": str(row["description"]).strip()})
+            Feature.from_description(training, index, {"description": row["description"].strip()})
             for index, row in explanations.items()
             if index not in present
         ]

@@ -5,31 +5,81 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from steering_app.json_checks import (
+    MalformedJSON,
+    digits_as_int,
+    loads,
+    number,
+    text,
+    text_list,
+    whole_number,
+)
+from steering_app.limits import MAX_ID
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 STAT_KEYS = ("explained_variance", "l0", "dead_fraction")
-FEATURE_FIELDS = ("label", "description", "max_activation", "activation_frequency", "top_tokens", "examples")
+
+
+def frequency(value: object, path: tuple) -> float:
+    return number(value, path, 0.0, 1.0)
+
+
+# A feature table's keys, each with the check of its type: the panel and the feature card iterate top_tokens
+# and examples, the API writes the numbers as JSON, and the database allows frequencies from 0 to 1 only.
+FEATURE_FIELDS = {
+    "label": text,
+    "description": text,
+    "max_activation": number,
+    "activation_frequency": frequency,
+    "top_tokens": text_list,
+    "examples": text_list,
+}
 
 
 def read_feature_table(path: Path, d_sae: int) -> dict[int, dict]:
     """Neuronpedia-style explanations [{"index", "description"}] or SteerLab's feature table (more keys)."""
     try:
-        rows = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
+        rows = loads(path.read_bytes())
+    except OSError as error:
         raise CommandError(f"Cannot read labels file {path}: {error}") from error
     except json.JSONDecodeError as error:
         raise CommandError(f"Labels file {path} is not valid JSON: {error}") from error
+    except ValueError as error:  # not UTF-8, or refused by json_checks (too deep, NUL, lone surrogate)
+        raise CommandError(f"Labels file {path}: {error}") from error
     if not isinstance(rows, list):
         raise CommandError(f"Labels file {path} must hold a JSON list of {{index, description}} objects")
-    table = {}
-    for position, row in enumerate(rows):
-        index = row.get("index") if isinstance(row, dict) else None
-        if isinstance(index, str) and index.isdigit():
-            index = int(index)
-        if not isinstance(index, int) or not 0 <= index < d_sae:
-            raise CommandError(f"Labels file entry {position}: index {index!r} is not in 0..{d_sae - 1}")
-        table[index] = {key: row[key] for key in FEATURE_FIELDS if row.get(key) is not None}
-    return table
+    try:
+        return dict(feature_entry(row, position, d_sae) for position, row in enumerate(rows))
+    except MalformedJSON as error:
+        raise CommandError(f"Labels file {path}: {error}") from error
+
+
+def feature_entry(row: object, position: int, d_sae: int) -> tuple[int, dict]:
+    """(index, the entry's known keys, checked); raises MalformedJSON naming the first value at fault."""
+    if not isinstance(row, dict):
+        raise MalformedJSON("must be an object with index and description", (position,))
+    index = whole_number(digits_as_int(row.get("index")), (position, "index"), 0, d_sae - 1)
+    return index, {
+        key: check(row[key], (position, key))
+        for key, check in FEATURE_FIELDS.items()
+        if row.get(key) is not None
+    }
+
+
+def recorded_metadata(cfg: dict) -> tuple[dict, int | None]:
+    """The stats a training records from cfg.json's metadata, and its dataset's token count: finite numbers
+    (the API cannot write Infinity as JSON) and a count the database's integer column holds."""
+    metadata = cfg.get("metadata", {})
+    try:
+        stats = {
+            key: number(metadata[key], ("metadata", key))
+            for key in STAT_KEYS
+            if metadata.get(key) is not None
+        }
+        tokens = metadata.get("tokens")
+        return stats, None if tokens is None else whole_number(tokens, ("metadata", "tokens"), 0, MAX_ID)
+    except MalformedJSON as error:
+        raise CommandError(f"cfg.json: {error}") from error
 
 
 class Command(BaseCommand):
@@ -84,11 +134,12 @@ class Command(BaseCommand):
                     raise CommandError(
                         f"Layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}"
                     )
+                stats, tokens = recorded_metadata(sae.cfg)
                 table = read_feature_table(Path(options["labels"]), sae.d_sae) if options["labels"] else {}
         except SAEFormatError as error:
             raise CommandError(f"Invalid SAE checkpoint at {source.folder}: {error}") from error
         training = self.create_training(
-            model, sae, checkpoint.final, layer, hook_name, table, options["dataset"]
+            model, sae, checkpoint.final, layer, hook_name, table, stats, tokens, options["dataset"]
         )
         converted = (
             f", converted from {checkpoint.format} into {checkpoint.final}"
@@ -135,12 +186,13 @@ class Command(BaseCommand):
         )
 
     @transaction.atomic
-    def create_training(self, model, sae, path, layer, hook_name, table, dataset_name) -> Training:
+    def create_training(
+        self, model, sae, path, layer, hook_name, table, stats, tokens, dataset_name
+    ) -> Training:
         dataset = None
-        metadata = sae.cfg.get("metadata", {})
         if dataset_name:
             dataset, _ = Dataset.objects.get_or_create(name=dataset_name, defaults={"source": dataset_name})
-            Dataset.record_tokens(dataset.pk, metadata.get("tokens"))
+            Dataset.record_tokens(dataset.pk, tokens)
         training = Training.objects.create(
             model=model,
             dataset=dataset,
@@ -151,7 +203,7 @@ class Command(BaseCommand):
             d_sae=sae.d_sae,
             checkpoint_path=str(path),
             status=Training.Status.COMPLETED,
-            stats={key: metadata[key] for key in STAT_KEYS if key in metadata},
+            stats=stats,
             completed_at=timezone.now(),
         )
         Feature.objects.bulk_create(
