@@ -85,7 +85,7 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
     prompt = request.prompt.strip() if isinstance(request.prompt, str) else ""
     if not prompt:
         raise InvalidInput("Enter a prompt.", "prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
+    if len(request.prompt) > MAX_PROMPT_CHARS:  # as stored, spaces included: its settings must POST again
         raise InvalidInput(f"The prompt is longer than {MAX_PROMPT_CHARS} characters.", "prompt")
     if request.seed is not None and (not is_integer(request.seed) or not 0 <= request.seed <= MAX_SEED):
         raise InvalidInput("seed must be a non-negative 63-bit integer.", "seed")
