@@ -327,9 +327,11 @@ def fail(run_id: int, reason: str, field: str = "") -> bool:
 
 
 def beat(name: str) -> None:
-    """A worker's heartbeat, written by its sweep timer whether it is busy or idle."""
+    """A worker's heartbeat, written by its sweep timer whether it is busy or idle; workers silent for a day
+    are forgotten, so that restarts do not pile up rows."""
     now = timezone.now()
     Worker.objects.update_or_create(name=name, defaults={"seen_at": now}, create_defaults={"started_at": now})
+    Worker.objects.filter(seen_at__lt=now - timedelta(days=1)).delete()
 
 
 def workers_alive() -> bool:

@@ -33,7 +33,7 @@ def test_import_records_the_token_count_of_the_sae_cfg(language_model, tmp_path)
     assert Dataset.objects.get(name="tiny-corpus").num_tokens == 333_404
 
 
-@pytest.mark.parametrize("tokens", [None, "many", True, -5, 0])
+@pytest.mark.parametrize("tokens", [None, "many", True, -5, 0, 2**63])
 def test_import_leaves_the_count_alone_when_the_cfg_has_no_usable_one(language_model, tmp_path, tokens):
     Dataset.objects.create(name="tiny-corpus", source="tiny", num_tokens=1000)
 

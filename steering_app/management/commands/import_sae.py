@@ -68,7 +68,8 @@ def feature_entry(row: object, position: int, d_sae: int) -> tuple[int, dict]:
 
 def recorded_metadata(cfg: dict) -> tuple[dict, int | None]:
     """The stats a training records from cfg.json's metadata, and its dataset's token count: finite numbers
-    (the API cannot write Infinity as JSON) and a count the database's integer column holds."""
+    (the API cannot write Infinity as JSON). The count is informational: one that is not a positive whole
+    number the database's integer column holds is left out, and the dataset keeps the count it has."""
     metadata = cfg.get("metadata", {})
     try:
         stats = {
@@ -76,10 +77,11 @@ def recorded_metadata(cfg: dict) -> tuple[dict, int | None]:
             for key in STAT_KEYS
             if metadata.get(key) is not None
         }
-        tokens = metadata.get("tokens")
-        return stats, None if tokens is None else whole_number(tokens, ("metadata", "tokens"), 0, MAX_ID)
     except MalformedJSON as error:
         raise CommandError(f"cfg.json: {error}") from error
+    tokens = metadata.get("tokens")
+    usable = isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens <= MAX_ID
+    return stats, tokens if usable else None
 
 
 class Command(BaseCommand):
