@@ -85,13 +85,15 @@ def feature_card(request, training_id, index):
 
 
 @login_required
-@require_GET
+@require_POST
 async def training_scale(request, training_id):
-    """{residual_norm, layer}: |h| at the SAE's layer over ?prompt=, the unit of an uncalibrated training's
-    sliders (the panel's script sets their range from it). A worker reads the prompt (analysis.py)."""
+    """{residual_norm, layer}: |h| at the SAE's layer over the posted prompt, the unit of an uncalibrated
+    training's sliders (the panel's script sets their range from it). A POST with the CSRF token: it costs a
+    forward of the model, which a link or another site must not be able to start. A worker reads the prompt
+    (analysis.py)."""
     training = await aget_object_or_404(Training.objects.completed(), pk=training_id)
     try:
-        norm = await analysis.residual_norm(await request.auser(), training, request.GET.get("prompt", ""))
+        norm = await analysis.residual_norm(await request.auser(), training, request.POST.get("prompt", ""))
     except (InvalidInput, WorkerUnavailable) as error:
         status = 400 if isinstance(error, InvalidInput) else 503
         return JsonResponse({"detail": error.message, "field": error.field}, status=status)

@@ -702,7 +702,7 @@ def test_a_worker_busy_generating_reads_a_prompt_for_a_web_request_between_two_s
     try:
         assert batch.stepping.wait(5)
         client.force_login(owner)
-        response = client.get(f"/steering/trainings/{training.pk}/scale/", {"prompt": "The weather is"})
+        response = client.post(f"/steering/trainings/{training.pk}/scale/", {"prompt": "The weather is"})
     finally:
         busy.join(timeout=10)
 

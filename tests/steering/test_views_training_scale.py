@@ -1,6 +1,7 @@
-"""GET /steering/trainings/<id>/scale/?prompt=: |h| at the SAE's layer, the unit of uncalibrated sliders."""
+"""POST /steering/trainings/<id>/scale/ {prompt}: |h| at the SAE's layer, the unit of uncalibrated sliders."""
 
 import pytest
+from django.test import Client
 
 from steering_app import services, worker
 from steering_app.engine import loader
@@ -13,12 +14,27 @@ pytestmark = pytest.mark.django_db
 
 
 def scale(client, training, prompt):
-    return client.get(f"/steering/trainings/{training.pk}/scale/", {"prompt": prompt})
+    return client.post(f"/steering/trainings/{training.pk}/scale/", {"prompt": prompt})
 
 
 def test_it_requires_login(client, training):
     response = scale(client, training, "Hello")
     assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_it_refuses_a_get_so_that_no_link_can_start_a_forward(client, owner, training):
+    client.force_login(owner)
+
+    response = client.get(f"/steering/trainings/{training.pk}/scale/", {"prompt": "Hello"})
+
+    assert response.status_code == 405 and not AnalysisJob.objects.exists()
+
+
+def test_it_refuses_a_post_without_the_csrf_token(owner, training):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+
+    assert scale(client, training, "Hello").status_code == 403
 
 
 @pytest.mark.slow
