@@ -5,7 +5,7 @@ from django.conf import settings
 from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError
 
-from steering_app import runs, services
+from steering_app import analysis, runs
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
@@ -128,14 +128,20 @@ def list_features(
 
 
 @router.post(
-    "/trainings/{training_id}/features/active", response={200: ActiveFeaturesOut, **error_responses(404, 409)}
+    "/trainings/{training_id}/features/active",
+    response={200: ActiveFeaturesOut, **error_responses(404, 409, 503)},
 )
-def list_active_features(request, payload: ActiveFeaturesIn, training_id: int = Id):
+async def list_active_features(request, payload: ActiveFeaturesIn, training_id: int = Id):
     """The training's features the prompt lights up, strongest first: one clean forward of the prompt to the
     SAE's layer, each feature's strongest activation over the prompt's own tokens (special tokens and a chat
-    template's system turn left out)."""
-    training = Training.objects.get_completed(training_id)
-    found = services.features_active_on(training, payload.prompt, chat=payload.chat, limit=payload.limit)
+    template's system turn left out).
+
+    The prompt must fit a worker's slots (a 400 naming `prompt` says how many tokens they hold). A worker reads
+    it between two steps of its batch; after STEERLAB_RUN_TIMEOUT seconds without an answer, a 503."""
+    training = await sync_to_async(Training.objects.get_completed)(training_id)
+    found = await analysis.features_active_on(
+        request.auth, training, payload.prompt, chat=payload.chat, limit=payload.limit
+    )
     return {
         "features": [
             {

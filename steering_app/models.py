@@ -523,3 +523,43 @@ class ApiToken(models.Model):
         if token.last_used_at is None or moment - token.last_used_at >= cls.LAST_USED_PRECISION:
             cls.objects.filter(pk=token.pk).update(last_used_at=moment)
         return token.user
+
+
+class AnalysisJob(models.Model):
+    """One read of a prompt by the model that a web request awaits (analysis.py): the features the prompt lights
+    up, or the residual norm at the SAE's layer. A worker answers it between two steps of its batch; the request
+    deletes it once it has read the answer, so a row lives seconds."""
+
+    class Kind(models.TextChoices):
+        ACTIVE_FEATURES = "active_features"
+        RESIDUAL_NORM = "residual_norm"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="analysis_jobs"
+    )
+    training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="analysis_jobs")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    prompt = models.TextField()
+    chat = models.BooleanField(default=False)
+    limit = models.PositiveIntegerField(default=20, help_text="How many features to list (active_features)")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    error_field = models.CharField(
+        max_length=100, blank=True, help_text="The input at fault, when there is one"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "created_at"], name="analysis_status_created")]
+
+    def __str__(self):
+        return f"Analysis {self.pk} ({self.kind}, {self.status})"

@@ -34,7 +34,7 @@ from django.db import connection
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from steering_app import services, streaming, worker
+from steering_app import analysis, services, streaming, worker
 from steering_app.errors import InvalidInput, SteeringError, TooManyRuns, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import SteeringRun, Training, Worker
@@ -187,6 +187,8 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
     batch: services.EngineBatch | None = None
     working: dict[int, _Working] = {}
     while True:
+        # A prompt a web request awaits is read between two steps: one short forward, before more runs join.
+        analysis.process_waiting()
         while (run := claim(batch.accepts if batch is not None and batch.active else None)) is not None:
             count += 1
             item = _Working(run, emit_for(run.pk) if emit_for else None)

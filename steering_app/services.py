@@ -277,32 +277,34 @@ class PromptFeature:
     feature: Feature | None  # its row: label, max activation, ... (None if the table lacks it)
 
 
-def features_active_on(
-    training: Training, prompt: str, chat: bool = False, limit: int = 20
-) -> list[PromptFeature]:
-    """The training's features the prompt lights up most, strongest first: one clean forward of the prompt to
-    the SAE's layer (engine.active). InvalidInput naming the field for an empty or oversized prompt, or a chat
-    template the model lacks."""
+def active_latents(training: Training, prompt: str, chat: bool, limit: int) -> list[dict]:
+    """The training's latents the prompt lights up most, strongest first, as a worker stores them
+    ({index, activation, token}): one clean forward of the prompt to the SAE's layer (engine.active).
+    InvalidInput naming the field for a prompt without text or a chat template the model lacks."""
     from steering_app.engine import loader
-    from steering_app.engine.active import active_latents
+    from steering_app.engine.active import active_latents as strongest
     from steering_app.engine.steer import SpecError
-    from steering_app.limits import MAX_PROMPT_CHARS
 
-    if not prompt.strip():
-        raise InvalidInput("prompt is empty: enter the text whose features to list.", "prompt")
-    if len(prompt) > MAX_PROMPT_CHARS or "\x00" in prompt:
-        raise InvalidInput(f"prompt must be at most {MAX_PROMPT_CHARS} characters of text.", "prompt")
     lm = loader.load_model(training.model.source)
     sae = loader.load_sae_cached(training.checkpoint_path, lm)
     try:
-        latents = active_latents(lm, sae, prompt, training.hook_layer, chat=chat, limit=limit)
+        latents = strongest(lm, sae, prompt, training.hook_layer, chat=chat, limit=limit)
     except SpecError as error:
         raise InvalidInput(str(error), error.field) from error
+    return [
+        {"index": latent.index, "activation": latent.activation, "token": latent.token} for latent in latents
+    ]
+
+
+def prompt_features(training: Training, latents: list[dict]) -> list[PromptFeature]:
+    """active_latents' answer with each latent's feature row, in the same order."""
     rows = {
         row.index: row
-        for row in Feature.objects.filter(training=training, index__in=[latent.index for latent in latents])
+        for row in Feature.objects.filter(
+            training=training, index__in=[latent["index"] for latent in latents]
+        )
     }
     return [
-        PromptFeature(latent.index, latent.activation, latent.token, rows.get(latent.index))
+        PromptFeature(latent["index"], latent["activation"], latent["token"], rows.get(latent["index"]))
         for latent in latents
     ]

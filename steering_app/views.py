@@ -1,23 +1,25 @@
 """Server-rendered steering pages: the panel, its HTMX partials, and the stored runs.
 
 Panel state lives in panel.py, result display in presenters.py, the stream in streaming.py; a run's life
-in runs.py. These functions only read the request, call those, and render.
+in runs.py, a prompt read by the model in analysis.py. These functions only read the request, call those,
+and render.
 """
 
+from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import reswap, retarget
 
-from steering_app import panel, presenters, runs, services, streaming
+from steering_app import analysis, panel, presenters, runs, streaming
 from steering_app.errors import Conflict, Forbidden, InvalidInput, SteeringError, WorkerUnavailable
 from steering_app.form_integers import storable_int
 from steering_app.forms import RunFilterForm, SteeringForm
-from steering_app.limits import MAX_INDEX, MAX_PROMPT_CHARS, MAX_SEARCH_CHARS
+from steering_app.limits import MAX_INDEX, MAX_SEARCH_CHARS
 from steering_app.models import Feature, SteeringRun, Training
 
 RUNS_PER_PAGE = 20
@@ -56,18 +58,22 @@ def feature_search(request, training_id):
 
 @login_required
 @require_POST
-def prompt_features(request, training_id):
-    """The panel's "Features on this prompt": the features the prompt lights up, strongest first, to add."""
-    training = get_object_or_404(Training.objects.completed(), pk=training_id)
+async def prompt_features(request, training_id):
+    """The panel's "Features on this prompt": the features the prompt lights up, strongest first, to add.
+    A worker reads the prompt (analysis.py); the request only awaits its answer."""
+    training = await aget_object_or_404(Training.objects.completed(), pk=training_id)
+    prompt, chat = request.POST.get("prompt", ""), bool(request.POST.get("chat"))
     try:
-        found = services.features_active_on(
-            training, request.POST.get("prompt", ""), chat=bool(request.POST.get("chat"))
-        )
-    except InvalidInput as error:
+        found = await analysis.features_active_on(await request.auser(), training, prompt, chat=chat)
+    except (InvalidInput, WorkerUnavailable) as error:
         context = {"training": training, "prompt_error": error.message}
-        return render(request, "steering/panel.html#prompt-features", context, status=422)
+        status = 422 if isinstance(error, InvalidInput) else 503
+        return await sync_to_async(render)(
+            request, "steering/panel.html#prompt-features", context, status=status
+        )
     items = [item for item in found if item.feature is not None]
-    return render(request, "steering/panel.html#prompt-features", {"training": training, "items": items})
+    context = {"training": training, "items": items}
+    return await sync_to_async(render)(request, "steering/panel.html#prompt-features", context)
 
 
 @login_required
@@ -79,18 +85,18 @@ def feature_card(request, training_id, index):
 
 
 @login_required
-@require_GET
-def training_scale(request, training_id):
-    """{residual_norm, layer}: |h| at the SAE's layer over ?prompt=, the unit of an uncalibrated training's
-    sliders (the panel's script sets their range from it)."""
-    training = get_object_or_404(Training.objects.completed(), pk=training_id)
-    prompt = request.GET.get("prompt", "")
+@require_POST
+async def training_scale(request, training_id):
+    """{residual_norm, layer}: |h| at the SAE's layer over the posted prompt, the unit of an uncalibrated
+    training's sliders (the panel's script sets their range from it). A POST with the CSRF token: it costs a
+    forward of the model, which a link or another site must not be able to start. A worker reads the prompt
+    (analysis.py)."""
+    training = await aget_object_or_404(Training.objects.completed(), pk=training_id)
     try:
-        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or "\x00" in prompt:
-            raise InvalidInput(f"prompt must be 1 to {MAX_PROMPT_CHARS} characters of text.", "prompt")
-        norm = services.residual_norm(training, prompt)
-    except InvalidInput as error:
-        return JsonResponse({"detail": error.message, "field": error.field}, status=400)
+        norm = await analysis.residual_norm(await request.auser(), training, request.POST.get("prompt", ""))
+    except (InvalidInput, WorkerUnavailable) as error:
+        status = 400 if isinstance(error, InvalidInput) else 503
+        return JsonResponse({"detail": error.message, "field": error.field}, status=status)
     return JsonResponse({"residual_norm": norm, "layer": training.hook_layer})
 
 

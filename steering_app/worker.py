@@ -7,7 +7,7 @@ What a worker does with a run is decided in runs.py; every mode calls runs.proce
   `python manage.py runworker steering-worker` processes (SteeringWorkerConsumer below).
 - inline (tests: STEERLAB_WORKER_MODE=inline): the run executes in the submitting thread.
 Embedded and channel workers also beat (runs.beat: "this worker is alive", busy or not) and call
-runs.sweep_stale() every SWEEP_SECONDS, and once as they start.
+runs.sweep_stale() and analysis.sweep_stale() every SWEEP_SECONDS, and once as they start.
 """
 
 import asyncio
@@ -33,8 +33,9 @@ def mode() -> str:
     return "channel" if "RedisChannelLayer" in settings.CHANNEL_LAYERS["default"]["BACKEND"] else "embedded"
 
 
-def submit(run_id: int) -> None:
-    """Tell a worker that run `run_id` is waiting. Safe to call from sync code (views, API, commands)."""
+def submit(run_id: int | None = None) -> None:
+    """Tell a worker that work is waiting: run `run_id`, or an analysis job (None). Safe to call from sync code
+    (views, API, commands)."""
     from steering_app import runs
 
     current = mode()
@@ -47,17 +48,21 @@ def submit(run_id: int) -> None:
 
 
 def sweep() -> None:
-    """This worker's heartbeat and one sweep; a failing database must not stop the timer that calls it."""
-    from steering_app import runs
+    """This worker's heartbeat and one sweep of runs and analysis jobs; a failing database must not stop the
+    timer that calls it."""
+    from steering_app import analysis, runs
 
     try:
         runs.beat(runs.worker_name())
         swept = runs.sweep_stale()
+        stalled = analysis.sweep_stale()
     except Exception:
         logger.exception("Sweeping stale runs failed")
         return
     if swept:
         logger.warning("Failed %d stale run(s)", swept)
+    if stalled:
+        logger.warning("Failed %d stale analysis job(s)", stalled)
 
 
 class SteeringWorkerConsumer(SyncConsumer):

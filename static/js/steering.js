@@ -8,7 +8,7 @@
   // Uncalibrated features (no max activation) take coefficients in residual-stream units: their sliders span
   // ±2‖h‖, with ‖h‖ the residual norm at the SAE's layer, measured on the prompt by the server.
   const RESIDUAL_SPAN = 2;
-  // ‖h‖ is an average: the first characters of a long prompt estimate it as well, in a URL of sane length.
+  // ‖h‖ is an average: the first characters of a long prompt estimate it as well, in a shorter forward.
   const SCALE_PROMPT_CHARS = 2000;
   const SCALE_DELAY_MS = 400;
   let residualScale = null; // {prompt, norm, layer} of the last measurement
@@ -127,8 +127,11 @@
     }
     if (measuring === prompt) return;
     measuring = prompt;
-    fetch(f.dataset.scaleUrl + "?prompt=" + encodeURIComponent(prompt), {
-      headers: { Accept: "application/json" },
+    // A POST with the CSRF token that <body hx-headers> holds for htmx: measuring runs the model.
+    fetch(f.dataset.scaleUrl, {
+      method: "POST",
+      headers: Object.assign({ Accept: "application/json" }, JSON.parse(document.body.getAttribute("hx-headers"))),
+      body: new URLSearchParams({ prompt: prompt }),
       credentials: "same-origin",
     })
       .then(function (response) { return response.ok ? response.json() : null; })

@@ -19,7 +19,7 @@ FAKE_METRICS = {
 
 
 # What fake_engine's "features active on this prompt" finds, whatever the prompt.
-FAKE_PROMPT_FEATURE = services.PromptFeature(index=3, activation=2.5, token=" rain", feature=None)
+FAKE_LATENT = {"index": 3, "activation": 2.5, "token": " rain"}
 
 
 @pytest.fixture
@@ -45,9 +45,7 @@ def fake_engine(monkeypatch):
         )
 
     use_engine(monkeypatch, execute)
-    monkeypatch.setattr(
-        services, "features_active_on", lambda training, prompt, chat=False, limit=20: [FAKE_PROMPT_FEATURE]
-    )
+    monkeypatch.setattr(services, "active_latents", lambda training, prompt, chat, limit: [FAKE_LATENT])
 
 
 @pytest.fixture

@@ -1,8 +1,14 @@
 """POST /api/trainings/{id}/features/active: the features a prompt lights up, on the real SmolLM2 and demo SAE."""
 
+import resource
+import time
+
 import pytest
 
-from steering_app.models import Feature, Training
+from steering_app import services, worker
+from steering_app.errors import InvalidInput
+from steering_app.models import AnalysisJob, Feature, Training
+from tests.api.conftest import FAKE_LATENT
 from tests.api.support import assert_error
 
 PLANETS = "The planets of the solar system orbit the Sun: Mars, Venus, Jupiter and Earth."
@@ -46,6 +52,84 @@ def test_it_reads_the_users_text_inside_the_chat_template(client, owner, bearer,
     assert len(features) == 5 and features[0]["index"] == SEA_FEATURE
     # Only the user's words: nothing from the template's system turn ("You are a helpful AI assistant ...").
     assert all(item["token"].strip() in SEA for item in features), features
+
+
+def test_it_answers_through_a_worker_with_each_features_row_and_keeps_no_job(
+    client, owner, bearer, training, fake_engine
+):
+    response = post(client, bearer(owner), training, {"prompt": "Tell me about rain", "limit": 5})
+
+    assert response.status_code == 200, response.content
+    row = Feature.objects.get(training=training, index=FAKE_LATENT["index"])
+    assert response.json() == {
+        "features": [
+            {
+                **FAKE_LATENT,
+                "label": row.label,
+                "max_activation": row.max_activation,
+                "activation_frequency": row.activation_frequency,
+            }
+        ]
+    }
+    assert not AnalysisJob.objects.exists()
+
+
+def test_it_refuses_a_prompt_longer_than_a_slot_in_tokens_before_queueing_it(
+    client, owner, bearer, training, monkeypatch
+):
+    monkeypatch.setattr(services, "active_latents", lambda *args: pytest.fail("the model read the prompt"))
+    prompt = "word " * (services.slot_tokens() + 1)  # the fake model counts a word a token
+
+    body = assert_error(post(client, bearer(owner), training, {"prompt": prompt}), 400, "prompt")
+
+    assert f"at most {services.slot_tokens()}" in body["detail"]
+    assert not AnalysisJob.objects.exists()
+
+
+def test_a_prompt_the_engine_refuses_is_a_400_naming_its_field(client, owner, bearer, training, monkeypatch):
+    def refuse(training, prompt, chat, limit):
+        raise InvalidInput("this model's tokenizer has no chat template", "chat")
+
+    monkeypatch.setattr(services, "active_latents", refuse)
+
+    body = assert_error(post(client, bearer(owner), training, {"prompt": SEA, "chat": True}), 400, "chat")
+
+    assert body["detail"] == "this model's tokenizer has no chat template"
+
+
+def test_it_answers_503_and_drops_the_job_when_no_worker_answers_in_time(
+    client, owner, bearer, training, monkeypatch, settings
+):
+    settings.STEERLAB_RUN_TIMEOUT = 0
+    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)  # no worker hears of it
+
+    assert_error(post(client, bearer(owner), training, {"prompt": SEA}), 503)
+    assert not AnalysisJob.objects.exists()
+
+
+# What took daphne 128 s and 4.5 GB in one request: prompts within the character limit, far beyond a slot.
+HUGE_PROMPTS = {
+    "combining marks": "a" + "\u0301" * 5000,
+    "CJK": "\u6c34" * 20_000,
+    "ASCII": ("The sea was calm and the ocean water was cold. " * 500)[:20_000],
+}
+
+
+@pytest.mark.slow
+def test_it_refuses_huge_prompts_quickly_without_growing_in_memory(client, owner, bearer, demo_feature_space):
+    services.prompt_token_count(demo_feature_space, "warm up", False)  # the tokenizer loads once per process
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    headers = bearer(owner)
+
+    for name, prompt in HUGE_PROMPTS.items():
+        started = time.monotonic()
+        body = assert_error(post(client, headers, demo_feature_space, {"prompt": prompt}), 400, "prompt")
+        assert time.monotonic() - started < 5, name
+        assert f"at most {services.slot_tokens()}" in body["detail"], name
+
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib) / 1024
+    assert grown_mib < 100, f"the peak memory grew by {grown_mib:.0f} MiB"
+    assert not AnalysisJob.objects.exists()
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n"])

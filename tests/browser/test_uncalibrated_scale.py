@@ -1,9 +1,9 @@
 """An uncalibrated training in a real browser: its cards say so, and typing a prompt rescales their sliders
 to ±2‖h‖, ‖h‖ measured by the server at the SAE's layer on that prompt."""
 
+import json
 import re
 import sqlite3
-from urllib.parse import quote
 
 import pytest
 
@@ -38,8 +38,9 @@ def test_an_uncalibrated_trainings_sliders_span_twice_the_residual_norm_of_the_p
     page.fill("#prompt", PROMPT)
 
     expect(card.locator(".scale-unit")).to_have_text(re.compile(r"^‖h‖ = [\d.]+ at L\d+$"), timeout=120_000)
-    scale_url = f"{server.url}/steering/trainings/{seed['training']}/scale/?prompt={quote(PROMPT)}"
-    norm = page.request.get(scale_url).json()["residual_norm"]
+    scale_url = f"{server.url}/steering/trainings/{seed['training']}/scale/"
+    csrf = json.loads(page.locator("body").get_attribute("hx-headers"))
+    norm = page.request.post(scale_url, form={"prompt": PROMPT}, headers=csrf).json()["residual_norm"]
     span = round(2 * norm * 10) / 10
     assert span > 5
     assert float(slider.get_attribute("min")) == -span and float(slider.get_attribute("max")) == span

@@ -11,7 +11,7 @@ from asgiref.sync import async_to_sync
 
 from steering_app import runs, services, worker
 from steering_app.errors import Conflict, InvalidInput, NotFound, TooManyRuns, WorkerUnavailable
-from steering_app.models import Feature, SteeringRun, Training, Worker
+from steering_app.models import AnalysisJob, Feature, SteeringRun, Training, Worker
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
 from steerproject.api import status_code
@@ -642,3 +642,103 @@ def test_a_cancel_during_generation_stops_within_one_step_and_frees_the_worker(
     runs.process_queued()
     following.refresh_from_db()
     assert following.status == SteeringRun.Status.COMPLETED
+
+
+class StepwiseBatch:
+    """services.EngineBatch's protocol for one run, one token a step, so that a worker goes round between steps."""
+
+    def __init__(self, steps: int, seconds_per_step: float):
+        self.steps, self.seconds_per_step = steps, seconds_per_step
+        self.taken = 0
+        self.stepping = threading.Event()
+        self.admitted = None
+
+    @property
+    def active(self) -> bool:
+        return self.admitted is not None
+
+    def accepts(self, run) -> bool:
+        return False
+
+    def admit(self, run, on_step, should_stop) -> bool:
+        self.admitted = (run, on_step)
+        return True
+
+    def step(self):
+        run, on_step = self.admitted
+        time.sleep(self.seconds_per_step)
+        self.taken += 1
+        on_step(" u", [" s"])
+        self.stepping.set()
+        if self.taken < self.steps:
+            return []
+        self.admitted = None
+        return [(run, services.Outcome("unsteered", "steered", {}, {}))]
+
+    def abandon(self):
+        abandoned, self.admitted = [self.admitted[0]] if self.admitted else [], None
+        return abandoned
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_busy_generating_reads_a_prompt_for_a_web_request_between_two_steps(
+    client, owner, training, monkeypatch, settings
+):
+    settings.STEERLAB_RUN_TIMEOUT = 10  # bounded: the request gives up (503) if no step reads its prompt
+    batch = StepwiseBatch(steps=100, seconds_per_step=0.02)
+    monkeypatch.setattr(services, "batch_for", lambda run: batch)
+    read = []
+
+    def measure(training, prompt):
+        read.append((threading.current_thread(), batch.taken, batch.active))
+        return 7.5
+
+    monkeypatch.setattr(services, "residual_norm", measure)
+    # A busy worker's message waits behind its batch: it finds the job itself when it goes round.
+    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
+    run = runs.create(owner, request_for(training))
+    busy = threading.Thread(target=runs.process_queued, args=(lambda run_id: lambda e, p: None,))
+    busy.start()
+    try:
+        assert batch.stepping.wait(5)
+        client.force_login(owner)
+        response = client.post(f"/steering/trainings/{training.pk}/scale/", {"prompt": "The weather is"})
+    finally:
+        busy.join(timeout=10)
+
+    assert response.status_code == 200 and response.json()["residual_norm"] == 7.5
+    [(thread, steps_before, generating)] = read
+    assert thread is busy  # the worker's thread, not the request's
+    assert generating and 0 < steps_before < batch.steps
+    run.refresh_from_db()
+    assert run.status == SteeringRun.Status.COMPLETED
+    assert not AnalysisJob.objects.exists()
+
+
+def analysis_job(owner, training, **fields) -> AnalysisJob:
+    return AnalysisJob.objects.create(
+        owner=owner, training=training, kind="residual_norm", prompt="Hi", **fields
+    )
+
+
+def test_the_sweep_fails_a_stalled_analysis_job_and_deletes_those_no_request_awaits(
+    owner, training, settings
+):
+    from django.utils import timezone
+
+    settings.STEERLAB_RUN_TIMEOUT, settings.STEERLAB_RUN_MAX_SECONDS = 120, 60
+    now = timezone.now()
+    stalled = analysis_job(owner, training, status="running", started_at=now - timezone.timedelta(seconds=61))
+    working = analysis_job(owner, training, status="running", started_at=now)
+    waiting = analysis_job(owner, training)
+    abandoned = [
+        analysis_job(owner, training, status=status, created_at=now - timezone.timedelta(seconds=241))
+        for status in ("queued", "running", "completed", "failed")
+    ]
+
+    worker.sweep()
+
+    stalled.refresh_from_db()
+    assert (stalled.status, stalled.error) == ("failed", "the worker stopped before finishing")
+    assert set(AnalysisJob.objects.values_list("pk", flat=True)) == {stalled.pk, working.pk, waiting.pk}
+    assert not AnalysisJob.objects.filter(pk__in=[job.pk for job in abandoned]).exists()

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from steering_app.models import Feature, Training
+from steering_app import services, worker
+from steering_app.models import AnalysisJob, Feature, Training
 
 pytestmark = pytest.mark.django_db
 
@@ -207,3 +208,44 @@ def test_prompt_features_list_the_features_the_prompt_lights_up_with_add_buttons
     assert 1681 in found(response)[:10]
     assert "20 features active on the prompt" in response.text
     assert f'hx-get="/steering/trainings/{demo_feature_space.pk}/features/1681/card/"' in response.text
+
+
+def test_prompt_features_are_read_by_a_worker_and_no_job_is_kept(client, owner, training, monkeypatch):
+    monkeypatch.setattr(
+        services,
+        "active_latents",
+        lambda training, prompt, chat, limit: [
+            {"index": 12, "activation": 4.0, "token": " soup"},
+            {"index": 3, "activation": 1.5, "token": " rain"},
+        ],
+    )
+    client.force_login(owner)
+
+    response = prompt_features(client, training, "Rain, then soup")
+
+    assert response.status_code == 200 and found(response) == [12, 3]
+    assert "cooking recipes" in response.text and "2 features active on the prompt" in response.text
+    assert not AnalysisJob.objects.exists()
+
+
+def test_prompt_features_refuse_a_prompt_longer_than_a_slot_in_tokens(client, owner, training, monkeypatch):
+    monkeypatch.setattr(services, "active_latents", lambda *args: pytest.fail("the model read the prompt"))
+    client.force_login(owner)
+
+    response = prompt_features(client, training, "word " * (services.slot_tokens() + 1))
+
+    assert response.status_code == 422 and f"at most {services.slot_tokens()}" in response.text
+    assert not AnalysisJob.objects.exists()
+
+
+def test_prompt_features_say_so_when_no_worker_answers_in_time(
+    client, owner, training, monkeypatch, settings
+):
+    settings.STEERLAB_RUN_TIMEOUT = 0
+    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)  # no worker hears of it
+    client.force_login(owner)
+
+    response = prompt_features(client, training, "Rain")
+
+    assert response.status_code == 503 and "No steering worker could take the prompt" in response.text
+    assert not AnalysisJob.objects.exists()
