@@ -32,7 +32,7 @@ from tests.processes import (
 pytestmark = pytest.mark.slow
 
 USER, PASSWORD = "alice", "pw-alice-123"
-LONG_TOKENS = 512  # long enough that the run is still generating when it is killed
+LONG_TOKENS = 500  # within the 512-token slots with its prompt; long enough that the run is still generating when it is killed
 RUNNING_SECONDS = 180  # until the run is claimed and its heartbeat advanced (the model loads meanwhile)
 
 
