@@ -1,6 +1,6 @@
 """A bounded load test of the embedded default deployment (daphne with its worker inside, SQLite, the real
 SmolLM2 and the demo SAE): three members each send 10 async sweeps at once, a fourth sends 20 single runs
-while they are served.
+one after another while they are served, as a member at the panel does (Generate, read, Generate again).
 
 What a lab depends on, asserted on the real server: no 500, no run failed while the worker lived (a busy
 worker is no missing worker), every run completed, and a single run waits no longer than the runs that were
@@ -37,7 +37,6 @@ SINGLE = "dave"
 SWEEPS_EACH, SINGLES = 10, 20
 SWEEP = [0.5, 1.0, 2.0]  # 4 rows of the CPU's 8: two sweeps share a step
 TOKENS = 8
-SINGLE_EVERY_SECONDS = 1.0
 LOAD_SECONDS = 120  # the whole load, submissions and completions, is bounded by this
 # A single run may wait for the in-flight runs to end, plus the worker's reaction: one claim after a step.
 REACTION_SECONDS = 1.0
@@ -69,14 +68,20 @@ class Client:
                 return
             time.sleep(min(float(response.headers["Retry-After"]), max(0.0, deadline - time.monotonic())))
 
+    def run(self, run_id: int) -> dict:
+        response = self.session.get(f"{self.url}/api/steering/runs/{run_id}", timeout=HTTP_SECONDS)
+        with self.lock:
+            self.statuses[response.status_code] += 1
+        return response.json()
+
     def runs(self) -> list[dict]:
-        found = []
-        for run_id in self.run_ids:
-            response = self.session.get(f"{self.url}/api/steering/runs/{run_id}", timeout=HTTP_SECONDS)
-            with self.lock:
-                self.statuses[response.status_code] += 1
-            found.append(response.json())
-        return found
+        return [self.run(run_id) for run_id in self.run_ids]
+
+    def await_last(self, deadline: float) -> None:
+        while self.run_ids and time.monotonic() < deadline:
+            if self.run(self.run_ids[-1])["status"] in FINISHED:
+                return
+            time.sleep(0.1)
 
 
 def moment(value: str | None) -> float:
@@ -84,14 +89,22 @@ def moment(value: str | None) -> float:
 
 
 def longest_fair_wait(single: dict, every_run: list[dict]) -> float:
-    """How long the runs in flight when `single` was created kept running after it: the most it may wait."""
-    created = moment(single["created_at"])
-    in_flight = [
+    """The most `single` may wait: until the last run that held the batch while it waited, started before it
+    (in flight when it came, or ahead of it in turn), has ended. It never waits while those have ended."""
+    created, started = moment(single["created_at"]), moment(single["started_at"])
+    ahead = [
         moment(run["finished_at"])
         for run in every_run
-        if run is not single and moment(run["started_at"]) <= created < moment(run["finished_at"])
+        if run is not single and moment(run["started_at"]) < started and moment(run["finished_at"]) > created
     ]
-    return max([created, *in_flight]) - created
+    return max([created, *ahead]) - created
+
+
+def served_first(single: dict, every_run: list[dict]) -> int:
+    """How many runs started while `single` waited: under the fair share, one turn of each other member at
+    most, never another member's backlog."""
+    created, started = moment(single["created_at"]), moment(single["started_at"])
+    return sum(1 for run in every_run if created < moment(run["started_at"]) < started)
 
 
 def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path, capsys):
@@ -137,7 +150,7 @@ def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path
         def singles(client: Client) -> None:
             for seed_value in range(SINGLES):
                 client.submit(deadline, seed=seed_value)
-                time.sleep(SINGLE_EVERY_SECONDS)
+                client.await_last(deadline)
 
         threads = [threading.Thread(target=backlog, args=(clients[name],)) for name in SWEEPERS]
         threads.append(threading.Thread(target=singles, args=(clients[SINGLE],)))
@@ -165,10 +178,12 @@ def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path
         for run, wait in zip(singles_done, waits, strict=True)
         if wait > longest_fair_wait(run, every_run) + REACTION_SECONDS
     ]
+    overtaken = [served_first(run, every_run) for run in singles_done]
     with capsys.disabled():
         print(
             f"\n[load] {elapsed:.0f} s: HTTP {dict(sorted(statuses.items()))}, runs {dict(outcomes)}, "
-            f"longest single-run wait {max(waits, default=0):.2f} s"
+            f"longest single-run wait {max(waits, default=0):.2f} s, "
+            f"most runs started while one waited {max(overtaken, default=0)}"
         )
     assert not any(thread.is_alive() for thread in threads), "the clients did not finish within the bound"
     assert statuses[500] == 0, (statuses, tails(log))
@@ -176,3 +191,4 @@ def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path
     assert len(every_run) == len(SWEEPERS) * SWEEPS_EACH + SINGLES, (outcomes, statuses)
     assert outcomes == {"completed": len(every_run)}, (outcomes, tails(log))
     assert excess == [], f"single runs that waited past the runs in flight ahead of them: {excess}"
+    assert max(overtaken) <= len(SWEEPERS), f"runs started while a single run waited: {overtaken}"
