@@ -159,8 +159,8 @@ def next_in_turn() -> SteeringRun | None:
     heads: dict[int, int] = {}  # member -> their oldest queued run, oldest first
     for pk, owner_id in queued.values_list("pk", "owner_id"):
         heads.setdefault(owner_id, pk)
-    if not heads:
-        return None
+    if len(heads) <= 1:  # nobody to share with: a batch asks every step, so no aggregates then
+        return _claimable(next(iter(heads.values()), None))
     members = SteeringRun.objects.filter(owner_id__in=heads).values("owner_id")
     in_progress = dict(
         members.filter(status=Status.RUNNING).annotate(count=Count("id")).values_list("owner_id", "count")
@@ -172,7 +172,11 @@ def next_in_turn() -> SteeringRun | None:
     )
     never = datetime.min.replace(tzinfo=UTC)
     member = min(heads, key=lambda owner: (in_progress.get(owner, 0), last_started.get(owner) or never))
-    return SteeringRun.objects.select_related("training__model").filter(pk=heads[member]).first()
+    return _claimable(heads[member])
+
+
+def _claimable(pk: int | None) -> SteeringRun | None:
+    return SteeringRun.objects.select_related("training__model").filter(pk=pk).first() if pk else None
 
 
 def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
