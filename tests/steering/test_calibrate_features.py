@@ -220,8 +220,16 @@ def test_it_writes_no_feature_when_writing_them_fails(calibrated, monkeypatch, d
     assert feature_rows(training_id) == before
 
 
+@pytest.fixture
+def new_datasets(db):
+    """new_datasets() -> the Dataset rows this test made: the module's calibration commits one of its own that
+    outlives the tests' transactions."""
+    before = set(Dataset.objects.values_list("pk", flat=True))
+    return lambda: list(Dataset.objects.exclude(pk__in=before).order_by("pk"))
+
+
 @pytest.mark.django_db
-def test_it_ends_failed_when_the_dataset_does_not_exist(training, tmp_path):
+def test_it_ends_failed_when_the_dataset_does_not_exist(new_datasets, training, tmp_path):
     before = feature_rows(training.pk)
 
     with pytest.raises(CommandError, match="Unknown dataset"):
@@ -233,11 +241,13 @@ def test_it_ends_failed_when_the_dataset_does_not_exist(training, tmp_path):
     assert calibration.status == Calibration.Status.FAILED
     assert calibration.error.startswith(f"Unknown dataset '{tmp_path / 'missing.txt'}'")
     assert feature_rows(training.pk) == before
-    assert not Dataset.objects.exists()
+    assert not new_datasets()
 
 
 @pytest.mark.django_db
-def test_it_ends_failed_when_the_checkpoint_cannot_be_read_and_registers_no_dataset(training, dataset_dir):
+def test_it_ends_failed_when_the_checkpoint_cannot_be_read_and_registers_no_dataset(
+    new_datasets, training, dataset_dir
+):
     before = feature_rows(training.pk)
     text = corpus.write_corpus(dataset_dir / "corpus.txt", json.loads(DEMO_ANSWERS.read_text())[:10])
 
@@ -246,12 +256,12 @@ def test_it_ends_failed_when_the_checkpoint_cannot_be_read_and_registers_no_data
 
     calibration = Calibration.objects.get(training=training)
     assert calibration.status == Calibration.Status.FAILED and "/nonexistent/sae" in calibration.error
-    assert calibration.dataset is None and not Dataset.objects.exists()
+    assert calibration.dataset is None and not new_datasets()
     assert feature_rows(training.pk) == before
 
 
 @pytest.mark.django_db
-def test_a_failed_calibration_keeps_the_registered_dataset_it_read(training, dataset_dir):
+def test_a_failed_calibration_keeps_the_registered_dataset_it_read(new_datasets, training, dataset_dir):
     text = corpus.write_corpus(dataset_dir / "corpus.txt", ["A document."])
     registered = Dataset.objects.create(name="lab-corpus", source=str(text))
 
@@ -260,7 +270,7 @@ def test_a_failed_calibration_keeps_the_registered_dataset_it_read(training, dat
 
     calibration = Calibration.objects.get(training=training)
     assert calibration.status == Calibration.Status.FAILED and calibration.dataset == registered
-    assert list(Dataset.objects.all()) == [registered]
+    assert new_datasets() == [registered]
 
 
 @pytest.fixture
@@ -300,7 +310,7 @@ def calibrate_on(training, dataset: str):
 @pytest.mark.django_db
 @pytest.mark.parametrize("root", ["datasets", "STEERLAB_DATASET_DIRS"])
 def test_it_calibrates_on_a_corpus_under_a_dataset_root_and_registers_it(
-    training, data_dir, dataset_dir, engine_reads, root
+    new_datasets, training, data_dir, dataset_dir, engine_reads, root
 ):
     folder = (data_dir / "datasets" if root == "datasets" else dataset_dir) / "lab"
     corpus.write_corpus(folder / "corpus.txt", ["Rain on the roof.", "Sun on the sea."])
@@ -310,7 +320,7 @@ def test_it_calibrates_on_a_corpus_under_a_dataset_root_and_registers_it(
     calibration = Calibration.objects.get(training=training)
     assert calibration.status == Calibration.Status.COMPLETED
     assert engine_reads == ["Rain on the roof.", "Sun on the sea."]
-    dataset = Dataset.objects.get()
+    (dataset,) = new_datasets()
     assert calibration.dataset == dataset and dataset.source == str(folder.resolve())
     assert dataset.num_tokens == 50
 
@@ -343,7 +353,7 @@ OUTSIDE_THE_ROOTS = {
 @pytest.mark.django_db
 @pytest.mark.parametrize("where", OUTSIDE_THE_ROOTS)
 def test_it_refuses_a_dataset_outside_the_dataset_roots_and_reads_nothing(
-    training, data_dir, dataset_dir, tmp_path, engine_reads, where
+    new_datasets, training, data_dir, dataset_dir, tmp_path, engine_reads, where
 ):
     before = feature_rows(training.pk)
     path = OUTSIDE_THE_ROOTS[where](data_dir, tmp_path)
@@ -356,20 +366,20 @@ def test_it_refuses_a_dataset_outside_the_dataset_roots_and_reads_nothing(
     assert engine_reads == []
     calibration = Calibration.objects.get(training=training)
     assert calibration.status == Calibration.Status.FAILED and str(path) in calibration.error
-    assert not Dataset.objects.exists()
+    assert not new_datasets()
     assert feature_rows(training.pk) == before
 
 
 @pytest.mark.django_db
 def test_it_never_reads_the_data_dirs_own_files_even_under_a_root_that_holds_them(
-    training, data_dir, settings, engine_reads
+    new_datasets, training, data_dir, settings, engine_reads
 ):
     settings.STEERLAB_DATASET_DIRS = [data_dir.parent]
 
     with pytest.raises(CommandError, match="not under a dataset root"):
         calibrate_on(training, str(data_dir / "secret_key"))
 
-    assert engine_reads == [] and not Dataset.objects.exists()
+    assert engine_reads == [] and not new_datasets()
 
 
 @pytest.mark.django_db
