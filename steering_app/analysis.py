@@ -9,7 +9,6 @@ the waiting jobs each time runs.process_queued() goes round, so a worker busy wi
 between two steps. sweep_stale() fails the jobs whose worker stopped and deletes those no request awaits.
 """
 
-import asyncio
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from steering_app import services, worker
 from steering_app.errors import InvalidInput, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import AnalysisJob, Training
+from steering_app.polling import poll_until
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
@@ -100,17 +100,14 @@ def submit() -> None:
 
 
 async def wait(job_id: int, timeout: float, poll_ceiling: float = 0.1) -> AnalysisJob:
-    """Poll the job until it ends or `timeout` passes; awaiting keeps Django's one sync thread free."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pause = 0.01
-    while True:
-        job = await AnalysisJob.objects.aget(pk=job_id)
-        remaining = deadline - loop.time()
-        if job.status in ENDED or remaining <= 0:
-            return job
-        await asyncio.sleep(min(pause, remaining))
-        pause = min(pause * 2, poll_ceiling)
+    """The job once it has ended, or as it is after `timeout` seconds."""
+    return await poll_until(
+        lambda: AnalysisJob.objects.aget(pk=job_id),
+        lambda job: job.status in ENDED,
+        timeout,
+        0.01,
+        poll_ceiling,
+    )
 
 
 def process_waiting() -> int:

@@ -17,7 +17,6 @@ of the member with the fewest runs in progress; among equals, the member whose l
 ago. A member may have STEERLAB_MAX_QUEUED_PER_MEMBER runs queued; one more is refused (TooManyRuns, 429).
 """
 
-import asyncio
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from steering_app import analysis, services, streaming, worker
 from steering_app.errors import InvalidInput, SteeringError, TooManyRuns, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import SteeringRun, Training, Worker
+from steering_app.polling import poll_until
 from steering_app.steering_settings import SteeringSettings, is_integer
 
 if TYPE_CHECKING:
@@ -445,17 +445,10 @@ class Liveness:
 
 
 async def wait(run_id: int, timeout: float, poll_ceiling: float = 0.25) -> SteeringRun:
-    """Poll the run until it ends or `timeout` passes; awaiting keeps Django's one sync thread free."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pause = 0.02
-    while True:
-        run = await SteeringRun.objects.aget(pk=run_id)
-        remaining = deadline - loop.time()
-        if run.is_finished or remaining <= 0:
-            return run
-        await asyncio.sleep(min(pause, remaining))
-        pause = min(pause * 2, poll_ceiling)
+    """The run once it has ended, or as it is after `timeout` seconds."""
+    return await poll_until(
+        lambda: SteeringRun.objects.aget(pk=run_id), lambda run: run.is_finished, timeout, 0.02, poll_ceiling
+    )
 
 
 def failure_reason(error: Exception) -> str:
