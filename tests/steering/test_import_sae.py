@@ -176,18 +176,22 @@ def test_it_refuses_an_unknown_model(db, tmp_path):
     assert not Training.objects.exists()
 
 
+def import_with_labels(tmp_path, labels):
+    import_sae(
+        "--model",
+        "tiny-llama",
+        "--path",
+        str(write_saelens_checkpoint(tmp_path / "sae")),
+        "--labels",
+        str(labels),
+    )
+
+
 def test_it_refuses_labels_out_of_range_and_creates_nothing(language_model, tmp_path):
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps([{"index": 99, "description": "beyond d_sae"}]))
     with pytest.raises(CommandError, match=r"\[0\]\.index: must be a whole number from 0 to 31, got 99"):
-        import_sae(
-            "--model",
-            "tiny-llama",
-            "--path",
-            str(write_saelens_checkpoint(tmp_path / "sae")),
-            "--labels",
-            str(labels),
-        )
+        import_with_labels(tmp_path, labels)
     assert not Training.objects.exists() and not Feature.objects.exists()
 
 
@@ -219,14 +223,7 @@ def test_it_refuses_a_labels_file_with_a_bad_value_naming_it_and_creates_nothing
     language_model, tmp_path, entry, message
 ):
     with pytest.raises(CommandError, match=message):
-        import_sae(
-            "--model",
-            "tiny-llama",
-            "--path",
-            str(write_saelens_checkpoint(tmp_path / "sae")),
-            "--labels",
-            str(labels_file(tmp_path, entry)),
-        )
+        import_with_labels(tmp_path, labels_file(tmp_path, entry))
 
     assert not Training.objects.exists() and not Feature.objects.exists()
 
@@ -236,13 +233,6 @@ def test_it_refuses_a_deeply_nested_labels_file_and_creates_nothing(language_mod
     labels.write_text("[" * 100_000 + "]" * 100_000)
 
     with pytest.raises(CommandError, match="nested more than 64 levels"):
-        import_sae(
-            "--model",
-            "tiny-llama",
-            "--path",
-            str(write_saelens_checkpoint(tmp_path / "sae")),
-            "--labels",
-            str(labels),
-        )
+        import_with_labels(tmp_path, labels)
 
     assert not Training.objects.exists() and not Feature.objects.exists()
