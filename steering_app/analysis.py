@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from steering_app import services, worker
-from steering_app.errors import InvalidInput, WorkerUnavailable
+from steering_app.errors import InvalidInput, WorkerUnavailable, failure_reason
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import AnalysisJob, Training
 from steering_app.polling import poll_until
@@ -142,8 +142,7 @@ def execute(job: AnalysisJob) -> None:
         _end(job, Status.FAILED, error=error.message, error_field=error.field or "")
     except Exception as error:  # the job fails with the reason; the worker goes on
         logger.exception("Analysis job %s failed", job.pk)
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        _end(job, Status.FAILED, error=reason)
+        _end(job, Status.FAILED, error=failure_reason(error))
 
 
 def _compute(job: AnalysisJob) -> dict:
@@ -168,6 +167,8 @@ def sweep_stale() -> int:
     - created more than twice STEERLAB_RUN_TIMEOUT ago, whatever its state: a request awaits its job for at
       most STEERLAB_RUN_TIMEOUT and then deletes it, so the request is gone (its web process stopped).
     """
+    if not AnalysisJob.objects.exists():  # nearly always: a job lives seconds; no write for the timer then
+        return 0
     now = timezone.now()
     stalled = AnalysisJob.objects.filter(
         status=Status.RUNNING, started_at__lt=now - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)

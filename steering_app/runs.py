@@ -34,7 +34,14 @@ from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from steering_app import analysis, services, streaming, worker
-from steering_app.errors import InvalidInput, SteeringError, TooManyRuns, WorkerUnavailable
+from steering_app.errors import (
+    OOM_MESSAGE,  # noqa: F401 - the API compares a failed run's error with it
+    InvalidInput,
+    SteeringError,
+    TooManyRuns,
+    WorkerUnavailable,
+    failure_reason,
+)
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import SteeringRun, Training, Worker
 from steering_app.polling import poll_until
@@ -48,7 +55,6 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[str, dict], None]
 Status = SteeringRun.Status
 ACTIVE = (Status.QUEUED, Status.RUNNING)
-OOM_MESSAGE = "Out of memory during generation. Try reducing max_tokens or using fewer intervention layers."
 NO_WORKER = "no worker available"
 WORKER_STOPPED = "the worker stopped before finishing"
 WORKER_GONE = "the worker stopped before finishing: its process is gone"
@@ -333,10 +339,12 @@ def fail(run_id: int, reason: str, field: str = "") -> bool:
 
 
 def beat(name: str) -> None:
-    """A worker's heartbeat, written by its sweep timer whether it is busy or idle; workers silent for a day
-    are forgotten, so that restarts do not pile up rows."""
+    """A worker's heartbeat, written by its sweep timer whether it is busy or idle: one UPDATE a sweep. Its
+    first beat makes its row and forgets the workers silent for a day, so that restarts do not pile up rows."""
     now = timezone.now()
-    Worker.objects.update_or_create(name=name, defaults={"seen_at": now}, create_defaults={"started_at": now})
+    if Worker.objects.filter(name=name).update(seen_at=now):
+        return
+    Worker.objects.create(name=name, started_at=now, seen_at=now)  # only this process beats under its name
     Worker.objects.filter(seen_at__lt=now - timedelta(days=1)).delete()
 
 
@@ -449,18 +457,6 @@ async def wait(run_id: int, timeout: float, poll_ceiling: float = 0.25) -> Steer
     return await poll_until(
         lambda: SteeringRun.objects.aget(pk=run_id), lambda run: run.is_finished, timeout, 0.02, poll_ceiling
     )
-
-
-def failure_reason(error: Exception) -> str:
-    if is_out_of_memory(error):
-        return OOM_MESSAGE
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def is_out_of_memory(error: Exception) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError | MemoryError)
 
 
 def finite_json(value: object) -> object:

@@ -66,7 +66,7 @@ class LoginThrottle:
         cache.delete(self.user_key)
 
     def _keys(self) -> list[str]:
-        return [self.user_key, self.address_key]
+        return list(self._limits())
 
     def _limits(self) -> dict[str, int]:
         return {
