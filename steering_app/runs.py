@@ -29,11 +29,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Self
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from steering_app import analysis, services, streaming, worker
+from steering_app import analysis, experiment_results, services, streaming, worker
 from steering_app.errors import (
     OOM_MESSAGE,  # noqa: F401 - the API compares a failed run's error with it
     InvalidInput,
@@ -117,7 +117,8 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
 
 def _check_queue_share(owner: "User") -> None:
     cap = settings.STEERLAB_MAX_QUEUED_PER_MEMBER
-    if SteeringRun.objects.filter(owner=owner, status=Status.QUEUED).count() >= cap:
+    queued = SteeringRun.objects.filter(owner=owner, status=Status.QUEUED, experiment__isnull=True)
+    if queued.count() >= cap:  # an experiment's cells wait behind every run, so they count apart
         raise TooManyRuns(
             f"You have {cap} runs waiting in the queue, the most one member may have "
             "(STEERLAB_MAX_QUEUED_PER_MEMBER); send more once one has started.",
@@ -160,8 +161,16 @@ def claim(accepts: Callable[[SteeringRun], bool] | None = None) -> SteeringRun |
 def next_in_turn() -> SteeringRun | None:
     """The queued run that goes next by the fair-share rule: the oldest queued run of the member with the
     fewest runs in progress; among equals, the member whose latest run started longest ago (or never), then
-    the member whose oldest queued run is oldest."""
-    queued = SteeringRun.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
+    the member whose oldest queued run is oldest. Experiments' cells go only when no other run waits, shared
+    by the same rule among their owners: a comparison never waits behind an experiment's backlog."""
+    queued = SteeringRun.objects.filter(status=Status.QUEUED)
+    return _fair_pick(queued.filter(experiment__isnull=True)) or _fair_pick(
+        queued.filter(experiment__isnull=False)
+    )
+
+
+def _fair_pick(queued) -> SteeringRun | None:
+    queued = queued.order_by("created_at", "id")
     heads: dict[int, int] = {}  # member -> their oldest queued run, oldest first
     for pk, owner_id in queued.values_list("pk", "owner_id"):
         heads.setdefault(owner_id, pk)
@@ -268,16 +277,7 @@ class _Working:
         run_id = self.run.pk
         try:
             if isinstance(result, services.Outcome):
-                variants = result.all_variants()
-                _end_running(
-                    run_id,
-                    Status.COMPLETED,
-                    unsteered_output=result.unsteered_output,
-                    steered_output=result.steered_output,
-                    metrics=finite_json(result.metrics),
-                    variants=finite_json(variants),
-                    timings=finite_json(result.timings),
-                )
+                self._complete(result)
             elif isinstance(result, services.Cancelled) or _cancel_requested(run_id):
                 # Whatever stopped it (a step, the prompt read, loading the model), a run whose cancel was
                 # asked for ends cancelled, keeping who cancelled it and the text so far.
@@ -300,15 +300,34 @@ class _Working:
             self.liveness.__exit__(None, None, None)
         status, error = SteeringRun.objects.filter(pk=run_id).values_list("status", "error").get()
         self.emit(status, {"error": error})
+        if self.run.experiment_id is not None:
+            experiment_results.cell_ended(self.run.experiment_id)
+
+    def _complete(self, outcome: "services.Outcome") -> None:
+        """Store the completion, and an experiment cell's outputs in the same transaction: a cell is either
+        completed with its outputs or not at all (a resume then runs it again)."""
+        variants = finite_json(outcome.all_variants())
+        with transaction.atomic():
+            completed = _end_running(
+                self.run.pk,
+                Status.COMPLETED,
+                unsteered_output=outcome.unsteered_output,
+                steered_output=outcome.steered_output,
+                metrics=finite_json(outcome.metrics),
+                variants=variants,
+                timings=finite_json(outcome.timings),
+            )
+            if completed and self.run.experiment_id is not None:
+                experiment_results.record(self.run, finite_json(outcome.control()), variants)
 
 
 def _cancel_requested(run_id: int) -> bool:
     return SteeringRun.objects.filter(pk=run_id, cancel_requested_at__isnull=False).exists()
 
 
-def _end_running(run_id: int, status: str, **stored) -> None:
-    """Store a processed run's ending, unless it was ended meanwhile (a sweep judged it dead)."""
-    SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
+def _end_running(run_id: int, status: str, **stored) -> int:
+    """Store a processed run's ending, unless it was ended meanwhile (a sweep judged it dead); 1 when stored."""
+    return SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
         status=status, finished_at=timezone.now(), **stored
     )
 

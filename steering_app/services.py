@@ -5,6 +5,7 @@ engine's result into the values a run stores.
 """
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,12 +33,25 @@ class Outcome:
     steered_output: str
     metrics: dict
     timings: dict
-    variants: list[dict] | None = None  # [{"multiplier", "steered_output", "metrics"}]; None: just the first
+    # [{"multiplier", "steered_output", "metrics", "scores", "tokens"}]; None: just the first
+    variants: list[dict] | None = None
+    control_scores: dict | None = None  # the clean row's scores: an experiment's strength 0
+    control_tokens: int = 0
 
     def all_variants(self) -> list[dict]:
         if self.variants is not None:
             return self.variants
         return [{"multiplier": 1.0, "steered_output": self.steered_output, "metrics": self.metrics}]
+
+    def control(self) -> dict:
+        """The clean row as a variant of strength 0 (no steering, so no comparison metrics)."""
+        return {
+            "multiplier": 0.0,
+            "steered_output": self.unsteered_output,
+            "metrics": {},
+            "scores": self.control_scores,
+            "tokens": self.control_tokens,
+        }
 
 
 def variant_specs(run: SteeringRun) -> list["SteeringSpec"]:
@@ -114,12 +128,24 @@ def conclude(run: SteeringRun, generation: "Generation", comparison: "Comparison
     from steering_app import engine
     from steering_app.engine import loader
 
+    embedder = loader.get_embedder()
     result = engine.finish(
-        generation.lm, generation.sae, comparison, list(generation.request.variants), loader.get_embedder()
+        generation.lm, generation.sae, comparison, list(generation.request.variants), embedder
     )
+    started = time.perf_counter()
+    control_scores, scores = score(run, result, embedder)
+    result.timings["scores"] = time.perf_counter() - started
     variants = [
-        {"multiplier": multiplier, "steered_output": variant.text, "metrics": variant.metrics}
-        for multiplier, variant in zip(multipliers(run), result.variants)
+        {
+            "multiplier": multiplier,
+            "steered_output": variant.text,
+            "metrics": variant.metrics,
+            "scores": variant_scores,
+            "tokens": len(generated.ids),
+        }
+        for multiplier, variant, variant_scores, generated in zip(
+            multipliers(run), result.variants, scores, comparison.variants
+        )
     ]
     return Outcome(
         unsteered_output=result.unsteered_text,
@@ -127,7 +153,35 @@ def conclude(run: SteeringRun, generation: "Generation", comparison: "Comparison
         metrics=variants[0]["metrics"],
         timings=result.timings,
         variants=variants,
+        control_scores=control_scores,
+        control_tokens=len(comparison.unsteered_ids),
     )
+
+
+def score(run: SteeringRun, result, embedder) -> tuple[dict, list[dict]]:
+    """The concept, fluency, relevance and aggregate scores (engine/scores.py) of the clean row and of each
+    variant, read against the run's features: their labels and descriptions, and their max activations."""
+    from steering_app.engine.scores import Reading, score_outputs
+
+    indices = [item["feature_id"] for item in run.features]
+    rows = {row.index: row for row in Feature.objects.filter(training=run.training, index__in=indices)}
+    concept_text = "; ".join(
+        ". ".join(part for part in (rows[index].label, rows[index].description) if part)
+        for index in indices
+        if index in rows
+    )
+    max_activations = [rows[index].max_activation if index in rows else None for index in indices]
+
+    def activations(metrics: dict, side: str) -> tuple[float, ...]:
+        return tuple(item[side] for item in metrics["feature_activation"])
+
+    first = result.variants[0].metrics
+    clean = Reading(result.unsteered_text, first["perplexity_unsteered"], activations(first, "unsteered"))
+    outputs = [
+        Reading(variant.text, variant.metrics["perplexity_steered"], activations(variant.metrics, "steered"))
+        for variant in result.variants
+    ]
+    return score_outputs(embedder, run.prompt, concept_text, clean, outputs, max_activations)
 
 
 Ended = tuple[SteeringRun, Outcome | Exception]

@@ -1,4 +1,4 @@
-"""A run's events on the channel layer: who listens (the run's group), what is sent, and stream tokens.
+"""A run's (and an experiment's) events on the channel layer: who listens (the run's group), what is sent, and stream tokens.
 
 The worker publishes every event of a run to the group `steering-run-<id>`; the websocket consumer
 forwards them to the browser. A page that has just submitted a run connects only after the response,
@@ -26,6 +26,16 @@ def publish(run_id: int, event: str, payload: dict) -> None:
     """Send one run event to everyone watching the run; called from sync worker code."""
     message = {"type": "run.event", "run_id": run_id, "event": event, **payload}
     async_to_sync(get_channel_layer().group_send)(group_name(run_id), message)
+
+
+def experiment_group(experiment_id: int) -> str:
+    return f"experiment-{experiment_id}"
+
+
+def publish_experiment(experiment_id: int, payload: dict) -> None:
+    """Send an experiment's progress ({status, done, total, tokens_per_second, eta_seconds}) to its watchers."""
+    message = {"type": "experiment.progress", "experiment_id": experiment_id, **payload}
+    async_to_sync(get_channel_layer().group_send)(experiment_group(experiment_id), message)
 
 
 def stream_url(run_id: int, token: str = "") -> str:

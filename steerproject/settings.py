@@ -29,6 +29,8 @@ STEERLAB_RUN_MAX_SECONDS = env.env_int(ENV, "STEERLAB_RUN_MAX_SECONDS", default=
 # Runs one member may have waiting in the queue at once; one more is refused with 429 (fair share: runs are
 # taken round-robin across members, so a backlog delays only its own member).
 STEERLAB_MAX_QUEUED_PER_MEMBER = env.env_int(ENV, "STEERLAB_MAX_QUEUED_PER_MEMBER", default=8)
+# Outputs one experiment may ask for: conditions x prompts x seeds x strengths.
+STEERLAB_MAX_EXPERIMENT_OUTPUTS = env.env_int(ENV, "STEERLAB_MAX_EXPERIMENT_OUTPUTS", default=2000)
 # daphne serves /static/ itself unless a front proxy does (set STEERLAB_SERVE_STATIC=0 behind nginx).
 STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
 # The engine reads these from the environment (it imports nothing from Django): keep them in step.

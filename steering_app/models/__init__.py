@@ -409,6 +409,12 @@ class SteeringRun(models.Model):
     worker = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # A cell of an experiment (experiments.py): its condition and prompt there; the seed is the run's own.
+    experiment = models.ForeignKey(
+        "Experiment", on_delete=models.CASCADE, null=True, blank=True, related_name="cells"
+    )
+    cell_condition = models.PositiveIntegerField(null=True, blank=True)
+    cell_prompt = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -563,3 +569,6 @@ class AnalysisJob(models.Model):
 
     def __str__(self):
         return f"Analysis {self.pk} ({self.kind}, {self.status})"
+
+
+from steering_app.models.experiments import Experiment, ExperimentResult, PromptSet  # noqa: F401
