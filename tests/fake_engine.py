@@ -47,3 +47,45 @@ class SerialBatch:
 
 def use_engine(monkeypatch, execute) -> None:
     monkeypatch.setattr(services, "batch_for", lambda run: SerialBatch(execute))
+
+
+def fake_scores(strength: float) -> dict:
+    """Made-up scores that rise in concept and fall in fluency with the strength, as steering does."""
+    concept, fluency, relevance = min(1.0, 0.1 + 0.2 * abs(strength)), max(0.05, 1 - 0.2 * abs(strength)), 0.9
+    return {
+        "concept_sae": concept,
+        "concept_semantic": 0.0,
+        "perplexity_log_ratio": 0.0,
+        "repetition": 0.0,
+        "relevance_cosine": 0.5,
+        "concept": concept,
+        "fluency": fluency,
+        "relevance": relevance,
+        "score": 3 / (1 / concept + 1 / fluency + 1 / relevance),
+    }
+
+
+def sweep_outcome(run, on_step=None, should_stop=None) -> services.Outcome:
+    """A completed sweep run: each variant's text names its multiplier, with fake_scores."""
+    clean = f"clean {run.prompt} seed {run.seed}"
+    variants = [
+        {
+            "multiplier": multiplier,
+            "steered_output": f"x{multiplier:g} {run.prompt}",
+            "metrics": {"kl_divergence": multiplier},
+            "scores": fake_scores(multiplier),
+            "tokens": 4,
+        }
+        for multiplier in services.multipliers(run)
+    ]
+    if on_step is not None:
+        on_step(clean, variants[0]["steered_output"])
+    return services.Outcome(
+        unsteered_output=clean,
+        steered_output=variants[0]["steered_output"],
+        metrics=variants[0]["metrics"],
+        timings={},
+        variants=variants,
+        control_scores=fake_scores(0.0),
+        control_tokens=4,
+    )

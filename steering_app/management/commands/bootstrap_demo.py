@@ -1,6 +1,7 @@
 import json
 import os
 import secrets
+from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -14,14 +15,17 @@ from steering_app.engine.demo import (
     DEMO_MODEL,
     DEMO_MODEL_NAME,
 )
-from steering_app.models import Dataset, LanguageModel, Training
+from steering_app.models import Dataset, LanguageModel, PromptSet, Training
 
 DEMO_USER = "demo"
+DEFAULT_PROMPT_SET = "Everyday instructions"
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "prompts" / "everyday.txt"
 
 
 class Command(BaseCommand):
     help = (
-        "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, user demo."
+        "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, the default "
+        "prompt set, user demo."
     )
 
     def handle(self, **options):
@@ -30,6 +34,7 @@ class Command(BaseCommand):
         model = self.ensure_model()
         self.ensure_training(model)
         self.ensure_dataset()
+        self.ensure_prompt_set()
         self.ensure_user()
 
     def ensure_model(self) -> LanguageModel:
@@ -68,6 +73,20 @@ class Command(BaseCommand):
             return
         Dataset.record_tokens(dataset.pk, metadata.get("tokens"))
         Dataset.objects.filter(pk=dataset.pk, description="").update(description=DEMO_DATASET_DESCRIPTION)
+
+    def ensure_prompt_set(self) -> None:
+        """The prompt set experiments start from: everyday instructions written for SteerLab."""
+        prompts = [line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()]
+        _set, created = PromptSet.objects.get_or_create(
+            name=DEFAULT_PROMPT_SET,
+            defaults={
+                "prompts": prompts,
+                "description": "Everyday requests (cooking, travel, work, health, stories): the default set of "
+                "an experiment, written for this project.",
+            },
+        )
+        if created:
+            self.stdout.write(f"Prompt set '{DEFAULT_PROMPT_SET}' created ({len(prompts)} prompts).")
 
     def ensure_user(self) -> None:
         configured = os.environ.get("DEMO_PASSWORD")
