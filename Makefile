@@ -10,7 +10,7 @@ SECRET_FILE := $(DATA_DIR)/secret_key
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test venv migrate chromium bench lint lock
+.PHONY: serve test venv migrate chromium bench lint lock experiment-demo
 
 # Every package is pinned: requirements.lock (pyproject's dependencies with the dev extra, transitive ones
 # too) and requirements-models.lock (the weights-only model packages). `make lock` regenerates the first.
@@ -60,6 +60,13 @@ migrate: venv $(SECRET_FILE)
 serve: migrate
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(PY) manage.py bootstrap_demo
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/daphne -b $(HOST) -p $(PORT) steerproject.asgi:application
+
+# README's table of the demo's features: an experiment per feature over 16 everyday prompts (a few CPU-minutes).
+DEMO_EXPERIMENT_FEATURES ?= 1681 1083 1163 1039
+experiment-demo: migrate
+	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(PY) manage.py bootstrap_demo
+	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(PY) manage.py run_experiment --chat --prompts 16 \
+	  --max-tokens 32 --features $(DEMO_EXPERIMENT_FEATURES)
 
 # Debian's chromium for the browser tests (never `playwright install`: it downloads a browser).
 chromium:

@@ -51,9 +51,10 @@ class ExperimentRequest:
     name: str = ""
 
 
-def create(owner, request: ExperimentRequest) -> Experiment:
-    """Validate the whole request, store the experiment and its cells as queued runs, and wake the workers.
-    InvalidInput (naming the field) writes nothing; WorkerUnavailable when no worker can be told."""
+def create(owner, request: ExperimentRequest, wake: bool = True) -> Experiment:
+    """Validate the whole request, store the experiment and its cells as queued runs, and wake the workers
+    (unless the caller processes the queue itself: `manage.py run_experiment`). InvalidInput (naming the
+    field) writes nothing; WorkerUnavailable when no worker can be told."""
     training = Training.objects.get_completed(request.training_id)
     if request.model_id is not None and request.model_id != training.model_id:
         raise InvalidInput(
@@ -94,7 +95,8 @@ def create(owner, request: ExperimentRequest) -> Experiment:
             chat=bool(request.chat),
         )
         _queue_cells(experiment, experiment_results.all_cells(experiment))
-    _wake_workers(experiment)
+    if wake:
+        _wake_workers(experiment)
     return experiment
 
 
