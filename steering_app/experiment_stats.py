@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
 
 SCORE_NAMES = ("concept", "fluency", "relevance", "score")
 
 
 def bootstrap_interval(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> dict:
-    """{mean, low, high}: the mean and the 2.5th / 97.5th percentiles of the means of resamples."""
+    """{mean, low, high}: the mean and the 2.5th / 97.5th percentiles of the means of resamples (numpy's
+    linear interpolation). Vectorized: a page summarizes hundreds of groups, 1000 resamples each."""
     if not values:
         return {"mean": None, "low": None, "high": None}
-    mean = statistics.fmean(values)
-    if len(values) == 1:
+    data = np.asarray(values, dtype=np.float64)
+    mean = float(data.mean())
+    if len(data) == 1:
         return {"mean": mean, "low": mean, "high": mean}
-    rng = random.Random(seed)
-    means = [statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples)]
-    # Forty quantiles cut at 2.5 %, 5 %, ..., 97.5 %; "inclusive" interpolates as numpy's percentile does.
-    cuts = statistics.quantiles(means, n=40, method="inclusive")
-    return {"mean": mean, "low": cuts[0], "high": cuts[-1]}
+    picks = np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))
+    low, high = np.percentile(data[picks].mean(axis=1), [2.5, 97.5])
+    return {"mean": mean, "low": float(low), "high": float(high)}
 
 
 def selection_prompts(prompts: Iterable[str]) -> set[str]:
