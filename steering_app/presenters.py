@@ -1,4 +1,4 @@
-"""How a run's results look on a page: the output columns, the metric cards, the activations."""
+"""How a run's results look on a page: the output columns, the metric cards, the activations, the scores."""
 
 import math
 
@@ -45,6 +45,7 @@ def metric_cards(run: SteeringRun) -> dict | None:
         "perplexity_steered": _number(metrics.get("perplexity_steered"), "{:.2f}"),
         "similarity": _number(_percent(metrics.get("semantic_similarity")), "{:.1f}%"),
         "overlap": _number(_percent(metrics.get("word_overlap")), "{:.1f}%"),
+        "scores": score_cells((run.variants or [{}])[0].get("scores")),
         "activations": [
             {
                 "index": item.get("feature_id"),
@@ -80,73 +81,102 @@ def variant_columns(run: SteeringRun, streamed: list[str]) -> list[dict]:
     return columns
 
 
-CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 520, 180, 36
+SCORE_NAMES = ("score", "concept", "fluency", "relevance")  # the aggregate first, then its parts
+
+
+def score_cells(scores: dict | None) -> dict:
+    """An output's aggregate score and its three parts (engine/scores.py), two decimals each; a run stored
+    before scores existed has none, and shows a dash."""
+    scores = scores or {}
+    return {name: _number(scores.get(name), "{:.2f}") for name in SCORE_NAMES}
+
+
+def best_variant(multipliers: list[float], variants: list[dict]) -> int | None:
+    """The index of the variant with the highest aggregate score, the gentler |multiplier| on a tie. None when
+    no variant scored above 0: a 0 means off concept, disfluent or off prompt, which is no one's best."""
+    candidates = []
+    for index, (multiplier, variant) in enumerate(zip(multipliers, variants)):
+        score = (variant.get("scores") or {}).get("score")
+        if _finite(score) and score > 0:
+            candidates.append((-score, abs(multiplier), index))
+    return min(candidates)[2] if candidates else None
 
 
 def sweep_summary(run: SteeringRun) -> dict | None:
-    """A completed sweep's table and chart: against strength, the steered features' mean activation in each
-    variant's text (clean model reading it: does the concept come through?) and the clean model's
-    perplexity of it (is it still fluent?)."""
+    """A completed sweep's table and chart. The chart plots each variant's aggregate score and its parts
+    against strength, not perplexity: a repetitive text reads as likely to the clean model, so a low
+    perplexity would favour "Earth. Earth. Earth." over a fluent text on the concept."""
     if not run.sweep or not run.variants or run.status != SteeringRun.Status.COMPLETED:
         return None
+    best = best_variant(run.sweep, run.variants)
     rows = []
-    for multiplier, variant in zip(run.sweep, run.variants):
+    for index, (multiplier, variant) in enumerate(zip(run.sweep, run.variants)):
         metrics = variant.get("metrics") or {}
+        scores = variant.get("scores") or {}
         activation = _mean([item.get("steered") for item in metrics.get("feature_activation", [])])
         in_run = _mean([item.get("steered_in_run") for item in metrics.get("feature_activation", [])])
-        perplexity = metrics.get("perplexity_steered")
         rows.append(
             {
                 "multiplier": f"×{multiplier:g}",
+                "best": index == best,
+                "scores": score_cells(scores),
                 "activation": _number(activation, "{:.3f}"),
                 "in_run": _number(in_run, "{:.3f}"),
-                "perplexity": _number(perplexity, "{:.2f}"),
+                "perplexity": _number(metrics.get("perplexity_steered"), "{:.2f}"),
                 "kl": _number(metrics.get("kl_divergence"), "{:.4f}"),
                 "similarity": _number(_percent(metrics.get("semantic_similarity")), "{:.1f}%"),
                 "overlap": _number(_percent(metrics.get("word_overlap")), "{:.1f}%"),
-                "activation_value": activation,
-                "perplexity_value": perplexity,
+                "score_values": {name: scores.get(name) for name in SCORE_NAMES},
             }
         )
     return {"rows": rows, "chart": _chart(rows)}
 
 
-def _chart(rows: list[dict]) -> dict:
-    """SVG coordinates: the variants evenly spaced in sweep order, each series scaled to its own range."""
-    inner = CHART_WIDTH - 2 * CHART_PAD
+CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 520, 200, 36
+
+
+def _chart(rows: list[dict]) -> dict | None:
+    """SVG coordinates: the variants evenly spaced in sweep order, every score on one 0-1 scale (they are all
+    in [0, 1], so the lines compare directly). None when no variant has scores (a run stored before them)."""
+    top, bottom = CHART_PAD, CHART_HEIGHT - CHART_PAD
+    left, right = CHART_PAD, CHART_WIDTH - CHART_PAD
+    inner = right - left
     step = inner / max(1, len(rows) - 1)
-    xs = [CHART_PAD + (i * step if len(rows) > 1 else inner / 2) for i in range(len(rows))]
+    xs = [round(left + (i * step if len(rows) > 1 else inner / 2), 1) for i in range(len(rows))]
 
-    def series(key: str) -> dict:
-        values = [row[key] if _finite(row[key]) else None for row in rows]
-        known = [value for value in values if value is not None]
-        low, high = (min(known), max(known)) if known else (0.0, 1.0)
-        span = (high - low) or 1.0
+    def y(value: float) -> float:
+        return round(bottom - value * (bottom - top), 1)
+
+    series = []
+    for position, name in enumerate(SCORE_NAMES):
         points = [
-            (
-                round(x, 1),
-                round(CHART_HEIGHT - CHART_PAD - (value - low) / span * (CHART_HEIGHT - 2 * CHART_PAD), 1),
-            )
-            for x, value in zip(xs, values)
-            if value is not None
+            (x, y(row["score_values"][name]))
+            for x, row in zip(xs, rows)
+            if _finite(row["score_values"][name])
         ]
-        return {
-            "points": " ".join(f"{x},{y}" for x, y in points),
-            "dots": [{"x": x, "y": y} for x, y in points],
-            "low": _number(low, "{:.3g}"),
-            "high": _number(high, "{:.3g}"),
-        }
-
+        series.append(
+            {
+                "name": name,
+                "points": " ".join(f"{px},{py}" for px, py in points),
+                "dots": [{"x": px, "y": py} for px, py in points],
+                "radius": 4 if name == "score" else 2.5,
+                "legend_x": round(left + position * inner / len(SCORE_NAMES), 1),
+            }
+        )
+    if not any(line["dots"] for line in series):
+        return None
+    best = next(((x, row) for x, row in zip(xs, rows) if row["best"]), None)
     return {
         "width": CHART_WIDTH,
         "height": CHART_HEIGHT,
-        "top": CHART_PAD,
-        "bottom": CHART_HEIGHT - CHART_PAD,
-        "left": CHART_PAD,
-        "right": CHART_WIDTH - CHART_PAD,
-        "ticks": [{"x": round(x, 1), "label": row["multiplier"]} for x, row in zip(xs, rows)],
-        "activation": series("activation_value"),
-        "perplexity": series("perplexity_value"),
+        "top": top,
+        "bottom": bottom,
+        "left": left,
+        "right": right,
+        "grid": [{"y": y(value), "label": f"{value:g}"} for value in (0, 0.5, 1)],
+        "ticks": [{"x": x, "label": row["multiplier"]} for x, row in zip(xs, rows)],
+        "series": series,
+        "best": {"x": best[0], "y": y(best[1]["score_values"]["score"])} if best else None,
     }
 
 

@@ -225,15 +225,17 @@ def test_a_sweep_streams_every_column_then_charts_strength(page, server):
         assert page.locator(f"#{column}").inner_text().strip()
 
     chart = page.locator("#sweep-result svg")
-    expect(chart.locator("circle")).to_have_count(8)  # activation and perplexity at each of 4 strengths
-    assert len(chart.locator("polyline.series-activation").get_attribute("points").split()) == 4
+    for series in ("score", "concept", "fluency", "relevance"):  # each scored at every one of 4 strengths
+        expect(chart.locator(f"g.series-{series} circle")).to_have_count(4)
     rows = page.locator("#sweep-result tbody tr")
     expect(rows).to_have_count(4)
-    assert [rows.nth(i).locator("td").first.inner_text() for i in range(4)] == ["×0.5", "×1", "×2", "×4"]
+    strengths = [rows.nth(i).locator(".sweep-strength").inner_text() for i in range(4)]
+    assert strengths == ["×0.5", "×1", "×2", "×4"]
     for i in range(4):
-        kl, similarity = (
-            rows.nth(i).locator("td").nth(4).inner_text(),
-            rows.nth(i).locator("td").nth(5).inner_text(),
+        score, kl, similarity = (
+            rows.nth(i).locator('td[data-score="score"]').inner_text(),
+            rows.nth(i).locator("td").nth(8).inner_text(),
+            rows.nth(i).locator("td").nth(9).inner_text(),
         )
-        assert kl != "–" and float(kl) >= 0 and similarity.endswith("%")
+        assert 0 <= float(score) <= 1 and kl != "–" and float(kl) >= 0 and similarity.endswith("%")
     expect(page.locator("#run-result .metric-card")).to_have_count(0)  # the sweep's table replaces the cards
