@@ -320,10 +320,15 @@ def list_runs(
     feature_id: int | None = Query(
         None, ge=0, le=MAX_INDEX, description="Only runs that steer this feature."
     ),
+    experiment_id: int | None = Query(
+        None, ge=1, le=MAX_ID, description="The cells of this experiment (left out of the list otherwise)."
+    ),
 ):
-    """The caller's runs, newest first; `all=true`: every run the caller may read."""
+    """The caller's runs, newest first; `all=true`: every run the caller may read. An experiment's cells are
+    listed only with experiment_id: a large experiment would bury everything else."""
     visible = visible_runs(request.auth)
     queryset = visible if everyone else visible.filter(owner=request.auth)
+    queryset = queryset.filter(experiment_id=experiment_id)  # None: the runs outside experiments
     if training_id is not None:
         queryset = queryset.filter(training_id=training_id)
     if feature_id is not None:

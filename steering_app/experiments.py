@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
 MAX_CONDITIONS = 16
 MAX_SEEDS = 16
+MAX_NAME_CHARS = 200  # Experiment.name's column
 # How many "work is waiting" messages a new experiment sends: one wakes each idle worker (channel mode).
 WAKE_MESSAGES = 16
 
@@ -61,6 +62,9 @@ def create(owner, request: ExperimentRequest, wake: bool = True) -> Experiment:
             f"model_id {request.model_id} is not the model of training {training.pk} ({training.model_id}).",
             "model_id",
         )
+    name = request.name or ""
+    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+        raise InvalidInput(f"name must be text of at most {MAX_NAME_CHARS} characters.", "name")
     strengths = _strengths(request.strengths)
     steered = [strength for strength in strengths if strength != 0]
     conditions = _conditions(request, training, steered)
@@ -81,7 +85,7 @@ def create(owner, request: ExperimentRequest, wake: bool = True) -> Experiment:
         experiment = Experiment.objects.create(
             owner=owner,
             private=bool(request.private),
-            name=str(request.name or "")[:200],
+            name=name.strip(),
             training=training,
             method=settings_.method,
             intervention_layers=settings_.layers,
@@ -171,7 +175,7 @@ def _prompts(request: ExperimentRequest) -> tuple[list[str], PromptSet | None]:
         prompt_set = PromptSet.objects.filter(pk=request.prompt_set_id).first()
         if prompt_set is None:
             raise InvalidInput(f"Prompt set {request.prompt_set_id} does not exist.", "prompt_set_id")
-        prompts = prompt_set.prompts
+        return clean_prompts(prompt_set.prompts, "prompt_set_id"), prompt_set
     return clean_prompts(prompts), prompt_set
 
 

@@ -206,7 +206,7 @@ def test_it_refuses_an_empty_prompt_set(create, owner, body, engine):
     empty = PromptSet.objects.create(name="empty", prompts=[])
     body.pop("prompts")
 
-    body = assert_error(create(owner, {**body, "prompt_set_id": empty.pk}), 400, "prompts")
+    body = assert_error(create(owner, {**body, "prompt_set_id": empty.pk}), 400, "prompt_set_id")
 
     assert "empty" in body["detail"]
     assert nothing_created()

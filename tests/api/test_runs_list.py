@@ -95,3 +95,28 @@ def test_it_refuses_bad_parameters_as_400(client, owner, bearer, params, field):
 
 def test_it_answers_anonymous_requests_with_401(client, db):
     assert_error(client.get(URL), 401)
+
+
+def test_an_experiments_cells_are_listed_only_when_asked_for(client, owner, training, bearer, make_run):
+    from steering_app.models import Experiment
+
+    experiment = Experiment.objects.create(
+        owner=owner,
+        training=training,
+        method="additive",
+        intervention_layers=[2],
+        conditions=[{"features": [{"feature_id": 3, "coefficient": 1.0}]}],
+        strengths=[0, 1],
+        prompts=["Tell me about rain"],
+        seeds=[0],
+        max_new_tokens=8,
+        temperature=0.7,
+    )
+    cell = make_run(owner, experiment=experiment, cell_condition=0, cell_prompt=0, sweep=[1.0])
+    single = make_run(owner)
+
+    listed = client.get(URL, headers=bearer(owner)).json()
+    cells = client.get(URL, {"experiment_id": experiment.pk}, headers=bearer(owner)).json()
+
+    assert [run["id"] for run in listed["runs"]] == [single.pk]
+    assert [run["id"] for run in cells["runs"]] == [cell.pk]

@@ -51,8 +51,12 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
             assert row["text"] == cells[row["run_id"]].unsteered_output  # the control is the unsteered text
             assert row["scores"]["concept_semantic"] == 0.0
     concept = by_strength(rows, "scores")
-    sae = {strength: statistics.fmean(s["concept_sae"] for s in scores) for strength, scores in concept.items()}
-    fluency = {strength: statistics.fmean(values) for strength, values in by_strength(rows, "fluency").items()}
+    sae = {
+        strength: statistics.fmean(s["concept_sae"] for s in scores) for strength, scores in concept.items()
+    }
+    fluency = {
+        strength: statistics.fmean(values) for strength, values in by_strength(rows, "fluency").items()
+    }
     assert sae[4] > sae[0], sae
     assert fluency[4] < fluency[1], fluency
 
@@ -60,5 +64,7 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
     rerun = experiments.result_rows(again)
     assert [row["text"] for row in rerun] == [row["text"] for row in rows]  # same seeds, same texts
     prompts = [row["prompt"] for row in rows]
-    assert experiment_stats.selection_prompts(prompts) == experiment_stats.selection_prompts(reversed(prompts))
+    assert experiment_stats.selection_prompts(prompts) == experiment_stats.selection_prompts(
+        reversed(prompts)
+    )
     assert experiments.report(again)["best"] == report["best"]
