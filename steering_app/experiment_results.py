@@ -53,6 +53,14 @@ def record(run: SteeringRun, control: dict, variants: list[dict]) -> int:
     return len(rows)
 
 
+def cell_started(experiment_id: int) -> None:
+    """A worker claimed one of its cells: a queued experiment is running from now on (one UPDATE, the rest
+    of its life is decided by refresh())."""
+    Experiment.objects.filter(pk=experiment_id, status=Status.QUEUED).update(
+        status=Status.RUNNING, started_at=timezone.now()
+    )
+
+
 def cell_ended(experiment_id: int) -> None:
     """After a cell ended, however: bring the experiment's status up to date and send its progress."""
     experiment = Experiment.objects.filter(pk=experiment_id).first()
@@ -105,16 +113,19 @@ def done_cells(experiment: Experiment) -> int:
 
 
 def progress(experiment: Experiment) -> dict:
-    """{done, total} cells, with the generation rate (tokens per second of the experiment's wall time so far)
-    and an estimate of the seconds left; the rate and estimate are None until a cell is done."""
+    """{done, total} cells, with the generation rate (tokens per second since the experiment last started:
+    a resume starts the clock again) and an estimate of the seconds left; None until a cell is done since."""
     done, total = done_cells(experiment), experiment.total_cells
-    tokens = experiment.results.aggregate(tokens=Sum("tokens"))["tokens"] or 0
     rate = eta = None
-    if done and experiment.started_at is not None:
-        end = experiment.finished_at or timezone.now()
-        elapsed = max((end - experiment.started_at).total_seconds(), 1e-3)
-        rate = tokens / elapsed
-        eta = 0.0 if done >= total else elapsed / done * (total - done)
+    if experiment.started_at is not None:
+        recent = experiment.results.filter(run__started_at__gte=experiment.started_at)
+        tokens = recent.aggregate(tokens=Sum("tokens"))["tokens"] or 0
+        cells = recent.values("run_id").distinct().count()
+        if cells:
+            end = experiment.finished_at or timezone.now()
+            elapsed = max((end - experiment.started_at).total_seconds(), 1e-3)
+            rate = tokens / elapsed
+            eta = 0.0 if done >= total else elapsed / cells * (total - done)
     return {"done": done, "total": total, "tokens_per_second": rate, "eta_seconds": eta}
 
 

@@ -296,7 +296,11 @@ def resume(experiment: Experiment, user) -> int:
         raise Conflict(f"Experiment {experiment.pk} has every output: nothing to resume.", "experiment_id")
     with transaction.atomic():
         Experiment.objects.filter(pk=experiment.pk).update(
-            status=Experiment.Status.QUEUED, error="", cancel_requested_at=None, finished_at=None
+            status=Experiment.Status.QUEUED,
+            error="",
+            cancel_requested_at=None,
+            started_at=None,
+            finished_at=None,
         )
         _queue_cells(experiment, missing)
     experiment.refresh_from_db()

@@ -154,6 +154,8 @@ def claim(accepts: Callable[[SteeringRun], bool] | None = None) -> SteeringRun |
         )
         if taken:
             run.refresh_from_db()
+            if run.experiment_id is not None:
+                experiment_results.cell_started(run.experiment_id)
             return run
     return None  # other workers kept taking the runs chosen here; they are serving the queue
 
@@ -342,7 +344,9 @@ def cancel(run_id: int, reason: str) -> bool:
     within one step and stores it as cancelled with the text so far. False when it had already ended."""
     now = timezone.now()
     runs = SteeringRun.objects.filter(pk=run_id)
+    experiments = _experiments_of(runs)
     if runs.filter(status=Status.QUEUED).update(status=Status.CANCELLED, error=reason, finished_at=now):
+        _cells_ended(experiments)
         return True
     flagged = runs.filter(status=Status.RUNNING).update(cancel_requested_at=now, error=reason)
     local = Liveness.active.get(run_id)
@@ -417,9 +421,22 @@ def _process_alive(worker: str) -> bool:
 
 
 def _fail_all(runs, reason: str, field: str = "") -> int:
-    return runs.filter(status__in=ACTIVE).update(
-        status=Status.FAILED, error=reason, error_field=field, finished_at=timezone.now()
-    )
+    ending = runs.filter(status__in=ACTIVE)
+    experiments = _experiments_of(ending)
+    count = ending.update(status=Status.FAILED, error=reason, error_field=field, finished_at=timezone.now())
+    _cells_ended(experiments)
+    return count
+
+
+def _experiments_of(runs) -> list[int]:
+    return sorted(set(runs.filter(experiment__isnull=False).values_list("experiment_id", flat=True)))
+
+
+def _cells_ended(experiment_ids: list[int]) -> None:
+    """Cells ended outside a worker's batch (a sweep, a cancel while queued): their experiments' status
+    follows at once, as when a worker ends a cell (_Working.end)."""
+    for experiment_id in experiment_ids:
+        experiment_results.cell_ended(experiment_id)
 
 
 class Liveness:

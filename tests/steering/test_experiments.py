@@ -189,3 +189,22 @@ def test_only_the_owner_or_staff_cancel_resume_or_delete(owner, teammate, staff,
     experiments.cancel(experiment, staff)
     experiment.delete_by(owner)
     assert not Experiment.objects.exists() and not SteeringRun.objects.exists()
+
+
+def test_its_status_follows_its_cells_without_a_read(owner, training, queued_only, monkeypatch):
+    """A claim makes it running; a sweep that fails its last cells ends it, so the admin and watchers see
+    the truth without anyone refreshing it."""
+    use_engine(monkeypatch, sweep_outcome)
+    experiment = experiments.create(owner, experiment_request(training))
+    stored = Experiment.objects.filter(pk=experiment.pk)
+    assert stored.get().status == Experiment.Status.QUEUED
+
+    cell = runs.claim()
+    assert stored.get().status == Experiment.Status.RUNNING and stored.get().started_at is not None
+
+    runs.fail(cell.pk, runs.WORKER_GONE)
+    for queued in experiment.cells.filter(status=Status.QUEUED):
+        runs.fail(queued.pk, runs.NO_WORKER)
+    ended = stored.get()
+    assert ended.status == Experiment.Status.FAILED and ended.finished_at is not None
+    assert "3 of 3 cells did not complete" in ended.error
