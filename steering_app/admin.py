@@ -152,15 +152,10 @@ class CalibrationAdmin(admin.ModelAdmin):
         return False
 
 
-@admin.register(SteeringRun)
-class SteeringRunAdmin(admin.ModelAdmin):
-    """A run records what was asked and what came out: staff read and delete runs, never add or edit one
-    (with no change permission every field is read-only and a POST to the change page is refused)."""
-
-    list_display = ["id", "owner", "training", "method", "private", "status", "created_at", "finished_at"]
-    list_filter = ["status", "method", "private", "training"]
-    search_fields = ["prompt", "owner__username"]
-    list_select_related = ["owner", "training__model", "training__dataset"]
+class FinishedRecordAdmin(admin.ModelAdmin):
+    """A record of what was asked and what came out (a run, an experiment): staff read it and delete it once
+    it has ended, never add or edit one (with no change permission every field is read-only and a POST to the
+    change page is refused)."""
 
     def has_add_permission(self, request):
         return False
@@ -169,13 +164,21 @@ class SteeringRunAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None):
-        # A queued or running run is still being written by a worker: stop it first (as the API says). Admin's
-        # "delete selected" asks this of every run it would delete, so it refuses those too.
+        # A queued or running one is still being written by workers: stop it first (as the API says). Admin's
+        # "delete selected" asks this of every object it would delete, so it refuses those too.
         return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
 
 
+@admin.register(SteeringRun)
+class SteeringRunAdmin(FinishedRecordAdmin):
+    list_display = ["id", "owner", "training", "method", "private", "status", "created_at", "finished_at"]
+    list_filter = ["status", "method", "private", "training"]
+    search_fields = ["prompt", "owner__username"]
+    list_select_related = ["owner", "training__model", "training__dataset"]
+
+
 @admin.register(Experiment)
-class ExperimentAdmin(admin.ModelAdmin):
+class ExperimentAdmin(FinishedRecordAdmin):
     """Like runs: a record of what was asked and what came out. Staff read and delete experiments, never add or
     edit one (members create them; the service validates them whole)."""
 
@@ -199,16 +202,6 @@ class ExperimentAdmin(admin.ModelAdmin):
             + f"?experiment__id__exact={experiment.pk}"
         )
         return format_html('<a href="{}">{} outputs</a>', url, experiment.results.count())
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        # Its cells are still being written by workers until it ends: cancel it first (as the API says).
-        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
 
     def get_deleted_objects(self, objs, request):
         # Its results go with it, though admin deletes none of them one by one (ExperimentResultAdmin).
