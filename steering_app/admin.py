@@ -8,14 +8,17 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from steering_app import dataset_roots
+from steering_app import dataset_roots, prompt_sets
 from steering_app.errors import InvalidInput
 from steering_app.models import (
     ApiToken,
     Calibration,
     Dataset,
+    Experiment,
+    ExperimentResult,
     Feature,
     LanguageModel,
+    PromptSet,
     SteeringRun,
     Training,
 )
@@ -169,6 +172,105 @@ class SteeringRunAdmin(admin.ModelAdmin):
         # A queued or running run is still being written by a worker: stop it first (as the API says). Admin's
         # "delete selected" asks this of every run it would delete, so it refuses those too.
         return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
+
+
+@admin.register(Experiment)
+class ExperimentAdmin(admin.ModelAdmin):
+    """Like runs: a record of what was asked and what came out. Staff read and delete experiments, never add or
+    edit one (members create them; the service validates them whole)."""
+
+    list_display = ["id", "name", "owner", "training", "status", "outputs", "private", "created_at"]
+    list_filter = ["status", "private", "training"]
+    search_fields = ["name", "owner__username"]
+    list_select_related = ["owner", "training__model", "training__dataset"]
+    readonly_fields = ["results_link"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_outputs=Count("results"))
+
+    @admin.display(description="outputs", ordering="_outputs")
+    def outputs(self, experiment):
+        return f"{experiment._outputs} / {experiment.total_outputs}"
+
+    @admin.display(description="results")
+    def results_link(self, experiment):
+        url = (
+            reverse("admin:steering_app_experimentresult_changelist")
+            + f"?experiment__id__exact={experiment.pk}"
+        )
+        return format_html('<a href="{}">{} outputs</a>', url, experiment.results.count())
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # Its cells are still being written by workers until it ends: cancel it first (as the API says).
+        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
+
+    def get_deleted_objects(self, objs, request):
+        # Its results go with it, though admin deletes none of them one by one (ExperimentResultAdmin).
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        perms_needed.discard(ExperimentResult._meta.verbose_name)
+        return deleted, counts, perms_needed, protected
+
+
+@admin.register(ExperimentResult)
+class ExperimentResultAdmin(admin.ModelAdmin):
+    """Read only, and not deleted one by one: a cell's outputs are stored together, and a cell missing some
+    would never be run again by a resume."""
+
+    list_display = [
+        "experiment",
+        "condition",
+        "prompt_index",
+        "seed",
+        "strength",
+        "score",
+        "concept",
+        "fluency",
+    ]
+    list_filter = ["experiment"]
+    search_fields = ["text"]
+    list_select_related = ["experiment"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class PromptSetForm(forms.ModelForm):
+    class Meta:
+        model = PromptSet
+        fields = "__all__"
+
+    def clean_prompts(self):
+        try:
+            return prompt_sets.checked_prompts(self.cleaned_data["prompts"])
+        except InvalidInput as error:
+            raise ValidationError(error.message) from None
+
+
+@admin.register(PromptSet)
+class PromptSetAdmin(admin.ModelAdmin):
+    """Editing a set changes no experiment: each keeps a copy of the prompts it ran."""
+
+    form = PromptSetForm
+    list_display = ["name", "owner", "prompt_count", "created_at"]
+    search_fields = ["name", "description"]
+    readonly_fields = ["created_at"]
+    list_select_related = ["owner"]
+
+    @admin.display(description="prompts")
+    def prompt_count(self, prompt_set):
+        return len(prompt_set.prompts)
 
 
 @admin.register(ApiToken)

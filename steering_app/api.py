@@ -1,24 +1,35 @@
-"""JSON API of the steering app: trainings, features, models, steering runs. Mounted at /api/."""
+"""JSON API of the steering app: trainings, features, models, steering runs, experiments, prompt sets.
+Mounted at /api/."""
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.http import HttpResponse
 from ninja import Path, Query, Router, Status
-from ninja.errors import HttpError
+from ninja.errors import HttpError, ValidationError
+from pydantic import ValidationError as PydanticValidationError
 
-from steering_app import analysis, runs
+from steering_app import analysis, experiment_results, experiments, exports, prompt_sets, runs
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
-from steering_app.models import Feature, LanguageModel, SteeringRun, Training
+from steering_app.models import Experiment, Feature, LanguageModel, PromptSet, SteeringRun, Training
 from steering_app.schemas import (
     NO_NUL,
     ActiveFeaturesIn,
     ActiveFeaturesOut,
     CompletedTrainingPage,
+    ExperimentAccepted,
+    ExperimentIn,
+    ExperimentOut,
+    ExperimentPage,
+    ExperimentResumed,
     FeaturePage,
     GenerateAccepted,
     GenerateIn,
     GenerateOut,
     ModelOut,
+    PromptSetIn,
+    PromptSetOut,
+    PromptSetPage,
     RunOut,
     RunPage,
     RunPatch,
@@ -26,12 +37,14 @@ from steering_app.schemas import (
     error_responses,
 )
 from steering_app.steering_settings import SteeringSettings
+from steerproject.safejson import SafeJSONParser
 
 router = Router(tags=["steering"])
 
 Id = Path(..., ge=1, le=MAX_ID)
 Limit = Query(100, ge=1, le=MAX_PAGE)
 Offset = Query(0, ge=0, le=MAX_ID)
+JSONL = "application/jsonl"
 
 
 def page(queryset, limit: int, offset: int) -> tuple[list, int]:
@@ -331,3 +344,245 @@ def cancel_run(request, run_id: int = Id):
     runs.cancel(run.pk, f"cancelled by {request.auth.get_username()}")
     run.refresh_from_db()
     return run_out(run)
+
+
+def visible_experiments(user):
+    return Experiment.objects.visible_to(user).select_related("owner", "training")
+
+
+def get_visible_experiment(user, experiment_id: int) -> Experiment:
+    """As for runs: another member's private experiment is a 404, like an unknown one."""
+    experiment = visible_experiments(user).filter(pk=experiment_id).first()
+    if experiment is None:
+        raise NotFound(f"Experiment {experiment_id} does not exist.", "experiment_id")
+    return experiment
+
+
+def experiment_fields(experiment: Experiment) -> dict:
+    """What was asked and when it ran; read after the status was refreshed."""
+    return {
+        "id": experiment.pk,
+        "name": experiment.name,
+        "owner": experiment.owner.get_username(),
+        "private": experiment.private,
+        "training_id": experiment.training_id,
+        "model_id": experiment.training.model_id,
+        "method": experiment.method,
+        "intervention_layers": experiment.intervention_layers,
+        "conditions": experiment.conditions,
+        "strengths": experiment.strengths,
+        "prompt_set_id": experiment.prompt_set_id,
+        "prompt_count": len(experiment.prompts),
+        "seeds": experiment.seeds,
+        "max_tokens": experiment.max_new_tokens,
+        "temperature": experiment.temperature,
+        "chat": experiment.chat,
+        "created_at": experiment.created_at,
+        "started_at": experiment.started_at,
+        "finished_at": experiment.finished_at,
+    }
+
+
+def experiment_item(experiment: Experiment) -> dict:
+    experiment_results.refresh(experiment)
+    return {
+        **experiment_fields(experiment),
+        "status": experiment.status,
+        "error": experiment.error,
+        "progress": experiment_results.progress(experiment),
+    }
+
+
+def experiment_out(experiment: Experiment) -> dict:
+    report = experiments.report(experiment)  # first: it refreshes the status and times
+    return {**experiment_fields(experiment), "prompts": experiment.prompts, **report}
+
+
+@router.post("/experiments", response={202: ExperimentAccepted, **error_responses(404, 409, 503)})
+def create_experiment(request, payload: ExperimentIn):
+    """Run every condition over every prompt, seed and strength: one sweep run per (condition, prompt, seed),
+    queued behind interactive runs. Validated whole first: a 400 naming the field stores nothing.
+    Poll GET /api/experiments/{id}."""
+    experiment = experiments.create(request.auth, experiments.ExperimentRequest(**payload.model_dump()))
+    return Status(202, {"id": experiment.pk})
+
+
+@router.get("/experiments", response={200: ExperimentPage, **error_responses()})
+def list_experiments(request, limit: int = Query(20, ge=1, le=MAX_PAGE), offset: int = Offset):
+    """Every experiment the caller may read (the lab's shared ones and their own), newest first."""
+    found, total = page(visible_experiments(request.auth), limit, offset)
+    return {
+        "experiments": [experiment_item(experiment) for experiment in found],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.get("/experiments/{experiment_id}", response={200: ExperimentOut, **error_responses(404)})
+def get_experiment(request, experiment_id: int = Id):
+    """Its settings, status and progress, the mean scores per condition and strength with 95% bootstrap
+    intervals, and each condition's best strength (chosen on half of the prompts, scored on the other)."""
+    return experiment_out(get_visible_experiment(request.auth, experiment_id))
+
+
+@router.post(
+    "/experiments/{experiment_id}/cancel", response={200: ExperimentOut, **error_responses(403, 404, 409)}
+)
+def cancel_experiment(request, experiment_id: int = Id):
+    """Stop a queued or running experiment (its owner or staff); the outputs stored so far stay."""
+    experiment = get_visible_experiment(request.auth, experiment_id)
+    experiments.cancel(experiment, request.auth)
+    return experiment_out(experiment)
+
+
+@router.post(
+    "/experiments/{experiment_id}/resume",
+    response={202: ExperimentResumed, **error_responses(403, 404, 409, 503)},
+)
+def resume_experiment(request, experiment_id: int = Id):
+    """Queue again the cells of a finished experiment that have no outputs (failed or cancelled ones)."""
+    experiment = get_visible_experiment(request.auth, experiment_id)
+    cells = experiments.resume(experiment, request.auth)
+    return Status(202, {"id": experiment.pk, "cells": cells})
+
+
+@router.delete("/experiments/{experiment_id}", response={204: None, **error_responses(403, 404, 409)})
+def delete_experiment(request, experiment_id: int = Id):
+    """Delete a finished experiment with its runs and outputs (owner or staff); cancel a running one first."""
+    get_visible_experiment(request.auth, experiment_id).delete_by(request.auth)
+    return Status(204, None)
+
+
+def download(media_type: str) -> dict:
+    """openapi_extra of a route that answers a file rather than JSON."""
+    return {
+        "responses": {
+            200: {"description": "A file download.", "content": {media_type: {"schema": {"type": "string"}}}}
+        }
+    }
+
+
+def attachment(content: str, media_type: str, filename: str) -> HttpResponse:
+    response = HttpResponse(content, content_type=f"{media_type}; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@router.get(
+    "/experiments/{experiment_id}/results.csv",
+    response={200: None, **error_responses(404)},
+    openapi_extra=download("text/csv"),
+)
+def export_results_csv(request, experiment_id: int = Id):
+    """One row per stored output with its scores. A text cell starting with = + - @, a tab or a carriage
+    return gets a leading ' so that a spreadsheet does not run it as a formula."""
+    experiment = get_visible_experiment(request.auth, experiment_id)
+    return attachment(exports.csv_text(experiment), "text/csv", exports.filename(experiment, "csv"))
+
+
+@router.get(
+    "/experiments/{experiment_id}/results.jsonl",
+    response={200: None, **error_responses(404)},
+    openapi_extra=download(JSONL),
+)
+def export_results_jsonl(request, experiment_id: int = Id):
+    """One JSON object per line and stored output, with the CSV's columns and unchanged values."""
+    experiment = get_visible_experiment(request.auth, experiment_id)
+    return attachment(exports.jsonl_text(experiment), JSONL, exports.filename(experiment, "jsonl"))
+
+
+def prompt_set_out(prompt_set: PromptSet) -> dict:
+    return {
+        "id": prompt_set.pk,
+        "name": prompt_set.name,
+        "description": prompt_set.description,
+        "count": len(prompt_set.prompts),
+        "owner": prompt_set.owner.get_username() if prompt_set.owner_id else None,
+        "created_at": prompt_set.created_at,
+    }
+
+
+@router.get("/prompt-sets", response={200: PromptSetPage, **error_responses()})
+def list_prompt_sets(request, limit: int = Limit, offset: int = Offset):
+    """Every prompt set, by name: any member may run an experiment over any of them."""
+    found, total = page(PromptSet.objects.select_related("owner"), limit, offset)
+    return {
+        "prompt_sets": [prompt_set_out(prompt_set) for prompt_set in found],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.post(
+    "/prompt-sets",
+    response={201: PromptSetOut, **error_responses()},
+    description=f"A named set of up to {prompt_sets.MAX_PROMPTS} distinct prompts. As JSON: "
+    '{name, description?, prompts: [...]} or {name, description?, text: "one prompt per line"}. As a multipart '
+    "upload: the fields `name` and `description`, and `file`: a .txt (one prompt per line) or a .jsonl (each "
+    'line a JSON string or an object with a "prompt" string), UTF-8. A duplicate name, a bad line, or an empty, '
+    "repeated or too long prompt is a 400 naming the field.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "The prompts as a JSON body (`prompts`, or pasted `text`), or a multipart upload.",
+            "content": {
+                "application/json": {"schema": PromptSetIn.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "description": {"type": "string"},
+                            "file": {"type": "string", "format": "binary"},
+                        },
+                        "required": ["name", "file"],
+                    }
+                },
+            },
+        }
+    },
+)
+def create_prompt_set(request):
+    if request.content_type == "multipart/form-data":
+        prompt_set = prompt_set_from_upload(request)
+    else:
+        prompt_set = prompt_set_from_json(request)
+    return Status(201, prompt_set_out(prompt_set))
+
+
+def prompt_set_from_json(request) -> PromptSet:
+    try:
+        document = SafeJSONParser().parse_body(request)
+    except ValueError as error:  # answered as ninja answers a body its parser refuses (on_http_error)
+        raise HttpError(400, "Cannot parse request body") from error
+    try:
+        payload = PromptSetIn.model_validate(document)
+    except PydanticValidationError as error:
+        # The location ninja gives a body's errors, so they leave in the API's one shape.
+        raise ValidationError(
+            [{**item, "loc": ("body", "payload", *item["loc"])} for item in error.errors(include_url=False)]
+        ) from error
+    if payload.prompts is not None and payload.text is not None:
+        raise InvalidInput("Give prompts or text, not both.", "prompts")
+    if payload.text is not None:
+        prompts, field = prompt_sets.prompts_from_text(payload.text), "text"
+    else:
+        prompts, field = payload.prompts, "prompts"
+    return prompt_sets.create_prompt_set(request.auth, payload.name, payload.description, prompts, field)
+
+
+def prompt_set_from_upload(request) -> PromptSet:
+    # Refuse an oversized body before Django reads it to a temporary file.
+    multipart_overhead = 64 * 1024
+    if int(request.META.get("CONTENT_LENGTH") or 0) > prompt_sets.MAX_UPLOAD_BYTES + multipart_overhead:
+        raise InvalidInput(
+            f"The file is larger than {prompt_sets.MAX_UPLOAD_BYTES // 1024 // 1024} MB.", "file"
+        )
+    upload = request.FILES.get("file")
+    if upload is None:
+        raise InvalidInput("Send the prompts as the multipart field `file` (.txt or .jsonl).", "file")
+    prompts = prompt_sets.prompts_from_file(upload.name, upload.read(), "file")
+    name, description = request.POST.get("name", ""), request.POST.get("description", "")
+    return prompt_sets.create_prompt_set(request.auth, name, description, prompts, "file")

@@ -5,8 +5,9 @@ from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from ninja import Field, Schema
-from pydantic import ConfigDict
+from pydantic import ConfigDict, ValidationError, field_validator
 
+from steering_app.experiments import DEFAULT_STRENGTHS, MAX_CONDITIONS, MAX_SEEDS, ExperimentRequest
 from steering_app.limits import (
     MAX_ABS_COEFFICIENT_HARD,
     MAX_FEATURES,
@@ -19,6 +20,7 @@ from steering_app.limits import (
     MAX_TEMPERATURE,
     MAX_VARIANTS,
 )
+from steering_app.models import Experiment
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_SWEEP, DEFAULT_TEMPERATURE
 
 
@@ -281,3 +283,165 @@ class RunPatch(Schema):
     model_config = STRICT
 
     private: bool = Field(description="true: only the owner and staff read it; false: every lab member.")
+
+
+# Experiments: a generate body's fields and bounds; the limits experiments.create checks (how many conditions,
+# strengths, prompts and seeds, each strength against the training's coefficient limit) are its alone, so the
+# API and the form refuse the same experiments.
+class ConditionIn(Schema):
+    model_config = STRICT
+
+    features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
+
+
+class ExperimentIn(Schema):
+    model_config = STRICT
+
+    training_id: int = Field(ge=1, le=MAX_ID)
+    model_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="When given, must be the training's model."
+    )
+    name: str = Field("", max_length=Experiment._meta.get_field("name").max_length, pattern=NO_NUL)
+    method: Literal["additive", "multiplicative"] = "additive"
+    intervention_layers: list[Annotated[int, Field(ge=0, le=MAX_INDEX)]] = Field(
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="Decoder blocks to steer, each below the model's layer count.",
+    )
+    conditions: list[ConditionIn] = Field(
+        description=f"1 to {MAX_CONDITIONS} conditions, each a set of features steered together."
+    )
+    strengths: list[float] | None = Field(
+        None,
+        description="Multipliers of every condition's coefficients; 0 is the unsteered control "
+        f"(default {list(DEFAULT_STRENGTHS)}). Distinct, at least one nonzero; the nonzero ones are one run's "
+        f"sweep: {SWEEP_LIMITS}",
+    )
+    prompt_set_id: int | None = Field(None, ge=1, le=MAX_ID, description="A prompt set; or give `prompts`.")
+    prompts: list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)]] | None = Field(
+        None, description="Distinct, non-empty prompts; or give `prompt_set_id`."
+    )
+    seeds: int | list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        1, description=f"How many seeds each prompt runs with (1 to {MAX_SEEDS}: seeds 0..n-1), or the seeds."
+    )
+    max_tokens: int = Field(ExperimentRequest.max_tokens, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    temperature: float = Field(
+        ExperimentRequest.temperature, ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding."
+    )
+    chat: bool = Field(False, description="Wrap each prompt in the model's chat template.")
+    private: bool = Field(
+        False, description="Readable only by you and staff; by default every lab member can read it."
+    )
+
+    @field_validator("seeds", mode="wrap")
+    @classmethod
+    def seeds_as_one_error(cls, value, validate):
+        # A union's errors are located per member ("seeds.int", "seeds.list[constrained-int].0"): name the field.
+        try:
+            return validate(value)
+        except ValidationError as error:
+            raise ValueError(f"must be a whole number or a list of seeds from 0 to {MAX_SEED}") from error
+
+
+class ExperimentAccepted(Schema):
+    id: int
+
+
+class ExperimentResumed(Schema):
+    id: int
+    cells: int = Field(description="The cells queued again: those with no stored outputs.")
+
+
+class ProgressOut(Schema):
+    done: int = Field(description="Cells (one run per condition, prompt and seed) whose outputs are stored.")
+    total: int
+    tokens_per_second: float | None = Field(
+        description="Over the experiment's time so far; null before a cell."
+    )
+    eta_seconds: float | None
+
+
+class IntervalOut(Schema):
+    """A mean with its 95% bootstrap interval."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+
+
+class StrengthSummaryOut(Schema):
+    condition: int = Field(description="Its position in `conditions`, from 0.")
+    strength: float
+    n: int = Field(description="Outputs averaged.")
+    concept: IntervalOut
+    fluency: IntervalOut
+    relevance: IntervalOut
+    score: IntervalOut
+
+
+class BestStrengthOut(Schema):
+    condition: int
+    strength: float = Field(description="The best mean score on the selection half of the prompts.")
+    score: IntervalOut = Field(description="Its score on the other, held-out half.")
+    n: int
+
+
+class ExperimentItemOut(Schema):
+    id: int
+    name: str
+    owner: str
+    private: bool
+    training_id: int
+    model_id: int
+    method: str
+    intervention_layers: list[int]
+    conditions: list[ConditionIn]
+    strengths: list[float]
+    prompt_set_id: int | None
+    prompt_count: int
+    seeds: list[int]
+    max_tokens: int
+    temperature: float
+    chat: bool
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    error: str
+    progress: ProgressOut
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExperimentOut(ExperimentItemOut):
+    prompts: list[str] = Field(description="The prompts as run (a copy of the set's when it was created).")
+    summary: list[StrengthSummaryOut] = Field(description="Per condition and strength, in that order.")
+    best: list[BestStrengthOut] = Field(
+        description="Each condition's best strength, best held-out score first."
+    )
+
+
+class ExperimentPage(Page):
+    experiments: list[ExperimentItemOut]
+
+
+class PromptSetIn(Schema):
+    """A JSON body of POST /api/prompt-sets; the limits are prompt_sets.create_prompt_set's."""
+
+    model_config = STRICT
+
+    name: str
+    description: str = ""
+    prompts: list[str] | None = Field(None, description="The prompts; or give `text`.")
+    text: str | None = Field(None, description="Pasted prompts, one per line (blank lines are skipped).")
+
+
+class PromptSetOut(Schema):
+    id: int
+    name: str
+    description: str
+    count: int = Field(description="How many prompts it holds.")
+    owner: str | None = Field(description="Null for the shipped sets.")
+    created_at: datetime
+
+
+class PromptSetPage(Page):
+    prompt_sets: list[PromptSetOut]
