@@ -5,11 +5,10 @@ Only types are checked here; ranges, ownership of features and layer rules are S
 job, so the panel, presets and the JSON API reject the same requests with the same messages.
 """
 
-import json
-
 from django import forms
 
-from steering_app.errors import SteeringError
+from steering_app import prompt_sets
+from steering_app.errors import InvalidInput, SteeringError
 from steering_app.experiments import ExperimentRequest
 from steering_app.form_integers import storable_int
 from steering_app.limits import MAX_ID, MAX_INDEX
@@ -198,7 +197,6 @@ EXPERIMENT_ERROR_FIELDS = {
     "temperature": "temperature",
     "chat": "chat",
 }
-MAX_PROMPTS_FILE_BYTES = 1024 * 1024
 
 
 class ExperimentForm(forms.Form):
@@ -251,22 +249,28 @@ class ExperimentForm(forms.Form):
             return []
 
     def _prompts(self, cleaned: dict) -> list[str] | None:
-        """The pasted or uploaded prompts, which replace the set; None to run the set's."""
-        pasted = [line for line in (cleaned.get("prompts") or "").splitlines() if line.strip()]
+        """The pasted or uploaded prompts, which replace the set; None to run the set's. Read and checked as
+        the prompt sets' API reads them (prompt_sets.py)."""
+        prompts = prompt_sets.prompts_from_text(cleaned.get("prompts") or "")
         upload = cleaned.get("prompts_file")
-        if pasted and upload:
+        if prompts and upload:
             self.add_error("prompts_file", "Paste prompts or upload a file, not both.")
             return None
-        if upload:
-            self.prompt_source = "prompts_file"
-            return _parsed(self, "prompts_file", prompts_from_upload, upload)
-        if pasted:
-            self.prompt_source = "prompts"
-            return pasted
-        self.prompt_source = "prompt_set"
-        if cleaned.get("prompt_set") is None and "prompt_set" not in self.errors:
-            self.add_error("prompt_set", "Choose a prompt set, paste prompts or upload a file.")
-        return None
+        if not (prompts or upload):
+            self.prompt_source = "prompt_set"
+            if cleaned.get("prompt_set") is None and "prompt_set" not in self.errors:
+                self.add_error("prompt_set", "Choose a prompt set, paste prompts or upload a file.")
+            return None
+        self.prompt_source = "prompts_file" if upload else "prompts"
+        try:
+            if upload:
+                # One byte past the limit is enough for prompts_from_file to refuse a larger file.
+                data = upload.read(prompt_sets.MAX_UPLOAD_BYTES + 1)
+                prompts = prompt_sets.prompts_from_file(upload.name, data, self.prompt_source)
+            return prompt_sets.checked_prompts(prompts, self.prompt_source)
+        except InvalidInput as error:
+            self.add_error(self.prompt_source, error.message)
+            return None
 
     def conditions(self) -> list[dict]:
         features = self.cleaned_data["features"]
@@ -300,28 +304,3 @@ class ExperimentForm(forms.Form):
         else:
             field = EXPERIMENT_ERROR_FIELDS.get(error.field)
         self.add_error(field, error.message)
-
-
-def prompts_from_upload(upload) -> list[str]:
-    """An uploaded .jsonl (one JSON string, or object with a "prompt", per line) or text file (one prompt per
-    line) as its prompts."""
-    if upload.size > MAX_PROMPTS_FILE_BYTES:
-        raise forms.ValidationError(f"The file is larger than {MAX_PROMPTS_FILE_BYTES // 1024} KiB.")
-    try:
-        text = upload.read().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise forms.ValidationError("The file is not UTF-8 text.") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not upload.name.lower().endswith(".jsonl"):
-        return lines
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise forms.ValidationError(f"Line {number} is not JSON.") from None
-        prompt = item.get("prompt") if isinstance(item, dict) else item
-        if not isinstance(prompt, str):
-            raise forms.ValidationError(f'Line {number} is neither a string nor an object with a "prompt".')
-        prompts.append(prompt)
-    return prompts

@@ -216,7 +216,12 @@ def test_an_uploaded_file_gives_the_prompts(client, owner, training, engine, nam
         (
             {"prompts": "", "prompts_file": SimpleUploadedFile("p.jsonl", b"{not json\n")},
             "prompts_file",
-            "Line 1 is not JSON",
+            "Line 1 is not valid JSON",
+        ),
+        (
+            {"prompts": "", "prompts_file": SimpleUploadedFile("p.csv", b"Plan a picnic\n")},
+            "prompts_file",
+            "Upload a .txt file",
         ),
         (
             {"prompts_file": SimpleUploadedFile("p.txt", b"Plan a picnic\n")},
