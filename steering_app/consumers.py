@@ -1,4 +1,5 @@
-"""ws/steering/runs/<id>/: the websocket that streams one run to its readers."""
+"""The websockets of the pages: ws/steering/runs/<id>/ streams one run to its readers, and
+ws/steering/experiments/<id>/ an experiment's progress to its readers."""
 
 import asyncio
 import logging
@@ -8,9 +9,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
-from steering_app.models import SteeringRun
+from steering_app import experiment_results
+from steering_app.experiment_views import DETAIL_TEMPLATE, progress_context
+from steering_app.models import Experiment, SteeringRun
 from steering_app.presenters import output_id, result_context
-from steering_app.streaming import ACCESS_CHANGED, group_name, read_stream_token
+from steering_app.streaming import ACCESS_CHANGED, experiment_group, group_name, read_stream_token
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +21,9 @@ RESULT_TEMPLATE = "steering/_result.html"
 # How often an open page checks the database for an end the event stream did not bring (the worker's
 # sweep failed the run, or its terminal event was lost): the page must never show "Generating..." forever.
 WATCH_SECONDS = 3.0
+# An experiment's progress event (streaming.publish_experiment), and the statuses that end its page's watch.
+PROGRESS_FIELDS = ("status", "done", "total", "tokens_per_second", "eta_seconds")
+FINAL_STATUSES = (Experiment.Status.COMPLETED, Experiment.Status.FAILED, Experiment.Status.CANCELLED)
 
 
 @database_sync_to_async
@@ -159,4 +165,90 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         for task in self.tasks:
             if task is not current:
                 task.cancel()
+        await self.close(code=code)
+
+
+@database_sync_to_async
+def readable_experiment(user, experiment_id: int) -> Experiment | None:
+    """The experiment with its status brought up to date (its cells say), or None when user may not read it
+    (or it was deleted)."""
+    experiment = Experiment.objects.visible_to(user).filter(pk=experiment_id).first()
+    return experiment_results.refresh(experiment) if experiment is not None else None
+
+
+@database_sync_to_async
+def stored_progress(experiment: Experiment) -> dict:
+    return {"status": experiment.status, **experiment_results.progress(experiment)}
+
+
+class ExperimentProgressConsumer(AsyncWebsocketConsumer):
+    """ws/steering/experiments/<id>/: an experiment's progress bar, live, for those who may read it
+    (Experiment.objects.visible_to); anyone else is refused with 4404, as a page's 404.
+
+    Each "experiment.progress" event of the group (a cell ended) replaces #experiment-progress out of band.
+    Once the experiment has ended, the page is sent an element that loads its results in place of the live
+    part, and the socket closes. The database is read every WATCH_SECONDS too, so a lost event (or a cell
+    that a sweep failed without one) still moves the bar and ends the page.
+    """
+
+    async def connect(self):
+        self.experiment_id = self.scope["url_route"]["kwargs"]["experiment_id"]
+        self.finished = False
+        self.sent: dict = {}
+        self.watcher: asyncio.Task | None = None
+        if await readable_experiment(self.scope["user"], self.experiment_id) is None:
+            await self.close(code=4404)
+            return
+        await self.channel_layer.group_add(experiment_group(self.experiment_id), self.channel_name)
+        await self.accept()
+        # It may have ended between the page's render and this connect: the event that said so is gone.
+        await self.check()
+        if not self.finished:
+            self.watcher = asyncio.create_task(self.watch())
+
+    async def disconnect(self, code):
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.cancel()
+        if hasattr(self, "experiment_id"):
+            await self.channel_layer.group_discard(experiment_group(self.experiment_id), self.channel_name)
+
+    async def watch(self):
+        while not self.finished:
+            await asyncio.sleep(WATCH_SECONDS)
+            await self.check()
+
+    async def check(self):
+        """Read the experiment as the database has it: progress, its end, or the reader's lost access."""
+        experiment = await readable_experiment(self.scope["user"], self.experiment_id)
+        if experiment is None:
+            await self.stop(code=4404)
+        else:
+            await self.show(await stored_progress(experiment))
+
+    async def experiment_progress(self, message):
+        await self.show({name: message.get(name) for name in PROGRESS_FIELDS})
+
+    async def show(self, progress: dict):
+        if self.finished or progress == self.sent:
+            return
+        self.sent = progress
+        if progress["status"] in FINAL_STATUSES:
+            # Only a reader gets the results: the experiment may have been deleted meanwhile.
+            if await readable_experiment(self.scope["user"], self.experiment_id) is None:
+                await self.stop(code=4404)
+                return
+            html = render_to_string(f"{DETAIL_TEMPLATE}#load-results", {"experiment_id": self.experiment_id})
+            await self.send(text_data=html)
+            await self.stop()
+            return
+        html = render_to_string(
+            f"{DETAIL_TEMPLATE}#progress", {"progress": progress_context(progress), "oob": True}
+        )
+        await self.send(text_data=html)
+
+    async def stop(self, code: int | None = None):
+        self.finished = True
+        await self.channel_layer.group_discard(experiment_group(self.experiment_id), self.channel_name)
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
         await self.close(code=code)

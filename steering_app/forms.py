@@ -1,4 +1,5 @@
-"""The steering panel's form: parses the browser's fields into SteeringSettings and a RunRequest.
+"""The pages' forms: the steering panel's (the browser's fields into SteeringSettings and a RunRequest), the run
+history's filters, and the new-experiment page's (an ExperimentRequest).
 
 Only types are checked here; ranges, ownership of features and layer rules are SteeringSettings.validate's
 job, so the panel, presets and the JSON API reject the same requests with the same messages.
@@ -6,10 +7,12 @@ job, so the panel, presets and the JSON API reject the same requests with the sa
 
 from django import forms
 
-from steering_app.errors import SteeringError
+from steering_app import prompt_sets
+from steering_app.errors import InvalidInput, SteeringError
+from steering_app.experiments import ExperimentRequest
 from steering_app.form_integers import storable_int
 from steering_app.limits import MAX_ID, MAX_INDEX
-from steering_app.models import SteeringRun, SteeringRunQuerySet
+from steering_app.models import PromptSet, SteeringRun, SteeringRunQuerySet
 from steering_app.runs import RunRequest
 from steering_app.steering_settings import SteeringSettings
 
@@ -30,6 +33,40 @@ ERROR_FIELDS = {
 }
 
 
+def parse_integers(raw: list[str]) -> list[int]:
+    """Repeated whole-number inputs (layers); ValidationError when one is not."""
+    try:
+        return [storable_int(value, MAX_INDEX) for value in raw]
+    except ValueError:
+        raise forms.ValidationError("Every value must be a whole number.") from None
+
+
+def parse_features(data) -> list[dict]:
+    """The repeated feature_id / coefficient inputs of a feature list as [{feature_id, coefficient}]."""
+    indices = data.getlist("feature_id")
+    coefficients = data.getlist("coefficient")
+    if len(indices) != len(coefficients):
+        raise forms.ValidationError("Each feature needs exactly one coefficient.")
+    try:
+        return [
+            {"feature_id": storable_int(index, MAX_INDEX), "coefficient": float(coefficient)}
+            for index, coefficient in zip(indices, coefficients, strict=True)
+        ]
+    except ValueError:
+        raise forms.ValidationError(
+            f"Feature ids must be whole numbers up to {MAX_INDEX} and coefficients numbers."
+        ) from None
+
+
+def _parsed(form: forms.Form, field: str, parse, raw):
+    """parse(raw), or [] with the message as the field's error."""
+    try:
+        return parse(raw)
+    except forms.ValidationError as error:
+        form.add_error(field, error)
+        return []
+
+
 class SteeringForm(forms.Form):
     training = forms.IntegerField(label="Training Job", min_value=1, max_value=MAX_ID)
     prompt = forms.CharField(label="Prompt", required=False, strip=False, widget=forms.Textarea)
@@ -47,8 +84,8 @@ class SteeringForm(forms.Form):
 
     def clean(self):
         cleaned = super().clean()
-        cleaned["layers"] = self._integers("layers", self.data.getlist("layers"))
-        cleaned["features"] = self._features()
+        cleaned["layers"] = _parsed(self, "layers", parse_integers, self.data.getlist("layers"))
+        cleaned["features"] = _parsed(self, "features", parse_features, self.data)
         cleaned["sweep"] = self._sweep(cleaned.get("sweep") or "")
         return cleaned
 
@@ -60,30 +97,6 @@ class SteeringForm(forms.Form):
         except ValueError:
             self.add_error("sweep", "Sweep multipliers must be numbers separated by commas.")
             return None
-
-    def _integers(self, field: str, raw: list[str]) -> list[int]:
-        try:
-            return [storable_int(value, MAX_INDEX) for value in raw]
-        except ValueError:
-            self.add_error(field, "Every value must be a whole number.")
-            return []
-
-    def _features(self) -> list[dict]:
-        indices = self.data.getlist("feature_id")
-        coefficients = self.data.getlist("coefficient")
-        if len(indices) != len(coefficients):
-            self.add_error("features", "Each feature needs exactly one coefficient.")
-            return []
-        try:
-            return [
-                {"feature_id": storable_int(index, MAX_INDEX), "coefficient": float(coefficient)}
-                for index, coefficient in zip(indices, coefficients, strict=True)
-            ]
-        except ValueError:
-            self.add_error(
-                "features", f"Feature ids must be whole numbers up to {MAX_INDEX} and coefficients numbers."
-            )
-            return []
 
     def steering_settings(self) -> SteeringSettings:
         data = self.cleaned_data
@@ -121,7 +134,8 @@ class SteeringForm(forms.Form):
 
 
 class RunFilterForm(forms.Form):
-    """The run history's filters (a GET form): whose runs, which training, which steered feature.
+    """The run history's filters (a GET form): whose runs, which training, which steered feature, and which
+    experiment's cells (listed only there).
 
     A value it cannot use is shown as the field's error and that filter is left out.
     """
@@ -133,6 +147,7 @@ class RunFilterForm(forms.Form):
     )
     training = forms.IntegerField(label="Training", min_value=1, max_value=MAX_ID, required=False)
     feature = forms.CharField(label="Feature", max_length=20, required=False)
+    experiment = forms.IntegerField(label="Experiment", min_value=1, max_value=MAX_ID, required=False)
 
     def __init__(self, data, user):
         super().__init__(data)
@@ -154,9 +169,11 @@ class RunFilterForm(forms.Form):
         return chosen or (self.EVERYONE if self.user.is_staff else self.MINE)
 
     def filter(self, runs: SteeringRunQuerySet) -> SteeringRunQuerySet:
-        """`runs` (already those the user may read) narrowed by the valid filters."""
+        """`runs` (already those the user may read) narrowed by the valid filters. An experiment's cells are
+        listed only under their experiment: hundreds of them would bury the comparisons."""
         self.is_valid()
         data = self.cleaned_data
+        runs = runs.filter(experiment_id=data.get("experiment"))
         if self.scope_value == self.MINE:
             runs = runs.filter(owner=self.user)
         if data.get("training"):
@@ -164,3 +181,126 @@ class RunFilterForm(forms.Form):
         if data.get("feature") is not None:
             runs = runs.steering_feature(data["feature"])
         return runs
+
+
+# ExperimentRequest's field (as InvalidInput names it) -> the experiment form's field that shows the message
+EXPERIMENT_ERROR_FIELDS = {
+    "training_id": "training",
+    "model_id": "training",
+    "conditions": "features",
+    "intervention_layers": "layers",
+    "method": "method",
+    "strengths": "strengths",
+    "prompt_set_id": "prompt_set",
+    "seeds": "seeds",
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "chat": "chat",
+}
+
+
+class ExperimentForm(forms.Form):
+    """The new-experiment page: the panel's features, layers and method (carried as hidden inputs), how they
+    form conditions, the prompts (a set, pasted lines or a .txt / .jsonl file) and the sweep's settings.
+
+    As SteeringForm, only types are checked here; experiments.create checks everything else."""
+
+    EACH, TOGETHER = "each", "together"
+    # Where the prompts came from (clean() says): the field that shows an error about them.
+    prompt_source = "prompts"
+
+    training = forms.IntegerField(label="Training", min_value=1, max_value=MAX_ID, widget=forms.HiddenInput)
+    method = forms.ChoiceField(label="Method", choices=SteeringRun.Method.choices, widget=forms.HiddenInput)
+    # Repeated hidden inputs, as the panel names them; parsed in clean() from the raw lists.
+    layers = forms.Field(label="Intervention layers", required=False)
+    features = forms.Field(label="Features", required=False)
+    grouping = forms.ChoiceField(
+        label="Conditions",
+        choices=[(EACH, "One condition per feature"), (TOGETHER, "All features together as one condition")],
+        initial=EACH,
+        widget=forms.RadioSelect,
+    )
+    prompt_set = forms.ModelChoiceField(
+        label="Prompt set", queryset=PromptSet.objects.all(), required=False, empty_label="(none)"
+    )
+    prompts = forms.CharField(label="Pasted prompts", required=False, widget=forms.Textarea)
+    prompts_file = forms.FileField(label="Prompts file", required=False)
+    strengths = forms.CharField(label="Strengths", initial="0, 0.5, 1, 2, 4")
+    seeds = forms.IntegerField(label="Seeds per prompt", initial=1, max_value=MAX_INDEX)
+    max_tokens = forms.IntegerField(label="Max tokens", initial=48, max_value=MAX_INDEX)
+    temperature = forms.FloatField(label="Temperature")
+    chat = forms.BooleanField(label="Chat template", required=False)
+    private = forms.BooleanField(label="Private", required=False)
+    name = forms.CharField(label="Name", max_length=200, required=False)
+
+    def clean(self):
+        cleaned = super().clean()
+        cleaned["layers"] = _parsed(self, "layers", parse_integers, self.data.getlist("layers"))
+        cleaned["features"] = _parsed(self, "features", parse_features, self.data)
+        cleaned["strengths"] = self._strengths(cleaned.get("strengths") or "")
+        cleaned["prompt_list"] = self._prompts(cleaned)
+        return cleaned
+
+    def _strengths(self, raw: str) -> list[float]:
+        try:
+            return [float(item) for item in raw.replace(",", " ").split()]
+        except ValueError:
+            self.add_error("strengths", "Strengths must be numbers separated by commas, like 0, 0.5, 1, 2.")
+            return []
+
+    def _prompts(self, cleaned: dict) -> list[str] | None:
+        """The pasted or uploaded prompts, which replace the set; None to run the set's. Read and checked as
+        the prompt sets' API reads them (prompt_sets.py)."""
+        prompts = prompt_sets.prompts_from_text(cleaned.get("prompts") or "")
+        upload = cleaned.get("prompts_file")
+        if prompts and upload:
+            self.add_error("prompts_file", "Paste prompts or upload a file, not both.")
+            return None
+        if not (prompts or upload):
+            self.prompt_source = "prompt_set"
+            if cleaned.get("prompt_set") is None and "prompt_set" not in self.errors:
+                self.add_error("prompt_set", "Choose a prompt set, paste prompts or upload a file.")
+            return None
+        self.prompt_source = "prompts_file" if upload else "prompts"
+        try:
+            if upload:
+                # One byte past the limit is enough for prompts_from_file to refuse a larger file.
+                data = upload.read(prompt_sets.MAX_UPLOAD_BYTES + 1)
+                prompts = prompt_sets.prompts_from_file(upload.name, data, self.prompt_source)
+            return prompt_sets.checked_prompts(prompts, self.prompt_source)
+        except InvalidInput as error:
+            self.add_error(self.prompt_source, error.message)
+            return None
+
+    def conditions(self) -> list[dict]:
+        features = self.cleaned_data["features"]
+        if self.cleaned_data["grouping"] == self.TOGETHER:
+            return [{"features": features}]
+        return [{"features": [feature]} for feature in features]
+
+    def experiment_request(self):
+        data = self.cleaned_data
+        prompts = data["prompt_list"]
+        return ExperimentRequest(
+            training_id=data["training"],
+            conditions=self.conditions(),
+            intervention_layers=data["layers"],
+            method=data["method"],
+            strengths=data["strengths"],
+            prompt_set_id=data["prompt_set"].pk if prompts is None else None,
+            prompts=prompts,
+            seeds=data["seeds"],
+            max_tokens=data["max_tokens"],
+            temperature=data["temperature"],
+            chat=data["chat"],
+            private=data["private"],
+            name=data["name"],
+        )
+
+    def add_steering_error(self, error: SteeringError) -> None:
+        """Beside the input the domain error names: a prompt's fault beside where the prompts came from."""
+        if error.field in ("prompts", "prompt"):
+            field = self.prompt_source
+        else:
+            field = EXPERIMENT_ERROR_FIELDS.get(error.field)
+        self.add_error(field, error.message)

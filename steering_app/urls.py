@@ -1,6 +1,6 @@
 from django.urls import path
 
-from steering_app import views
+from steering_app import experiment_views, views
 
 urlpatterns = [
     path("", views.panel_page, name="steering-panel"),
@@ -22,4 +22,16 @@ urlpatterns = [
     path("runs/<int:pk>/cancel/", views.cancel_run, name="steering-run-cancel"),
     path("runs/<int:pk>/visibility/", views.run_visibility, name="steering-run-visibility"),
     path("runs/<int:pk>/delete/", views.delete_run, name="steering-run-delete"),
+    path("experiments/", experiment_views.experiment_list, name="steering-experiments"),
+    path("experiments/new/", experiment_views.new_experiment, name="steering-experiment-new"),
+    path("experiments/<int:pk>/", experiment_views.experiment_detail, name="steering-experiment"),
+    path(
+        "experiments/<int:pk>/cancel/", experiment_views.cancel_experiment, name="steering-experiment-cancel"
+    ),
+    path(
+        "experiments/<int:pk>/resume/", experiment_views.resume_experiment, name="steering-experiment-resume"
+    ),
+    path(
+        "experiments/<int:pk>/delete/", experiment_views.delete_experiment, name="steering-experiment-delete"
+    ),
 ]
