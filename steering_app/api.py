@@ -27,12 +27,12 @@ from steering_app.schemas import (
     GenerateIn,
     GenerateOut,
     ModelOut,
+    PrivacyPatch,
     PromptSetIn,
     PromptSetOut,
     PromptSetPage,
     RunOut,
     RunPage,
-    RunPatch,
     TrainingOut,
     error_responses,
 )
@@ -294,7 +294,7 @@ def get_run(request, run_id: int = Id):
 
 
 @router.patch("/steering/runs/{run_id}", response={200: RunOut, **error_responses(403, 404)})
-def update_run(request, payload: RunPatch, run_id: int = Id):
+def update_run(request, payload: PrivacyPatch, run_id: int = Id):
     """Make a run private (only its owner and staff read it) or share it with the lab; owner or staff only."""
     run = get_visible_run(request.auth, run_id)
     run.set_private(request.auth, payload.private)
@@ -450,6 +450,15 @@ def resume_experiment(request, experiment_id: int = Id):
     experiment = get_visible_experiment(request.auth, experiment_id)
     cells = experiments.resume(experiment, request.auth)
     return Status(202, {"id": experiment.pk, "cells": cells})
+
+
+@router.patch("/experiments/{experiment_id}", response={200: ExperimentOut, **error_responses(403, 404)})
+def update_experiment(request, payload: PrivacyPatch, experiment_id: int = Id):
+    """Make an experiment private (it and every cell: only its owner and staff read them) or share it with the
+    lab; owner or staff only."""
+    experiment = get_visible_experiment(request.auth, experiment_id)
+    experiment.set_private(request.auth, payload.private)
+    return experiment_out(experiment)
 
 
 @router.delete("/experiments/{experiment_id}", response={204: None, **error_responses(403, 404, 409)})

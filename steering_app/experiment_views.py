@@ -28,8 +28,6 @@ EXPERIMENTS_PER_PAGE = 20
 # What the panel's "Evaluate over prompts" carries over (the panel's own field names, as panel.apply_query
 # reads them); anything else in the query, such as the panel form's CSRF token, is dropped from the URL.
 CARRIED_FIELDS = ("training", "method", "layers", "feature_id", "coefficient", "temperature", "chat")
-# The set bootstrap_demo creates (its DEFAULT_PROMPT_SET), named here: importing that command imports torch.
-DEFAULT_PROMPT_SET = "Everyday instructions"
 
 
 @login_required
@@ -66,7 +64,7 @@ def new_experiment(request):
 
 
 def _initial(state: panel.PanelState) -> dict:
-    default_set = PromptSet.objects.filter(name=DEFAULT_PROMPT_SET).first()
+    default_set = PromptSet.objects.filter(name=PromptSet.DEFAULT_NAME).first()
     return {
         "training": state.training.pk if state.training else None,
         "method": state.method,

@@ -218,10 +218,28 @@ class MetricsOut(Schema):
     feature_activation: list[FeatureActivationOut] = Field(default_factory=list)
 
 
+class ScoresOut(Schema):
+    """An output's scores in [0, 1] and the raw measures behind them (README: Reading the scores)."""
+
+    concept: float
+    fluency: float
+    relevance: float
+    score: float = Field(description="The harmonic mean of concept, fluency and relevance.")
+    concept_sae: float | None = Field(None, description="None when a feature's max activation is unknown.")
+    concept_semantic: float
+    perplexity_log_ratio: float
+    repetition: float
+    relevance_cosine: float
+
+
 class VariantOut(Schema):
     multiplier: float | None = Field(None, description="The sweep multiplier; 1 without a sweep.")
     steered_output: str
     metrics: MetricsOut | None = Field(None, description="None while the run has not completed.")
+    scores: ScoresOut | None = Field(
+        None, description="None until the run has completed (and for older runs)."
+    )
+    tokens: int | None = Field(None, description="Tokens this variant generated.")
 
 
 class GenerateOut(Schema):
@@ -277,8 +295,8 @@ class RunPage(Page):
     runs: list[RunOut]
 
 
-class RunPatch(Schema):
-    """What the owner (or staff) may change on a stored run: only who can read it."""
+class PrivacyPatch(Schema):
+    """What the owner (or staff) may change on a stored run or experiment: only who can read it."""
 
     model_config = STRICT
 

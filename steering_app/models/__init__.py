@@ -451,6 +451,13 @@ class SteeringRun(models.Model):
     def set_private(self, user, private: bool) -> None:
         """Keep the run to its owner and staff, or share it with the lab again (owner or staff only)."""
         self._check_can_change(user, "change who can read it")
+        if (
+            self.experiment_id is not None
+        ):  # one prompt of a private experiment must not leak through its cell
+            raise Conflict(
+                f"Run {self.pk} is a cell of experiment {self.experiment_id}: who reads it follows the experiment.",
+                "run_id",
+            )
         # One column: a worker may be writing the run's outputs meanwhile.
         SteeringRun.objects.filter(pk=self.pk).update(private=private)
         self.private = private

@@ -15,7 +15,9 @@ from steering_app.models import SteeringRun, Training
 
 
 class PromptSet(models.Model):
-    """Named prompts an experiment runs over; the shipped default has no owner."""
+    """Named prompts an experiment runs over; the shipped default (bootstrap_demo) has no owner."""
+
+    DEFAULT_NAME = "Everyday instructions"  # the set a new experiment starts from
 
     name = models.CharField(max_length=200, unique=True)
     description = models.TextField(blank=True)
@@ -99,6 +101,13 @@ class Experiment(models.Model):
     def check_can_change(self, user, action: str) -> None:
         if not self.can_change(user):
             raise Forbidden(f"Only the experiment's owner or staff can {action}.", "experiment_id")
+
+    def set_private(self, user, private: bool) -> None:
+        """Keep it (and every cell, each a run with its prompt and text) to its owner and staff, or share it."""
+        self.check_can_change(user, "change who can read it")
+        Experiment.objects.filter(pk=self.pk).update(private=private)
+        SteeringRun.objects.filter(experiment=self).update(private=private)
+        self.private = private
 
     def delete_by(self, user) -> None:
         """Delete a finished experiment with its cells and results (owner or staff only)."""

@@ -379,3 +379,33 @@ def test_the_jsonl_holds_the_same_rows_with_values_unchanged(
     steered = next(row for row in rows if row["strength"] == 2 and row["condition"] == 1)
     assert steered["features"] == "7:1.0;12:-0.5" and steered["kl_divergence"] == 2.0
     assert steered["score"] == pytest.approx(fake_scores(2.0)["score"])
+
+
+def test_privacy_is_the_experiments_and_its_cells_follow(
+    client, create, owner, teammate, bearer, body, engine
+):
+    experiment_id = create(owner, body).json()["id"]
+    base = f"{URL}/{experiment_id}"
+    cell = SteeringRun.objects.filter(experiment_id=experiment_id).first()
+
+    assert_error(
+        client.patch(base, {"private": True}, content_type="application/json", headers=bearer(teammate)),
+        403,
+        "experiment_id",
+    )
+    made_private = client.patch(
+        base, {"private": True}, content_type="application/json", headers=bearer(owner)
+    )
+
+    assert made_private.status_code == 200 and made_private.json()["private"] is True
+    assert not SteeringRun.objects.filter(experiment_id=experiment_id, private=False).exists()
+    assert client.get(base, headers=bearer(teammate)).status_code == 404
+    assert client.get(f"/api/steering/runs/{cell.pk}", headers=bearer(teammate)).status_code == 404
+    shared_cell = client.patch(
+        f"/api/steering/runs/{cell.pk}",
+        {"private": False},
+        content_type="application/json",
+        headers=bearer(owner),
+    )
+    assert_error(shared_cell, 409, "run_id")  # a cell alone cannot leak one prompt of a private experiment
+    assert SteeringRun.objects.get(pk=cell.pk).private is True

@@ -472,3 +472,20 @@ def test_it_stores_a_sweep_with_the_run(client, owner, bearer, generate_body, fa
     assert run.sweep == [0.5, 4.0]
     detail = client.get(f"/api/steering/runs/{run.pk}", headers=bearer(owner)).json()
     assert detail["settings"]["sweep"] == [0.5, 4.0]
+
+
+def test_each_variant_answers_its_scores_and_tokens(client, owner, bearer, generate_body, monkeypatch):
+    from tests.fake_engine import fake_scores, sweep_outcome
+
+    use_engine(monkeypatch, sweep_outcome)
+    generate_body["sweep"] = [0.5, 4]
+
+    body = post(client, generate_body, bearer(owner)).json()
+
+    assert [variant["scores"]["score"] for variant in body["variants"]] == [
+        pytest.approx(fake_scores(0.5)["score"]),
+        pytest.approx(fake_scores(4)["score"]),
+    ]
+    assert (
+        body["variants"][1]["scores"]["concept"] == pytest.approx(0.9) and body["variants"][1]["tokens"] == 4
+    )

@@ -18,7 +18,6 @@ from steering_app.engine.demo import (
 from steering_app.models import Dataset, LanguageModel, PromptSet, Training
 
 DEMO_USER = "demo"
-DEFAULT_PROMPT_SET = "Everyday instructions"
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "prompts" / "everyday.txt"
 
 
@@ -78,7 +77,7 @@ class Command(BaseCommand):
         """The prompt set experiments start from: everyday instructions written for SteerLab."""
         prompts = [line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()]
         _set, created = PromptSet.objects.get_or_create(
-            name=DEFAULT_PROMPT_SET,
+            name=PromptSet.DEFAULT_NAME,
             defaults={
                 "prompts": prompts,
                 "description": "Everyday requests (cooking, travel, work, health, stories): the default set of "
@@ -86,7 +85,7 @@ class Command(BaseCommand):
             },
         )
         if created:
-            self.stdout.write(f"Prompt set '{DEFAULT_PROMPT_SET}' created ({len(prompts)} prompts).")
+            self.stdout.write(f"Prompt set '{PromptSet.DEFAULT_NAME}' created ({len(prompts)} prompts).")
 
     def ensure_user(self) -> None:
         configured = os.environ.get("DEMO_PASSWORD")

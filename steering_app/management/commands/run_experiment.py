@@ -13,7 +13,7 @@ from steering_app import experiment_results, experiment_stats, experiments, runs
 from steering_app.engine.demo import DEMO_LAYER, DEMO_MODEL_NAME
 from steering_app.errors import SteeringError
 from steering_app.experiments import ExperimentRequest
-from steering_app.management.commands.bootstrap_demo import DEFAULT_PROMPT_SET, DEMO_USER
+from steering_app.management.commands.bootstrap_demo import DEMO_USER
 from steering_app.models import Experiment, Feature, PromptSet, Training
 
 
@@ -41,9 +41,11 @@ class Command(BaseCommand):
 
     def handle(self, **options):
         training = self.training(options["training"])
-        prompt_set = PromptSet.objects.filter(name=DEFAULT_PROMPT_SET).first()
+        prompt_set = PromptSet.objects.filter(name=PromptSet.DEFAULT_NAME).first()
         if prompt_set is None:
-            raise CommandError(f"No prompt set '{DEFAULT_PROMPT_SET}': run `manage.py bootstrap_demo` first.")
+            raise CommandError(
+                f"No prompt set '{PromptSet.DEFAULT_NAME}': run `manage.py bootstrap_demo` first."
+            )
         owner = get_user_model().objects.filter(username=options["owner"]).first()
         if owner is None:
             raise CommandError(f"No user {options['owner']!r}.")
