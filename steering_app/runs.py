@@ -205,23 +205,22 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
     (a sweep judged it dead) keeps that ending. A cancelled run keeps the text streamed until it stopped.
     """
     count = 0
-    batch: services.EngineBatch | None = None
+    batches = _Batches()
     working: dict[int, _Working] = {}
     while True:
         # A prompt a web request awaits is read between two steps: one short forward, before more runs join.
         analysis.process_waiting()
-        while (run := claim(batch.accepts if batch is not None and batch.active else None)) is not None:
+        while (run := claim(batches.accepts)) is not None:
             count += 1
             item = _Working(run, emit_for(run.pk) if emit_for else None)
             try:
-                if batch is None or not batch.active:
-                    batch = services.batch_for(run)
-                if not batch.admit(run, item.on_step, item.liveness.should_stop):
+                if not batches.open_for(run).admit(run, item.on_step, item.liveness.should_stop):
                     raise RuntimeError("the batch had too few free rows")
                 working[run.pk] = item
             except Exception as error:  # noqa: BLE001 - the run fails with the reason; the batch goes on
                 item.end(error)
-        if batch is None or not batch.active:
+        batch = batches.to_step()
+        if batch is None:
             return count
         try:
             ended = batch.step()
@@ -231,6 +230,48 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
             continue
         for run, result in ended:
             working.pop(run.pk).end(result)
+
+
+class _Batches:
+    """A worker's two batches: interactive runs in one, experiments' cells in the other (the engine's wide batch,
+    where it has one: services.batch_for). The interactive batch is stepped alone while it holds runs, and no
+    cell joins meanwhile: a comparison never shares its steps with an experiment's rows or waits out their
+    metrics; the cells go on once it ends."""
+
+    def __init__(self):
+        self.interactive: services.EngineBatch | None = None
+        self.cells: services.EngineBatch | None = None
+
+    @staticmethod
+    def _active(batch) -> bool:
+        return batch is not None and batch.active
+
+    def accepts(self, run: SteeringRun) -> bool:
+        """Whether the run in turn may join now: into its kind's open batch when it fits, or a new one."""
+        if run.experiment_id is None:
+            batch = self.interactive
+        elif self._active(self.interactive):
+            return False  # the cell waits for the interactive runs to end
+        else:
+            batch = self.cells
+        return not self._active(batch) or batch.accepts(run)
+
+    def open_for(self, run: SteeringRun) -> "services.EngineBatch":
+        """The open batch of the run's kind, or a new one for its model."""
+        if run.experiment_id is None:
+            if not self._active(self.interactive):
+                self.interactive = services.batch_for(run)
+            return self.interactive
+        if not self._active(self.cells):
+            self.cells = services.batch_for(run)
+        return self.cells
+
+    def to_step(self) -> "services.EngineBatch | None":
+        """The batch to advance: the interactive one while it holds runs, else the cells'; None when both are idle."""
+        for batch in (self.interactive, self.cells):
+            if self._active(batch):
+                return batch
+        return None
 
 
 def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:

@@ -197,12 +197,15 @@ class EngineBatch:
 
     def __init__(self, run: SteeringRun):
         from steering_app.engine import loader
-        from steering_app.engine.scheduler import scheduler_for
+        from steering_app.engine.scheduler import scheduler_for, wide_scheduler
 
         self.model_id = run.training.model_id
         self.lm = loader.load_model(run.training.model.source)
+        # An experiment's cells share the engine's wide batch (more rows where free rows cost nothing); other
+        # runs the model's shared one. A run gives the same numbers in either (engine/scheduler.py).
+        shared = run.experiment_id is None
         with self.lm.lock:
-            self.scheduler = scheduler_for(self.lm)
+            self.scheduler = scheduler_for(self.lm) if shared else wide_scheduler(self.lm)
         self.runs: dict[int, SteeringRun] = {}  # id(generation) -> its run
 
     @property
