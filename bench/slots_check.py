@@ -3,11 +3,13 @@
 - batch invariance: a request alone, then beside 3 other runs admitted before and during it, gives
   bit-identical tokens and logits;
 - a 2-row run's prefill, scheduler steps (host work included) and bare batch steps at several slot shapes;
+- on a CPU, the model's wide batch (scheduler.wide_scheduler: wide where its steps compute only the occupied
+  rows) and what one step costs at 2, 4, ... occupied rows, each with fresh 2-row runs (a short context);
 - graph == eager for the same request.
 
-It reads the random-weight SmolLM2-shaped model that ../shared/gpu/on_gpu.py writes to /tmp/smol. On a lent
-GPU: copy it into .gpu/ and run it after on_gpu.py (python3 .gpu/slots_check.py); here:
-DEV=cpu .venv/bin/python bench/slots_check.py after building /tmp/smol the same way.
+It reads the random-weight SmolLM2-shaped model that ../shared/gpu/on_gpu.py writes to /tmp/smol, or MODEL
+(MODEL=smollm2-demo: the real one). On a lent GPU: copy it into .gpu/ and run it after on_gpu.py
+(python3 .gpu/slots_check.py); here: DEV=cpu MODEL=smollm2-demo .venv/bin/python bench/slots_check.py.
 """
 
 import os
@@ -26,10 +28,10 @@ import steering_bench as B
 from steering_app.engine import SteeringSpec
 from steering_app.engine.generate import Generation, prepare
 from steering_app.engine.loader import load_model
-from steering_app.engine.scheduler import Scheduler
+from steering_app.engine.scheduler import Scheduler, wide_scheduler
 
 device = os.environ.get("DEV", "cuda")
-lm = load_model("/tmp/smol", device=device)
+lm = load_model(os.environ.get("MODEL", "/tmp/smol"), device=device)
 with tempfile.TemporaryDirectory() as d:
     sae, feature = B.build_sae(lm, Path(d))
 spec = SteeringSpec("multiplicative", ((feature, 2.0),), (B.LAYER,))
@@ -121,9 +123,31 @@ with lm.lock:
     )
     timed(scheduler, f"{rows} rows x {scheduler.batch.length}")
 
-for shape in ((16, 1024), (64, 1024)):
+
+def step_by_occupied_rows(scheduler) -> str:
+    """Scheduler steps at 2, 4, ... occupied rows, each count with fresh 2-row runs (contexts of a few tokens)."""
+    costs = []
+    for count in range(2, scheduler.batch.rows + 1, 2):
+        for g in list(scheduler.active):
+            scheduler._leave(g)
+        for seed in range(count // 2):
+            assert scheduler.admit(generation(B.PROMPT, [spec], seed, 200))
+        costs.append(f"{count}: {seconds_per_step(scheduler.step, repeats=10) * 1e3:.1f}")
+    for g in list(scheduler.active):
+        scheduler._leave(g)
+    return ", ".join(costs)
+
+
+for shape in ((16, 1024), (64, 1024)) if device == "cuda" else ((12, 512), (16, 512), (24, 512)):
     with lm.lock:
         timed(Scheduler(lm, *shape), f"{shape[0]} rows x {shape[1]}")
+if device == "cpu":
+    with lm.lock:
+        wide = wide_scheduler(lm)
+        print(
+            f"wide batch: {wide.batch.rows} rows x {wide.batch.length}, occupied only: "
+            f"{wide.batch.occupied_only}; ms per step by occupied rows: {step_by_occupied_rows(wide)}"
+        )
 with lm.lock:
     scheduler = Scheduler(lm, rows, 1024 if device == "cuda" else 512)
     scheduler.batch.graphs = None  # eager

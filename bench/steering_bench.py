@@ -10,12 +10,24 @@ one feature at layer 10 ("Amplify", coefficient 2), temperature 0.7, warm caches
 - C2, C4: 2 and 4 comparisons (different seeds) submitted together to one slot batch, as a worker runs them
   (continuous batching, metrics as each ends): the wall time until the last finishes.
 - HFs (CUDA only): `model.generate(cache_implementation="static")`, transformers' best plain practice.
+- EX: an experiment: 8 everyday prompts, the same feature and coefficient, strengths x0.5, x1, x2, x4, so
+  8 sweep cells of 5 rows submitted together to the model's wide batch (scheduler.wide_scheduler) as a
+  worker runs them (admitted as rows free up, metrics as each ends): the wall time until the last ends.
+  SEQ: the same 8 sweeps one after another (run_comparison). EX's texts must equal SEQ's.
+- FAIR: O's comparison submitted after a few steps of the experiment, ahead of its waiting cells, as a
+  worker gives interactive runs priority: into the shared batch, which is stepped alone while it holds runs
+  (the cells wait), from its submission to its end, metrics included. FAIRs: the same, admitted instead
+  into the cells' batch at the first step where enough rows are free (it shares their steps and waits out
+  the metrics of cells ending meanwhile). The experiment is cancelled once it ends.
 
 All run interleaved in one process (the order rotates each round); each reports the median of --runs
-timed runs after one untimed warm-up. Prints a table, the CPU and the matmul forms the batch chose, and,
-last, `O/F=<ratio> S/O=<ratio> SW/O=<ratio> C2/O=<ratio> C4/O=<ratio>` (and `O/HFs=` on CUDA).
+timed runs (EX, SEQ, FAIR and FAIRs: of --experiment-runs, in the first rounds) after one untimed warm-up
+(not for these four: the others run the same code before them, and the wide batch is built before timing).
+Prints a table, the CPU and the matmul forms the batch chose, and, last, `O/F=<ratio> S/O=<ratio>
+SW/O=<ratio> C2/O=<ratio> C4/O=<ratio> EX/SEQ=<ratio> FAIR/O=<ratio>` (and `O/HFs=` on CUDA).
 
-    .venv/bin/python bench/steering_bench.py [--runs 7] [--device cpu|cuda] [--model SOURCE]
+    .venv/bin/python bench/steering_bench.py [--runs 7] [--experiment-runs 3] [--device cpu|cuda]
+        [--model SOURCE]
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from steering_app.engine.loader import (
     load_sae_cached,
 )
 from steering_app.engine.sae import save_sae
-from steering_app.engine.scheduler import scheduler_for
+from steering_app.engine.scheduler import scheduler_for, wide_scheduler
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 64
@@ -54,6 +66,17 @@ TEMPERATURE = 0.7
 COEFFICIENT = 2.0  # the specification UI's "Amplify" preset
 D_SAE = 8 * 576  # a usual 8x expansion
 SWEEP = (0.5, 1.0, 2.0, 4.0)
+EXPERIMENT_PROMPTS = (
+    "The best way to spend a Sunday morning is",
+    "For dinner tonight I am going to cook",
+    "On my way to work I usually",
+    "The last book I read was about",
+    "A good cup of coffee needs",
+    "This summer we would like to visit",
+    "The easiest way to keep a houseplant alive is",
+    "After a long day at work I like to",
+)
+FAIR_AFTER_STEPS = 4  # experiment steps before the comparison is submitted
 
 
 def build_sae(lm, directory: Path):
@@ -130,6 +153,65 @@ def run_concurrent(lm, sae, spec, embedder, seeds) -> list:
                     raise ended.error
                 results.append(finish(lm, sae, ended.comparison, spec, embedder))
     return results
+
+
+def generation(lm, sae, prompt: str, specs, seed: int, should_stop=None) -> Generation:
+    request = prepare(
+        lm, sae, prompt, specs, TEMPERATURE, NEW_TOKENS, seed, sae_layer=LAYER, min_new_tokens=NEW_TOKENS
+    )
+    return Generation(lm, sae, request, should_stop=should_stop)
+
+
+def run_experiment(lm, sae, sweep, embedder, seed, interactive=None, same_batch=False):
+    """The experiment's cells (one sweep per prompt) submitted together to the model's wide batch
+    (scheduler.wide_scheduler), admitted as rows free up, metrics as each ends: their results in prompt order,
+    and None.
+
+    With `interactive` (a prompt and its specs), that comparison is submitted after FAIR_AFTER_STEPS steps and
+    goes ahead of the waiting cells, as a worker gives interactive runs priority: into the model's shared
+    batch, stepped alone while it runs (the cells wait), or, with same_batch, into the cells' batch at the
+    first step where enough rows are free (no cell is admitted while it waits). The cells are cancelled once
+    it ends; the second value is its time from submission to its end, metrics included."""
+    cancelled = []
+    cells = [
+        generation(lm, sae, prompt, sweep, seed + index, should_stop=lambda: bool(cancelled))
+        for index, prompt in enumerate(EXPERIMENT_PROMPTS)
+    ]
+    results: dict[int, object] = {}
+    waiting = list(cells)
+    pending = urgent = submitted = fair = None
+    if interactive is not None:
+        pending = generation(lm, sae, *interactive, seed)
+    steps = 0
+    with lm.lock:
+        wide = wide_scheduler(lm)
+        priority = wide if same_batch or interactive is None else scheduler_for(lm)
+        while waiting or wide.active or priority.active or pending is not None or urgent is not None:
+            if pending is not None and steps >= FAIR_AFTER_STEPS:
+                urgent, pending, submitted = pending, None, time.perf_counter()
+            if urgent is not None and priority.admit(urgent):
+                urgent = None
+            stepping = priority if priority.active else wide
+            if stepping is wide:
+                while urgent is None and waiting and wide.admit(waiting[0]):
+                    waiting.pop(0)
+            for ended in stepping.step():
+                if ended.generation in cells:
+                    if not cancelled:  # a cell cancelled after the comparison ended ends with Stopped
+                        if ended.error is not None:
+                            raise ended.error
+                        results[cells.index(ended.generation)] = finish(
+                            lm, sae, ended.comparison, sweep, embedder
+                        )
+                    continue
+                if ended.error is not None:
+                    raise ended.error
+                finish(lm, sae, ended.comparison, interactive[1], embedder)
+                fair = time.perf_counter() - submitted
+                cancelled.append(True)
+                waiting.clear()
+            steps += 1
+    return [results[index] for index in sorted(results)], fair
 
 
 def cpu_model() -> str:
@@ -278,11 +360,16 @@ def _synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per approach (at least 5)")
+    parser.add_argument(
+        "--experiment-runs", type=int, default=3, help="timed runs of EX, SEQ, FAIR and FAIRs (at least 3)"
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--model", default=SMOLLM2_DEMO, help="model source (default: the demo SmolLM2)")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5")
+    if not 3 <= args.experiment_runs <= args.runs:
+        parser.error("--experiment-runs must be at least 3 and at most --runs")
 
     load_before = os.getloadavg()
     lm = load_model(args.model, device=args.device)
@@ -337,6 +424,34 @@ def main() -> None:
             f"C{count}", run_concurrent(lm, sae, spec, embedder, [seed + 1000 * i for i in range(count)])
         )
 
+    def experiment(seed):
+        details["EX"] = run_experiment(lm, sae, sweep, embedder, seed)[0]
+
+    def sequential(seed):
+        details["SEQ"] = [
+            run_comparison(
+                lm,
+                sae,
+                prompt=prompt,
+                spec=sweep,
+                temperature=TEMPERATURE,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                seed=seed + index,
+                sae_layer=LAYER,
+                embedder=embedder,
+            )
+            for index, prompt in enumerate(EXPERIMENT_PROMPTS)
+        ]
+
+    def interactive(same_batch):
+        name = "FAIRs" if same_batch else "FAIR"
+        return lambda seed: fair_times[name].append(
+            run_experiment(
+                lm, sae, sweep, embedder, seed, interactive=(PROMPT, [spec]), same_batch=same_batch
+            )[1]
+        )
+
     approaches = {
         "F": floor,
         "S": reference,
@@ -344,7 +459,12 @@ def main() -> None:
         "SW": swept,
         "C2": concurrent(2),
         "C4": concurrent(4),
+        "EX": experiment,
+        "SEQ": sequential,
+        "FAIR": interactive(same_batch=False),
+        "FAIRs": interactive(same_batch=True),
     }
+    experiments = ("EX", "SEQ", "FAIR", "FAIRs")  # warmed by the others, and timed in the first rounds only
     labels = {
         "F": "plain generate, unsteered only (floor)",
         "S": "specification section 2 (reference)",
@@ -352,6 +472,10 @@ def main() -> None:
         "SW": "ours: sweep of 4 variants + metrics",
         "C2": "ours: 2 comparisons together",
         "C4": "ours: 4 comparisons together",
+        "EX": "ours: experiment, 8 sweeps together",
+        "SEQ": "ours: the 8 sweeps one after another",
+        "FAIR": "ours: O during the experiment, own batch",
+        "FAIRs": "ours: O during the experiment, same batch",
     }
     if lm.device.type == "cuda":
         approaches["HFs"] = lambda seed: details.__setitem__(
@@ -360,18 +484,25 @@ def main() -> None:
         labels["HFs"] = "generate, static cache (compiled)"
     times: dict[str, list[float]] = {name: [] for name in approaches}
     phases: list[dict] = []
+    fair_times: dict[str, list[float]] = {"FAIR": [], "FAIRs": []}
     for name, run in approaches.items():  # warm-up
-        run(1000)
+        if name not in experiments:
+            run(1000)
+    with lm.lock:
+        wide_scheduler(lm)  # built (its kernels timed, its probe steps run) before the timed rounds
     phases.clear()
     order = list(approaches)
     for round_ in range(args.runs):
         shift = round_ % len(order)
         for name in order[shift:] + order[:shift]:
+            if name in experiments and round_ >= args.experiment_runs:
+                continue
             _synchronize(lm.device)
             started = time.perf_counter()
             approaches[name](round_)
             _synchronize(lm.device)
             times[name].append(time.perf_counter() - started)
+    times.update(fair_times)  # from the comparison's submission to its end, not the whole experiment's
     load_after = os.getloadavg()
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -387,6 +518,11 @@ def main() -> None:
         + (" through the lean step" if batch.lean is not None else " through transformers' modules")
         + f"; linear forms measured at load, ms per pass at {batch.rows} rows: {batch.kernels.describe()}"
     )
+    wide = wide_scheduler(lm).batch
+    print(
+        f"wide batch (EX's cells): {wide.rows} rows x {wide.length} tokens"
+        + ("; a step runs the occupied rows only" if wide.occupied_only else "; a step runs all rows")
+    )
     print(
         f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
         f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
@@ -396,11 +532,11 @@ def main() -> None:
         f"coefficient {COEFFICIENT}, temperature {TEMPERATURE}, {args.runs} interleaved runs each"
     )
     print()
-    print(f"{'':3} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
+    print(f"{'':5} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
     for name in approaches:
         values = times[name]
         print(
-            f"{name:3} {labels[name]:40} {medians[name]:9.3f} {min(values):7.3f} {max(values):7.3f} "
+            f"{name:5} {labels[name]:40} {medians[name]:9.3f} {min(values):7.3f} {max(values):7.3f} "
             f"{1000 * medians[name] / NEW_TOKENS:9.1f} {medians[name] / medians['F']:6.2f}"
         )
     phase_names = ["prefill", "decode", "metrics_forward", "embed"]
@@ -416,12 +552,20 @@ def main() -> None:
         f"O last run: KL {last.metrics['kl_divergence']:.4f}, similarity {last.metrics['semantic_similarity']:.2f}, "
         f"steered differs: {last.steered_text != last.unsteered_text}"
     )
+    same = all(
+        ours.unsteered_text == theirs.unsteered_text
+        and [v.text for v in ours.variants] == [v.text for v in theirs.variants]
+        for ours, theirs in zip(details["EX"], details["SEQ"], strict=True)
+    )
+    print(f"EX last run: texts equal to SEQ's (same seeds): {same}")
     ratios = {
         "O/F": medians["O"] / medians["F"],
         "S/O": medians["S"] / medians["O"],
         "SW/O": medians["SW"] / medians["O"],
         "C2/O": medians["C2"] / medians["O"],
         "C4/O": medians["C4"] / medians["O"],
+        "EX/SEQ": medians["EX"] / medians["SEQ"],
+        "FAIR/O": medians["FAIR"] / medians["O"],
     }
     if "HFs" in medians:
         ratios["O/HFs"] = medians["O"] / medians["HFs"]

@@ -1,9 +1,9 @@
 """Continuous batching: the generations that share one model's SlotBatch, admitted and advanced step by step.
 
-A worker keeps one Scheduler per model. admit() prefills a generation into free rows at a step
-boundary; step() advances every admitted generation by one token (one forward over the batch's rows)
-and returns those that ended, each with its Comparison or its error, so that one run's failure or
-cancellation never ends another's.
+A worker keeps one shared Scheduler per model (and a wide one for runs that may wait, below). admit()
+prefills a generation into free rows at a step boundary; step() advances every admitted generation by one
+token (one forward over the batch's rows) and returns those that ended, each with its Comparison or its
+error, so that one run's failure or cancellation never ends another's.
 
 The slot shape (rows, cache length) is fixed per process: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS, or
 the device's defaults below, chosen from measurements (bench/steering_bench.py, bench/slots_check.py):
@@ -15,21 +15,38 @@ the device's defaults below, chosen from measurements (bench/steering_bench.py, 
   positions, 2.6 at 32 x 1024 and 2.9 at 64 x 1024 (attention reads every row's whole cache: 64 x 2048
   cost 5.0 ms), so 32 x 1024: 16 comparisons share each step at about the cost of one, and a request may
   hold 1024 positions.
+
+Runs that may wait, such as an experiment's cells (a sweep of 4 is 5 rows, so 8 rows hold one), get a batch
+of their own, wide_scheduler(): WIDE_ROWS rows where steps compute only the occupied rows, so that its row
+count is capacity, not cost. That is checked when the batch is built (kernels.py, slots.py), never assumed
+from the CPU's name. Where it fails, every step runs all rows: more rows would slow every run in them and
+change its numbers, so the wide batch keeps the shared batch's shape. Either way a run gives the same
+numbers in both batches. Measured (2-core AMX Xeon, SmolLM2 fp32, packs for 24 rows), a step over 2, 4, 8,
+12, 16, 20, 24 occupied rows: 38, 42, 53, 59, 64, 71, 76 ms; over 2 it costs the same in batches of 8, 12,
+16 and 24 rows; 8 sweeps of 4 took 0.51 of the time of the same 8 one after another.
+
+Interactive runs keep the shared batch (scheduler_for), which a worker steps alone while it holds runs: in
+the wide batch a comparison would pay for the cells' rows (a step of 22 rows costs about twice one of 2) and
+wait out the metrics of every cell ending meanwhile, about 3 times its time alone; stepped alone, it costs
+what it costs alone while the cells wait.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from .generate import Comparison, Generation, Request, Stopped
+from .kernels import PACK_ROWS, step_kernels
 from .loader import LoadedModel
 from .slots import SlotBatch
 from .steer import SpecError
 
 DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (32, 1024)}
+WIDE_ROWS = PACK_ROWS  # wide_scheduler()'s rows where steps compute only the occupied rows (below)
 
 
 def slot_shape(device: torch.device) -> tuple[int, int]:
@@ -152,4 +169,44 @@ def scheduler_for(lm: LoadedModel) -> Scheduler:
     return Scheduler(lm, shared.batch.rows, shared.batch.length)
 
 
-__all__ = ["Ended", "Scheduler", "Stopped", "scheduler_for", "slot_shape"]
+def wide_scheduler(lm: LoadedModel) -> Scheduler:
+    """The model's Scheduler for runs that may wait (an experiment's cells), created at first use: WIDE_ROWS
+    rows where its steps, and the shared batch's (scheduler_for), compute only the occupied rows, else the
+    shared batch's shape (so a run gives the same numbers in either). STEERLAB_SLOT_ROWS, when set, fixes the
+    rows of both. The caller holds the model's lock.
+
+    A worker admits interactive runs into the shared batch and the cells into this one, and each turn steps
+    the shared batch if it holds runs, else this one: the cells wait (their rows are not computed) while an
+    interactive run generates."""
+    found = _WIDE.get(lm.model)
+    if found is None:
+        found = _WIDE[lm.model] = _wide(lm)
+    return found
+
+
+_WIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its wide Scheduler
+
+
+def _wide(lm: LoadedModel) -> Scheduler:
+    shared = (lm.scheduler or scheduler_for(lm)).batch
+    widen = (
+        WIDE_ROWS > shared.rows
+        and shared.occupied_only
+        and not os.environ.get("STEERLAB_SLOT_ROWS", "").strip()
+    )
+    # The linears' check first: where it fails, no wide cache is allocated and no probe step run.
+    if widen and step_kernels(lm.model, WIDE_ROWS, lm.device).row_invariant:
+        wide = Scheduler(lm, WIDE_ROWS, shared.length)
+        if wide.batch.occupied_only:
+            return wide
+    return Scheduler(lm, shared.rows, shared.length)
+
+
+__all__ = [
+    "Ended",
+    "Scheduler",
+    "Stopped",
+    "scheduler_for",
+    "slot_shape",
+    "wide_scheduler",
+]
