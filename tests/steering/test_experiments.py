@@ -2,7 +2,7 @@
 
 import pytest
 
-from steering_app import experiment_results, experiments, runs, worker
+from steering_app import experiment_results, experiments, runs, services, worker
 from steering_app.errors import Conflict, InvalidInput
 from steering_app.experiments import ExperimentRequest
 from steering_app.models import Experiment, ExperimentResult, PromptSet, SteeringRun
@@ -208,3 +208,80 @@ def test_its_status_follows_its_cells_without_a_read(owner, training, queued_onl
     ended = stored.get()
     assert ended.status == Experiment.Status.FAILED and ended.finished_at is not None
     assert "3 of 3 cells did not complete" in ended.error
+
+
+class RowBatch:
+    """services.EngineBatch's protocol with rows: runs join while rows are free and end after `steps` steps;
+    every admit and step is logged with the batch's kind, to see which batch a worker advances."""
+
+    def __init__(self, kind: str, log: list, rows: int = 8, steps: int = 3, on_first_step=None):
+        self.kind, self.log, self.rows, self.steps = kind, log, rows, steps
+        self.on_first_step = on_first_step
+        self.runs: dict[int, list] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.runs)
+
+    def accepts(self, run) -> bool:
+        used = sum(1 + len(services.multipliers(item)) for item, _left in self.runs.values())
+        return used + 1 + len(services.multipliers(run)) <= self.rows
+
+    def admit(self, run, on_step, should_stop) -> bool:
+        self.runs[run.pk] = [run, self.steps]
+        self.log.append(("admit", self.kind, run.pk))
+        return True
+
+    def step(self):
+        self.log.append(("step", self.kind))
+        if self.on_first_step is not None:
+            self.on_first_step()
+            self.on_first_step = None
+        ended = []
+        for pk, entry in list(self.runs.items()):
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.runs[pk]
+                ended.append((entry[0], sweep_outcome(entry[0])))
+        return ended
+
+    def abandon(self):
+        abandoned, self.runs = [entry[0] for entry in self.runs.values()], {}
+        return abandoned
+
+
+def test_a_comparison_during_an_experiment_is_stepped_alone_and_no_cell_joins_meanwhile(
+    owner, teammate, training, queued_only, monkeypatch
+):
+    log: list = []
+    submitted = []
+
+    def a_member_submits_a_comparison():
+        submitted.append(runs.create(teammate, request_for(training)))
+
+    batches = {
+        "cells": RowBatch("cells", log, on_first_step=a_member_submits_a_comparison),
+        "interactive": RowBatch("interactive", log),
+    }
+    monkeypatch.setattr(
+        services, "batch_for", lambda run: batches["cells" if run.experiment_id else "interactive"]
+    )
+    experiment = experiments.create(
+        owner, experiment_request(training, prompts=[f"Prompt {i}" for i in range(4)])
+    )
+
+    runs.process_queued()
+
+    (comparison,) = submitted
+    start = log.index(("admit", "interactive", comparison.pk))
+    own_steps = log[start + 1 : start + 1 + 3]
+    assert own_steps == [("step", "interactive")] * 3  # its 3 steps, nothing of the cells' in between
+    assert log[:start].count(("step", "cells")) == 1  # it went at the first step boundary after it came
+    assert [entry[1] for entry in log[:start] if entry[0] == "admit"] == [
+        "cells",
+        "cells",
+    ]  # 2 cells of 3 rows
+    experiment_results.refresh(experiment)
+    assert experiment.status == Experiment.Status.COMPLETED and experiment.results.count() == 12
+    comparison.refresh_from_db()
+    assert comparison.status == Status.COMPLETED
