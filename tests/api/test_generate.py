@@ -36,7 +36,13 @@ def test_it_runs_the_comparison_and_answers_both_outputs_with_metrics(
         "seed": 7,
         "metrics": FAKE_METRICS,
         "variants": [
-            {"multiplier": 1.0, "steered_output": "steered: The weather today is", "metrics": FAKE_METRICS}
+            {
+                "multiplier": 1.0,
+                "steered_output": "steered: The weather today is",
+                "metrics": FAKE_METRICS,
+                "scores": None,  # this stand-in engine scores nothing
+                "tokens": None,
+            }
         ],
     }
     assert run.owner == owner and run.status == "completed"

@@ -38,7 +38,7 @@ def by_strength(rows, key):
     return {strength: [row[key] for row in rows if row["strength"] == strength] for strength in STRENGTHS}
 
 
-def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, demo_feature_space):
+def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, demo_feature_space, capsys):
     experiment = planet_experiment(owner, demo_feature_space)
     report = experiments.report(experiment)
     rows = experiments.result_rows(experiment)
@@ -68,3 +68,11 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
         reversed(prompts)
     )
     assert experiments.report(again)["best"] == report["best"]
+    with capsys.disabled():
+        print(
+            "\n[experiment] #1681 over 8 prompts: SAE concept "
+            + " ".join(f"x{strength:g} {value:.3f}" for strength, value in sae.items())
+            + "; fluency "
+            + " ".join(f"x{strength:g} {value:.2f}" for strength, value in fluency.items())
+            + f"; held-out best {report['best']}"
+        )
