@@ -5,11 +5,13 @@ score rises with the strength, fluency falls past strength 1, every output is st
 split is the same when the experiment runs again.
 """
 
+import csv
+import io
 import statistics
 
 import pytest
 
-from steering_app import experiment_stats, experiments
+from steering_app import experiment_stats, experiments, exports
 from steering_app.experiments import ExperimentRequest
 from steering_app.management.commands.bootstrap_demo import DEFAULT_PROMPTS
 
@@ -59,6 +61,12 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
     }
     assert sae[4] > sae[0], sae
     assert fluency[4] < fluency[1], fluency
+    table = list(csv.DictReader(io.StringIO(exports.csv_text(experiment))))
+    assert len(table) == 32 and list(table[0]) == list(exports.COLUMNS)
+    # Every column is filled, but a text (the model may end it at once) and the control's comparison metrics.
+    empty = {column for row in table for column, value in row.items() if value == ""}
+    assert empty <= {"text", "kl_divergence", "perplexity_delta"}, empty
+    assert all(row["kl_divergence"] != "" for row in table if float(row["strength"]) != 0)
 
     again = planet_experiment(owner, demo_feature_space)
     rerun = experiments.result_rows(again)
