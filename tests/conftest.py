@@ -6,8 +6,9 @@ import pytest
 from django.utils import timezone
 
 from presets_app.models import SteeringPreset
-from steering_app import services
+from steering_app import services, worker
 from steering_app.models import Feature, LanguageModel, Training
+from tests.fake_engine import sweep_outcome, use_engine
 
 # The model the Django-side tests steer: a record only, with no weights and no tokenizer on disk.
 FAKE_MODEL_SOURCE = "/nonexistent/tiny"
@@ -170,3 +171,15 @@ def demo_feature_space(db):
     table = json.loads(DEMO_FEATURES.read_text())
     Feature.objects.bulk_create(Feature.from_description(training, entry["index"], entry) for entry in table)
     return training
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """The stand-in engine for experiments: every sweep run completes with sweep_outcome's texts and scores."""
+    use_engine(monkeypatch, sweep_outcome)
+
+
+@pytest.fixture
+def queued_only(monkeypatch):
+    """Workers are told but run nothing: an experiment's cells stay queued for the test to drive."""
+    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)

@@ -41,17 +41,6 @@ TRICKY = '=HYPERLINK("x"), then "quoted",\nand a second line'
 
 
 @pytest.fixture
-def engine(monkeypatch):
-    use_engine(monkeypatch, sweep_outcome)
-
-
-@pytest.fixture
-def queued_only(monkeypatch):
-    """Workers are told but run nothing: the cells stay queued."""
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
-
-
-@pytest.fixture
 def body(training):
     return {
         "training_id": training.pk,

@@ -10,7 +10,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from steering_app import consumers, experiments, runs, streaming, worker
+from steering_app import consumers, experiments, runs, streaming
 from steering_app.models import Experiment, PromptSet, SteeringRun
 from tests.fake_engine import sweep_outcome, use_engine
 from tests.steering.test_consumers import headers_for
@@ -19,17 +19,6 @@ from tests.steering.test_experiments import experiment_request
 pytestmark = pytest.mark.django_db
 
 PROMPTS = ["Plan a picnic", "Describe the sea", "Write a haiku"]
-
-
-@pytest.fixture
-def engine(monkeypatch):
-    use_engine(monkeypatch, sweep_outcome)
-
-
-@pytest.fixture
-def queued_only(monkeypatch):
-    """Workers are told but run nothing: the cells stay queued."""
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
 
 
 def form_data(training, **changes) -> dict:

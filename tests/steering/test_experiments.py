@@ -2,7 +2,7 @@
 
 import pytest
 
-from steering_app import experiment_results, experiments, runs, services, worker
+from steering_app import experiment_results, experiments, runs, services
 from steering_app.errors import Conflict, InvalidInput
 from steering_app.experiments import ExperimentRequest
 from steering_app.models import Experiment, ExperimentResult, PromptSet, SteeringRun
@@ -26,17 +26,6 @@ def experiment_request(training, **changes) -> ExperimentRequest:
     }
     values.update(changes)
     return ExperimentRequest(**values)
-
-
-@pytest.fixture
-def engine(monkeypatch):
-    use_engine(monkeypatch, sweep_outcome)
-
-
-@pytest.fixture
-def queued_only(monkeypatch):
-    """Workers are told but run nothing: the cells stay queued for the test to drive."""
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
 
 
 def test_an_experiment_runs_every_cell_once_and_stores_every_output(owner, training, engine):
