@@ -22,6 +22,7 @@ from steering_app.errors import Conflict, Forbidden, SteeringError, WorkerUnavai
 from steering_app.experiment_charts import strength_chart
 from steering_app.forms import ExperimentForm
 from steering_app.models import Experiment, ExperimentResult, Feature, PromptSet, Training
+from steering_app.views import go_to
 
 DETAIL_TEMPLATE = "steering/experiments/detail.html"
 EXPERIMENTS_PER_PAGE = 20
@@ -272,8 +273,4 @@ def delete_experiment(request, pk):
         raise PermissionDenied(error.message) from error
     except Conflict as error:
         return _render_detail(request, experiment, error.message, 409)
-    if request.htmx:  # the button's confirmation ran in htmx; the browser then goes to the list
-        response = HttpResponse(status=204)
-        response["HX-Redirect"] = reverse("steering-experiments")
-        return response
-    return redirect("steering-experiments")
+    return go_to(request, reverse("steering-experiments"))

@@ -211,11 +211,17 @@ def delete_run(request, pk):
         raise PermissionDenied(error.message) from error
     except Conflict as error:
         return _render_run(request, run, notice=error.message, status=409)
-    if request.htmx:  # the button's confirmation ran in htmx; the browser then goes to the list
+    return go_to(request, reverse("steering-runs"))
+
+
+def go_to(request, url: str) -> HttpResponse:
+    """After a delete: the page at `url`. A button whose confirmation ran in htmx gets HX-Redirect, so the
+    browser loads the whole page rather than htmx swapping it into the button's target."""
+    if request.htmx:
         response = HttpResponse(status=204)
-        response["HX-Redirect"] = reverse("steering-runs")
+        response["HX-Redirect"] = url
         return response
-    return redirect("steering-runs")
+    return redirect(url)
 
 
 @login_required
