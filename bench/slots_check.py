@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path.cwd() / "bench"))
 import steering_bench as B
 
 from steering_app.engine import SteeringSpec
-from steering_app.engine.generate import Generation, prepare
 from steering_app.engine.loader import load_model
-from steering_app.engine.scheduler import Scheduler, wide_scheduler
+from steering_app.engine.serving.generate import Generation, prepare
+from steering_app.engine.serving.scheduler import Scheduler, wide_scheduler
 
 device = os.environ.get("DEV", "cuda")
 lm = load_model(os.environ.get("MODEL", "/tmp/smol"), device=device)

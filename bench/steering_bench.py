@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steering_app.engine import SteeringSpec, finish, run_comparison
 from steering_app.engine.demo import DEMO_LAYER, DEMO_MODEL_NAME
-from steering_app.engine.generate import Generation, prepare
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import (
     SMOLLM2_DEMO,
@@ -56,8 +55,9 @@ from steering_app.engine.loader import (
     load_model,
     load_sae_cached,
 )
-from steering_app.engine.sae import save_sae
-from steering_app.engine.scheduler import scheduler_for, wide_scheduler
+from steering_app.engine.saes.sae import save_sae
+from steering_app.engine.serving.generate import Generation, prepare
+from steering_app.engine.serving.scheduler import scheduler_for, wide_scheduler
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 64

@@ -27,7 +27,7 @@ OUTPUT_FIELDS = (
     "fluency",
     "relevance",
 )
-# The raw readings behind the scores (engine/scores.py) and the run's comparison metrics of each output.
+# The raw readings behind the scores (engine/analysis/scores.py) and the run's comparison metrics of each output.
 SCORE_READINGS = ("concept_sae", "concept_semantic", "perplexity_log_ratio", "repetition", "relevance_cosine")
 METRICS = ("kl_divergence", "perplexity_delta")
 COLUMNS = (

@@ -85,7 +85,7 @@ SCORE_NAMES = ("score", "concept", "fluency", "relevance")  # the aggregate firs
 
 
 def score_cells(scores: dict | None) -> dict:
-    """An output's aggregate score and its three parts (engine/scores.py), two decimals each; a run stored
+    """An output's aggregate score and its three parts (engine/analysis/scores.py), two decimals each; a run stored
     before scores existed has none, and shows a dash."""
     scores = scores or {}
     return {name: _number(scores.get(name), "{:.2f}") for name in SCORE_NAMES}

@@ -14,7 +14,7 @@ from steering_app.errors import InvalidInput
 from steering_app.models import Feature, SteeringRun, Training
 
 if TYPE_CHECKING:
-    from steering_app.engine.generate import Comparison, Generation
+    from steering_app.engine.serving.generate import Comparison, Generation
     from steering_app.engine.steer import SteeringSpec
 
 OnStep = Callable[[str, list[str]], None]  # (clean delta, one delta per variant)
@@ -100,7 +100,7 @@ def start(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> "Genera
 
     InvalidInput when the engine refuses the request (a prompt too long for the slots, say)."""
     from steering_app.engine import loader
-    from steering_app.engine.generate import Generation, prepare
+    from steering_app.engine.serving.generate import Generation, prepare
     from steering_app.engine.steer import SpecError
 
     training = run.training
@@ -159,9 +159,9 @@ def conclude(run: SteeringRun, generation: "Generation", comparison: "Comparison
 
 
 def score(run: SteeringRun, result, embedder) -> tuple[dict, list[dict]]:
-    """The concept, fluency, relevance and aggregate scores (engine/scores.py) of the clean row and of each
+    """The concept, fluency, relevance and aggregate scores (engine/analysis/scores.py) of the clean row and of each
     variant, read against the run's features: their labels and descriptions, and their max activations."""
-    from steering_app.engine.scores import Reading, score_outputs
+    from steering_app.engine.analysis.scores import Reading, score_outputs
 
     indices = [item["feature_id"] for item in run.features]
     rows = {row.index: row for row in Feature.objects.filter(training=run.training, index__in=indices)}
@@ -188,7 +188,7 @@ Ended = tuple[SteeringRun, Outcome | Exception]
 
 
 class EngineBatch:
-    """The runs sharing one model's slot batch in this worker (continuous batching, engine/scheduler.py).
+    """The runs sharing one model's slot batch in this worker (continuous batching, engine/serving/scheduler.py).
 
     admit() prefills a run into free rows at a step boundary; step() advances every admitted run by one
     token and returns the runs that ended, each with its Outcome or the exception that ended it
@@ -197,12 +197,12 @@ class EngineBatch:
 
     def __init__(self, run: SteeringRun):
         from steering_app.engine import loader
-        from steering_app.engine.scheduler import scheduler_for, wide_scheduler
+        from steering_app.engine.serving.scheduler import scheduler_for, wide_scheduler
 
         self.model_id = run.training.model_id
         self.lm = loader.load_model(run.training.model.source)
         # An experiment's cells share the engine's wide batch (more rows where free rows cost nothing); other
-        # runs the model's shared one. A run gives the same numbers in either (engine/scheduler.py).
+        # runs the model's shared one. A run gives the same numbers in either (engine/serving/scheduler.py).
         shared = run.experiment_id is None
         with self.lm.lock:
             self.scheduler = scheduler_for(self.lm) if shared else wide_scheduler(self.lm)
@@ -269,7 +269,7 @@ def slot_tokens() -> int:
     """Positions one run may hold in the worker's batch (the engine's slot length for this machine's device),
     read the way max_variants() reads the rows."""
     from steering_app.engine.loader import resolve_device
-    from steering_app.engine.scheduler import slot_shape
+    from steering_app.engine.serving.scheduler import slot_shape
 
     return slot_shape(resolve_device())[1]
 
@@ -277,7 +277,7 @@ def slot_tokens() -> int:
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:
     """How many tokens the model reads for the prompt (the seam tests replace with a fake engine)."""
     from steering_app.engine import loader
-    from steering_app.engine.generate import encode_text
+    from steering_app.engine.serving.generate import encode_text
     from steering_app.engine.steer import SpecError
 
     try:
@@ -315,7 +315,7 @@ def residual_norm(training: Training, prompt: str) -> float:
     """|h| at the training's layer over the prompt (clean model): the unit of an uncalibrated training's
     coefficients. InvalidInput for a prompt without text."""
     from steering_app.engine import loader
-    from steering_app.engine.scale import residual_norm as measure
+    from steering_app.engine.analysis.scale import residual_norm as measure
     from steering_app.engine.steer import SpecError
 
     try:
@@ -339,7 +339,7 @@ def active_latents(training: Training, prompt: str, chat: bool, limit: int) -> l
     ({index, activation, token}): one clean forward of the prompt to the SAE's layer (engine.active).
     InvalidInput naming the field for a prompt without text or a chat template the model lacks."""
     from steering_app.engine import loader
-    from steering_app.engine.active import active_latents as strongest
+    from steering_app.engine.analysis.active import active_latents as strongest
     from steering_app.engine.steer import SpecError
 
     lm = loader.load_model(training.model.source)

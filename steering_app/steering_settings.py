@@ -209,7 +209,7 @@ def max_variants() -> int:
     """Steered variants per run: MAX_VARIANTS, or fewer when the worker's batch has fewer rows (one is the
     clean row). The engine's slot shape for this machine's device, as the embedded worker uses it."""
     from steering_app.engine.loader import resolve_device
-    from steering_app.engine.scheduler import slot_shape
+    from steering_app.engine.serving.scheduler import slot_shape
 
     rows, _length = slot_shape(resolve_device())
     return min(MAX_VARIANTS, rows - 1)

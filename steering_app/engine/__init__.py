@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .generate import Comparison, Stopped, compare
+from .analysis.metrics import comparison_metrics
 from .loader import LoadedModel, get_embedder
-from .metrics import comparison_metrics
-from .sae import SAE, SAEFormatError
+from .saes.sae import SAE, SAEFormatError
+from .serving.generate import Comparison, Stopped, compare
 from .steer import SpecError, SteeringSpec, validate
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import torch
 
 from .demo import DEMO_MODEL as SMOLLM2_DEMO
 from .layers import decoder_blocks
-from .sae import SAE, load_sae
+from .saes.sae import SAE, load_sae
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -23,7 +23,7 @@ from steering_app.limits import (  # plain constants: the engine stays free of D
 )
 
 from .layers import block_hidden, replace_block_hidden
-from .sae import SAE
+from .saes.sae import SAE
 
 METHODS = ("additive", "multiplicative")
 

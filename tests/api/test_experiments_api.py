@@ -8,7 +8,7 @@ import json
 import pytest
 
 from steering_app import worker
-from steering_app.engine.scores import harmonic_mean
+from steering_app.engine.analysis.scores import harmonic_mean
 from steering_app.models import Experiment, ExperimentResult, PromptSet, SteeringRun
 from tests.api.support import assert_error
 from tests.fake_engine import fake_scores, sweep_outcome, use_engine

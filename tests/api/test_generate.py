@@ -354,7 +354,7 @@ D_SAE = 64
 def smollm2_training(db, tmp_path):
     """SmolLM2 with a random 64-feature SAE at layer 10, in the SAELens layout."""
     from steering_app.engine import loader
-    from steering_app.engine.sae import save_sae
+    from steering_app.engine.saes.sae import save_sae
 
     lm = loader.load_model(loader.SMOLLM2_DEMO)  # cached in the data dir after the first load
     hidden = lm.model.config.hidden_size

@@ -42,7 +42,7 @@ RANDOM_LABELS = [
 def random_training(workdir: Path) -> None:
     import torch
 
-    from steering_app.engine.sae import save_sae
+    from steering_app.engine.saes.sae import save_sae
     from steering_app.engine.training import hook_name_for
 
     generator = torch.Generator().manual_seed(0)

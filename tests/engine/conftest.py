@@ -9,7 +9,7 @@ import torch
 from steering_app.engine import loader
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import LoadedModel
-from steering_app.engine.sae import load_sae, save_sae
+from steering_app.engine.saes.sae import load_sae, save_sae
 
 SAE_LAYER = 10
 CAT_TEXTS = [

@@ -1,6 +1,6 @@
 import pytest
 
-from steering_app.engine.active import active_latents
+from steering_app.engine.analysis.active import active_latents
 from steering_app.engine.steer import SpecError
 from tests.engine.conftest import block_outputs, hooks_everywhere, random_sae
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steering_app.engine.calibrate import calibrate_features
-from steering_app.engine.sae import load_sae, save_sae
+from steering_app.engine.analysis.calibrate import calibrate_features
+from steering_app.engine.saes.sae import load_sae, save_sae
 from steering_app.engine.training import TrainingInterrupted
 from tests.engine.test_train import gpt2, sentences, tokenizer  # noqa: F401 (fixtures)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from steering_app.engine import run_comparison
-from steering_app.engine.generate import Stopped, compare, eos_token_ids, sample_coupled
+from steering_app.engine.analysis.metrics import comparison_metrics
 from steering_app.engine.loader import get_embedder
-from steering_app.engine.metrics import comparison_metrics
-from steering_app.engine.scheduler import scheduler_for
+from steering_app.engine.serving.generate import Stopped, compare, eos_token_ids, sample_coupled
+from steering_app.engine.serving.scheduler import scheduler_for
 from steering_app.engine.steer import SteeringSpec
 
 from .conftest import SAE_LAYER, hooks_everywhere, random_sae, tiny_lm

@@ -2,8 +2,8 @@
 
 import torch
 
-from steering_app.engine.scheduler import Scheduler
-from steering_app.engine.slots import grouped_attention, sdpa_attention
+from steering_app.engine.serving.scheduler import Scheduler
+from steering_app.engine.serving.slots import grouped_attention, sdpa_attention
 
 
 def test_the_fused_attention_computes_the_grouped_attention():

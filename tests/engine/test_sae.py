@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steering_app.engine.sae import SAEFormatError, hook_layer_from_name, load_sae, save_sae
+from steering_app.engine.saes.sae import SAEFormatError, hook_layer_from_name, load_sae, save_sae
 
 from .conftest import random_sae
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steering_app.engine.sae import SAEFormatError, load_sae
-from steering_app.engine.sae_formats import Source, detect, staged
+from steering_app.engine.saes.formats import Source, detect, staged
+from steering_app.engine.saes.sae import SAEFormatError, load_sae
 from tests.steering.sae_checkpoints import (
     gemma_scope_reference,
     llama_scope_reference,

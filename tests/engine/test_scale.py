@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from steering_app.engine.analysis.scale import residual_norm
 from steering_app.engine.layers import decoder_blocks
-from steering_app.engine.scale import residual_norm
 from steering_app.engine.steer import SpecError
 from tests.engine.conftest import block_outputs, hooks_everywhere
 

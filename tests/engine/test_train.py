@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from steering_app.engine import corpus, training
+from steering_app.engine import training
 from steering_app.engine.layers import decoder_blocks
-from steering_app.engine.sae import load_sae
+from steering_app.engine.saes.sae import load_sae
+from steering_app.engine.training import corpus
 
 WORDS = [
     "rain",

@@ -6,16 +6,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steering_app.engine import scheduler as scheduling
-from steering_app.engine.generate import Generation, prepare
-from steering_app.engine.kernels import StepKernels
-from steering_app.engine.scheduler import (
+from steering_app.engine.serving import scheduler as scheduling
+from steering_app.engine.serving.generate import Generation, prepare
+from steering_app.engine.serving.kernels import StepKernels
+from steering_app.engine.serving.scheduler import (
     WIDE_ROWS,
     scheduler_for,
     slot_shape,
     wide_scheduler,
 )
-from steering_app.engine.slots import SlotBatch, StepChecks
+from steering_app.engine.serving.slots import SlotBatch, StepChecks
 from steering_app.engine.steer import SteeringSpec
 
 from .conftest import SAE_LAYER, random_sae, tiny_lm

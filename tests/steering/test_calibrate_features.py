@@ -17,8 +17,8 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 
 from steering_app import runs
-from steering_app.engine import corpus
 from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_MODEL, DEMO_MODEL_NAME, DEMO_SEED
+from steering_app.engine.training import corpus
 from steering_app.management.commands import calibrate_features
 from steering_app.models import Calibration, Dataset, Feature, LanguageModel, SteeringRun, Training
 from steering_app.runs import RunRequest
@@ -277,7 +277,9 @@ def test_a_failed_calibration_keeps_the_registered_dataset_it_read(new_datasets,
 def engine_reads(monkeypatch, training):
     """A stand-in engine for calibrations that need no weights: it loads nothing, measures no feature, and
     records the documents the calibration gave it in the list this fixture returns."""
-    from steering_app.engine import calibrate, loader, sae
+    from steering_app.engine import loader
+    from steering_app.engine.analysis import calibrate
+    from steering_app.engine.saes import sae
 
     documents = []
 

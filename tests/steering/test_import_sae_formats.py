@@ -9,7 +9,7 @@ import pytest
 import torch
 from django.core.management import CommandError, call_command
 
-from steering_app.engine.sae import load_sae
+from steering_app.engine.saes.sae import load_sae
 from steering_app.models import Dataset, Feature, Training
 from tests.steering.sae_checkpoints import (
     gemma_scope_reference,
@@ -89,7 +89,7 @@ def test_it_imports_a_llama_scope_folder_with_the_same_encode_and_decode(
     assert 0 < (reference_acts != 0).sum() < reference_acts.numel()
     if act_fn == "topk":
         # lm-saes ranks TopK latents by f_i * ||decoder column i||; the conversion folds that norm into the
-        # latents (engine/sae_formats.py), so activations carry it and the reconstruction is the same.
+        # latents (engine/saes/formats.py), so activations carry it and the reconstruction is the same.
         assert sae.k == 8
         assert_same(sae.encode(x), reference_acts * decoder_norm)
         assert_same(sae.decode(sae.encode(x)), decode(reference_acts))

@@ -9,8 +9,8 @@ import torch
 import yaml
 from django.core.management import CommandError, call_command
 
-from steering_app.engine import hub
-from steering_app.engine.sae import load_sae
+from steering_app.engine.saes import hub
+from steering_app.engine.saes.sae import load_sae
 from steering_app.models import Feature, Training
 from tests.steering.sae_checkpoints import gemma_scope_reference, write_gemma_scope_params, write_hub_cache
 

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from steering_app.engine.loader import get_embedder
-from steering_app.engine.scores import (
+from steering_app.engine.analysis.scores import (
     RELEVANCE_FLOOR,
     SEMANTIC_FULL,
     UNUSABLE_LOG_RATIO,
@@ -15,6 +14,7 @@ from steering_app.engine.scores import (
     repetition,
     score_outputs,
 )
+from steering_app.engine.loader import get_embedder
 
 SCORE_KEYS = {
     "concept_sae",

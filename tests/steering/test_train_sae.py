@@ -6,8 +6,8 @@ import torch
 from django.core.management import CommandError, call_command
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from steering_app.engine import corpus, loader, training
-from steering_app.engine.training import trainer
+from steering_app.engine import loader, training
+from steering_app.engine.training import corpus, trainer
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 pytestmark = pytest.mark.django_db

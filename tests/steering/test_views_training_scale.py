@@ -5,7 +5,7 @@ from django.test import Client
 
 from steering_app import services, worker
 from steering_app.engine import loader
-from steering_app.engine.scale import residual_norm
+from steering_app.engine.analysis.scale import residual_norm
 from steering_app.errors import InvalidInput
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import AnalysisJob, LanguageModel, Training

@@ -19,7 +19,7 @@ from .stop import StopCheck, check_stop
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..sae import SAE
+    from ..saes.sae import SAE
 
 _WORD = re.compile(r"[^\W_]", re.UNICODE)
 

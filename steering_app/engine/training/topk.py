@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..sae import SAE
+from ..saes.sae import SAE
 
 
 class _SelectedPreActs(torch.autograd.Function):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from ..sae import SAE, save_sae
+from ..saes.sae import SAE, save_sae
 from .activations import Activations, collect_activations, hook_name_for
 from .describe import describe_features
 from .stop import StopCheck, check_stop

@@ -89,9 +89,9 @@ class Command(BaseCommand):
     def calibrate(self, calibration: Calibration, options):
         import torch
 
-        from steering_app.engine.calibrate import calibrate_features
+        from steering_app.engine.analysis.calibrate import calibrate_features
         from steering_app.engine.loader import load_model
-        from steering_app.engine.sae import load_sae
+        from steering_app.engine.saes.sae import load_sae
 
         training = calibration.training
         dataset = resolve_dataset(options["dataset"])

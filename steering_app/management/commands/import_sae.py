@@ -112,8 +112,8 @@ class Command(BaseCommand):
 
     def handle(self, **options):
         from steering_app.engine.loader import data_dir
-        from steering_app.engine.sae import SAEFormatError, hook_layer_from_name, load_sae
-        from steering_app.engine.sae_formats import staged
+        from steering_app.engine.saes.formats import staged
+        from steering_app.engine.saes.sae import SAEFormatError, hook_layer_from_name, load_sae
 
         model = LanguageModel.objects.filter(name=options["model"]).first()
         if model is None:
@@ -155,8 +155,8 @@ class Command(BaseCommand):
 
     def locate(self, options, hub_cache: Path):
         """The checkpoint folder the options name, fetched from the hub when they name a hub folder."""
-        from steering_app.engine import hub
-        from steering_app.engine.sae_formats import Source
+        from steering_app.engine.saes import hub
+        from steering_app.engine.saes.formats import Source
 
         if options["sae_id"] and not options["release"]:
             raise CommandError("--sae-id goes with --release")

@@ -59,7 +59,7 @@ def corpus_files(source: str) -> list[Path]:
 
 def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
     """The demo corpus file in work, sampled from lm the first time (options: build_demo_corpus's)."""
-    from steering_app.engine import corpus
+    from steering_app.engine.training import corpus
 
     path = demo.demo_corpus_path(work, seed)
     if not path.is_file():
@@ -68,8 +68,8 @@ def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
 
 
 def dataset_texts(dataset: Dataset, lm):
-    from steering_app.engine import corpus
     from steering_app.engine.loader import data_dir
+    from steering_app.engine.training import corpus
 
     if dataset.source == DEMO_ALIAS:
         return corpus.read_text_file(demo_corpus(lm, data_dir() / demo.DEMO_WORK_DIR, demo.DEMO_SEED))
@@ -213,9 +213,8 @@ class Command(BaseCommand):
         """Sample the demo corpus (once per seed), collect and cache its activations, train, describe, write."""
         import torch
 
-        from steering_app.engine import corpus
         from steering_app.engine.loader import data_dir, load_model
-        from steering_app.engine.training import TrainConfig, train_from_texts
+        from steering_app.engine.training import TrainConfig, corpus, train_from_texts
 
         work = Path(options["work"] or data_dir() / demo.DEMO_WORK_DIR)
         work.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .steer import RowSteering
+from ..steer import RowSteering
 
 # Architectures whose decoder layer is exactly: x + attn(rms(x)), then x + down(silu(gate(rms(x))) * up(rms(x))).
 SUPPORTED = {"llama", "mistral", "qwen2"}

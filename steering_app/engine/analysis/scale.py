@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .generate import encode_prompt
-from .layers import block_output, decoder_blocks
-from .loader import LoadedModel
-from .steer import SpecError
+from ..layers import block_output, decoder_blocks
+from ..loader import LoadedModel
+from ..serving.generate import encode_prompt
+from ..steer import SpecError
 
 
 def residual_norm(lm: LoadedModel, prompt: str, layer: int, chat: bool = False) -> float:

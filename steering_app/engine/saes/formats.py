@@ -41,7 +41,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from steering_app import json_checks
-from steering_app.engine.sae import CFG_FILE, WEIGHTS_FILE, SAEFormatError, hook_layer_from_name, save_sae
+from steering_app.engine.saes.sae import (
+    CFG_FILE,
+    WEIGHTS_FILE,
+    SAEFormatError,
+    hook_layer_from_name,
+    save_sae,
+)
 
 GEMMA_SCOPE_FILES = ("params.npz", "params.safetensors")
 LLAMA_SCOPE_CONFIG = "hyperparams.json"

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .generate import Comparison, pad_token_id
-from .layers import decoder_blocks
-from .loader import LoadedModel
-from .sae import SAE
-from .slots import lean_step, model_forward, special_ids, teacher_forced
-from .steer import RowSteering, SteeringSpec, plan_row
+from ..layers import decoder_blocks
+from ..loader import LoadedModel
+from ..saes.sae import SAE
+from ..serving.generate import Comparison, pad_token_id
+from ..serving.slots import lean_step, model_forward, special_ids, teacher_forced
+from ..steer import RowSteering, SteeringSpec, plan_row
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .training.activations import collect_activations
-from .training.describe import describe_features
-from .training.stop import StopCheck
+from ..training.activations import collect_activations
+from ..training.describe import describe_features
+from ..training.stop import StopCheck
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .sae import SAE
+    from ..saes.sae import SAE
 
 
 @dataclass

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..loader import LoadedModel
+from ..steer import SpecError
 from .generate import Comparison, Generation, Request, Stopped
 from .kernels import PACK_ROWS, step_kernels
-from .loader import LoadedModel
 from .slots import SlotBatch
-from .steer import SpecError
 
 DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (32, 1024)}
 WIDE_ROWS = PACK_ROWS  # wide_scheduler()'s rows where steps compute only the occupied rows (below)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import encode_prompt
-from .layers import block_output, decoder_blocks
-from .loader import LoadedModel
-from .sae import SAE
-from .steer import SpecError
+from ..layers import block_output, decoder_blocks
+from ..loader import LoadedModel
+from ..saes.sae import SAE
+from ..serving.generate import encode_prompt
+from ..steer import SpecError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .demo import DEMO_OFFLINE_TOKENS, DEMO_PROMPTS, DEMO_SEED
+from ..demo import DEMO_OFFLINE_TOKENS, DEMO_PROMPTS, DEMO_SEED
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

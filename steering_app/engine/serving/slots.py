@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
+from ..layers import decoder_blocks
+from ..loader import LoadedModel
+from ..steer import RowSteering
 from .kernels import step_kernels
-from .layers import decoder_blocks
 from .lean import TOLERANCE, LeanStep, has_hooks
-from .loader import LoadedModel
-from .steer import RowSteering
 
 ATTENTION = "steerlab_slots"
 SPAN_STEP = 64  # positions a step attends to, in multiples of this (when the kernels allow trimming)

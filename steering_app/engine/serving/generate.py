@@ -19,11 +19,11 @@ import torch
 
 from steering_app.limits import MAX_VARIANTS  # plain constants: the engine stays free of Django
 
-from .layers import decoder_blocks
-from .loader import LoadedModel
-from .sae import SAE
+from ..layers import decoder_blocks
+from ..loader import LoadedModel
+from ..saes.sae import SAE
+from ..steer import RowPlan, RowSteering, SpecError, SteeringSpec, plan_row, validate
 from .slots import SlotBatch, model_forward
-from .steer import RowPlan, RowSteering, SpecError, SteeringSpec, plan_row, validate
 
 # Rows of a run: the clean one first, then its variants.
 CLEAN = 0

@@ -1,0 +1,1 @@
+"""Analysis of outputs and features: metrics, active latents, scale, calibration, scores."""

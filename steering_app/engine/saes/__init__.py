@@ -1,0 +1,1 @@
+"""Sparse autoencoders: the SAE module, its checkpoint formats and the pretrained registry."""
