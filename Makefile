@@ -10,7 +10,7 @@ SECRET_FILE := $(DATA_DIR)/secret_key
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test venv migrate chromium bench lint lock experiment-demo
+.PHONY: serve test test-fast venv migrate chromium bench lint lock experiment-demo
 
 # Every package is pinned: requirements.lock (pyproject's dependencies with the dev extra, transitive ones
 # too) and requirements-models.lock (the weights-only model packages). `make lock` regenerates the first.
@@ -78,6 +78,10 @@ chromium:
 # pytest exits 5 when it collects no test: make then fails, so an empty run never passes.
 test: migrate chromium
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The quick loop while editing: no browser, no Redis, no real model (the `slow` marker). CI runs `make test`.
+test-fast: migrate
+	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/pytest -m "not slow and not browser and not redis" $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) bench/steering_bench.py
