@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from steering_app.engine import steer
+from steering_app.engine.analysis.metrics import comparison_metrics
 from steering_app.engine.serving.generate import Generation, prepare
 from steering_app.engine.serving.kernels import (
     LINEAR,
@@ -246,3 +247,37 @@ def test_the_step_graphs_are_kept_lru_and_a_recaptured_graph_gives_the_same_bits
     assert len(captures) == 4 and captures[3] is not captures[0]  # captured anew
     assert torch.equal(again, first)
     assert torch.equal(step(plans[2]), others[1]) and len(captures) == 4  # still kept: replayed
+
+
+class _Embedder:
+    """semantic_similarity's embedder, without a download: any unit vectors."""
+
+    def encode(self, texts, convert_to_tensor, normalize_embeddings):
+        return torch.nn.functional.normalize(
+            torch.randn(len(texts), 4, generator=torch.Generator().manual_seed(0))
+        )
+
+
+def test_the_metrics_take_the_lean_step_their_caller_passes(llama, tmp_path):
+    sae = random_sae(tmp_path, d_in=32, hook_layer=1)
+    spec = SteeringSpec("additive", ((0, 4.0),), (1,))
+    with llama.lock:
+        scheduler = Scheduler(llama, ROWS, 64)
+        comparison = scheduler.run_alone(
+            Generation(llama, sae, prepare(llama, sae, "Hello there", [spec], 0.8, 8, 3))
+        )
+    lean, calls = scheduler.batch.lean, []
+
+    class Counted:
+        length = lean.length
+
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return lean(*args, **kwargs)
+
+    through_lean = comparison_metrics(llama, sae, comparison, spec, _Embedder(), Counted())
+    assert calls == [1]
+    through_modules = comparison_metrics(llama, sae, comparison, spec, _Embedder())
+    assert calls == [1]
+    for key in ("kl_divergence", "perplexity_unsteered", "perplexity_steered"):
+        assert through_lean[key] == pytest.approx(through_modules[key], rel=1e-4, abs=1e-6)
