@@ -28,6 +28,7 @@ import steering_bench as B
 from steering_app.engine import SteeringSpec
 from steering_app.engine.loader import load_model
 from steering_app.engine.serving.generate import Generation, prepare
+from steering_app.engine.serving.plan import StepPolicy
 from steering_app.engine.serving.scheduler import Scheduler, wide_scheduler
 
 device = os.environ.get("DEV", "cuda")
@@ -102,10 +103,8 @@ def timed(scheduler, label):
 with lm.lock:
     scheduler = Scheduler(lm, rows, 1024 if device == "cuda" else 512)
     batch = scheduler.batch
-    print(
-        f"device {device} dtype {lm.dtype}; batch {rows} rows; lean step: {batch.lean is not None}; "
-        f"occupied only: {batch.occupied_only}; graphs: {batch.graphs is not None}"
-    )
+    print(f"device {device} dtype {lm.dtype}")
+    print(f"step plan: {batch.plan.describe()}")
     alone = run(scheduler, generation(B.PROMPT, [spec], 7), [], [])
     beside = run(
         scheduler,
@@ -144,13 +143,10 @@ for shape in ((16, 1024), (64, 1024)) if device == "cuda" else ((12, 512), (16, 
 if device == "cpu":
     with lm.lock:
         wide = wide_scheduler(lm)
-        print(
-            f"wide batch: {wide.batch.rows} rows x {wide.batch.length}, occupied only: "
-            f"{wide.batch.occupied_only}; ms per step by occupied rows: {step_by_occupied_rows(wide)}"
-        )
+        print(f"step plan (wide batch): {wide.batch.plan.describe()}")
+        print(f"wide batch: ms per step by occupied rows: {step_by_occupied_rows(wide)}")
 with lm.lock:
-    scheduler = Scheduler(lm, rows, 1024 if device == "cuda" else 512)
-    scheduler.batch.graphs = None  # eager
+    scheduler = Scheduler(lm, rows, 1024 if device == "cuda" else 512, StepPolicy(graphs="off"))
     eager = run(scheduler, generation(B.PROMPT, [spec], 7), [], [])
     print(
         "graph == eager tokens:",

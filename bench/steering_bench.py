@@ -151,7 +151,7 @@ def run_concurrent(lm, sae, spec, embedder, seeds) -> list:
             for ended in scheduler.step():
                 if ended.error is not None:
                     raise ended.error
-                results.append(finish(lm, sae, ended.comparison, spec, embedder))
+                results.append(finish(lm, sae, ended.comparison, spec, embedder, scheduler.batch.lean))
     return results
 
 
@@ -201,12 +201,12 @@ def run_experiment(lm, sae, sweep, embedder, seed, interactive=None, same_batch=
                         if ended.error is not None:
                             raise ended.error
                         results[cells.index(ended.generation)] = finish(
-                            lm, sae, ended.comparison, sweep, embedder
+                            lm, sae, ended.comparison, sweep, embedder, stepping.batch.lean
                         )
                     continue
                 if ended.error is not None:
                     raise ended.error
-                finish(lm, sae, ended.comparison, interactive[1], embedder)
+                finish(lm, sae, ended.comparison, interactive[1], embedder, stepping.batch.lean)
                 fair = time.perf_counter() - submitted
                 cancelled.append(True)
                 waiting.clear()
@@ -511,18 +511,8 @@ def main() -> None:
         f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, dtype {lm.dtype}"
     )
     print(f"CPU: {cpu_model()}; flags: {cpu_flags() or 'none of amx/avx512f/avx2'}")
-    batch = scheduler_for(lm).batch
-    print(
-        f"slot batch: {batch.rows} rows x {batch.length} tokens; a step runs "
-        + ("the occupied rows only (row-invariant kernels)" if batch.occupied_only else "all rows")
-        + (" through the lean step" if batch.lean is not None else " through transformers' modules")
-        + f"; linear forms measured at load, ms per pass at {batch.rows} rows: {batch.kernels.describe()}"
-    )
-    wide = wide_scheduler(lm).batch
-    print(
-        f"wide batch (EX's cells): {wide.rows} rows x {wide.length} tokens"
-        + ("; a step runs the occupied rows only" if wide.occupied_only else "; a step runs all rows")
-    )
+    print(f"step plan: {scheduler_for(lm).batch.plan.describe()}")
+    print(f"step plan (EX's cells, the wide batch): {wide_scheduler(lm).batch.plan.describe()}")
     print(
         f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
         f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"

@@ -29,7 +29,21 @@ class LanguageModelAdmin(admin.ModelAdmin):
     list_display = ["name", "architecture", "num_layers", "hidden_size", "status", "created_at"]
     list_filter = ["status", "architecture"]
     search_fields = ["name", "source"]
-    readonly_fields = ["architecture", "num_layers", "hidden_size", "created_at"]
+    readonly_fields = [
+        "architecture",
+        "num_layers",
+        "hidden_size",
+        "created_at",
+        "step_plan_summary",
+        "step_plan",
+        "step_plan_host",
+        "step_plan_at",
+    ]
+
+    @admin.display(description="Step plan")
+    def step_plan_summary(self, obj):
+        """The worker's last recorded step plan in one line (engine/serving/plan.py StepPlan.describe())."""
+        return (obj.step_plan or {}).get("summary", "not recorded yet")
 
 
 class DatasetForm(forms.ModelForm):

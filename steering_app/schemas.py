@@ -90,6 +90,15 @@ class TrainingOut(Schema):
     completed_at: datetime | None
 
 
+class StepPlanOut(Schema):
+    plan: dict[str, Any] = Field(
+        description="The engine's StepPlan: summary, lean step or modules, linear forms per shape with their "
+        "timings, occupied or all rows, CUDA graphs or eager, each with why."
+    )
+    host: str = Field(description="The worker's host that decided it.")
+    recorded_at: datetime
+
+
 class ModelOut(Schema):
     id: int
     name: str
@@ -97,6 +106,17 @@ class ModelOut(Schema):
     num_layers: int
     hidden_size: int
     status: str
+    step_plan: StepPlanOut | None = Field(
+        None,
+        description="How a worker last stepped this model; staff only (null for others, and before a worker "
+        "built its batch).",
+    )
+
+    @staticmethod
+    def resolve_step_plan(model, context) -> dict | None:
+        if model.step_plan is None or not context["request"].auth.is_staff:
+            return None
+        return {"plan": model.step_plan, "host": model.step_plan_host, "recorded_at": model.step_plan_at}
 
 
 class FeatureOut(Schema):

@@ -5,16 +5,21 @@ engine's result into the values a run stores.
 """
 
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from django.conf import settings
+from django.utils.timezone import now
+
 from steering_app.errors import InvalidInput
-from steering_app.models import Feature, SteeringRun, Training
+from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 
 if TYPE_CHECKING:
     from steering_app.engine.serving.generate import Comparison, Generation
+    from steering_app.engine.serving.lean import LeanStep
     from steering_app.engine.steer import SteeringSpec
 
 OnStep = Callable[[str, list[str]], None]  # (clean delta, one delta per variant)
@@ -123,14 +128,16 @@ def start(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> "Genera
     return Generation(lm, sae, request, on_step, should_stop)
 
 
-def conclude(run: SteeringRun, generation: "Generation", comparison: "Comparison") -> Outcome:
-    """The run's outputs with every variant's metrics."""
+def conclude(
+    run: SteeringRun, generation: "Generation", comparison: "Comparison", lean: "LeanStep | None"
+) -> Outcome:
+    """The run's outputs with every variant's metrics (lean: the lean step of the batch it ran in)."""
     from steering_app import engine
     from steering_app.engine import loader
 
     embedder = loader.get_embedder()
     result = engine.finish(
-        generation.lm, generation.sae, comparison, list(generation.request.variants), embedder
+        generation.lm, generation.sae, comparison, list(generation.request.variants), embedder, lean
     )
     started = time.perf_counter()
     control_scores, scores = score(run, result, embedder)
@@ -197,6 +204,7 @@ class EngineBatch:
 
     def __init__(self, run: SteeringRun):
         from steering_app.engine import loader
+        from steering_app.engine.serving.plan import StepPolicy
         from steering_app.engine.serving.scheduler import scheduler_for, wide_scheduler
 
         self.model_id = run.training.model_id
@@ -204,8 +212,15 @@ class EngineBatch:
         # An experiment's cells share the engine's wide batch (more rows where free rows cost nothing); other
         # runs the model's shared one. A run gives the same numbers in either (engine/serving/scheduler.py).
         shared = run.experiment_id is None
+        policy = StepPolicy(**settings.STEERLAB_STEP_POLICY)
         with self.lm.lock:
-            self.scheduler = scheduler_for(self.lm) if shared else wide_scheduler(self.lm)
+            self.scheduler = scheduler_for(self.lm, policy) if shared else wide_scheduler(self.lm, policy)
+        # What staff see of how this worker steps the model (admin, GET /api/models/{id}).
+        LanguageModel.objects.filter(pk=self.model_id).update(
+            step_plan=self.scheduler.batch.plan.as_dict(),
+            step_plan_host=socket.gethostname(),
+            step_plan_at=now(),
+        )
         self.runs: dict[int, SteeringRun] = {}  # id(generation) -> its run
 
     @property
@@ -249,7 +264,9 @@ class EngineBatch:
                 results.append((run, item.error))
             else:
                 try:
-                    results.append((run, conclude(run, item.generation, item.comparison)))
+                    results.append(
+                        (run, conclude(run, item.generation, item.comparison, self.scheduler.batch.lean))
+                    )
                 except Exception as error:  # noqa: BLE001 - a failed metric fails this run only
                     results.append((run, error))
         return results

@@ -159,3 +159,23 @@ def caches(env: Mapping[str, str]) -> dict:
             "KEY_PREFIX": "steerlab",
         }
     }
+
+
+# The engine's StepPolicy choices (engine/serving/plan.py), spelled here: settings must not import the engine.
+STEP_CHOICES = {
+    "STEERLAB_STEP_LEAN": ("auto", "on", "off"),
+    "STEERLAB_STEP_KERNEL": ("auto", "linear", "wxt", "packed"),
+    "STEERLAB_STEP_ROWS": ("auto", "occupied", "all"),
+}
+
+
+def step_policy(env: Mapping[str, str]) -> dict[str, str]:
+    """How the worker's slot step is chosen, as StepPolicy's fields: auto measures on this machine; any other
+    value forces that choice, and a batch that cannot take it fails to build, naming it."""
+    policy = {}
+    for name, choices in STEP_CHOICES.items():
+        value = env.get(name, "").strip().lower() or "auto"
+        if value not in choices:
+            raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        policy[name.removeprefix("STEERLAB_STEP_").lower()] = value
+    return policy

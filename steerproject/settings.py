@@ -33,6 +33,8 @@ STEERLAB_MAX_QUEUED_PER_MEMBER = env.env_int(ENV, "STEERLAB_MAX_QUEUED_PER_MEMBE
 STEERLAB_MAX_EXPERIMENT_OUTPUTS = env.env_int(ENV, "STEERLAB_MAX_EXPERIMENT_OUTPUTS", default=2000)
 # daphne serves /static/ itself unless a front proxy does (set STEERLAB_SERVE_STATIC=0 behind nginx).
 STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
+# STEERLAB_STEP_LEAN / _KERNEL / _ROWS: the worker's slot-step policy (engine/serving/plan.py StepPolicy).
+STEERLAB_STEP_POLICY = env.step_policy(ENV)
 # The engine reads these from the environment (it imports nothing from Django): keep them in step.
 os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
 os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)

@@ -14,6 +14,8 @@ from .analysis.metrics import comparison_metrics
 from .loader import LoadedModel, get_embedder
 from .saes.sae import SAE, SAEFormatError
 from .serving.generate import Comparison, Stopped, compare
+from .serving.lean import LeanStep
+from .serving.scheduler import scheduler_for
 from .steer import SpecError, SteeringSpec, validate
 
 if TYPE_CHECKING:
@@ -72,7 +74,9 @@ def run_comparison(
     embedder = embedder or get_embedder()
     with lm.lock:
         comparison = compare(lm, sae, **compare_args)
-        result = finish(lm, sae, comparison, compare_args["spec"], embedder)
+        # compare() ran in the model's shared batch (or one of its shape and plan): its lean step, if any.
+        lean = scheduler_for(lm).batch.lean
+        result = finish(lm, sae, comparison, compare_args["spec"], embedder, lean)
     result.timings["total"] = time.perf_counter() - started
     return result
 
@@ -83,10 +87,11 @@ def finish(
     comparison: Comparison,
     spec: SteeringSpec | Sequence[SteeringSpec],
     embedder: SentenceTransformer,
+    lean: LeanStep | None = None,
 ) -> ComparisonResult:
-    """A generated comparison with every variant's metrics."""
+    """A generated comparison with every variant's metrics (lean: its batch's lean step, comparison_metrics)."""
     specs = [spec] if isinstance(spec, SteeringSpec) else list(spec)
-    metrics = comparison_metrics(lm, sae, comparison, specs, embedder)
+    metrics = comparison_metrics(lm, sae, comparison, specs, embedder, lean)
     return ComparisonResult(
         unsteered_text=comparison.unsteered_text,
         variants=[VariantResult(variant.text, item) for variant, item in zip(comparison.variants, metrics)],

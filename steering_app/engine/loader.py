@@ -42,8 +42,6 @@ class LoadedModel:
     hidden_size: int
     # Reentrant: run_comparison holds it around compare and comparison_metrics, which take it too.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    # The model's shared slot batch (scheduler.scheduler_for), created at first use.
-    scheduler: object = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:

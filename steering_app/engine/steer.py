@@ -11,6 +11,7 @@ so c = 0 changes nothing and the SAE's reconstruction error stays in the residua
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -197,6 +198,20 @@ class _LayerOps:
     capture: list[_CaptureGroup] = field(default_factory=list)
 
 
+# Steering structures a batch keeps, each with the CUDA graph of a step captured over its tensors
+# (slots.SlotBatch._replay). A worker sees a handful (which layers, SAEs and capture widths its runs use), but
+# every kept graph holds its tensors and its memory, so past this many the least recently used structure goes,
+# graph included, and is built and captured again if it returns.
+STRUCTURES_KEPT = 16
+
+
+@dataclass
+class _Structure:
+    ops: dict[int, _LayerOps]
+    protected: torch.Tensor  # [rows] bool: rows whose special tokens stay unsteered
+    captured: object = None  # the CUDA graph of a step reading these tensors (set by SlotBatch._replay)
+
+
 class RowSteering:
     """The steering of a batch whose rows may belong to different runs, as per-row tensors.
 
@@ -220,7 +235,8 @@ class RowSteering:
         self._handles: list = []
         self._ops: dict[int, _LayerOps] | None = None
         self._protected: torch.Tensor | None = None  # [rows] bool: rows whose special tokens stay unsteered
-        self._by_signature: dict[tuple, tuple[dict[int, _LayerOps], torch.Tensor]] = {}
+        self._by_signature: OrderedDict[tuple, _Structure] = OrderedDict()  # least recently used first
+        self.structure: _Structure | None = None  # the one prepare() made current
         self._stale = True
 
     def assign(self, row: int, plan: RowPlan | None) -> None:
@@ -250,12 +266,16 @@ class RowSteering:
         protected = self._protected_rows()
         kept = self._by_signature.get(signature)
         if kept is None:
-            # Kept for as long as the batch lives: a captured graph of this structure reads these tensors.
-            kept = self._by_signature[signature] = (fresh, protected)
+            # Kept while it is among the STRUCTURES_KEPT last used: a captured graph of it reads these tensors.
+            kept = self._by_signature[signature] = _Structure(fresh, protected)
+            if len(self._by_signature) > STRUCTURES_KEPT:
+                self._by_signature.popitem(last=False)
         else:
-            _copy_ops(kept[0], fresh)
-            kept[1].copy_(protected)
-        self._ops, self._protected = kept
+            _copy_ops(kept.ops, fresh)
+            kept.protected.copy_(protected)
+            self._by_signature.move_to_end(signature)
+        self.structure = kept
+        self._ops, self._protected = kept.ops, kept.protected
         self._stale = False
 
     def records(self) -> dict[int, torch.Tensor]:

@@ -36,6 +36,11 @@ class LanguageModel(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.READY)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # How the worker's slot step runs this model (engine/serving/plan.py StepPlan.as_dict()), stored when a
+    # worker builds its batch: which host decided it, and when. Staff read it; nothing else depends on it.
+    step_plan = models.JSONField(null=True, blank=True, editable=False)
+    step_plan_host = models.CharField(max_length=255, blank=True, editable=False)
+    step_plan_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["name"]

@@ -8,6 +8,7 @@ from steering_app.engine.analysis.metrics import comparison_metrics
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import get_embedder
 from steering_app.engine.serving.generate import Generation, compare, prepare
+from steering_app.engine.serving.plan import StepPolicy
 from steering_app.engine.serving.scheduler import Scheduler
 from steering_app.engine.steer import SpecError, SteeringSpec
 
@@ -87,10 +88,9 @@ def test_it_gives_bit_identical_numbers_alone_and_beside_other_runs(
     spec = SteeringSpec("additive", ((0, 3.0),), (SAE_LAYER, 14), feature_scales={0: cat_scale})
     request = _request(lm, sae, "Tell me about your favourite animal.", [spec], 16, seed)
     others = _others(lm, sae, cat_scale)
-    scheduler = Scheduler(lm, ROWS, LENGTH)
-    if occupied_only and not scheduler.batch.occupied_only:
+    scheduler = Scheduler(lm, ROWS, LENGTH, StepPolicy(rows="auto" if occupied_only else "all"))
+    if scheduler.batch.occupied_only != occupied_only:
         pytest.skip("this CPU's kernels were not row-invariant: every step runs all rows (the other case)")
-    scheduler.batch.occupied_only = occupied_only
     alone = _run(scheduler, request, lm, sae, [], [])
     slots = {tuple(alone.timings["slots"])}
     # 1, 2 and 3 neighbours, joining before the request, during it and after its first steps.

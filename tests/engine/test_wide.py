@@ -9,13 +9,14 @@ import torch
 from steering_app.engine.serving import scheduler as scheduling
 from steering_app.engine.serving.generate import Generation, prepare
 from steering_app.engine.serving.kernels import StepKernels
+from steering_app.engine.serving.plan import StepPlan
 from steering_app.engine.serving.scheduler import (
     WIDE_ROWS,
     scheduler_for,
     slot_shape,
     wide_scheduler,
 )
-from steering_app.engine.serving.slots import SlotBatch, StepChecks
+from steering_app.engine.serving.slots import SlotBatch
 from steering_app.engine.steer import SteeringSpec
 
 from .conftest import SAE_LAYER, random_sae, tiny_lm
@@ -38,11 +39,12 @@ def _machine(monkeypatch, invariant_rows) -> list[int]:
     )
     built = []
 
-    def checks(batch):
+    def plan(batch):
         built.append(batch.rows)
-        return StepChecks(True, invariant_rows(batch.rows))
+        occupied = invariant_rows(batch.rows)
+        return StepPlan(batch.rows, batch.length, True, "faked", (), "faked", occupied, "faked", False, "cpu")
 
-    monkeypatch.setattr(SlotBatch, "_checks", checks)
+    monkeypatch.setattr(SlotBatch, "_decide", plan)
     return built
 
 

@@ -32,7 +32,8 @@ from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..saes.sae import SAE
 from ..serving.generate import Comparison, pad_token_id
-from ..serving.slots import lean_step, model_forward, special_ids, teacher_forced
+from ..serving.lean import LeanStep, has_hooks
+from ..serving.slots import model_forward, special_ids, teacher_forced
 from ..steer import RowSteering, SteeringSpec, plan_row
 
 if TYPE_CHECKING:
@@ -45,15 +46,18 @@ def comparison_metrics(
     comparison: Comparison,
     spec: SteeringSpec | Sequence[SteeringSpec],
     embedder: SentenceTransformer,
+    lean: LeanStep | None = None,
 ) -> dict | list[dict]:
     """The five metrics of each variant against the clean row: a dict for one spec, a list for a sequence.
 
+    lean: the lean step of the batch that generated the comparison (SlotBatch.lean), for the metrics' forward
+    when it covers its positions and no hooks are on the model; None: transformers' modules.
     Also records metrics_forward and embed in comparison.timings.
     """
     specs = [spec] if isinstance(spec, SteeringSpec) else list(spec)
     t0 = time.perf_counter()
     with lm.lock:
-        results = _model_metrics(lm, sae, comparison, specs)
+        results = _model_metrics(lm, sae, comparison, specs, lean)
     comparison.timings["metrics_forward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -118,7 +122,7 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def _model_metrics(
-    lm: LoadedModel, sae: SAE, comparison: Comparison, specs: list[SteeringSpec]
+    lm: LoadedModel, sae: SAE, comparison: Comparison, specs: list[SteeringSpec], lean: LeanStep | None
 ) -> list[dict]:
     """KL, perplexities and feature activations of every variant, from one forward over 2 rows per variant:
     row 2k is the clean model reading variant k's tokens, row 2k + 1 variant k's model reading the
@@ -140,8 +144,7 @@ def _model_metrics(
     for row, plan in enumerate(plans):
         steering.assign(row, plan)
     kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens
-    lean = lean_step(lm, width)
-    if lean is not None:
+    if lean is not None and width <= lean.length and not has_hooks(lm.model):
         logits, _ = teacher_forced(lean, input_ids, steering, kept)  # plain F.linear: fastest at many rows
     else:
         with steering.attached():

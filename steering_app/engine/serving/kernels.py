@@ -18,8 +18,8 @@ The choice is made once per model and row count (a few hundred milliseconds) and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 TIMING_REPEATS = 3
 LINEAR, TRANSPOSED, PACKED = "F.linear", "W@x.T", "packed"
@@ -112,15 +110,20 @@ class StepKernels:
         """Every linear takes the packed form, and it gave bit-identical rows at every row count."""
         return bool(self.shapes) and all(c.form == PACKED and c.row_invariant for c in self.shapes)
 
-    def describe(self) -> str:
-        if not self.shapes:
-            return "F.linear everywhere (not timed off the CPU)"
-        return ", ".join(
-            f"{out}x{inp} {choice.form} ("
-            + "/".join(f"{form} {seconds * 1e3:.2f}" for form, seconds in choice.seconds.items())
-            + " ms)"
-            for choice in self.shapes
-            for out, inp in [choice.shape]
+    def with_form(self, form: str) -> StepKernels:
+        """These shapes, every one in `form` (a forced plan, plan.py); the timings stay the measured ones."""
+        return StepKernels(
+            self.rows,
+            [
+                dataclasses.replace(
+                    choice,
+                    form=form,
+                    packs={module: packed_weight(module) for module in choice.modules}
+                    if form == PACKED
+                    else {},
+                )
+                for choice in self.shapes
+            ],
         )
 
     @contextmanager
@@ -182,9 +185,6 @@ def _choose(model: torch.nn.Module, rows: int, device: torch.device) -> StepKern
             for module in choice.packs:
                 _PACKS.pop(module, None)  # not used here: freed unless another batch's choice holds it
             choice.packs = {}
-    logger.info(
-        "Slot step at %d rows: %s; row-invariant: %s", rows, kernels.describe(), kernels.row_invariant
-    )
     return kernels
 
 

@@ -8,8 +8,8 @@ per norm, a rotary table built once per batch, the rotation as one addcmul, fuse
 the steering applied between blocks (RowSteering.steer) instead of through hooks.
 
 It is used only where it is the same function: a supported architecture in a plain configuration (below),
-its logits checked against the module path's on a probe when the batch is built, and no forward hooks on
-the model (a user's hooks see module calls, which this step does not make). Everything else takes the
+its logits checked against the module path's on a probe when the batch is built (plan.py), and no forward
+hooks on the model's modules (a user's hooks see module calls, which this step does not make). Everything else takes the
 module path in slots.py.
 """
 
@@ -66,6 +66,7 @@ class LeanStep:
         """attention(module, query, key, value, mask, scaling) -> (output [rows, seq, heads, head_dim], _):
         the slot attention (slots.py)."""
         self.attention = attention
+        self.length = length
         inner = model.model
         config = model.config
         # Each layer's modules looked up once (nn.Module attribute access costs a microsecond, 16 per layer).
@@ -157,10 +158,10 @@ _MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def has_hooks(model: torch.nn.Module) -> bool:
-    """Whether any module of the model has forward hooks (which only the module path would call). Asked every
-    step, so the modules are listed once (walking them costs a millisecond)."""
+    """Whether a module of the model has forward hooks (which only the module path would call). Global hooks
+    (torch.nn.modules.module.register_module_forward_hook) are not the model's: a profiler or a library
+    may set them process-wide, and they must not change which step, and so which bits, a batch runs.
+    Asked every step, so the modules are listed once (walking them costs a millisecond)."""
     if model not in _MODULES:
         _MODULES[model] = list(model.modules())
-    return any(module._forward_hooks or module._forward_pre_hooks for module in _MODULES[model]) or bool(
-        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
-    )
+    return any(module._forward_hooks or module._forward_pre_hooks for module in _MODULES[model])

@@ -33,6 +33,7 @@ what it costs alone while the cells wait.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import weakref
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from ..loader import LoadedModel
 from ..steer import SpecError
 from .generate import Comparison, Generation, Request, Stopped
 from .kernels import PACK_ROWS, step_kernels
+from .plan import AUTO, StepPolicy
 from .slots import SlotBatch
 
 DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (32, 1024)}
@@ -76,9 +78,9 @@ class Ended:
 class Scheduler:
     """One model's SlotBatch and the generations in it. The caller holds the model's lock around each call."""
 
-    def __init__(self, lm: LoadedModel, rows: int, length: int):
+    def __init__(self, lm: LoadedModel, rows: int, length: int, policy: StepPolicy = AUTO):
         self.lm = lm
-        self.batch = SlotBatch(lm, rows, length)
+        self.batch = SlotBatch(lm, rows, length, policy)
         self.active: list[Generation] = []
 
     def check_fits(self, request: Request) -> None:
@@ -158,18 +160,19 @@ class Scheduler:
                     return item.comparison
 
 
-def scheduler_for(lm: LoadedModel) -> Scheduler:
-    """The model's shared Scheduler (created at first use), or, while it serves other runs, a private one of
-    the same shape: the same shape gives the same numbers. The caller holds the model's lock."""
-    shared = lm.scheduler
+def scheduler_for(lm: LoadedModel, policy: StepPolicy = AUTO) -> Scheduler:
+    """The model's shared Scheduler (created at first use, its steps planned by `policy`), or, while it serves
+    other runs, a private one of the same shape and policy: the same shape and plan give the same numbers.
+    The caller holds the model's lock."""
+    shared = _SHARED.get(lm.model)
     if shared is None:
-        shared = lm.scheduler = Scheduler(lm, *slot_shape(lm.device))
+        shared = _SHARED[lm.model] = Scheduler(lm, *slot_shape(lm.device), policy)
     if not shared.active:
         return shared
-    return Scheduler(lm, shared.batch.rows, shared.batch.length)
+    return Scheduler(lm, shared.batch.rows, shared.batch.length, shared.batch.policy)
 
 
-def wide_scheduler(lm: LoadedModel) -> Scheduler:
+def wide_scheduler(lm: LoadedModel, policy: StepPolicy = AUTO) -> Scheduler:
     """The model's Scheduler for runs that may wait (an experiment's cells), created at first use: WIDE_ROWS
     rows where its steps, and the shared batch's (scheduler_for), compute only the occupied rows, else the
     shared batch's shape (so a run gives the same numbers in either). STEERLAB_SLOT_ROWS, when set, fixes the
@@ -180,15 +183,17 @@ def wide_scheduler(lm: LoadedModel) -> Scheduler:
     interactive run generates."""
     found = _WIDE.get(lm.model)
     if found is None:
-        found = _WIDE[lm.model] = _wide(lm)
+        found = _WIDE[lm.model] = _wide(lm, policy)
     return found
 
 
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its shared Scheduler
 _WIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its wide Scheduler
 
 
-def _wide(lm: LoadedModel) -> Scheduler:
-    shared = (lm.scheduler or scheduler_for(lm)).batch
+def _wide(lm: LoadedModel, policy: StepPolicy) -> Scheduler:
+    shared = scheduler_for(lm, policy).batch
+    policy = shared.policy
     widen = (
         WIDE_ROWS > shared.rows
         and shared.occupied_only
@@ -196,10 +201,11 @@ def _wide(lm: LoadedModel) -> Scheduler:
     )
     # The linears' check first: where it fails, no wide cache is allocated and no probe step run.
     if widen and step_kernels(lm.model, WIDE_ROWS, lm.device).row_invariant:
-        wide = Scheduler(lm, WIDE_ROWS, shared.length)
+        # rows="auto" for the try: the wide batch is kept only where it runs the occupied rows anyway.
+        wide = Scheduler(lm, WIDE_ROWS, shared.length, dataclasses.replace(policy, rows="auto"))
         if wide.batch.occupied_only:
             return wide
-    return Scheduler(lm, shared.rows, shared.length)
+    return Scheduler(lm, shared.rows, shared.length, policy)
 
 
 __all__ = [

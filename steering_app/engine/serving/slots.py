@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,10 @@ from transformers.cache_utils import Cache
 from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..steer import RowSteering
-from .kernels import step_kernels
 from .lean import TOLERANCE, LeanStep, has_hooks
+from .plan import AUTO, StepPlan, StepPolicy, choose_kernels, decide
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = "steerlab_slots"
 SPAN_STEP = 64  # positions a step attends to, in multiples of this (when the kernels allow trimming)
@@ -198,10 +200,11 @@ class SlotBatch:
 
     Rows are handed out with take() (lowest first) and given back with give_back(). A step runs rows
     [0, step_rows()): all R, free ones included (their numbers are discarded), unless occupied_only, when
-    it stops at the last occupied row. The caller holds the model's lock.
+    it stops at the last occupied row. How a step runs is decided once, here: `plan` (plan.py), from
+    `policy`. The caller holds the model's lock.
     """
 
-    def __init__(self, lm: LoadedModel, rows: int, length: int):
+    def __init__(self, lm: LoadedModel, rows: int, length: int, policy: StepPolicy = AUTO):
         self.lm = lm
         self.rows = rows
         self.length = length
@@ -213,18 +216,23 @@ class SlotBatch:
         self._advancing = torch.zeros(rows, dtype=torch.long, device=lm.device)  # 1 for taken rows
         self._span = torch.arange(length, device=lm.device)
         self.special_ids = special_ids(lm.tokenizer).to(lm.device)
-        self.kernels = step_kernels(lm.model, rows, lm.device)
-        # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
-        self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
-        # The lean step is a candidate until the probe steps of _checks() compare it with the modules.
+        self.policy = policy
+        self.kernels = choose_kernels(policy, lm.model, rows, lm.device)
+        # The lean step is a candidate until the plan's probe steps compare it with the modules.
         self.lean: LeanStep | None = (
-            LeanStep(lm.model, length, lean_attention(lm.device)) if LeanStep.supports(lm.model) else None
+            LeanStep(lm.model, length, lean_attention(lm.device))
+            if policy.lean != "off" and LeanStep.supports(lm.model)
+            else None
         )
-        checks = self._checks()
-        if not checks.lean:
+        self.plan: StepPlan = self._decide()
+        if not self.plan.lean:
             self.lean = None
-        self.occupied_only = checks.row_invariant
+        # The step's CUDA graphs are kept per steering structure, with its tensors (RowSteering.structure).
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.plan.graphs else None
+
+    @property
+    def occupied_only(self) -> bool:
+        return self.plan.occupied_rows
 
     def take(self, count: int) -> list[int] | None:
         """`count` free rows, or None when fewer are free."""
@@ -252,7 +260,7 @@ class SlotBatch:
         self.steering.assign(row, plan)
 
     def lean_usable(self) -> bool:
-        """Whether forwards may take the lean step now (none does while hooks are on the model)."""
+        """Whether forwards may take the lean step now (none does while hooks are on the model's modules)."""
         return self.lean is not None and not has_hooks(self.lm.model)
 
     def prefills_together(self) -> bool:
@@ -288,7 +296,7 @@ class SlotBatch:
         On a GPU the step is a CUDA graph, captured once per steering structure and replayed: the inputs,
         positions, cache and steering tensors it reads are updated in place between steps.
         """
-        if self.graphs is not None:
+        if self.plan.graphs:
             logits = self._replay()
         else:
             logits = self._forward(self.step_rows())
@@ -317,7 +325,7 @@ class SlotBatch:
         inputs = self.inputs[:count].unsqueeze(1)
         self.steering.special_mask = torch.isin(inputs, self.special_ids)
         if lean is None:
-            lean = self.lean is not None and not has_hooks(self.lm.model)
+            lean = self.lean_usable()
         if lean:
             with self.kernels.applied():
                 self.steering.begin()
@@ -336,11 +344,10 @@ class SlotBatch:
 
     def _replay(self) -> torch.Tensor:
         self.steering.prepare()
-        key = self.steering.signature()
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture()
-        graph, logits, gathered = captured
+        structure = self.steering.structure
+        if structure.captured is None:
+            structure.captured = self._capture()
+        graph, logits, gathered = structure.captured
         graph.replay()
         self.steering.gathered = gathered
         return logits
@@ -359,26 +366,37 @@ class SlotBatch:
         return graph, logits, dict(self.steering.gathered)
 
     @torch.inference_mode()
-    def _checks(self) -> StepChecks:
-        """What this machine's step was shown to do, checked once per model and batch shape on random tokens
-        at position 0 of the still empty batch (its cache rows are cleared again before any run writes a
-        prompt):
-        - lean: the lean step's logits match the module path's (within TOLERANCE of the largest logit);
-        - row_invariant (CPU, with row-invariant linears): whole steps give a row the same bits at every row
-          count and attended span, so steps may skip free rows and unused positions."""
-        by_shape = _CHECKED.setdefault(self.lm.model, {})
-        key = (self.rows, self.length)
+    def _decide(self) -> StepPlan:
+        """The batch's StepPlan, decided once per model, batch shape and policy (then kept): probe steps on
+        random tokens at position 0 of the still empty batch (its cache rows are cleared again before any run
+        writes a prompt):
+        - the lean step's logits against the module path's (within TOLERANCE of the largest logit);
+        - (CPU, with row-invariant linears) whole steps at every row count and attended span against a full
+          one, bit for bit: then steps may skip free rows and unused positions."""
+        by_shape = _PLANS.setdefault(self.lm.model, {})
+        key = (self.rows, self.length, self.policy)
         if key not in by_shape:
             generator = torch.Generator().manual_seed(0)
             vocabulary = self.lm.model.get_input_embeddings().num_embeddings
             tokens = torch.randint(vocabulary, (self.rows,), generator=generator).to(self.lm.device)
             self.inputs.copy_(tokens)
-            lean = self.lean is not None and self._lean_matches()
-            by_shape[key] = StepChecks(lean, self._rows_invariant(lean))
+            plan = decide(
+                self.policy,
+                self.rows,
+                self.length,
+                self.lm.device,
+                self.kernels,
+                lean_supported=self.lean is not None,
+                lean_matches=self._lean_matches,
+                rows_invariant=self._rows_invariant,
+                graphs_enabled=use_cuda_graphs(self.lm.device),
+            )
             self.inputs.zero_()
             for layer in self.cache.keys:
                 self.cache.keys[layer].zero_()
                 self.cache.values[layer].zero_()
+            logger.info("Step plan for %s: %s", self.lm.source, plan.describe())
+            by_shape[key] = plan
         return by_shape[key]
 
     def _lean_matches(self) -> bool:
@@ -388,23 +406,12 @@ class SlotBatch:
         return bool((lean - modules).abs().max() <= tolerance)
 
     def _rows_invariant(self, lean: bool) -> bool:
-        if self.graphs is not None or not self.kernels.row_invariant:
-            return False
         full = self._forward(self.rows, self.length, lean)
         spans = range(SPAN_STEP, self.length, SPAN_STEP)
         return all(
             torch.equal(self._forward(count, self.length, lean), full[:count])
             for count in range(1, self.rows)
         ) and all(torch.equal(self._forward(1, span, lean), full[:1]) for span in spans)
-
-
-def lean_step(lm: LoadedModel, positions: int) -> LeanStep | None:
-    """The lean step of the model's shared batch, when it was checked, its rotary table covers `positions`
-    and no hooks are on the model."""
-    batch = getattr(lm.scheduler, "batch", None)
-    if batch is None or batch.lean is None or positions > batch.length or has_hooks(lm.model):
-        return None
-    return batch.lean
 
 
 @torch.inference_mode()
@@ -423,10 +430,4 @@ def teacher_forced(
     return lean(input_ids, positions, cache, mask, steering, keep=keep), cache
 
 
-@dataclass(frozen=True)
-class StepChecks:
-    lean: bool
-    row_invariant: bool
-
-
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(rows, length): StepChecks}
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(rows, length, policy): StepPlan}
