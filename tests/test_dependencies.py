@@ -16,7 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("steering_app", "presets_app", "steerproject")
 # The plain-constant modules the engine may read: they import nothing from Django (checked below).
 ENGINE_MAY_IMPORT = {"steering_app.limits", "steering_app.json_checks"}
-DOMAIN = {"steering_app.runs", "steering_app.services"}
+# The domain: what entry layers call, and what calls the engine (DESIGN.md, "Conventions").
+DOMAIN = {
+    "steering_app.runs",
+    "steering_app.services",
+    "steering_app.analysis",
+    "steering_app.experiments",
+    "steering_app.experiment_results",
+}
 ENTRY = {"steering_app.worker", "steering_app.views", "steering_app.api", "steering_app.consumers"}
 
 
