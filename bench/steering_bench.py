@@ -5,7 +5,7 @@ one feature at layer 10 ("Amplify", coefficient 2), temperature 0.7, warm caches
 - S: the specification's reference approach (seed section 2) reproduced faithfully: two sequential
   `generate` calls with output_scores, the encode / scale / clamp / decode hook, a SentenceTransformer
   constructed inside the call, its four metrics.
-- O: ours, `run_comparison`: both continuations and all five metrics, in the worker's slot batch.
+- O: ours, `compare` then `finish`: both continuations and all five metrics, in the worker's slot batch.
 - SW: ours, a strength sweep of 4 variants (x0.5, x1, x2, x4) in one run, every variant's metrics.
 - C2, C4: 2 and 4 comparisons (different seeds) submitted together to one slot batch, as a worker runs them
   (continuous batching, metrics as each ends): the wall time until the last finishes.
@@ -13,7 +13,7 @@ one feature at layer 10 ("Amplify", coefficient 2), temperature 0.7, warm caches
 - EX: an experiment: 8 everyday prompts, the same feature and coefficient, strengths x0.5, x1, x2, x4, so
   8 sweep cells of 5 rows submitted together to the model's wide batch (scheduler.wide_scheduler) as a
   worker runs them (admitted as rows free up, metrics as each ends): the wall time until the last ends.
-  SEQ: the same 8 sweeps one after another (run_comparison). EX's texts must equal SEQ's.
+  SEQ: the same 8 sweeps one after another (compare, finish). EX's texts must equal SEQ's.
 - FAIR: O's comparison submitted after a few steps of the experiment, ahead of its waiting cells, as a
   worker gives interactive runs priority: into the shared batch, which is stepped alone while it holds runs
   (the cells wait), from its submission to its end, metrics included. FAIRs: the same, admitted instead
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from steering_app.engine import SteeringSpec, finish, run_comparison
+from steering_app.engine import SteeringSpec, compare, finish
 from steering_app.engine.demo import DEMO_LAYER, DEMO_MODEL_NAME
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import (
@@ -393,19 +393,21 @@ def main() -> None:
             seed,
         )
 
-    def comparison(specs, seed):
-        return run_comparison(
+    def comparison(specs, seed, prompt=PROMPT):
+        """Both continuations and all metrics, as a worker computes them (compare, then finish)."""
+        generated = compare(
             lm,
             sae,
-            prompt=PROMPT,
+            prompt=prompt,
             spec=specs,
             temperature=TEMPERATURE,
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
             seed=seed,
             sae_layer=LAYER,
-            embedder=embedder,
         )
+        # compare() ran in the model's shared batch: its metrics take that batch's lean step, as a worker's do.
+        return finish(lm, sae, generated, specs, embedder, scheduler_for(lm).batch.lean)
 
     def ours(seed):
         result = details["O"] = comparison(spec, seed)
@@ -429,19 +431,7 @@ def main() -> None:
 
     def sequential(seed):
         details["SEQ"] = [
-            run_comparison(
-                lm,
-                sae,
-                prompt=prompt,
-                spec=sweep,
-                temperature=TEMPERATURE,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                seed=seed + index,
-                sae_layer=LAYER,
-                embedder=embedder,
-            )
-            for index, prompt in enumerate(EXPERIMENT_PROMPTS)
+            comparison(sweep, seed + index, prompt) for index, prompt in enumerate(EXPERIMENT_PROMPTS)
         ]
 
     def interactive(same_batch):

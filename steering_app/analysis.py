@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from steering_app import services, worker
+from steering_app import services, wake
 from steering_app.errors import InvalidInput, WorkerUnavailable, failure_reason
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import AnalysisJob, Training
@@ -93,7 +93,7 @@ def create(job: AnalysisJob) -> None:
 def submit() -> None:
     """Tell the workers a job is waiting; WorkerUnavailable when none can be told."""
     try:
-        worker.submit()
+        wake.workers()
     except Exception as error:
         logger.exception("Could not tell a worker of an analysis job")
         raise WorkerUnavailable("No steering worker is available; try again later.") from error

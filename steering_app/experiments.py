@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from steering_app import experiment_results, experiment_stats, runs, services, worker
+from steering_app import experiment_results, experiment_stats, runs, services, wake
 from steering_app.errors import Conflict, InvalidInput, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import Experiment, Feature, PromptSet, SteeringRun, Training
@@ -255,8 +255,8 @@ def _wake_workers(experiment: Experiment) -> None:
     """Tell the workers that cells wait: one message per idle worker to be (channel mode spreads them)."""
     try:
         for _ in range(min(WAKE_MESSAGES, experiment.total_cells)):
-            worker.submit()
-            if worker.mode() != "channel":
+            wake.workers()
+            if settings.STEERLAB_WORKER_MODE != "channel":
                 break  # one embedded or inline worker drains the whole queue
     except Exception as error:
         logger.exception("Could not hand experiment %s to a worker", experiment.pk)

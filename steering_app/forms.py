@@ -13,8 +13,7 @@ from steering_app.experiments import ExperimentRequest
 from steering_app.form_integers import storable_int
 from steering_app.limits import MAX_ID, MAX_INDEX
 from steering_app.models import PromptSet, SteeringRun, SteeringRunQuerySet
-from steering_app.runs import RunRequest
-from steering_app.steering_settings import SteeringSettings
+from steering_app.steering_settings import RunRequest, SteeringSettings
 
 # SteeringError.field -> the form field that shows the message
 ERROR_FIELDS = {

@@ -5,8 +5,8 @@
        +--cancel------------------------> cancelled
        +-----------------+--fail / sweep_stale--> failed (with the reason)
 
-The panel and the API create and submit; every worker mode (inline, embedded, channel) calls
-process_queued(), which claims queued runs in fair-share order (next_in_turn), processes them, and repeats;
+The panel and the API create and submit (wake.workers tells the worker, an entry layer above this module:
+worker.py); every worker mode (inline, embedded, channel) calls process_queued(), which claims queued runs in fair-share order (next_in_turn), processes them, and repeats;
 the workers also call beat() and sweep_stale() on a timer and as they start. A run always ends: any failure
 while processing fails it with its reason, and a run whose cancel was asked for ends cancelled wherever it
 stopped. While a worker processes a run, a liveness thread writes the run's heartbeat every
@@ -24,7 +24,6 @@ import random
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Self
 
@@ -33,7 +32,7 @@ from django.db import connection, transaction
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from steering_app import analysis, experiment_results, services, streaming, worker
+from steering_app import analysis, experiment_results, services, streaming, wake
 from steering_app.errors import (
     OOM_MESSAGE,  # noqa: F401 - the API compares a failed run's error with it
     InvalidInput,
@@ -45,7 +44,7 @@ from steering_app.errors import (
 from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import SteeringRun, Training, Worker
 from steering_app.polling import poll_until
-from steering_app.steering_settings import SteeringSettings, is_integer
+from steering_app.steering_settings import RunRequest, is_integer
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
@@ -65,19 +64,6 @@ CLAIM_CANDIDATES = 20
 WORKER_SILENT_SECONDS = 30.0
 # What a member over the queue cap is told to wait: about one short run.
 RETRY_AFTER_SECONDS = 10
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """Everything one comparison needs: the settings, plus what only a run has (prompt, seed, chat)."""
-
-    training_id: int
-    prompt: str
-    settings: SteeringSettings
-    seed: int | None = None
-    chat: bool = False
-    model_id: int | None = None
-    private: bool = False
 
 
 def create(owner: "User", request: RunRequest) -> SteeringRun:
@@ -130,7 +116,7 @@ def submit(run: SteeringRun) -> None:
     """Tell the workers a run is waiting. When no worker can be told, the run fails and WorkerUnavailable
     says so: the panel shows the message, the API answers 503."""
     try:
-        worker.submit(run.pk)
+        wake.workers(run.pk)
     except Exception as error:
         logger.exception("Could not hand run %s to a worker", run.pk)
         fail(run.pk, NO_WORKER)
@@ -272,22 +258,6 @@ class _Batches:
             if self._active(batch):
                 return batch
         return None
-
-
-def process(run: SteeringRun, emit: Emit | None = None) -> SteeringRun:
-    """Process one claimed run alone (a batch of its own) and store its outcome."""
-    item = _Working(run, emit)
-    try:
-        batch = services.batch_for(run)
-        if not batch.admit(run, item.on_step, item.liveness.should_stop):
-            raise RuntimeError("the batch had too few free rows")
-        while batch.active:
-            for _run, result in batch.step():
-                item.end(result)
-    except Exception as error:  # noqa: BLE001 - the run fails with the reason
-        item.end(error)
-    run.refresh_from_db()
-    return run
 
 
 class _Working:

@@ -16,6 +16,7 @@ from django.utils.timezone import now
 
 from steering_app.errors import InvalidInput
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
+from steering_app.steering_settings import slot_shape
 
 if TYPE_CHECKING:
     from steering_app.engine.serving.generate import Comparison, Generation
@@ -283,12 +284,8 @@ def batch_for(run: SteeringRun) -> EngineBatch:
 
 
 def slot_tokens() -> int:
-    """Positions one run may hold in the worker's batch (the engine's slot length for this machine's device),
-    read the way max_variants() reads the rows."""
-    from steering_app.engine.loader import resolve_device
-    from steering_app.engine.serving.scheduler import slot_shape
-
-    return slot_shape(resolve_device())[1]
+    """Positions one run may hold in the worker's batch (steering_settings.slot_shape, as max_variants())."""
+    return slot_shape()[1]
 
 
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:

@@ -1,7 +1,8 @@
-"""SteeringSettings: what a run steers with and a preset saves, and the one check of it.
+"""SteeringSettings: what a run steers with and a preset saves, and the one check of it; RunRequest, a run's.
 
 Runs, presets, the panel's forms and the API all build a SteeringSettings and call validate(training):
-one set of rules, one set of messages, each naming the field at fault.
+one set of rules, one set of messages, each naming the field at fault. It reads the worker's batch shape from
+settings alone (slot_shape), so the web tier checks requests without importing the engine and torch.
 """
 
 from collections.abc import Container, Mapping
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from django.conf import settings
 
+from steering_app.engine_config import SLOT_SHAPES
 from steering_app.errors import InvalidInput
 from steering_app.limits import (
     MAX_FEATURES,
@@ -205,13 +207,33 @@ def _sweep(sweep: object, features: list[dict], training: Training) -> list[floa
     return [float(item) for item in sweep]
 
 
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything one comparison needs: the settings, plus what only a run has (prompt, seed, chat)."""
+
+    training_id: int
+    prompt: str
+    settings: SteeringSettings
+    seed: int | None = None
+    chat: bool = False
+    model_id: int | None = None
+    private: bool = False
+
+
+def slot_shape() -> tuple[int, int]:
+    """(rows, tokens) of a worker's batch, from settings alone: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS, else
+    the defaults of STEERLAB_DEVICE's kind. A worker whose device is auto takes its device's (engine_config); the
+    web tier cannot know that device without torch and checks against the CPU's, the smaller shape: behind GPU
+    workers, set STEERLAB_DEVICE=cuda (or the slot variables) on every host so that both use the GPU's."""
+    kind = "cuda" if settings.STEERLAB_DEVICE.startswith("cuda") else "cpu"
+    rows, tokens = SLOT_SHAPES[kind]
+    return settings.STEERLAB_SLOT_ROWS or rows, settings.STEERLAB_SLOT_TOKENS or tokens
+
+
 def max_variants() -> int:
     """Steered variants per run: MAX_VARIANTS, or fewer when the worker's batch has fewer rows (one is the
-    clean row). The engine's slot shape for this machine's device, as the embedded worker uses it."""
-    from steering_app.engine.loader import resolve_device
-    from steering_app.engine.serving.scheduler import slot_shape
-
-    rows, _length = slot_shape(resolve_device())
+    clean row)."""
+    rows, _tokens = slot_shape()
     return min(MAX_VARIANTS, rows - 1)
 
 

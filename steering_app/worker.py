@@ -1,24 +1,28 @@
 """Transport only: how "a run is waiting" reaches a worker, and the timer that sweeps stale runs.
 
-What a worker does with a run is decided in runs.py; every mode calls runs.process_queued().
+An entry layer: it calls runs and analysis, never the reverse. What a worker does with a run is decided in
+runs.py; every mode calls runs.process_queued(). runs, analysis and experiments tell a worker through
+wake.workers(), which SteeringAppConfig.ready() points at submit() below.
 - embedded (default, no REDIS_URL): a task on the daphne process's event loop, started with the first
   connection (see steerproject/asgi.py); runs execute one at a time in a worker thread.
 - channel (REDIS_URL): a message on the channel `steering-worker`, consumed by any number of
   `python manage.py runworker steering-worker` processes (SteeringWorkerConsumer below).
 - inline (tests: STEERLAB_WORKER_MODE=inline): the run executes in the submitting thread.
+STEERLAB_WORKER_MODE (settings) picks one; unset, channel with REDIS_URL, else embedded.
 Embedded and channel workers also beat (runs.beat: "this worker is alive", busy or not) and call
 runs.sweep_stale() and analysis.sweep_stale() every SWEEP_SECONDS, and once as they start.
 """
 
 import asyncio
 import logging
-import os
 import threading
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
+
+from steering_app import analysis, runs
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +31,12 @@ SWEEP_SECONDS = 5.0
 
 
 def mode() -> str:
-    explicit = os.environ.get("STEERLAB_WORKER_MODE", "")
-    if explicit:
-        return explicit
-    return "channel" if "RedisChannelLayer" in settings.CHANNEL_LAYERS["default"]["BACKEND"] else "embedded"
+    return settings.STEERLAB_WORKER_MODE
 
 
 def submit(run_id: int | None = None) -> None:
     """Tell a worker that work is waiting: run `run_id`, or an analysis job (None). Safe to call from sync code
     (views, API, commands)."""
-    from steering_app import runs
-
     current = mode()
     if current == "inline":
         runs.process_queued()
@@ -50,8 +49,6 @@ def submit(run_id: int | None = None) -> None:
 def sweep() -> None:
     """This worker's heartbeat and one sweep of runs and analysis jobs; a failing database must not stop the
     timer that calls it."""
-    from steering_app import analysis, runs
-
     try:
         runs.beat(runs.worker_name())
         swept = runs.sweep_stale()
@@ -69,8 +66,6 @@ class SteeringWorkerConsumer(SyncConsumer):
     """`python manage.py runworker steering-worker`: each message means "work is waiting"."""
 
     def run_waiting(self, message: dict) -> None:
-        from steering_app import runs
-
         runs.process_queued()
 
 
@@ -105,8 +100,6 @@ class EmbeddedWorker:
         self.waiting.set()
 
     async def work(self) -> None:
-        from steering_app import runs
-
         while True:
             await self.waiting.wait()
             self.waiting.clear()

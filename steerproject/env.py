@@ -16,6 +16,7 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WORKER_MODES = ("inline", "embedded", "channel")
 # The worker thread and the web requests write to one SQLite file: WAL lets readers run beside a writer,
 # IMMEDIATE transactions take the write lock up front (no deadlock upgrading a read lock), and a writer waits
 # up to 20 s for the lock instead of failing at once with "database is locked".
@@ -82,6 +83,26 @@ def dtype(env: Mapping[str, str]) -> str:
     value = env.get("STEERLAB_DTYPE", "auto").strip().lower() or "auto"
     if value not in DTYPES:
         raise ImproperlyConfigured(f"STEERLAB_DTYPE must be one of {', '.join(DTYPES)}; got {value!r}")
+    return value
+
+
+def slot_size(env: Mapping[str, str], name: str) -> int | None:
+    """STEERLAB_SLOT_ROWS / STEERLAB_SLOT_TOKENS: a worker's batch shape; None (unset): the device's default
+    (steering_app/engine_config.py, SLOT_SHAPES)."""
+    raw = env.get(name, "").strip()
+    return env_int(env, name, default=1) if raw else None
+
+
+def worker_mode(env: Mapping[str, str]) -> str:
+    """STEERLAB_WORKER_MODE: how a run reaches a worker (steering_app/worker.py); unset: a channel message to
+    runworker processes with REDIS_URL, else the embedded worker."""
+    value = env.get("STEERLAB_WORKER_MODE", "").strip().lower()
+    if not value:
+        return "channel" if env.get("REDIS_URL", "").strip() else "embedded"
+    if value not in WORKER_MODES:
+        raise ImproperlyConfigured(
+            f"STEERLAB_WORKER_MODE must be one of {', '.join(WORKER_MODES)}; got {value!r}"
+        )
     return value
 
 

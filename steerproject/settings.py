@@ -33,12 +33,18 @@ STEERLAB_MAX_QUEUED_PER_MEMBER = env.env_int(ENV, "STEERLAB_MAX_QUEUED_PER_MEMBE
 STEERLAB_MAX_EXPERIMENT_OUTPUTS = env.env_int(ENV, "STEERLAB_MAX_EXPERIMENT_OUTPUTS", default=2000)
 # daphne serves /static/ itself unless a front proxy does (set STEERLAB_SERVE_STATIC=0 behind nginx).
 STEERLAB_SERVE_STATIC = env.env_bool(ENV, "STEERLAB_SERVE_STATIC", default=True)
+# The sentence embedder of the metrics: a sentence-transformers id or directory; empty: the bundled one.
+STEERLAB_EMBEDDER = ENV.get("STEERLAB_EMBEDDER", "").strip()
+# A worker's batch: rows (a run takes 1 + its variants) and cache tokens (prompt + new tokens); None: the
+# device's default, 8 x 512 on a CPU and 32 x 1024 on a GPU. The web tier checks requests against the same
+# numbers (steering_settings.slot_shape), reading the device's kind from STEERLAB_DEVICE.
+STEERLAB_SLOT_ROWS = env.slot_size(ENV, "STEERLAB_SLOT_ROWS")
+STEERLAB_SLOT_TOKENS = env.slot_size(ENV, "STEERLAB_SLOT_TOKENS")
+# A CUDA decode step as one graph launch (off: every kernel launched from Python, to compare or debug).
+STEERLAB_CUDA_GRAPHS = env.env_bool(ENV, "STEERLAB_CUDA_GRAPHS", default=True)
+STEERLAB_WORKER_MODE = env.worker_mode(ENV)
 # STEERLAB_STEP_LEAN / _KERNEL / _ROWS: the worker's slot-step policy (engine/serving/plan.py StepPolicy).
 STEERLAB_STEP_POLICY = env.step_policy(ENV)
-# The engine reads these from the environment (it imports nothing from Django): keep them in step.
-os.environ.setdefault("STEERLAB_DATA_DIR", str(STEERLAB_DATA_DIR))
-os.environ.setdefault("STEERLAB_DEVICE", STEERLAB_DEVICE)
-os.environ.setdefault("STEERLAB_DTYPE", STEERLAB_DTYPE)
 
 INSTALLED_APPS = [
     "daphne",

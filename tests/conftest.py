@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 
 from presets_app.models import SteeringPreset
-from steering_app import services, worker
+from steering_app import services, wake
 from steering_app.models import Feature, LanguageModel, Training
 from tests.fake_engine import sweep_outcome, use_engine
 
@@ -182,4 +182,4 @@ def engine(monkeypatch):
 @pytest.fixture
 def queued_only(monkeypatch):
     """Workers are told but run nothing: an experiment's cells stay queued for the test to drive."""
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)

@@ -1,19 +1,20 @@
 """SteerLab's steering engine: pure PyTorch + transformers, nothing from Django.
 
-run_comparison is the one call the service makes; the modules below it are usable on their own.
+compare() generates a comparison alone and finish() adds its metrics; a worker instead admits its runs into
+the shared batch (serving/scheduler.py). It lives here, above serving/generate.py and serving/scheduler.py,
+because it needs both and the scheduler is built on generate's Generation.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .analysis.metrics import comparison_metrics
-from .loader import LoadedModel, get_embedder
+from .loader import LoadedModel
 from .saes.sae import SAE, SAEFormatError
-from .serving.generate import Comparison, Stopped, compare
+from .serving.generate import Comparison, Generation, OnStep, Stopped, prepare
 from .serving.lean import LeanStep
 from .serving.scheduler import scheduler_for
 from .steer import SpecError, SteeringSpec, validate
@@ -33,7 +34,6 @@ __all__ = [
     "compare",
     "comparison_metrics",
     "finish",
-    "run_comparison",
     "validate",
 ]
 
@@ -60,25 +60,37 @@ class ComparisonResult:
         return self.variants[0].metrics
 
 
-def run_comparison(
-    lm: LoadedModel, sae: SAE, *, embedder: SentenceTransformer | None = None, **compare_args: Any
-) -> ComparisonResult:
-    """The continuations and all metrics; the model is held for the whole call.
+def compare(
+    lm: LoadedModel,
+    sae: SAE,
+    prompt: str,
+    spec: SteeringSpec | Sequence[SteeringSpec],
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    top_p: float | None = None,
+    chat: bool = False,
+    on_step: OnStep | None = None,
+    sae_layer: int | None = None,
+    min_new_tokens: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> Comparison:
+    """Generate the unsteered continuation of prompt and one steered continuation per spec, together.
 
-    compare_args are compare()'s, by name: prompt, spec (one SteeringSpec or a sequence: the variants),
-    temperature, max_new_tokens, seed, and optionally top_p, chat, on_step, sae_layer, min_new_tokens,
-    should_stop. Raises SpecError (a ValueError naming the field) for an invalid request, Stopped when
-    should_stop() ended the generation.
+    spec: one SteeringSpec, or a sequence of 1 to MAX_VARIANTS (the variants).
+    on_step(clean_delta, variant_deltas) streams; min_new_tokens: EOS cannot be sampled before this many
+    tokens (benchmarks use min = max); should_stop: asked before every forward, and when it returns True
+    the generation raises Stopped, so a cancelled run frees the model within one step.
+    The run takes rows of the model's SlotBatch as any worker run does, so it gives the same text.
+    Raises SpecError (a ValueError naming the field) for an invalid request.
     """
-    started = time.perf_counter()
-    embedder = embedder or get_embedder()
+    variants = (spec,) if isinstance(spec, SteeringSpec) else tuple(spec)
+    request = prepare(
+        lm, sae, prompt, variants, temperature, max_new_tokens, seed, top_p, chat, sae_layer, min_new_tokens
+    )
+    generation = Generation(lm, sae, request, on_step, should_stop)
     with lm.lock:
-        comparison = compare(lm, sae, **compare_args)
-        # compare() ran in the model's shared batch (or one of its shape and plan): its lean step, if any.
-        lean = scheduler_for(lm).batch.lean
-        result = finish(lm, sae, comparison, compare_args["spec"], embedder, lean)
-    result.timings["total"] = time.perf_counter() - started
-    return result
+        return scheduler_for(lm).run_alone(generation)
 
 
 def finish(

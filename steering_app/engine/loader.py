@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from steering_app import engine_config  # plain settings: the engine stays free of Django
+
 from .demo import DEMO_MODEL as SMOLLM2_DEMO
 from .layers import decoder_blocks
 from .saes.sae import SAE, load_sae
@@ -40,7 +42,7 @@ class LoadedModel:
     architecture: str
     num_layers: int
     hidden_size: int
-    # Reentrant: run_comparison holds it around compare and comparison_metrics, which take it too.
+    # Reentrant: a caller that holds it may call what takes it too (compare, comparison_metrics).
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -66,12 +68,12 @@ def _lock_for(key: tuple) -> threading.Lock:
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("STEERLAB_DATA_DIR", "./var")).resolve()
+    return Path(engine_config.current.data_dir).resolve()
 
 
 def resolve_device(pref: str | torch.device | None = None) -> torch.device:
-    """STEERLAB_DEVICE / pref: auto (cuda when available), cpu, cuda or cuda:N."""
-    pref = str(pref or os.environ.get("STEERLAB_DEVICE") or "auto").strip().lower()
+    """pref, else the configured device (STEERLAB_DEVICE): auto (cuda when available), cpu, cuda or cuda:N."""
+    pref = str(pref or engine_config.current.device or "auto").strip().lower()
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if pref == "cpu":
@@ -90,11 +92,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(device: torch.device, pref: str | torch.dtype | None = None) -> torch.dtype:
-    """STEERLAB_DTYPE / pref: auto (float32 on a CPU, bfloat16 on a CUDA device that supports it, else
+    """pref, else the configured dtype (STEERLAB_DTYPE): auto (float32 on a CPU, bfloat16 on a CUDA device that supports it, else
     float32), float32, bfloat16 or float16."""
     if isinstance(pref, torch.dtype):
         return pref
-    name = str(pref or os.environ.get("STEERLAB_DTYPE") or "auto").strip().lower()
+    name = str(pref or engine_config.current.dtype or "auto").strip().lower()
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -184,7 +186,7 @@ def load_model(
     source: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> LoadedModel:
     """The cached model for source (hub id, local HF directory, .gguf path or smollm2-demo); device and
-    dtype default to STEERLAB_DEVICE and STEERLAB_DTYPE."""
+    dtype default to the configured ones (STEERLAB_DEVICE and STEERLAB_DTYPE)."""
     resolved = resolve_source(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dev, dtype)
@@ -343,7 +345,7 @@ def load_sae_cached(path: os.PathLike | str, lm: LoadedModel) -> SAE:
 
 
 def embedder_source() -> str:
-    configured = os.environ.get("STEERLAB_EMBEDDER")
+    configured = engine_config.current.embedder
     if configured:
         return configured
     return str(_package_dir(_EMBEDDER_PACKAGE) / "model")

@@ -19,6 +19,7 @@ from steering_app.limits import (
     MAX_ID,
     MAX_INDEX,
 )
+from steering_app.models.choices import RunStatus, SteeringMethod
 
 
 class LanguageModel(models.Model):
@@ -365,16 +366,8 @@ class SteeringRunQuerySet(models.QuerySet):
 class SteeringRun(models.Model):
     objects = SteeringRunQuerySet.as_manager()
 
-    class Method(models.TextChoices):
-        ADDITIVE = "additive"
-        MULTIPLICATIVE = "multiplicative"
-
-    class Status(models.TextChoices):
-        QUEUED = "queued"
-        RUNNING = "running"
-        COMPLETED = "completed"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
+    Method = SteeringMethod
+    Status = RunStatus
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="steering_runs"

@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from steering_app.errors import Conflict, Forbidden
-from steering_app.models import SteeringRun, Training
+from steering_app.models.choices import RunStatus, SteeringMethod
 
 
 class PromptSet(models.Model):
@@ -48,13 +48,13 @@ class ExperimentQuerySet(models.QuerySet):
 
 class Experiment(models.Model):
     objects = ExperimentQuerySet.as_manager()
-    Status = SteeringRun.Status  # queued -> running -> completed | failed | cancelled; resume: queued again
+    Status = RunStatus  # queued -> running -> completed | failed | cancelled; resume: queued again
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="experiments")
     private = models.BooleanField(default=False)
     name = models.CharField(max_length=200, blank=True)
-    training = models.ForeignKey(Training, on_delete=models.PROTECT, related_name="experiments")
-    method = models.CharField(max_length=20, choices=SteeringRun.Method.choices)
+    training = models.ForeignKey("Training", on_delete=models.PROTECT, related_name="experiments")
+    method = models.CharField(max_length=20, choices=SteeringMethod.choices)
     intervention_layers = models.JSONField(default=list)
     conditions = models.JSONField(help_text='[{"features": [{"feature_id": index, "coefficient": c}]}]')
     strengths = models.JSONField(help_text="Multipliers of every condition's coefficients; 0 is the control")
@@ -106,7 +106,7 @@ class Experiment(models.Model):
         """Keep it (and every cell, each a run with its prompt and text) to its owner and staff, or share it."""
         self.check_can_change(user, "change who can read it")
         Experiment.objects.filter(pk=self.pk).update(private=private)
-        SteeringRun.objects.filter(experiment=self).update(private=private)
+        self.cells.update(private=private)
         self.private = private
 
     def delete_by(self, user) -> None:
@@ -123,7 +123,7 @@ class ExperimentResult(models.Model):
     """One output: (condition, prompt, seed, strength) with its text, scores and metrics, and the run that made it."""
 
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="results")
-    run = models.ForeignKey(SteeringRun, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    run = models.ForeignKey("SteeringRun", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     condition = models.PositiveIntegerField()
     prompt_index = models.PositiveIntegerField()
     seed = models.BigIntegerField()

@@ -34,10 +34,10 @@ def bearer(db):
 
 
 @pytest.fixture
-def fake_engine(monkeypatch):
+def fake_engine(monkeypatch, settings):
     """Runs execute at once in the request's thread, with canned outputs instead of a model; so does the search
     for features active on a prompt."""
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+    settings.STEERLAB_WORKER_MODE = "inline"
 
     def execute(run, on_step, should_stop=None):
         return services.Outcome(
@@ -49,9 +49,9 @@ def fake_engine(monkeypatch):
 
 
 @pytest.fixture
-def failing_engine(monkeypatch):
+def failing_engine(monkeypatch, settings):
     """failing_engine(error): the inline worker's engine raises `error`."""
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+    settings.STEERLAB_WORKER_MODE = "inline"
 
     def use(error: Exception):
         def execute(run, on_step, should_stop=None):

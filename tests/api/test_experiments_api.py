@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from steering_app import worker
+from steering_app import wake
 from steering_app.engine.analysis.scores import harmonic_mean
 from steering_app.models import Experiment, ExperimentResult, PromptSet, SteeringRun
 from tests.api.support import assert_error
@@ -211,7 +211,7 @@ def test_it_answers_503_when_no_worker_can_be_told(create, owner, body, monkeypa
     def unreachable(run_id=None):
         raise ConnectionError("redis is down")
 
-    monkeypatch.setattr(worker, "submit", unreachable)
+    monkeypatch.setattr(wake, "submit", unreachable)
 
     assert_error(create(owner, body), 503)
 
@@ -275,8 +275,8 @@ def test_a_teammate_reads_a_shared_experiment_but_cannot_cancel_resume_or_delete
 
 
 def test_the_owner_cancels_resumes_and_deletes(client, create, owner, bearer, body, monkeypatch):
-    submit = worker.submit
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)  # the cells stay queued
+    submit = wake.submit
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)  # the cells stay queued
     experiment_id = create(owner, body).json()["id"]
     base, headers = f"{URL}/{experiment_id}", bearer(owner)
 
@@ -286,7 +286,7 @@ def test_the_owner_cancels_resumes_and_deletes(client, create, owner, bearer, bo
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert_error(client.post(f"{base}/cancel", headers=headers), 409, "experiment_id")
 
-    monkeypatch.setattr(worker, "submit", submit)  # the inline worker runs the resumed cells at once
+    monkeypatch.setattr(wake, "submit", submit)  # the inline worker runs the resumed cells at once
     use_engine(monkeypatch, sweep_outcome)
     resumed = client.post(f"{base}/resume", headers=headers)
     assert resumed.status_code == 202 and resumed.json() == {"id": experiment_id, "cells": 8}

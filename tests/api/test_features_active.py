@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from steering_app import services, worker
+from steering_app import services, wake
 from steering_app.errors import InvalidInput
 from steering_app.models import AnalysisJob, Feature, Training
 from tests.api.conftest import FAKE_LATENT
@@ -101,7 +101,7 @@ def test_it_answers_503_and_drops_the_job_when_no_worker_answers_in_time(
     client, owner, bearer, training, monkeypatch, settings
 ):
     settings.STEERLAB_RUN_TIMEOUT = 0
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)  # no worker hears of it
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)  # no worker hears of it
 
     assert_error(post(client, bearer(owner), training, {"prompt": SEA}), 503)
     assert not AnalysisJob.objects.exists()

@@ -84,7 +84,7 @@ def test_it_stores_a_shared_run_by_default_and_a_private_one_when_asked(
 
 def test_it_answers_202_with_the_run_id_at_once_when_async(client, owner, bearer, generate_body, monkeypatch):
     submitted = []
-    monkeypatch.setattr("steering_app.worker.submit", submitted.append)
+    monkeypatch.setattr("steering_app.wake.submit", submitted.append)
 
     response = post(client, generate_body, bearer(owner), "?async=true")
 
@@ -179,7 +179,7 @@ def test_it_answers_503_and_cancels_the_run_when_no_worker_takes_it(
     client, owner, bearer, generate_body, monkeypatch, settings
 ):
     # The channel worker mode with nobody listening on the channel: the run stays queued.
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "channel")
+    settings.STEERLAB_WORKER_MODE = "channel"
     settings.STEERLAB_RUN_TIMEOUT = 0.3
 
     body = assert_error(post(client, generate_body, bearer(owner)), 503)
@@ -195,7 +195,7 @@ def test_it_answers_503_when_the_run_cannot_be_handed_to_a_worker(
     def broken_submit(run_id):
         raise ConnectionError("redis is down")
 
-    monkeypatch.setattr("steering_app.worker.submit", broken_submit)
+    monkeypatch.setattr("steering_app.wake.submit", broken_submit)
 
     body = assert_error(post(client, generate_body, bearer(owner)), 503)
 
@@ -230,7 +230,7 @@ def test_it_answers_429_with_retry_after_beyond_the_members_queue_share_and_crea
     client, owner, teammate, bearer, generate_body, monkeypatch, settings
 ):
     settings.STEERLAB_MAX_QUEUED_PER_MEMBER = 2
-    monkeypatch.setattr("steering_app.worker.submit", lambda run_id: None)  # a busy worker: runs stay queued
+    monkeypatch.setattr("steering_app.wake.submit", lambda run_id: None)  # a busy worker: runs stay queued
     for _ in range(2):
         assert post(client, generate_body, bearer(owner), "?async=true").status_code == 202
 
@@ -256,12 +256,12 @@ def test_it_answers_400_naming_the_field_when_the_worker_refuses_the_request(
 
 
 def test_it_answers_409_never_500_when_a_cancel_stops_the_prompt_read(
-    client, owner, bearer, generate_body, monkeypatch
+    client, owner, bearer, generate_body, monkeypatch, settings
 ):
     from steering_app import runs
     from steering_app.engine import Stopped
 
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+    settings.STEERLAB_WORKER_MODE = "inline"
 
     def cancelled_while_reading_the_prompt(run, on_step, should_stop):
         runs.cancel(run.pk, "cancelled by owner")
@@ -323,7 +323,7 @@ def test_it_keeps_serving_other_requests_while_it_waits_for_the_worker(
     owner, bearer, generate_body, monkeypatch, settings
 ):
     # Under ASGI Django runs every sync view on one thread: a generate that blocked it would stall this listing.
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "channel")
+    settings.STEERLAB_WORKER_MODE = "channel"
     settings.STEERLAB_RUN_TIMEOUT = 2
     headers = bearer(owner)
     client = AsyncClient()
@@ -396,9 +396,9 @@ def smollm2_training(db, tmp_path):
 
 @pytest.mark.slow
 def test_it_gives_identical_outputs_and_zero_kl_at_coefficient_zero_on_the_real_model(
-    client, owner, bearer, smollm2_training, monkeypatch
+    client, owner, bearer, smollm2_training, settings
 ):
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+    settings.STEERLAB_WORKER_MODE = "inline"
     body = {
         "training_id": smollm2_training.pk,
         "model_id": smollm2_training.model_id,

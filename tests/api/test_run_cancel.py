@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from steering_app import runs, services, worker
+from steering_app import runs, services, wake
 from steering_app.models import SteeringRun
 from tests.api.support import assert_error
 from tests.fake_engine import use_engine
@@ -111,7 +111,7 @@ def test_a_timed_out_generate_cancels_the_run_and_the_worker_takes_the_next_at_o
                 runs.process_queued(lambda run_id: lambda event, payload: None)
 
     use_engine(monkeypatch, slow_engine)
-    monkeypatch.setattr(worker, "submit", lambda run_id: waiting.set())
+    monkeypatch.setattr(wake, "submit", lambda run_id: waiting.set())
     thread = threading.Thread(target=worker_loop)
     thread.start()
     try:

@@ -67,7 +67,9 @@ def server_environment(workdir: Path) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
+# One server for the whole run: its start (migrate, seed, daphne) and the model its embedded worker loads on the
+# first run cost more than most browser tests. A test that changes shared rows puts them back.
+@pytest.fixture(scope="session")
 def server(chromium_path, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("browser-server")
     env = server_environment(workdir)
@@ -82,7 +84,7 @@ def server(chromium_path, tmp_path_factory):
         processes.stop(process)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 

@@ -19,12 +19,30 @@ pytestmark = pytest.mark.browser
 PROMPT = "Tell me about the weather in the mountains."
 
 
-def test_an_uncalibrated_trainings_sliders_span_twice_the_residual_norm_of_the_prompt(page, server):
-    seed = server.seed
-    with sqlite3.connect(server.log.parent / "db.sqlite3") as connection:
+@pytest.fixture
+def uncalibrated(server):
+    """The seeded training without its calibration, restored afterwards: the server is shared by every browser test."""
+    database = server.log.parent / "db.sqlite3"
+    training = server.seed["training"]
+    with sqlite3.connect(database) as connection:
+        calibration = connection.execute(
+            "SELECT max_activation, id FROM steering_app_feature WHERE training_id = ?", (training,)
+        ).fetchall()
         connection.execute(
-            "UPDATE steering_app_feature SET max_activation = NULL WHERE training_id = ?", (seed["training"],)
+            "UPDATE steering_app_feature SET max_activation = NULL WHERE training_id = ?", (training,)
         )
+    try:
+        yield server
+    finally:
+        with sqlite3.connect(database) as connection:
+            connection.executemany(
+                "UPDATE steering_app_feature SET max_activation = ? WHERE id = ?", calibration
+            )
+
+
+def test_an_uncalibrated_trainings_sliders_span_twice_the_residual_norm_of_the_prompt(page, uncalibrated):
+    server = uncalibrated
+    seed = server.seed
     log_in(page, server)
     page.fill("#feature-search", seed["search"])
     result = page.locator(f'#feature-results .feature-result[data-feature-id="{seed["feature"]}"]')

@@ -4,10 +4,11 @@ and every variant of a sweep keeps the guarantees of a one-variant comparison.""
 import pytest
 import torch
 
+from steering_app.engine import compare
 from steering_app.engine.analysis.metrics import comparison_metrics
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import get_embedder
-from steering_app.engine.serving.generate import Generation, compare, prepare
+from steering_app.engine.serving.generate import Generation, prepare
 from steering_app.engine.serving.plan import StepPolicy
 from steering_app.engine.serving.scheduler import Scheduler
 from steering_app.engine.steer import SpecError, SteeringSpec

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
-from steering_app.engine import run_comparison
+from steering_app.engine import compare, finish
 from steering_app.engine.analysis.metrics import comparison_metrics
 from steering_app.engine.loader import get_embedder
-from steering_app.engine.serving.generate import Stopped, compare, eos_token_ids, sample_coupled
+from steering_app.engine.serving.generate import Stopped, eos_token_ids, sample_coupled
 from steering_app.engine.serving.scheduler import scheduler_for
 from steering_app.engine.steer import SteeringSpec
 
@@ -116,15 +116,11 @@ def test_it_gives_two_threads_exactly_what_each_gets_alone(smollm2, smollm2_sae,
     ]
 
     def run(request):
-        return run_comparison(
-            smollm2,
-            smollm2_sae,
-            prompt=PROMPT,
-            temperature=0.7,
-            max_new_tokens=16,
-            sae_layer=SAE_LAYER,
-            **request,
+        comparison = compare(
+            smollm2, smollm2_sae, PROMPT, temperature=0.7, max_new_tokens=16, sae_layer=SAE_LAYER, **request
         )
+        lean = scheduler_for(smollm2).batch.lean
+        return finish(smollm2, smollm2_sae, comparison, request["spec"], get_embedder(), lean)
 
     alone = [run(request) for request in requests]
     together = [None, None]

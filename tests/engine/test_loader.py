@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from steering_app import engine_config
 from steering_app.engine import loader
 from steering_app.engine.loader import (
     SMOLLM2_DEMO,
@@ -27,10 +28,10 @@ def test_it_resolves_the_demo_model_to_the_bundled_gguf():
     assert resolve_source("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
-def test_it_reads_the_data_dir_and_device_from_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("STEERLAB_DATA_DIR", str(tmp_path))
+def test_it_reads_the_data_dir_and_device_from_the_engine_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
     assert data_dir() == tmp_path
-    monkeypatch.setenv("STEERLAB_DEVICE", "cpu")
+    monkeypatch.setattr(engine_config.current, "device", "cpu")
     assert resolve_device() == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="tpu"):
@@ -40,11 +41,11 @@ def test_it_reads_the_data_dir_and_device_from_the_environment(monkeypatch, tmp_
             resolve_device("cuda:0")
 
 
-def test_it_reads_the_dtype_from_the_environment_with_float32_as_a_cpus_auto(monkeypatch):
+def test_it_reads_the_dtype_from_the_engine_config_with_float32_as_a_cpus_auto(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv("STEERLAB_DTYPE", raising=False)
+    monkeypatch.setattr(engine_config.current, "dtype", "auto")
     assert resolve_dtype(cpu) == torch.float32
-    monkeypatch.setenv("STEERLAB_DTYPE", "float16")
+    monkeypatch.setattr(engine_config.current, "dtype", "float16")
     assert resolve_dtype(cpu) == torch.float16
     assert (
         resolve_dtype(cpu, "bfloat16") == torch.bfloat16
@@ -61,9 +62,9 @@ def test_it_loads_and_caches_a_model_per_dtype(monkeypatch, tmp_path, smollm2):
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     smollm2.tokenizer.save_pretrained(tmp_path)
 
-    monkeypatch.setenv("STEERLAB_DTYPE", "bfloat16")
+    monkeypatch.setattr(engine_config.current, "dtype", "bfloat16")
     half = load_model(str(tmp_path), device="cpu")
-    monkeypatch.setenv("STEERLAB_DTYPE", "auto")
+    monkeypatch.setattr(engine_config.current, "dtype", "auto")
     full = load_model(str(tmp_path), device="cpu")
 
     assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
@@ -133,5 +134,5 @@ def test_it_caches_saes_on_the_models_device_and_dtype(smollm2, tmp_path):
 def test_it_loads_the_embedder_offline_from_the_bundled_package(monkeypatch):
     embedder = get_embedder()
     assert get_embedder() is embedder
-    monkeypatch.setenv("STEERLAB_EMBEDDER", loader.embedder_source())
+    monkeypatch.setattr(engine_config.current, "embedder", loader.embedder_source())
     assert get_embedder() is embedder

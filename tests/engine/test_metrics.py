@@ -6,10 +6,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from steering_app.engine import compare
 from steering_app.engine.analysis.metrics import comparison_metrics, word_overlap
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import get_embedder
-from steering_app.engine.serving.generate import compare
 from steering_app.engine.steer import SteeringSpec, steering_hooks
 
 from .conftest import SAE_LAYER

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from steering_app.engine import compare
 from steering_app.engine.layers import decoder_blocks
-from steering_app.engine.serving.generate import compare
 from steering_app.engine.serving.kernels import PackedLinear, TransposedLinear
 from steering_app.engine.serving.scheduler import scheduler_for
 from steering_app.engine.steer import SpecError, SteeringSpec, steering_hooks, validate

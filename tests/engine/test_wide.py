@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from steering_app import engine_config
 from steering_app.engine.serving import scheduler as scheduling
 from steering_app.engine.serving.generate import Generation, prepare
 from steering_app.engine.serving.kernels import StepKernels
@@ -91,9 +92,9 @@ def test_it_builds_no_wide_batch_where_the_shared_batch_runs_all_rows(llama, mon
     assert built == [DEFAULT_ROWS, DEFAULT_ROWS]
 
 
-def test_the_environment_fixes_the_rows(llama, monkeypatch):
+def test_the_configured_rows_fix_both_batches(llama, monkeypatch):
     _machine(monkeypatch, lambda rows: True)
-    monkeypatch.setenv("STEERLAB_SLOT_ROWS", "5")
+    monkeypatch.setattr(engine_config.current, "slot_rows", 5)
     with llama.lock:
         assert wide_scheduler(llama).batch.rows == scheduler_for(llama).batch.rows == 5
 

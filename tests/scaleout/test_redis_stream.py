@@ -6,7 +6,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from steering_app import streaming, worker
+from steering_app import streaming, wake
 from steering_app.models import SteeringRun
 from steerproject import env
 from tests.scaleout.support import REDIS_HOST, REDIS_PORT, redis_client
@@ -37,7 +37,7 @@ def test_the_submitting_page_streams_through_redis_even_after_idling(
         features=[{"feature_id": 3, "coefficient": 2.0}],
         intervention_layers=[2],
     )
-    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id: None)
     url = streaming.open_mailbox(run.pk)
     group = streaming.group_name(run.pk)
     async_to_sync(get_channel_layer().group_send)(

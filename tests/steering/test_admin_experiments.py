@@ -3,7 +3,7 @@
 import pytest
 from django.urls import reverse
 
-from steering_app import experiments, worker
+from steering_app import experiments, wake
 from steering_app.experiments import ExperimentRequest
 from steering_app.models import Experiment, ExperimentResult, PromptSet, SteeringRun
 from tests.fake_engine import sweep_outcome, use_engine
@@ -32,7 +32,7 @@ def experiment(owner, training, monkeypatch):
 
 @pytest.fixture
 def queued_experiment(owner, training, monkeypatch):
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)
     return experiments.create(owner, request_for(training))
 
 

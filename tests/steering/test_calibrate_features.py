@@ -163,7 +163,7 @@ def test_it_steers_with_the_recalibrated_scale(calibrated, owner):
     )
 
     run = runs.create(owner, RunRequest(training_id, "Tell me about your day.", steering, seed=0, chat=True))
-    runs.process(runs.claim(), lambda event, payload: None)
+    runs.process_queued(lambda run_id: lambda event, payload: None)
 
     run.refresh_from_db()
     assert run.status == SteeringRun.Status.COMPLETED, run.error

@@ -9,7 +9,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
-from steering_app import consumers, streaming, worker
+from steering_app import consumers, streaming, wake
 from steering_app.models import SteeringRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -152,7 +152,7 @@ def test_a_teammates_socket_closes_at_once_when_the_run_turns_private_and_the_ow
 
     # The privacy event must close it, not the consumers' periodic read of the run.
     monkeypatch.setattr(consumers, "WATCH_SECONDS", 60)
-    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id: None)
     run = make_run(owner)
     owner_query = streaming.open_mailbox(run.pk).split("?", 1)[1] if mailbox else ""
 
@@ -300,7 +300,7 @@ def test_the_submitting_page_gets_the_events_sent_before_it_connected(
     application, owner, training, monkeypatch, make_run
 ):
     run = make_run(owner)
-    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id: None)
     url = streaming.open_mailbox(run.pk)  # the view subscribes the mailbox, then submits
     publish(run, "started")
     publish(run, "delta", unsteered="Early", steered="Early")
@@ -329,7 +329,7 @@ def test_a_token_for_another_run_does_not_open_its_mailbox(
     application, owner, training, monkeypatch, make_run
 ):
     run, other = make_run(owner), make_run(owner)
-    monkeypatch.setattr(worker, "submit", lambda run_id: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id: None)
     url = streaming.open_mailbox(other.pk)
     publish(run, "delta", unsteered="before", steered="before")
 

@@ -51,7 +51,7 @@ def test_it_puts_an_amplified_features_words_into_the_steered_text(owner, demo_t
             max_tokens=MAX_TOKENS,
         )
         run = runs.create(owner, RunRequest(demo_training.pk, PROMPT, steering, seed=seed, chat=True))
-        runs.process(runs.claim(), lambda event, payload: None)
+        runs.process_queued(lambda run_id: lambda event, payload: None)
         run.refresh_from_db()
         assert run.status == SteeringRun.Status.COMPLETED, run.error
         unsteered_hits += word_hits(run.unsteered_output, words)

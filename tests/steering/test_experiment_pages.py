@@ -348,8 +348,7 @@ def test_cancel_resume_and_delete_are_for_the_owner_or_staff(
     client.force_login(owner)
     use_engine(monkeypatch, sweep_outcome)
     assert client.post(f"{url}/resume/").status_code == 302
-    while (cell := runs.claim()) is not None:
-        runs.process(cell)
+    runs.process_queued()
     html = client.get(f"{url}/").content.decode()
     assert 'id="resume-experiment"' not in html and 'id="delete-experiment"' in html
     response = client.post(f"{url}/delete/", headers={"HX-Request": "true"})

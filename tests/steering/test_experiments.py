@@ -28,6 +28,22 @@ def experiment_request(training, **changes) -> ExperimentRequest:
     return ExperimentRequest(**values)
 
 
+def after_the_first_cell(action):
+    """runs.process_queued's emit_for: `action()` once the first cell has completed, before the worker (one
+    cell at a time with the fake engine) claims the next."""
+    done = []
+
+    def emit_for(run_id):
+        def emit(event, payload):
+            if event == "completed" and not done:
+                done.append(run_id)
+                action()
+
+        return emit
+
+    return emit_for
+
+
 def test_an_experiment_runs_every_cell_once_and_stores_every_output(owner, training, engine):
     experiment = experiments.create(owner, experiment_request(training, seeds=2))
 
@@ -124,9 +140,8 @@ def test_interactive_runs_go_before_queued_cells_and_cells_do_not_count_toward_t
 def test_cancel_stops_queued_cells_and_keeps_the_finished_ones(owner, training, queued_only, monkeypatch):
     use_engine(monkeypatch, sweep_outcome)
     experiment = experiments.create(owner, experiment_request(training))
-    runs.process(runs.claim())  # one cell completes
 
-    experiments.cancel(experiment, owner)
+    runs.process_queued(after_the_first_cell(lambda: experiments.cancel(experiment, owner)))
 
     assert experiment.status == Experiment.Status.CANCELLED
     statuses = list(experiment.cells.order_by("id").values_list("status", flat=True))
@@ -137,14 +152,16 @@ def test_cancel_stops_queued_cells_and_keeps_the_finished_ones(owner, training, 
 def test_resume_runs_only_the_missing_cells(owner, training, queued_only, monkeypatch):
     use_engine(monkeypatch, sweep_outcome)
     experiment = experiments.create(owner, experiment_request(training))
-    runs.process(runs.claim())
-    runs.fail(runs.claim().pk, runs.WORKER_GONE)  # a worker died in the middle of this one
-    experiments.cancel(experiment, owner)
+
+    def die_and_cancel():
+        runs.fail(runs.claim().pk, runs.WORKER_GONE)  # a worker died in the middle of the second cell
+        experiments.cancel(experiment, owner)
+
+    runs.process_queued(after_the_first_cell(die_and_cancel))
     assert experiment.status == Experiment.Status.CANCELLED
 
     assert experiments.resume(experiment, owner) == 2
-    while (cell := runs.claim()) is not None:
-        runs.process(cell)
+    runs.process_queued()
 
     experiment_results.refresh(experiment)
     assert experiment.status == Experiment.Status.COMPLETED
@@ -158,8 +175,7 @@ def test_a_failed_cell_fails_the_experiment_with_its_reason(owner, training, que
     use_engine(monkeypatch, sweep_outcome)
     experiment = experiments.create(owner, experiment_request(training))
     runs.fail(runs.claim().pk, runs.WORKER_GONE)
-    while (cell := runs.claim()) is not None:
-        runs.process(cell)
+    runs.process_queued()
 
     experiment_results.refresh(experiment)
 

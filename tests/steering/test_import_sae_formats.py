@@ -9,6 +9,7 @@ import pytest
 import torch
 from django.core.management import CommandError, call_command
 
+from steering_app import engine_config
 from steering_app.engine.saes.sae import load_sae
 from steering_app.models import Dataset, Feature, Training
 from tests.steering.sae_checkpoints import (
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "data"
-    monkeypatch.setenv("STEERLAB_DATA_DIR", str(path))
+    monkeypatch.setattr(engine_config.current, "data_dir", str(path))
     return path
 
 

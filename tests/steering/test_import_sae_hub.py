@@ -9,6 +9,7 @@ import torch
 import yaml
 from django.core.management import CommandError, call_command
 
+from steering_app import engine_config
 from steering_app.engine.saes import hub
 from steering_app.engine.saes.sae import load_sae
 from steering_app.models import Feature, Training
@@ -23,7 +24,7 @@ FOLDER = "layer_20/width_16k/average_l0_71"
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "data"
-    monkeypatch.setenv("STEERLAB_DATA_DIR", str(path))
+    monkeypatch.setattr(engine_config.current, "data_dir", str(path))
     # pytest_defaults sets HF_HUB_OFFLINE=1 before huggingface_hub reads it; this holds even when the
     # developer's shell said otherwise.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

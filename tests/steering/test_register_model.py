@@ -2,6 +2,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from steering_app import engine_config
 from steering_app.models import LanguageModel
 
 pytestmark = pytest.mark.django_db
@@ -81,8 +82,8 @@ def gpt2_parameters(tiny_gpt2_dir) -> int:
 
 
 def test_it_refuses_a_model_larger_than_the_free_memory_and_creates_nothing(tiny_gpt2_dir, monkeypatch):
-    monkeypatch.setenv("STEERLAB_DEVICE", "cpu")
-    monkeypatch.setenv("STEERLAB_DTYPE", "float32")
+    monkeypatch.setattr(engine_config.current, "device", "cpu")
+    monkeypatch.setattr(engine_config.current, "dtype", "float32")
     monkeypatch.setattr("steering_app.engine.loader.free_bytes", lambda device: 1000)
     needed = gpt2_parameters(tiny_gpt2_dir) * 4
 
@@ -94,13 +95,13 @@ def test_it_refuses_a_model_larger_than_the_free_memory_and_creates_nothing(tiny
 
 def test_it_sizes_the_model_in_steerlab_dtype(tiny_gpt2_dir, monkeypatch):
     float32_bytes = gpt2_parameters(tiny_gpt2_dir) * 4
-    monkeypatch.setenv("STEERLAB_DEVICE", "cpu")
+    monkeypatch.setattr(engine_config.current, "device", "cpu")
     monkeypatch.setattr("steering_app.engine.loader.free_bytes", lambda device: float32_bytes - 1)
 
-    monkeypatch.setenv("STEERLAB_DTYPE", "float32")
+    monkeypatch.setattr(engine_config.current, "dtype", "float32")
     with pytest.raises(CommandError, match="does not fit"):
         call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir))
-    monkeypatch.setenv("STEERLAB_DTYPE", "bfloat16")
+    monkeypatch.setattr(engine_config.current, "dtype", "bfloat16")
     call_command("register_model", "tiny-gpt2", str(tiny_gpt2_dir))
 
     assert LanguageModel.objects.get().name == "tiny-gpt2"

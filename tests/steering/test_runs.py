@@ -9,7 +9,7 @@ import time
 import pytest
 from asgiref.sync import async_to_sync
 
-from steering_app import runs, services, worker
+from steering_app import runs, services, wake, worker
 from steering_app.errors import Conflict, InvalidInput, NotFound, TooManyRuns, WorkerUnavailable
 from steering_app.models import AnalysisJob, Feature, SteeringRun, Training, Worker
 from steering_app.runs import RunRequest
@@ -111,7 +111,7 @@ def test_it_marks_a_run_failed_with_its_reason_when_the_engine_raises(owner, tra
     run = runs.create(owner, request_for(training))
     events = []
 
-    runs.process(runs.claim(), lambda event, payload: events.append((event, payload)))
+    runs.process_queued(lambda run_id: lambda event, payload: events.append((event, payload)))
 
     run.refresh_from_db()
     assert run.status == SteeringRun.Status.FAILED and run.finished_at is not None
@@ -227,9 +227,9 @@ def test_it_refuses_a_run_beyond_the_members_queue_share_and_stores_nothing(
     [(" ".join(["word"] * 600), 1, "prompt"), ("four words of prompt", 512, "max_tokens")],
 )
 def test_it_refuses_a_prompt_and_max_tokens_beyond_the_workers_slots_when_created(
-    owner, training, monkeypatch, prompt, max_tokens, field
+    owner, training, settings, prompt, max_tokens, field
 ):
-    monkeypatch.setenv("STEERLAB_SLOT_TOKENS", "512")
+    settings.STEERLAB_SLOT_TOKENS = 512
 
     with pytest.raises(InvalidInput) as refused:
         runs.create(owner, request_for(training, prompt=prompt, max_new_tokens=max_tokens))
@@ -257,7 +257,8 @@ def test_a_request_the_worker_refuses_fails_with_the_field_at_fault(owner, train
     use_engine(monkeypatch, refuse)
     run = runs.create(owner, request_for(training))
 
-    processed = runs.process(runs.claim())
+    runs.process_queued()
+    processed = SteeringRun.objects.get()
 
     assert (processed.status, processed.error_field) == (SteeringRun.Status.FAILED, "max_tokens")
     assert processed.error == "max_tokens: 4 prompt tokens + 64 new tokens exceed the slots"
@@ -277,7 +278,8 @@ def test_a_cancel_that_stops_the_prompt_read_ends_the_run_cancelled_by_its_cance
     use_engine(monkeypatch, stopped_while_reading_the_prompt)
     runs.create(owner, request_for(training))
 
-    processed = runs.process(runs.claim())
+    runs.process_queued()
+    processed = SteeringRun.objects.get()
 
     assert (processed.status, processed.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
 
@@ -301,7 +303,8 @@ def test_a_cancel_during_the_real_prompt_read_ends_cancelled_not_failed(
     )
     runs.create(owner, RunRequest(demo_feature_space.pk, "The weather today is", sweep, seed=1))
 
-    processed = runs.process(runs.claim())
+    runs.process_queued()
+    processed = SteeringRun.objects.get()
 
     assert (processed.status, processed.error) == (SteeringRun.Status.CANCELLED, "cancelled by owner")
     assert processed.unsteered_output == ""
@@ -326,7 +329,7 @@ def test_it_completes_a_run_and_stores_non_finite_numbers_as_null(owner, trainin
     run = runs.create(owner, request_for(training))
     events = []
 
-    runs.process(runs.claim(), lambda event, payload: events.append(event))
+    runs.process_queued(lambda run_id: lambda event, payload: events.append(event))
 
     run.refresh_from_db()
     assert run.status == SteeringRun.Status.COMPLETED and run.finished_at is not None
@@ -344,7 +347,7 @@ def test_it_keeps_a_run_failed_when_it_was_ended_while_generating(owner, trainin
     run = runs.create(owner, request_for(training))
     events = []
 
-    runs.process(runs.claim(), lambda event, payload: events.append(event))
+    runs.process_queued(lambda run_id: lambda event, payload: events.append(event))
 
     run.refresh_from_db()
     assert (run.status, run.error, run.steered_output) == (SteeringRun.Status.FAILED, "timed out", "")
@@ -379,7 +382,7 @@ def test_it_fails_the_run_when_no_worker_can_be_told(owner, training, monkeypatc
     def broken_transport(run_id):
         raise ConnectionError("redis is down")
 
-    monkeypatch.setattr(worker, "submit", broken_transport)
+    monkeypatch.setattr(wake, "submit", broken_transport)
     run = runs.create(owner, request_for(training))
 
     with pytest.raises(WorkerUnavailable) as caught:
@@ -580,7 +583,8 @@ def test_a_slow_run_completes_past_max_seconds_while_its_heartbeat_is_fresh(
 
     stop_sweeping = worker.start_sweeper_thread(interval=0.1)
     try:
-        processed = runs.process(runs.claim(), lambda event, payload: None)
+        runs.process_queued(lambda run_id: lambda event, payload: None)
+        processed = SteeringRun.objects.get()
     finally:
         stop_sweeping.set()
 
@@ -695,7 +699,7 @@ def test_a_worker_busy_generating_reads_a_prompt_for_a_web_request_between_two_s
 
     monkeypatch.setattr(services, "residual_norm", measure)
     # A busy worker's message waits behind its batch: it finds the job itself when it goes round.
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)
     run = runs.create(owner, request_for(training))
     busy = threading.Thread(target=runs.process_queued, args=(lambda run_id: lambda e, p: None,))
     busy.start()

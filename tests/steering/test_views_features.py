@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from steering_app import services, worker
+from steering_app import services, wake
 from steering_app.models import AnalysisJob, Feature, Training
 
 pytestmark = pytest.mark.django_db
@@ -242,7 +242,7 @@ def test_prompt_features_say_so_when_no_worker_answers_in_time(
     client, owner, training, monkeypatch, settings
 ):
     settings.STEERLAB_RUN_TIMEOUT = 0
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)  # no worker hears of it
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)  # no worker hears of it
     client.force_login(owner)
 
     response = prompt_features(client, training, "Rain")

@@ -7,7 +7,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.test import Client
 
-from steering_app import services, streaming, worker
+from steering_app import services, streaming, wake
 from steering_app.models import SteeringRun, Training
 from tests.fake_engine import use_engine
 
@@ -26,7 +26,7 @@ def in_memory_layer(settings):
 def submitted(monkeypatch):
     """Run ids handed to the worker; nothing executes."""
     ids = []
-    monkeypatch.setattr(worker, "submit", ids.append)
+    monkeypatch.setattr(wake, "submit", ids.append)
     return ids
 
 
@@ -116,7 +116,7 @@ def test_the_stream_token_names_a_mailbox_subscribed_before_the_worker_starts(
     def submit(run_id):  # what the worker would see at the moment it gets the run
         seen["members"] = set(layer.groups.get(streaming.group_name(run_id), {}))
 
-    monkeypatch.setattr(worker, "submit", submit)
+    monkeypatch.setattr(wake, "submit", submit)
     client.force_login(owner)
 
     response = client.post(GENERATE, form_data(training), **HTMX)
@@ -130,9 +130,9 @@ def test_the_stream_token_names_a_mailbox_subscribed_before_the_worker_starts(
 
 
 def test_the_mailbox_keeps_every_event_of_a_run_that_ran_before_the_page_connected(
-    client, owner, training, monkeypatch
+    client, owner, training, monkeypatch, settings
 ):
-    monkeypatch.setenv("STEERLAB_WORKER_MODE", "inline")
+    settings.STEERLAB_WORKER_MODE = "inline"
 
     def execute(run, on_step, should_stop=None):
         for unsteered, steered in [("It", "It"), (" rains", " pours")]:
@@ -242,7 +242,7 @@ def test_a_failed_submit_fails_the_run_and_the_panel_says_so(client, owner, trai
     def broken_transport(run_id):
         raise ConnectionError("redis is down")
 
-    monkeypatch.setattr(worker, "submit", broken_transport)
+    monkeypatch.setattr(wake, "submit", broken_transport)
     client.force_login(owner)
 
     response = client.post(GENERATE, form_data(training), **(HTMX if htmx else {}))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from steering_app import worker
+from steering_app import wake
 from steering_app.models import SteeringRun
 from tests.steering.test_views_generate import GENERATE, HTMX, error_items, form_data
 
@@ -14,7 +14,7 @@ HUGE = "99999999999999999999"
 @pytest.fixture
 def submitted(monkeypatch):
     ids = []
-    monkeypatch.setattr(worker, "submit", ids.append)
+    monkeypatch.setattr(wake, "submit", ids.append)
     return ids
 
 

@@ -3,7 +3,7 @@
 import pytest
 from django.test import Client
 
-from steering_app import services, worker
+from steering_app import services, wake
 from steering_app.engine import loader
 from steering_app.engine.analysis.scale import residual_norm
 from steering_app.errors import InvalidInput
@@ -110,7 +110,7 @@ def test_it_answers_503_and_drops_the_job_when_no_worker_answers_in_time(
     client, owner, training, monkeypatch, settings
 ):
     settings.STEERLAB_RUN_TIMEOUT = 0
-    monkeypatch.setattr(worker, "submit", lambda run_id=None: None)  # no worker hears of it
+    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)  # no worker hears of it
     client.force_login(owner)
 
     response = scale(client, training, "Hello")

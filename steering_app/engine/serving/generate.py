@@ -342,40 +342,6 @@ class Generation:
         )
 
 
-def compare(
-    lm: LoadedModel,
-    sae: SAE,
-    prompt: str,
-    spec: SteeringSpec | Sequence[SteeringSpec],
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    top_p: float | None = None,
-    chat: bool = False,
-    on_step: OnStep | None = None,
-    sae_layer: int | None = None,
-    min_new_tokens: int = 0,
-    should_stop: Callable[[], bool] | None = None,
-) -> Comparison:
-    """Generate the unsteered continuation of prompt and one steered continuation per spec, together.
-
-    spec: one SteeringSpec, or a sequence of 1 to MAX_VARIANTS (the variants).
-    on_step(clean_delta, variant_deltas) streams; min_new_tokens: EOS cannot be sampled before this many
-    tokens (benchmarks use min = max); should_stop: asked before every forward, and when it returns True
-    the generation raises Stopped, so a cancelled run frees the model within one step.
-    The run takes rows of the model's SlotBatch as any worker run does, so it gives the same text.
-    """
-    from .scheduler import scheduler_for
-
-    variants = (spec,) if isinstance(spec, SteeringSpec) else tuple(spec)
-    request = prepare(
-        lm, sae, prompt, variants, temperature, max_new_tokens, seed, top_p, chat, sae_layer, min_new_tokens
-    )
-    generation = Generation(lm, sae, request, on_step, should_stop)
-    with lm.lock:
-        return scheduler_for(lm).run_alone(generation)
-
-
 def _never() -> bool:
     return False
 

@@ -5,8 +5,9 @@ prefills a generation into free rows at a step boundary; step() advances every a
 token (one forward over the batch's rows) and returns those that ended, each with its Comparison or its
 error, so that one run's failure or cancellation never ends another's.
 
-The slot shape (rows, cache length) is fixed per process: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS, or
-the device's defaults below, chosen from measurements (bench/steering_bench.py, bench/slots_check.py):
+The slot shape (rows, cache length) is fixed per process: STEERLAB_SLOT_ROWS and STEERLAB_SLOT_TOKENS (the
+engine's configuration, engine_config.py), or the device's defaults (engine_config.SLOT_SHAPES), chosen from
+measurements (bench/steering_bench.py, bench/slots_check.py):
 - CPU (2-core AMX Xeon, SmolLM2-135M fp32): where the kernels were shown row-invariant (kernels.py), a step
   runs only the occupied rows and attended positions, so free rows and positions cost nothing: 8 rows hold
   a sweep of 4 beside a comparison, or 4 comparisons. The lean step costs 33 ms at 1 row, 36 at 2, 41 at
@@ -34,11 +35,13 @@ what it costs alone while the cells wait.
 from __future__ import annotations
 
 import dataclasses
-import os
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+from steering_app import engine_config  # plain settings: the engine stays free of Django
+from steering_app.engine_config import SLOT_SHAPES
 
 from ..loader import LoadedModel
 from ..steer import SpecError
@@ -47,23 +50,14 @@ from .kernels import PACK_ROWS, step_kernels
 from .plan import AUTO, StepPolicy
 from .slots import SlotBatch
 
-DEFAULT_SHAPES = {"cpu": (8, 512), "cuda": (32, 1024)}
 WIDE_ROWS = PACK_ROWS  # wide_scheduler()'s rows where steps compute only the occupied rows (below)
 
 
 def slot_shape(device: torch.device) -> tuple[int, int]:
-    """(rows, cache length) for a batch on this device: the environment's, else the device's defaults."""
-    rows, length = DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"])
-    return _positive_env("STEERLAB_SLOT_ROWS", rows), _positive_env("STEERLAB_SLOT_TOKENS", length)
-
-
-def _positive_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdecimal() or int(raw) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
-    return int(raw)
+    """(rows, cache length) for a batch on this device: the configured ones, else the device's defaults."""
+    rows, length = SLOT_SHAPES.get(device.type, SLOT_SHAPES["cpu"])
+    config = engine_config.current
+    return config.slot_rows or rows, config.slot_tokens or length
 
 
 @dataclass
@@ -194,11 +188,7 @@ _WIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its w
 def _wide(lm: LoadedModel, policy: StepPolicy) -> Scheduler:
     shared = scheduler_for(lm, policy).batch
     policy = shared.policy
-    widen = (
-        WIDE_ROWS > shared.rows
-        and shared.occupied_only
-        and not os.environ.get("STEERLAB_SLOT_ROWS", "").strip()
-    )
+    widen = WIDE_ROWS > shared.rows and shared.occupied_only and engine_config.current.slot_rows is None
     # The linears' check first: where it fails, no wide cache is allocated and no probe step run.
     if widen and step_kernels(lm.model, WIDE_ROWS, lm.device).row_invariant:
         # rows="auto" for the try: the wide batch is kept only where it runs the occupied rows anyway.

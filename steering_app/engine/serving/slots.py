@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+
+from steering_app import engine_config  # plain settings: the engine stays free of Django
 
 from ..layers import decoder_blocks
 from ..loader import LoadedModel
@@ -184,9 +185,9 @@ def model_forward(
 
 
 def use_cuda_graphs(device: torch.device) -> bool:
-    """On CUDA unless STEERLAB_CUDA_GRAPHS=0: a decode step is then one graph launch instead of hundreds of
-    kernel launches from Python, which bound it at small batch sizes."""
-    return device.type == "cuda" and os.environ.get("STEERLAB_CUDA_GRAPHS", "1").strip() != "0"
+    """On CUDA unless configured off (STEERLAB_CUDA_GRAPHS=0): a decode step is then one graph launch instead of
+    hundreds of kernel launches from Python, which bound it at small batch sizes."""
+    return device.type == "cuda" and engine_config.current.cuda_graphs
 
 
 @functools.cache
