@@ -137,16 +137,14 @@ def test_it_refuses_an_unknown_choice():
         StepPolicy(kernel="fast")
 
 
-def test_a_row_gets_the_same_bits_alone_and_beside_others_wherever_the_plan_says_occupied_rows(
-    llama, tmp_path
-):
+def test_a_row_gets_the_same_bits_alone_and_beside_others_whichever_rows_the_plan_computes(llama, tmp_path):
+    """Where the plan says occupied rows, alone computes fewer rows than beside others, and the bits must still
+    agree (the invariance the plan claims); where it says all rows, the same bits are the fixed shape's promise."""
     sae = random_sae(tmp_path, d_in=32, hook_layer=1)
     with llama.lock:
         scheduler = Scheduler(
             llama, ROWS, 64, StepPolicy(kernel="packed" if can_pack(llama.model.lm_head.weight) else "auto")
         )
-    if not scheduler.batch.plan.occupied_rows:
-        pytest.skip(f"this CPU's step is not row-invariant ({scheduler.batch.plan.rows_why}): every row runs")
     spec = SteeringSpec("additive", ((0, 4.0),), (1,))
 
     def generation(prompt, seed):
@@ -164,7 +162,8 @@ def test_a_row_gets_the_same_bits_alone_and_beside_others_wherever_the_plan_says
                 assert ended.error is None
                 if ended.generation is target:
                     beside = ended.comparison
-    assert beside.timings["slots"] != alone.timings["slots"]  # other rows, fewer of them computed alone
+    if scheduler.batch.plan.occupied_rows:
+        assert beside.timings["slots"] != alone.timings["slots"]  # other rows, fewer of them computed alone
     assert torch.equal(alone.clean_logits, beside.clean_logits)
     assert torch.equal(alone.steered_logits, beside.steered_logits)
 
