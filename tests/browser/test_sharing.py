@@ -69,6 +69,16 @@ def query(server, sql: str, *args) -> list[tuple]:
         connection.close()
 
 
+def count_runs_of(server, username: str) -> int:
+    [(runs,)] = query(
+        server,
+        "SELECT count(*) FROM steering_app_steeringrun JOIN auth_user ON auth_user.id = owner_id "
+        "WHERE username = ?",
+        username,
+    )
+    return runs
+
+
 def log_in_as(page, server, username: str, password: str, path: str):
     page.goto(f"{server.url}/login/?next={path}")
     page.fill("#id_username", username)
@@ -165,6 +175,7 @@ def test_a_second_member_opens_a_shared_run_read_only_and_reruns_it_as_their_own
     expect(page.locator("#seed")).to_have_value("2024")
     expect(page.locator("#loaded-run")).to_contain_text("by alice")
     expect(page.locator("#generate-button")).to_be_enabled()
+    alices_runs_before = count_runs_of(server, server.username)
     page.click("#generate-button")
     page.locator("#run-result[data-run-id]").wait_for()
     new_run = int(page.locator("#run-result").get_attribute("data-run-id"))
@@ -176,13 +187,7 @@ def test_a_second_member_opens_a_shared_run_read_only_and_reruns_it_as_their_own
         new_run,
     )
     assert new_run != shared and (owner, prompt, seed) == (BOB, "Alice asks about the weather.", 2024)
-    [(alices_runs,)] = query(
-        server,
-        "SELECT count(*) FROM steering_app_steeringrun JOIN auth_user ON auth_user.id = owner_id "
-        "WHERE username = ?",
-        server.username,
-    )
-    assert alices_runs == 2  # nothing was added to alice's
+    assert count_runs_of(server, server.username) == alices_runs_before  # nothing was added to alice's
     wait_for_result(page, RUN_SECONDS)  # bob's run completes
     expect(page.locator("#stop-run")).to_have_count(0)
 

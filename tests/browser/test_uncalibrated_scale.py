@@ -44,6 +44,7 @@ def test_an_uncalibrated_trainings_sliders_span_twice_the_residual_norm_of_the_p
     server = uncalibrated
     seed = server.seed
     log_in(page, server)
+    page.goto(f"{server.url}/steering/?training={seed['training']}")  # not alice's last run: an empty panel
     page.fill("#feature-search", seed["search"])
     result = page.locator(f'#feature-results .feature-result[data-feature-id="{seed["feature"]}"]')
     expect(result).to_contain_text("uncalibrated: c is in residual-stream units")
