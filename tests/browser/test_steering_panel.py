@@ -44,12 +44,12 @@ RECORDER = """
 
 
 RESULT_TOP = "document.getElementById('run-result').getBoundingClientRect().top"
-# The result's top at the window's top, or as near as the page's end allows.
+# The result's top at the window's top, or on screen with the page scrolled to its end (a short result).
 RESULT_IN_VIEW = f"""
 () => {{
   const top = {RESULT_TOP};
   const atEnd = window.scrollY + window.innerHeight >= document.documentElement.scrollHeight - 2;
-  return Math.abs(top) < 2 || (atEnd && top >= 0 && top < window.innerHeight / 2);
+  return Math.abs(top) < 2 || (atEnd && top >= 0 && top < window.innerHeight);
 }}
 """
 
