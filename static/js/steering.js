@@ -10,10 +10,8 @@
   const RESIDUAL_SPAN = 2;
   // ‖h‖ is an average: the first characters of a long prompt estimate it as well, in a shorter forward.
   const SCALE_PROMPT_CHARS = 2000;
-  const SCALE_DELAY_MS = 400;
-  let residualScale = null; // {prompt, norm, layer} of the last measurement
-  let measuring = null; // the prompt of the request in flight
-  let scaleTimer = null;
+  // {norm, layer} measured on the prompt as it is (htmx's #residual-scale asks; an edit forgets it).
+  let residualScale = null;
 
   function form() {
     return document.getElementById("steering-form");
@@ -76,21 +74,11 @@
   }
 
   function setCoefficient(card, value) {
-    window.SteerLabCoefficients.set(card, value); // coefficients.js: range, number box, limit, control run
-  }
-
-  function showCoefficient(slider) {
-    const output = slider.closest(".feature-card").querySelector(".coefficient-value");
-    output.textContent = Number(slider.value).toFixed(2);
+    window.SteerLabCoefficients.set(card, value); // coefficients.js: range, number box, shown value, limit
   }
 
   function uncalibratedCards() {
     return document.querySelectorAll('#selected-features .feature-card[data-calibrated="false"]');
-  }
-
-  function scalePrompt() {
-    const f = form();
-    return f ? f.elements.prompt.value.slice(0, SCALE_PROMPT_CHARS) : "";
   }
 
   function formatNumber(value) {
@@ -109,45 +97,18 @@
       // The base range; coefficients.js widens it to the card's own coefficient (a range input would clamp it).
       slider.dataset.baseRange = String(span);
       card.dataset.baseNote = "2‖h‖";
-      window.SteerLabCoefficients.fit(card, value);
-      slider.value = String(value);
+      setCoefficient(card, value);
       card.querySelector(".scale-unit").textContent = "‖h‖ = " + formatNumber(norm) + " at L" + residualScale.layer;
       card.querySelector('[data-coefficient-role="suppress"]').dataset.coefficient = String(-nudge);
       card.querySelector('[data-coefficient-role="amplify"]').dataset.coefficient = String(nudge);
     });
   }
 
-  function measureResidualNorm() {
-    const f = form();
-    const prompt = scalePrompt();
-    if (!f || !f.dataset.scaleUrl || uncalibratedCards().length === 0 || prompt.trim() === "") return;
-    if (residualScale && residualScale.prompt === prompt) {
-      applyResidualScale();
-      return;
-    }
-    if (measuring === prompt) return;
-    measuring = prompt;
-    // A POST with the CSRF token that <body hx-headers> holds for htmx: measuring runs the model.
-    fetch(f.dataset.scaleUrl, {
-      method: "POST",
-      headers: Object.assign({ Accept: "application/json" }, JSON.parse(document.body.getAttribute("hx-headers"))),
-      body: new URLSearchParams({ prompt: prompt }),
-      credentials: "same-origin",
-    })
-      .then(function (response) { return response.ok ? response.json() : null; })
-      .then(function (body) {
-        // An answer for a prompt edited since is stale: the edit has asked again.
-        if (!body || scalePrompt() !== prompt) return;
-        residualScale = { prompt: prompt, norm: body.residual_norm, layer: body.layer };
-        applyResidualScale();
-      })
-      .catch(function () { /* the sliders keep their range; generation does not depend on it */ })
-      .finally(function () { if (measuring === prompt) measuring = null; });
-  }
-
-  function scheduleResidualNorm() {
-    clearTimeout(scaleTimer);
-    scaleTimer = setTimeout(measureResidualNorm, SCALE_DELAY_MS);
+  // Cards added later use the prompt's last measurement, or ask for one.
+  function scaleUncalibratedCards() {
+    if (uncalibratedCards().length === 0) return;
+    if (residualScale) applyResidualScale();
+    else htmx.trigger("#residual-scale", "measure");
   }
 
   // "Select All" within the server's limit on layers: that many layers around the SAE's own layer.
@@ -201,9 +162,12 @@
   });
 
   document.addEventListener("input", function (event) {
-    if (event.target.matches('.feature-card input[name="coefficient"]')) showCoefficient(event.target);
     if (event.target.closest("#steering-form")) syncGenerate();
-    if (event.target.id === "prompt") scheduleResidualNorm();
+    if (event.target.id === "prompt") {
+      // The measurement kept or in flight is of the prompt before this edit; hx-trigger measures it again.
+      residualScale = null;
+      htmx.trigger("#residual-scale", "htmx:abort");
+    }
   });
 
   document.addEventListener("change", function (event) {
@@ -241,12 +205,32 @@
     }
   });
 
-  document.addEventListener("htmx:afterRequest", syncGenerate);
+  // #residual-scale's request: only with an uncalibrated card to scale, on the prompt's first characters.
+  document.addEventListener("htmx:configRequest", function (event) {
+    if (event.detail.elt.id !== "residual-scale") return;
+    const prompt = (event.detail.parameters.prompt || "").slice(0, SCALE_PROMPT_CHARS);
+    if (uncalibratedCards().length === 0 || prompt.trim() === "") event.preventDefault();
+    else event.detail.parameters.prompt = prompt;
+  });
+
+  document.addEventListener("htmx:afterRequest", function (event) {
+    // The sliders keep their range when measuring fails: generation does not depend on it.
+    if (event.detail.elt.id === "residual-scale" && event.detail.successful) {
+      const body = JSON.parse(event.detail.xhr.responseText);
+      residualScale = { norm: body.residual_norm, layer: body.layer };
+      applyResidualScale();
+    }
+    syncGenerate();
+  });
+  // The form's own request marks it htmx-request from here on: Generate is disabled until the run has ended.
+  document.addEventListener("htmx:beforeSend", syncGenerate);
   document.addEventListener("DOMContentLoaded", function () {
     syncAll();
-    htmx.onLoad(function () {
+    htmx.onLoad(function (element) {
       syncAll();
-      measureResidualNorm();
+      if (element.querySelector && (element.matches(".feature-card") || element.querySelector(".feature-card"))) {
+        scaleUncalibratedCards();
+      }
     });
   });
 })();

@@ -6,6 +6,7 @@ within the layer limit; then screenshots of the panel after a completed run at 1
 """
 
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -68,6 +69,27 @@ def test_it_ranks_the_feature_named_by_the_word_first_and_says_how_many_match(pa
     first.locator("summary").click()  # the details: top tokens and the strongest snippets
     expect(first.locator(".token-list")).to_contain_text("ocean")
     assert first.locator(".snippets mark").count() >= 1
+
+
+def test_a_typed_search_asks_once_the_typing_pauses_and_shows_the_last_query(page, server):
+    open_fresh_panel(page, server)
+    asked = []
+    page.on(
+        "request",
+        lambda request: (
+            asked.append(parse_qs(urlparse(request.url).query)["q"][0])
+            if urlparse(request.url).path.endswith("/features/")
+            else None
+        ),
+    )
+
+    page.locator("#feature-search").press_sequentially("planet", delay=30)
+
+    expect(page.locator("#feature-results-count")).to_have_text(
+        "14 of 14 features match “planet”, best first"
+    )
+    # One search for the word, not one a keystroke (two if the machine stalled mid-typing).
+    assert asked[-1] == "planet" and len(asked) <= 2, asked
 
 
 def test_a_feature_active_on_the_prompt_is_added_with_one_click(page, server):

@@ -43,6 +43,17 @@ RECORDER = """
 """
 
 
+RESULT_TOP = "document.getElementById('run-result').getBoundingClientRect().top"
+# The result's top at the window's top, or on screen with the page scrolled to its end (a short result).
+RESULT_IN_VIEW = f"""
+() => {{
+  const top = {RESULT_TOP};
+  const atEnd = window.scrollY + window.innerHeight >= document.documentElement.scrollHeight - 2;
+  return Math.abs(top) < 2 || (atEnd && top >= 0 && top < window.innerHeight);
+}}
+"""
+
+
 def log_in(page, server):
     page.goto(f"{server.url}/steering/")
     assert "/login/" in page.url
@@ -95,10 +106,13 @@ def test_a_lab_member_steers_and_watches_both_columns_stream(page, server, tmp_p
 
     page.evaluate(RECORDER)
     page.fill("#max-tokens", "24")
+    page.evaluate("window.scrollTo({top: 0, behavior: 'instant'})")
+    assert page.evaluate(RESULT_TOP) > page.viewport_size["height"]  # below the fold
     started = time.monotonic()
-    page.click("#generate-button")
+    page.evaluate("document.getElementById('generate-button').click()")  # a click that scrolls nothing itself
     page.locator("#generate-button.is-generating").wait_for(timeout=5000)  # "Generating..." meanwhile
     assert page.locator("#generate-button").is_disabled()
+    page.wait_for_function(RESULT_IN_VIEW)  # the streaming columns are brought on screen
     wait_for_result(page, WARM_RUN_SECONDS)
     elapsed = time.monotonic() - started
 

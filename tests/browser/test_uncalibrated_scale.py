@@ -1,9 +1,11 @@
 """An uncalibrated training in a real browser: its cards say so, and typing a prompt rescales their sliders
-to ±2‖h‖, ‖h‖ measured by the server at the SAE's layer on that prompt."""
+to ±2‖h‖, ‖h‖ measured by the server at the SAE's layer on that prompt, once the typing pauses; a card added
+later reuses the measurement."""
 
 import json
 import re
 import sqlite3
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -65,3 +67,36 @@ def test_an_uncalibrated_trainings_sliders_span_twice_the_residual_norm_of_the_p
     assert float(slider.get_attribute("min")) == -span and float(slider.get_attribute("max")) == span
     card.get_by_role("button", name="Amplify").click()
     assert float(slider.input_value()) == pytest.approx(round(norm * 10) / 10, abs=0.051)
+
+
+def test_the_prompt_is_measured_once_the_typing_pauses_and_a_card_added_later_reuses_it(page, uncalibrated):
+    server = uncalibrated
+    log_in(page, server)
+    page.goto(f"{server.url}/steering/?training={server.seed['training']}")
+    measured = []  # the prompt of every measurement the page asked for
+    page.on(
+        "request",
+        lambda request: (
+            measured.append(parse_qs(request.post_data)["prompt"][0]) if "/scale/" in request.url else None
+        ),
+    )
+    page.fill("#feature-search", "planet")
+    results = page.locator("#feature-results .feature-result")
+    expect(results).to_have_count(14)
+    results.nth(0).locator(".btn-add").click()
+    first = page.locator("#selected-features .feature-card").nth(0)
+    first.wait_for()
+
+    page.locator("#prompt").press_sequentially(PROMPT, delay=30)
+
+    expect(first.locator(".scale-unit")).to_have_text(re.compile(r"^‖h‖ = [\d.]+ at L\d+$"), timeout=120_000)
+    # One measurement of the whole prompt, not one a keystroke (two if the machine stalled mid-typing).
+    assert measured[-1] == PROMPT and len(measured) <= 2, measured
+    asked = len(measured)
+    results.nth(1).locator(".btn-add").click()
+    second = page.locator("#selected-features .feature-card").nth(1)
+    expect(second.locator(".scale-unit")).to_have_text(first.locator(".scale-unit").inner_text())
+    assert second.locator('input[name="coefficient"]').get_attribute("max") == first.locator(
+        'input[name="coefficient"]'
+    ).get_attribute("max")
+    assert len(measured) == asked  # the prompt has not changed: no second forward

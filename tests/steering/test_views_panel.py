@@ -194,12 +194,12 @@ def test_the_form_carries_the_fields_of_the_panel_contract(client, owner, traini
     assert 'id="presets-section"' in html or "presets/_section.html" not in html
 
 
-def test_it_gives_the_script_the_scale_url_and_the_trainings_limit(client, owner, training):
+def test_it_names_the_scale_url_and_gives_the_script_the_trainings_limit(client, owner, training):
     client.force_login(owner)
 
     response = client.get(PANEL)
 
-    assert f'data-scale-url="/steering/trainings/{training.pk}/scale/"' in response.text
+    assert f'hx-post="/steering/trainings/{training.pk}/scale/"' in response.text
     assert 'data-max-abs-coefficient="100"' in response.text
 
 
