@@ -277,8 +277,8 @@ def slot_tokens() -> int:
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:
     """How many tokens the model reads for the prompt (the seam tests replace with a fake engine)."""
     from steering_app.engine import loader
-    from steering_app.engine.serving.generate import encode_text
     from steering_app.engine.steer import SpecError
+    from steering_app.engine.tokens import encode_text
 
     try:
         return len(encode_text(loader.load_tokenizer(training.model.source), prompt, chat))

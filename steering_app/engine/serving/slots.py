@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..steer import RowSteering
+from ..tokens import special_id_tensor
 from .kernels import step_kernels
 from .lean import TOLERANCE, LeanStep, has_hooks
 
@@ -187,12 +188,6 @@ def use_cuda_graphs(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("STEERLAB_CUDA_GRAPHS", "1").strip() != "0"
 
 
-@functools.cache
-def special_ids(tokenizer) -> torch.Tensor:
-    """The tokenizer's special token ids (never steered), as a tensor for torch.isin."""
-    return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-
-
 class SlotBatch:
     """R rows and a KV cache of `length` positions on one model; step() runs one token for every taken row.
 
@@ -212,7 +207,7 @@ class SlotBatch:
         self.free = list(range(rows))
         self._advancing = torch.zeros(rows, dtype=torch.long, device=lm.device)  # 1 for taken rows
         self._span = torch.arange(length, device=lm.device)
-        self.special_ids = special_ids(lm.tokenizer).to(lm.device)
+        self.special_ids = special_id_tensor(lm.tokenizer).to(lm.device)
         self.kernels = step_kernels(lm.model, rows, lm.device)
         # CUDA graphs of the step, per steering structure (RowSteering.signature()); None: eager.
         self.graphs: dict | None = {} if use_cuda_graphs(lm.device) else None
