@@ -113,7 +113,7 @@ def start(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> "Genera
             prompt=run.prompt,
             variants=variant_specs(run),
             temperature=run.temperature,
-            max_new_tokens=run.max_new_tokens,
+            max_new_tokens=run.max_tokens,
             seed=run.seed,
             chat=run.chat,
             sae_layer=training.hook_layer,
