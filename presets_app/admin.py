@@ -9,6 +9,7 @@ from presets_app import services
 from presets_app.models import SteeringPreset
 from steering_app import json_checks
 from steering_app.errors import SteeringError
+from steering_app.models.steering_config import STEERING_FIELDS
 
 
 class BoundedJSONField(forms.JSONField):
@@ -39,7 +40,11 @@ class SteeringPresetForm(forms.ModelForm):
     class Meta:
         model = SteeringPreset
         fields = "__all__"
-        field_classes = {"features": BoundedJSONField, "intervention_layers": BoundedJSONField}
+        field_classes = {
+            "features": BoundedJSONField,
+            "intervention_layers": BoundedJSONField,
+            "sweep": BoundedJSONField,
+        }
 
     def clean(self):
         cleaned = super().clean()
@@ -80,22 +85,15 @@ class SteeringPresetAdmin(admin.ModelAdmin):
             "description",
             "training",
             "owner",
-            "features_with_labels",
-            "intervention_layers",
-            "method",
-            "temperature",
-            "max_tokens",
+            *STEERING_FIELDS,
             "prompt",
             "seed",
-            "chat",
             "is_favorite",
-            "created_at",
-            "updated_at",
         ]
         if obj is None:
-            fields[fields.index("features_with_labels")] = "features"
-            fields = [field for field in fields if field not in ("created_at", "updated_at")]
-        return fields
+            return fields
+        fields[fields.index("features")] = "features_with_labels"
+        return [*fields, "created_at", "updated_at"]
 
     def get_readonly_fields(self, request, obj=None):
         # The features belong to the training's feature space: neither changes once the preset exists.

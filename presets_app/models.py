@@ -3,10 +3,11 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from steering_app.models import SteeringRun, Training
+from steering_app.models import Training
+from steering_app.models.steering_config import SteeringConfig, steering_constraints
 
 
-class SteeringPreset(models.Model):
+class SteeringPreset(SteeringConfig):
     """A saved steering configuration within one training's feature space, shared with every lab member."""
 
     training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="presets")
@@ -15,20 +16,9 @@ class SteeringPreset(models.Model):
     )
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
-    features = models.JSONField(default=list, help_text='[{"feature_id": index, "coefficient": c}]')
-    intervention_layers = models.JSONField(default=list)
-    method = models.CharField(
-        max_length=20, choices=SteeringRun.Method.choices, default=SteeringRun.Method.ADDITIVE
-    )
-    temperature = models.FloatField(default=0.7)
-    max_tokens = models.PositiveIntegerField(default=64)
     # Optional: what a run adds to the settings. Loading the preset fills them in when it has them.
     prompt = models.TextField(blank=True)
     seed = models.BigIntegerField(null=True, blank=True, help_text="Empty: a random seed per run")
-    chat = models.BooleanField(default=False, help_text="Wrap the prompt in the model's chat template")
-    sweep = models.JSONField(
-        null=True, blank=True, help_text="Strength multipliers, one steered variant each; empty: no sweep"
-    )
     is_favorite = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
@@ -37,13 +27,7 @@ class SteeringPreset(models.Model):
         ordering = ["-is_favorite", "-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(fields=["training", "name"], name="preset_unique_name_per_training"),
-            models.CheckConstraint(
-                condition=Q(method__in=["additive", "multiplicative"]), name="preset_method_valid"
-            ),
-            models.CheckConstraint(
-                condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="preset_temperature_range"
-            ),
-            models.CheckConstraint(condition=Q(max_tokens__gte=1), name="preset_max_tokens_positive"),
+            *steering_constraints("preset"),
             models.CheckConstraint(
                 condition=Q(seed__isnull=True) | Q(seed__gte=0), name="preset_seed_non_negative"
             ),

@@ -15,6 +15,7 @@ from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound, Ste
 from steering_app.json_checks import MalformedJSON, bracketed, loads
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PROMPT_CHARS, MAX_SEED
 from steering_app.models import Feature, Training
+from steering_app.models.steering_config import STEERING_FIELDS
 from steering_app.steering_settings import (
     SteeringSettings,
     is_integer,
@@ -31,20 +32,7 @@ MAX_EXPORT_IDS = 1000
 IMPORT_BATCH_SIZE = 200
 MAX_NAME_CHARS = SteeringPreset._meta.get_field("name").max_length
 MAX_DESCRIPTION_CHARS = 2000
-SETTINGS = (
-    "name",
-    "description",
-    "features",
-    "intervention_layers",
-    "method",
-    "temperature",
-    "max_tokens",
-    "prompt",
-    "seed",
-    "chat",
-    "sweep",
-    "is_favorite",
-)
+SETTINGS = ("name", "description", *STEERING_FIELDS, "prompt", "seed", "is_favorite")
 # The steering fields' defaults are SteeringSettings.from_fields'. A preset without a seed (null) leaves each
 # run its own random one.
 DEFAULTS = {"description": "", "prompt": "", "chat": False, "is_favorite": False}

@@ -22,6 +22,7 @@ from steering_app.models import (
     SteeringRun,
     Training,
 )
+from steering_app.models.steering_config import STEERING_FIELDS
 
 
 @admin.register(LanguageModel)
@@ -189,6 +190,11 @@ class SteeringRunAdmin(FinishedRecordAdmin):
     list_filter = ["status", "method", "private", "training"]
     search_fields = ["prompt", "owner__username"]
     list_select_related = ["owner", "training__model", "training__dataset"]
+
+    def get_fieldsets(self, request, obj=None):
+        # Every field, as Django lists them, with the steering fields (those a preset saves) in their own section.
+        others = [name for name in self.get_fields(request, obj) if name not in STEERING_FIELDS]
+        return [(None, {"fields": others}), ("Steering", {"fields": STEERING_FIELDS})]
 
 
 @admin.register(Experiment)

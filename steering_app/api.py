@@ -252,7 +252,7 @@ def run_out(run: SteeringRun) -> dict:
             "features": run.features,
             "intervention_layers": run.intervention_layers,
             "temperature": run.temperature,
-            "max_tokens": run.max_new_tokens,
+            "max_tokens": run.max_tokens,
             "seed": run.seed,
             "method": run.method,
             "chat": run.chat,

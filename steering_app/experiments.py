@@ -235,7 +235,7 @@ def _queue_cells(experiment: Experiment, cells) -> int:
                 intervention_layers=experiment.intervention_layers,
                 method=experiment.method,
                 temperature=experiment.temperature,
-                max_new_tokens=experiment.max_new_tokens,
+                max_tokens=experiment.max_new_tokens,
                 seed=seed,
                 chat=experiment.chat,
                 sweep=steered,

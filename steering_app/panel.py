@@ -167,7 +167,7 @@ def state_from_run(run: SteeringRun) -> PanelState:
         layers=list(run.intervention_layers),
         method=run.method,
         temperature=run.temperature,
-        max_tokens=run.max_new_tokens,
+        max_tokens=run.max_tokens,
         seed=run.seed,
         chat=run.chat,
         sweep=run.sweep,

@@ -93,7 +93,7 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
         intervention_layers=steering.layers,
         method=steering.method,
         temperature=steering.temperature,
-        max_new_tokens=steering.max_tokens,
+        max_tokens=steering.max_tokens,
         seed=request.seed if request.seed is not None else random.randrange(2**31),
         chat=bool(request.chat),
         sweep=steering.sweep,

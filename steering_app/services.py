@@ -119,7 +119,7 @@ def start(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> "Genera
             prompt=run.prompt,
             variants=variant_specs(run),
             temperature=run.temperature,
-            max_new_tokens=run.max_new_tokens,
+            max_new_tokens=run.max_tokens,
             seed=run.seed,
             chat=run.chat,
             sae_layer=training.hook_layer,
@@ -291,8 +291,8 @@ def slot_tokens() -> int:
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:
     """How many tokens the model reads for the prompt (the seam tests replace with a fake engine)."""
     from steering_app.engine import loader
-    from steering_app.engine.serving.generate import encode_text
     from steering_app.engine.steer import SpecError
+    from steering_app.engine.tokens import encode_text
 
     try:
         return len(encode_text(loader.load_tokenizer(training.model.source), prompt, chat))

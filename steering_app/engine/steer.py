@@ -427,25 +427,3 @@ def _copy_tensors(target: tuple | None, source: tuple | None) -> None:
     for old, new in zip(target or (), source or ()):
         if old is not None:
             old.copy_(new)
-
-
-@contextmanager
-def steering_hooks(
-    blocks: torch.nn.ModuleList,
-    sae: SAE,
-    spec: SteeringSpec,
-    sae_layer: int | None,
-    rows: Iterable[int] = (1,),
-    special_mask: torch.Tensor | None = None,
-    batch: int | None = None,
-) -> Iterator[RowSteering]:
-    """Steer the given rows of a `batch`-row forward (default: up to the last steered row) with one spec,
-    the others clean, for one call. Yields the RowSteering, whose special_mask the caller may update.
-    """
-    rows = tuple(rows)
-    steering = RowSteering(blocks, batch if batch is not None else max(rows, default=0) + 1)
-    steering.special_mask = special_mask
-    for row in rows:
-        steering.assign(row, plan_row(sae, sae_layer if sae_layer is not None else -1, spec))
-    with steering.attached():
-        yield steering

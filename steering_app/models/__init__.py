@@ -20,6 +20,7 @@ from steering_app.limits import (
     MAX_INDEX,
 )
 from steering_app.models.choices import RunStatus, SteeringMethod
+from steering_app.models.steering_config import SteeringConfig, steering_constraints
 
 
 class LanguageModel(models.Model):
@@ -363,7 +364,7 @@ class SteeringRunQuerySet(models.QuerySet):
         return self.filter(matches)
 
 
-class SteeringRun(models.Model):
+class SteeringRun(SteeringConfig):
     objects = SteeringRunQuerySet.as_manager()
 
     Method = SteeringMethod
@@ -374,16 +375,7 @@ class SteeringRun(models.Model):
     )
     training = models.ForeignKey(Training, on_delete=models.PROTECT, related_name="runs")
     prompt = models.TextField()
-    features = models.JSONField(default=list, help_text='[{"feature_id": index, "coefficient": c}]')
-    intervention_layers = models.JSONField(default=list)
-    method = models.CharField(max_length=20, choices=Method.choices, default=Method.ADDITIVE)
-    temperature = models.FloatField(default=0.7)
-    max_new_tokens = models.PositiveIntegerField(default=64)
     seed = models.BigIntegerField()
-    chat = models.BooleanField(default=False)
-    sweep = models.JSONField(
-        null=True, blank=True, help_text="Strength multipliers, one steered variant each; null: one variant."
-    )
     private = models.BooleanField(
         default=False, help_text="Readable only by its owner and staff; otherwise by every lab member"
     )
@@ -421,17 +413,11 @@ class SteeringRun(models.Model):
             models.Index(fields=["status", "created_at"], name="run_status_created"),
         ]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(method__in=["additive", "multiplicative"]), name="run_method_valid"
-            ),
+            *steering_constraints("run"),
             models.CheckConstraint(
                 condition=Q(status__in=["queued", "running", "completed", "failed", "cancelled"]),
                 name="run_status_valid",
             ),
-            models.CheckConstraint(
-                condition=Q(temperature__gte=0) & Q(temperature__lte=2), name="run_temperature_range"
-            ),
-            models.CheckConstraint(condition=Q(max_new_tokens__gte=1), name="run_max_new_tokens_positive"),
         ]
 
     def __str__(self):

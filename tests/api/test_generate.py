@@ -47,7 +47,7 @@ def test_it_runs_the_comparison_and_answers_both_outputs_with_metrics(
     }
     assert run.owner == owner and run.status == "completed"
     assert run.features == [{"feature_id": 3, "coefficient": 2.0}]
-    assert run.max_new_tokens == 8 and run.temperature == 0.0 and run.method == "additive" and not run.chat
+    assert run.max_tokens == 8 and run.temperature == 0.0 and run.method == "additive" and not run.chat
 
 
 def test_it_draws_a_seed_when_none_is_given_and_returns_it(client, owner, bearer, generate_body, fake_engine):

@@ -13,7 +13,7 @@ def url(run):
 
 
 def test_it_shows_the_owners_run_with_settings_outputs_and_metrics(client, owner, bearer, make_run, training):
-    run = make_run(owner, temperature=0.5, max_new_tokens=16, chat=True)
+    run = make_run(owner, temperature=0.5, max_tokens=16, chat=True)
 
     response = client.get(url(run), headers=bearer(owner))
 

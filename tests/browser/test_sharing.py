@@ -39,7 +39,7 @@ alice = User.objects.get(username={alice!r})
 training = Training.objects.get(pk={training})
 def run(**fields):
     values = dict(
-        owner=alice, training=training, prompt="Alice asks about the weather.", seed=2024, max_new_tokens=2,
+        owner=alice, training=training, prompt="Alice asks about the weather.", seed=2024, max_tokens=2,
         features=[{{"feature_id": {feature}, "coefficient": 1.5}}], intervention_layers=[training.hook_layer],
         status="completed", unsteered_output="Clouds, mostly.", steered_output="Rain, rain and rain.",
         started_at=timezone.now(), finished_at=timezone.now())

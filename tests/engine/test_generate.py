@@ -8,9 +8,10 @@ import torch
 from steering_app.engine import compare, finish
 from steering_app.engine.analysis.metrics import comparison_metrics
 from steering_app.engine.loader import get_embedder
-from steering_app.engine.serving.generate import Stopped, eos_token_ids, sample_coupled
+from steering_app.engine.serving.generate import Stopped, sample_coupled
 from steering_app.engine.serving.scheduler import scheduler_for
 from steering_app.engine.steer import SteeringSpec
+from steering_app.engine.tokens import eos_token_ids
 
 from .conftest import SAE_LAYER, hooks_everywhere, random_sae, tiny_lm
 
@@ -143,7 +144,7 @@ def test_it_gives_two_threads_exactly_what_each_gets_alone(smollm2, smollm2_sae,
 def test_it_stops_each_row_at_its_own_eos(smollm2, tmp_path):
     """A feature pointing at the EOS embedding, added after the last block, ends the steered row at once."""
     tiny = tiny_lm("gpt2", smollm2.tokenizer)
-    (eos,) = eos_token_ids(tiny)
+    (eos,) = eos_token_ids(tiny.tokenizer, tiny.model)
     direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
     tiny.model.get_output_embeddings().weight.data[eos] = 2 * direction / direction.norm()
     sae = random_sae(tmp_path, d_in=32, hook_layer=3)

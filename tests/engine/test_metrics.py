@@ -10,7 +10,7 @@ from steering_app.engine import compare
 from steering_app.engine.analysis.metrics import comparison_metrics, word_overlap
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import get_embedder
-from steering_app.engine.steer import SteeringSpec, steering_hooks
+from steering_app.engine.steer import RowSteering, SteeringSpec, plan_row
 
 from .conftest import SAE_LAYER
 
@@ -18,16 +18,14 @@ pytestmark = pytest.mark.slow
 
 
 def _forward(lm, sae, spec, ids, steered: bool):
-    """Batch of one, no cache: logits [T, V] and the SAE-layer activations [T, k] (after any steering)."""
+    """Batch of one, no cache: logits [T, V] and the SAE-layer activations [T, k] (after any steering), with
+    the row steering that serving attaches to the model's blocks."""
     blocks = decoder_blocks(lm.model)
-    special = torch.isin(torch.tensor(ids), torch.tensor(lm.tokenizer.all_special_ids))
+    steering = RowSteering(blocks, 1)
+    steering.special_mask = torch.isin(torch.tensor([ids]), torch.tensor(lm.tokenizer.all_special_ids))
+    steering.assign(0, plan_row(sae, SAE_LAYER, spec))
     acts = []
-    hooks = (
-        steering_hooks(blocks, sae, spec, SAE_LAYER, rows=(0,), special_mask=special)
-        if steered
-        else nullcontext()
-    )
-    with hooks, torch.inference_mode():
+    with steering.attached() if steered else nullcontext(), torch.inference_mode():
         handle = blocks[SAE_LAYER].register_forward_hook(
             lambda m, a, out: acts.append(sae.encode_features(out[0], spec.feature_ids))
         )

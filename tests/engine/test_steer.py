@@ -9,7 +9,7 @@ from steering_app.engine import compare
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.serving.kernels import PackedLinear, TransposedLinear
 from steering_app.engine.serving.scheduler import scheduler_for
-from steering_app.engine.steer import SpecError, SteeringSpec, steering_hooks, validate
+from steering_app.engine.steer import RowSteering, SpecError, SteeringSpec, plan_row, validate
 
 from .conftest import hooks_everywhere, random_sae
 
@@ -90,8 +90,11 @@ def test_it_leaves_special_tokens_alone_unless_asked(tiny, tmp_path):
     special = torch.tensor([[True, False, False, True]])
     for steer_special, changed in ((False, [False, True, True, False]), (True, [True, True, True, True])):
         spec = SteeringSpec("additive", ((3, 4.0),), (2,), steer_special_tokens=steer_special)
+        steering = RowSteering(blocks, 2)
+        steering.special_mask = special
+        steering.assign(1, plan_row(sae, 1, spec))
         probe = BlockProbe(tiny.model, 2)
-        with steering_hooks(blocks, sae, spec, 1, rows=(1,), special_mask=special), torch.no_grad():
+        with steering.attached(), torch.no_grad():
             tiny.model(ids)
         probe.remove()
         moved = (probe.after[0][1] - probe.before[0][1]).abs().amax(-1) > 0
@@ -113,7 +116,9 @@ def test_it_always_removes_its_hooks(tiny, tmp_path, interrupt):
     sae = random_sae(tmp_path, d_in=32)
     blocks = decoder_blocks(tiny.model)
     spec = SteeringSpec("additive", ((5, 1.0),), (0, 1, 2))
-    with pytest.raises(type(interrupt)), steering_hooks(blocks, sae, spec, 1):
+    steering = RowSteering(blocks, 2)
+    steering.assign(1, plan_row(sae, 1, spec))
+    with pytest.raises(type(interrupt)), steering.attached():
         assert len(hooks_everywhere(tiny.model)) == 3
         raise interrupt
     assert hooks_everywhere(tiny.model) == []

@@ -51,3 +51,15 @@ def test_it_refuses_deeply_nested_features_as_a_form_error(login, staff, owner, 
     assert response.status_code == 200
     assert "nested more than 64 levels" in str(response.context["adminform"].form.errors["features"])
     assert not SteeringPreset.objects.exists()
+
+
+def test_it_lets_staff_add_a_preset_with_a_sweep_checked_like_the_apis(login, staff, owner, training):
+    features = '[{"feature_id": 12, "coefficient": 3}]'
+    refused = login(staff).post(URL, {**form(training, owner, features), "sweep": '["x"]'})
+    assert "sweep" in refused.context["adminform"].form.errors
+    assert not SteeringPreset.objects.exists()
+
+    response = login(staff).post(URL, {**form(training, owner, features), "sweep": "[0.5, 2]"})
+
+    assert response.status_code == 302
+    assert SteeringPreset.objects.get().sweep == [0.5, 2.0]

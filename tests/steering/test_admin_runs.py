@@ -63,6 +63,29 @@ def test_it_shows_every_field_of_a_run_read_only(client, staff, run):
     assert response.context["has_change_permission"] is False
 
 
+def test_it_shows_each_field_once_with_the_steering_fields_in_their_own_section(client, staff, run):
+    client.force_login(staff)
+
+    fieldsets = client.get(change_url(run)).context["adminform"].fieldsets
+
+    shown = [name for _title, options in fieldsets for name in options["fields"]]
+    assert sorted(shown) == sorted(field.name for field in SteeringRun._meta.fields if field.name != "id")
+    assert fieldsets[-1] == (
+        "Steering",
+        {
+            "fields": (
+                "features",
+                "intervention_layers",
+                "method",
+                "temperature",
+                "max_tokens",
+                "chat",
+                "sweep",
+            )
+        },
+    )
+
+
 def test_a_post_to_the_change_page_changes_nothing(client, staff, run, teammate):
     client.force_login(staff)
     before = stored(run)

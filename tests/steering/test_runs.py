@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 
 def request_for(training, **changes) -> RunRequest:
-    """A valid request; changes use the API's names (intervention_layers, max_new_tokens)."""
+    """A valid request; changes use the API's names (intervention_layers, max_tokens)."""
     values = {
         "training_id": training.pk,
         "prompt": "The weather today is",
@@ -35,7 +35,7 @@ def request_for(training, **changes) -> RunRequest:
         layers=values.pop("intervention_layers"),
         method=values.pop("method", "additive"),
         temperature=values.pop("temperature", 0.7),
-        max_tokens=values.pop("max_new_tokens", 64),
+        max_tokens=values.pop("max_tokens", 64),
     )
     return RunRequest(settings=steering, **values)
 
@@ -70,8 +70,8 @@ def test_it_draws_a_seed_when_none_is_given_and_stores_it(owner, training):
             "features",
         ),
         ({"temperature": 2.5}, "temperature"),
-        ({"max_new_tokens": 0}, "max_tokens"),
-        ({"max_new_tokens": 513}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 513}, "max_tokens"),
         ({"method": "clamp"}, "method"),
         ({"method": "multiplicative", "intervention_layers": [1]}, "intervention_layers"),
         ({"model_id": 999}, "model_id"),
@@ -232,12 +232,12 @@ def test_it_refuses_a_prompt_and_max_tokens_beyond_the_workers_slots_when_create
     settings.STEERLAB_SLOT_TOKENS = 512
 
     with pytest.raises(InvalidInput) as refused:
-        runs.create(owner, request_for(training, prompt=prompt, max_new_tokens=max_tokens))
+        runs.create(owner, request_for(training, prompt=prompt, max_tokens=max_tokens))
 
     assert refused.value.field == field
     assert "509" in refused.value.message if field == "max_tokens" else "512" in refused.value.message
     assert not SteeringRun.objects.exists()
-    runs.create(owner, request_for(training, prompt="four words of prompt", max_new_tokens=509))
+    runs.create(owner, request_for(training, prompt="four words of prompt", max_tokens=509))
 
 
 def test_it_refuses_a_feature_whose_max_activation_is_not_finite(owner, training):

@@ -78,7 +78,7 @@ def test_it_creates_a_queued_run_and_hands_it_to_the_worker(client, owner, train
     assert submitted == [run.pk]
     assert (run.owner, run.training, run.status) == (owner, training, SteeringRun.Status.QUEUED)
     assert run.features == [{"feature_id": 3, "coefficient": 2.0}, {"feature_id": 7, "coefficient": -1.5}]
-    assert (run.intervention_layers, run.method, run.temperature, run.max_new_tokens, run.seed, run.chat) == (
+    assert (run.intervention_layers, run.method, run.temperature, run.max_tokens, run.seed, run.chat) == (
         [1, 2],
         "additive",
         0.5,

@@ -68,7 +68,7 @@ def test_it_fills_the_panel_from_a_run_of_the_user(client, owner, training, make
         features=[{"feature_id": 3, "coefficient": 2.5}],
         intervention_layers=[1, 2],
         temperature=0.3,
-        max_new_tokens=17,
+        max_tokens=17,
         seed=1234,
         chat=True,
     )

@@ -17,8 +17,8 @@ import torch
 from ..layers import block_output, decoder_blocks
 from ..loader import LoadedModel
 from ..saes.sae import SAE
-from ..serving.generate import encode_prompt
 from ..steer import SpecError
+from ..tokens import chat_text, encode_text, special_ids
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ def active_latents(
 def _prompt_positions(lm: LoadedModel, prompt: str, chat: bool) -> tuple[list[int], list[int]]:
     """The ids the model reads and the positions among them that hold the prompt's own text."""
     tokenizer = lm.tokenizer
-    special = set(tokenizer.all_special_ids)
-    ids = encode_prompt(lm, prompt, chat)
+    special = special_ids(tokenizer)
+    ids = encode_text(tokenizer, prompt, chat)
     own = None
     if chat:
         own = _chat_prompt_span(lm, prompt, len(ids))
@@ -83,9 +83,7 @@ def _chat_prompt_span(lm: LoadedModel, prompt: str, length: int) -> range | None
     """The positions of the user's text inside the chat template (not the template's system turn), from the
     tokenizer's character offsets; None when the tokenizer cannot tell (then every non-special position)."""
     tokenizer = lm.tokenizer
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    text = chat_text(tokenizer, prompt)
     start = text.rfind(prompt)
     try:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping

@@ -31,10 +31,11 @@ import torch
 from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..saes.sae import SAE
-from ..serving.generate import Comparison, pad_token_id
+from ..serving.generate import Comparison
 from ..serving.lean import LeanStep, has_hooks
-from ..serving.slots import model_forward, special_ids, teacher_forced
+from ..serving.slots import model_forward, teacher_forced
 from ..steer import RowSteering, SteeringSpec, plan_row
+from ..tokens import pad_token_id, special_id_tensor, special_ids
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -65,7 +66,7 @@ def comparison_metrics(
         embedder, comparison.unsteered_text, [variant.text for variant in comparison.variants]
     )
     comparison.timings["embed"] = time.perf_counter() - t0
-    special = set(lm.tokenizer.all_special_ids)
+    special = special_ids(lm.tokenizer)
     clean_words = [t for t in comparison.unsteered_ids if t not in special]
     for result, variant, similarity in zip(results, comparison.variants, similarities):
         result["semantic_similarity"] = similarity
@@ -137,10 +138,10 @@ def _model_metrics(
             plan_row(sae, comparison.sae_layer, spec),
         ]
     width = max(len(row) for row in rows)
-    pad_id = pad_token_id(lm)
+    pad_id = pad_token_id(lm.tokenizer, lm.model)
     input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=lm.device)
     steering = RowSteering(decoder_blocks(lm.model), len(rows))
-    steering.special_mask = torch.isin(input_ids, special_ids(lm.tokenizer).to(lm.device))
+    steering.special_mask = torch.isin(input_ids, special_id_tensor(lm.tokenizer).to(lm.device))
     for row, plan in enumerate(plans):
         steering.assign(row, plan)
     kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens

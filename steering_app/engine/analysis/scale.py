@@ -10,8 +10,8 @@ import torch
 
 from ..layers import block_output, decoder_blocks
 from ..loader import LoadedModel
-from ..serving.generate import encode_prompt
 from ..steer import SpecError
+from ..tokens import encode_text, special_ids
 
 
 def residual_norm(lm: LoadedModel, prompt: str, layer: int, chat: bool = False) -> float:
@@ -23,8 +23,8 @@ def residual_norm(lm: LoadedModel, prompt: str, layer: int, chat: bool = False) 
     blocks = decoder_blocks(lm.model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(blocks):
         raise SpecError("layer", f"{layer!r} is out of range [0, {len(blocks) - 1}]")
-    ids = encode_prompt(lm, prompt, chat)[: lm.context_window]
-    special = set(lm.tokenizer.all_special_ids)
+    ids = encode_text(lm.tokenizer, prompt, chat)[: lm.context_window]
+    special = special_ids(lm.tokenizer)
     keep = torch.tensor([token not in special for token in ids], dtype=torch.bool)
     if not keep.any():
         raise SpecError("prompt", "has no tokens other than special ones")

@@ -23,6 +23,7 @@ from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..saes.sae import SAE
 from ..steer import RowPlan, RowSteering, SpecError, SteeringSpec, plan_row, validate
+from ..tokens import encode_text, eos_token_ids, pad_token_id
 from .slots import SlotBatch, model_forward
 
 # Rows of a run: the clean one first, then its variants.
@@ -136,7 +137,7 @@ def prepare(
     sae_layer = resolve_sae_layer(sae, sae_layer)
     for spec in variants:
         validate(spec, lm.num_layers, sae, hidden_size=lm.hidden_size, sae_layer=sae_layer)
-    prompt_ids = encode_prompt(lm, prompt, chat)
+    prompt_ids = encode_text(lm.tokenizer, prompt, chat)
     if not prompt_ids:
         raise SpecError("prompt", "is empty")
     window = lm.context_window
@@ -172,9 +173,9 @@ class Generation:
         self.on_step = on_step
         self.should_stop = should_stop or _never
         tokenizer = lm.tokenizer
-        self.eos_ids = eos_token_ids(lm)
+        self.eos_ids = eos_token_ids(tokenizer, lm.model)
         self.eos_index = torch.tensor(sorted(self.eos_ids), device=lm.device, dtype=torch.long)
-        self.pad_id = pad_token_id(lm)
+        self.pad_id = pad_token_id(tokenizer, lm.model)
         self.generator = torch.Generator(device=lm.device).manual_seed(request.seed)
         count = request.rows
         self.plans = [
@@ -406,40 +407,6 @@ class _TextStream:
             return ""
         out, self.sent = text[len(self.sent) :], text
         return out
-
-
-def eos_token_ids(lm: LoadedModel) -> set[int]:
-    ids = set()
-    configured = getattr(lm.model.generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(int(lm.tokenizer.eos_token_id))
-    return ids
-
-
-def pad_token_id(lm: LoadedModel) -> int:
-    """What a finished row is fed, and what pads a batch: the tokenizer's pad token, else an EOS token."""
-    pad = lm.tokenizer.pad_token_id
-    return min(eos_token_ids(lm), default=0) if pad is None else pad
-
-
-def encode_prompt(lm: LoadedModel, prompt: str, chat: bool) -> list[int]:
-    return encode_text(lm.tokenizer, prompt, chat)
-
-
-def encode_text(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """The ids the model reads for a prompt: the tokenizer's own special tokens, or the chat template."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise SpecError("chat", "this model's tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-    return list(tokenizer(prompt).input_ids)
 
 
 def check_generation_args(temperature: object, max_new_tokens: object, seed: object, top_p: object) -> None:

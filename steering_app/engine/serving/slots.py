@@ -31,6 +31,7 @@ from steering_app import engine_config  # plain settings: the engine stays free 
 from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..steer import RowSteering
+from ..tokens import special_id_tensor
 from .lean import TOLERANCE, LeanStep, has_hooks
 from .plan import AUTO, StepPlan, StepPolicy, choose_kernels, decide
 
@@ -190,12 +191,6 @@ def use_cuda_graphs(device: torch.device) -> bool:
     return device.type == "cuda" and engine_config.current.cuda_graphs
 
 
-@functools.cache
-def special_ids(tokenizer) -> torch.Tensor:
-    """The tokenizer's special token ids (never steered), as a tensor for torch.isin."""
-    return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-
-
 class SlotBatch:
     """R rows and a KV cache of `length` positions on one model; step() runs one token for every taken row.
 
@@ -216,7 +211,7 @@ class SlotBatch:
         self.free = list(range(rows))
         self._advancing = torch.zeros(rows, dtype=torch.long, device=lm.device)  # 1 for taken rows
         self._span = torch.arange(length, device=lm.device)
-        self.special_ids = special_ids(lm.tokenizer).to(lm.device)
+        self.special_ids = special_id_tensor(lm.tokenizer).to(lm.device)
         self.policy = policy
         self.kernels = choose_kernels(policy, lm.model, rows, lm.device)
         # The lean step is a candidate until the plan's probe steps compare it with the modules.

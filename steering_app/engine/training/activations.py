@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..layers import block_hidden, decoder_blocks
+from ..tokens import pad_token_id, special_id_tensor
 from .stop import StopCheck, check_stop
 
 if TYPE_CHECKING:
@@ -88,16 +89,6 @@ def _packed_sequences(
         yield buffer
 
 
-def special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The ids of the tokenizer's special tokens (BOS, EOS, padding, unknown, chat markers)."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            ids.add(int(value))
-    return sorted(ids)
-
-
 def collect_activations(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -122,8 +113,8 @@ def collect_activations(
         raise ValueError(f"layer {layer} is out of range: the model has blocks 0..{len(blocks) - 1}")
     device = next(model.parameters()).device
     separator = tokenizer.eos_token_id
-    special = torch.tensor(special_ids(tokenizer), dtype=torch.long)
-    pad_id = separator if separator is not None else 0
+    special = special_id_tensor(tokenizer)
+    pad_id = pad_token_id(tokenizer, model)
     captured: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):

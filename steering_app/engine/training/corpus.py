@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..demo import DEMO_OFFLINE_TOKENS, DEMO_PROMPTS, DEMO_SEED
+from ..tokens import chat_text, pad_token_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -279,7 +280,7 @@ def sample_texts(
         sampler = copy.deepcopy(model).to(dtype)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer, model)
     try:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -307,11 +308,8 @@ def sample_texts(
 
 
 def _chat(tokenizer, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt + "\n"
+    text = chat_text(tokenizer, prompt)
+    return prompt + "\n" if text is None else text
 
 
 def stdlib_texts(seed: int = 0) -> Iterator[str]:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .activations import Activations, special_ids
+from ..tokens import special_ids
+from .activations import Activations
 from .stop import StopCheck, check_stop
 
 if TYPE_CHECKING:
