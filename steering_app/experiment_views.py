@@ -22,7 +22,7 @@ from steering_app.errors import Conflict, Forbidden, SteeringError, WorkerUnavai
 from steering_app.experiment_charts import strength_chart
 from steering_app.forms import ExperimentForm
 from steering_app.models import Experiment, ExperimentResult, Feature, PromptSet, Training
-from steering_app.views import go_to
+from steering_app.views import delete_then_go
 
 DETAIL_TEMPLATE = "steering/experiments/detail.html"
 EXPERIMENTS_PER_PAGE = 20
@@ -266,11 +266,6 @@ def _change(request, pk, action):
 @login_required
 @require_POST
 def delete_experiment(request, pk):
-    experiment = _visible_experiment(request, pk)
-    try:
-        experiment.delete_by(request.user)
-    except Forbidden as error:
-        raise PermissionDenied(error.message) from error
-    except Conflict as error:
-        return _render_detail(request, experiment, error.message, 409)
-    return go_to(request, reverse("steering-experiments"))
+    return delete_then_go(
+        request, _visible_experiment(request, pk), _render_detail, reverse("steering-experiments")
+    )

@@ -204,14 +204,19 @@ def run_visibility(request, pk):
 @login_required
 @require_POST
 def delete_run(request, pk):
-    run = _visible_run(request, pk)
+    return delete_then_go(request, _visible_run(request, pk), _render_run, reverse("steering-runs"))
+
+
+def delete_then_go(request, record, render_page, url: str) -> HttpResponse:
+    """The Delete button of a run's or an experiment's page: the owner or staff deletes a finished record,
+    then goes to `url`; one still going stays on its page, rendered by render_page with the refusal (409)."""
     try:
-        run.delete_by(request.user)
+        record.delete_by(request.user)
     except Forbidden as error:
         raise PermissionDenied(error.message) from error
     except Conflict as error:
-        return _render_run(request, run, notice=error.message, status=409)
-    return go_to(request, reverse("steering-runs"))
+        return render_page(request, record, error.message, 409)
+    return go_to(request, url)
 
 
 def go_to(request, url: str) -> HttpResponse:
