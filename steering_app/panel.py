@@ -160,36 +160,28 @@ def feature_card(feature: Feature) -> SelectedFeature:
 
 
 def state_from_run(run: SteeringRun) -> PanelState:
-    return PanelState(
-        training=run.training,
-        prompt=run.prompt,
-        features=selected_features(run.training, run.features),
-        layers=list(run.intervention_layers),
-        method=run.method,
-        temperature=run.temperature,
-        max_tokens=run.max_tokens,
-        seed=run.seed,
-        chat=run.chat,
-        sweep=run.sweep,
-        private=run.private,
-        run=run,
-    )
+    return _state_from_saved(run.training, run, private=run.private, run=run)
 
 
 def state_from_preset(preset) -> PanelState:
     training = get_object_or_404(Training.objects.completed(), pk=preset.training_id)
+    return _state_from_saved(training, preset, preset=preset)
+
+
+def _state_from_saved(training: Training, saved, **origin) -> PanelState:
+    """The panel as a run or a preset has it: both carry SteeringConfig's fields, a prompt and a seed."""
     return PanelState(
         training=training,
-        features=selected_features(training, preset.features),
-        layers=list(preset.intervention_layers),
-        method=preset.method,
-        temperature=preset.temperature,
-        max_tokens=preset.max_tokens,
-        prompt=preset.prompt,
-        seed=preset.seed,
-        chat=preset.chat,
-        sweep=preset.sweep,
-        preset=preset,
+        prompt=saved.prompt,
+        features=selected_features(training, saved.features),
+        layers=list(saved.intervention_layers),
+        method=saved.method,
+        temperature=saved.temperature,
+        max_tokens=saved.max_tokens,
+        seed=saved.seed,
+        chat=saved.chat,
+        sweep=saved.sweep,
+        **origin,
     )
 
 
