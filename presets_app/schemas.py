@@ -1,7 +1,7 @@
 """Request and response shapes of the presets API."""
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 from django.conf import settings
 from ninja import Field, Schema
@@ -11,17 +11,13 @@ from presets_app.services import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS
 from steering_app.limits import (
     MAX_FEATURES,
     MAX_ID,
-    MAX_INDEX,
     MAX_LAYERS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_TEMPERATURE,
 )
-from steering_app.schemas import NO_NUL, STRICT, FeatureCoefficient, Page, Sweep
+from steering_app.schemas import NO_NUL, STRICT, FeatureCoefficient, Layers, Method, Page, Sweep
 from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
-
-Method = Literal["additive", "multiplicative"]
-Layers = list[Annotated[int, Field(ge=0, le=MAX_INDEX)]]
 
 
 class PresetIn(Schema):

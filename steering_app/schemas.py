@@ -147,6 +147,10 @@ class FeatureCoefficient(Schema):
     )
 
 
+# A steering request's method and intervention layers, as runs, experiments and presets take them.
+Method = Literal["additive", "multiplicative"]
+Layers = list[Annotated[int, Field(ge=0, le=MAX_INDEX)]]
+
 # Strength multipliers of a sweep, one steered variant each. Only the type is checked here: the limits are
 # SteeringSettings' alone, so the panel's form, the API and presets accept the same sweeps.
 Sweep = list[float]
@@ -164,7 +168,7 @@ class GenerateIn(Schema):
     model_id: int = Field(ge=1, le=MAX_ID, description="Must be the training's model.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
     features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
-    intervention_layers: list[Annotated[int, Field(ge=0, le=MAX_INDEX)]] = Field(
+    intervention_layers: Layers = Field(
         min_length=1,
         max_length=MAX_LAYERS,
         description="Decoder blocks to steer, each below the model's layer count.",
@@ -174,7 +178,7 @@ class GenerateIn(Schema):
     )
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
-    method: Literal["additive", "multiplicative"] = "additive"
+    method: Method = "additive"
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
     private: bool = Field(
         False, description="Readable only by you and staff; by default every lab member can read the run."
@@ -340,8 +344,8 @@ class ExperimentIn(Schema):
         None, ge=1, le=MAX_ID, description="When given, must be the training's model."
     )
     name: str = Field("", max_length=Experiment._meta.get_field("name").max_length, pattern=NO_NUL)
-    method: Literal["additive", "multiplicative"] = "additive"
-    intervention_layers: list[Annotated[int, Field(ge=0, le=MAX_INDEX)]] = Field(
+    method: Method = "additive"
+    intervention_layers: Layers = Field(
         min_length=1,
         max_length=MAX_LAYERS,
         description="Decoder blocks to steer, each below the model's layer count.",
