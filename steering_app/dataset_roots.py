@@ -21,7 +21,8 @@ def roots() -> list[Path]:
 def corpus_files(source: str) -> list[Path]:
     """The resolved text files of a corpus (a text file, or a folder's text files), every one under the
     dataset roots; InvalidInput naming the path and the roots otherwise, or when there is nothing to read."""
-    from steering_app.engine import corpus  # the engine brings torch, which a form's check rarely needs
+    # The engine brings torch, which a form's check rarely needs.
+    from steering_app.engine.training import corpus
 
     path = Path(source).resolve()
     refuse_outside_roots(f"Dataset path {source!r} resolves to {path}, which", path)
