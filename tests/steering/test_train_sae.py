@@ -236,8 +236,8 @@ def test_it_samples_a_demo_corpus_only_with_resample(tmp_path, reproducible_runs
     assert not reproducible_runs
 
 
-# sha256 of sae_weights.safetensors that the small demo training below writes; made on an AMD EPYC
-# (AVX-512, no AMX) and the same on an Intel Xeon with AMX: the training runs in run_reproducibly.
+# sha256 of sae_weights.safetensors that the small demo training below writes, made on an AMD EPYC (AVX-512,
+# no AMX); the training runs in run_reproducibly, so an Intel Xeon with AMX must write the same bytes.
 SMALL_DEMO_WEIGHTS_SHA256 = "0"
 
 

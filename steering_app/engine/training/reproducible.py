@@ -6,8 +6,9 @@ and ATen's vectorized kernels (softmax, norms, reductions, the random normal fil
 AVX-512 CPU and 8-wide on an AVX2 one. Both read their choice from the environment once, when they
 start, so the work runs in a spawned Python process started with the choice pinned:
 
-- MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility, the code branch that gives the
-  same bits on every Intel and compatible (AMD) processor;
+- MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility with its one SSE2 code path, the only
+  branch besides AUTO that MKL offers on non-Intel processors, so the same on an Intel Xeon and an AMD
+  EPYC (AUTO picks a branch per CPU); MKL_DYNAMIC/OMP_DYNAMIC=FALSE, which MKL's reproducibility needs;
 - ATEN_CPU_CAPABILITY=avx2: the AVX2 kernels, which every such CPU runs (AVX-512 ones are left unused);
 - REPRODUCIBLE_THREADS threads: how a reduction is split between threads changes its bits too.
 """
@@ -20,7 +21,12 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import TypeVar
 
-REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}
+REPRODUCIBLE_ENV = {
+    "MKL_CBWR": "COMPATIBLE",
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
 REPRODUCIBLE_THREADS = 2
 
 T = TypeVar("T")
