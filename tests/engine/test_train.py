@@ -294,3 +294,20 @@ def test_the_demo_corpus_is_reproducible(gpt2, tokenizer, tmp_path):
     prompts = corpus.demo_prompts(4)
     assert sum(any(d.startswith(p) for d in documents) for p in prompts) == 4
     assert len(documents) > 4  # stdlib prose too
+
+
+def test_corpus_token_ids_read_back_as_the_documents_they_were_made_of(gpt2, tokenizer, tmp_path):
+    texts = [*sentences(40, seed=3), "", *sentences(40, seed=4)]
+    path = corpus.write_token_ids(tmp_path / "ids.npy.xz", corpus.corpus_token_ids(tokenizer, texts))
+
+    ids = corpus.read_token_ids(path)
+    documents = list(corpus.token_documents(ids, tokenizer.eos_token_id))
+    from_ids = training.collect_activations(gpt2, tokenizer, documents, 2, max_tokens=10_000, progress=False)
+    from_texts = training.collect_activations(gpt2, tokenizer, texts, 2, max_tokens=10_000, progress=False)
+
+    assert ids.dtype == "uint16" and len(documents) == 80
+    assert documents[0] == tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    assert torch.equal(from_ids.token_ids, from_texts.token_ids)
+    assert torch.equal(from_ids.acts, from_texts.acts) and from_ids.num_tokens > 0
+    rewritten = corpus.write_token_ids(tmp_path / "again.npy.xz", ids)
+    assert rewritten.read_bytes() == path.read_bytes()

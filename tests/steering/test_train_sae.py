@@ -1,12 +1,14 @@
+import hashlib
+import io
+import json
 import random
 from types import SimpleNamespace
 
 import pytest
-import torch
 from django.core.management import CommandError, call_command
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from steering_app.engine import loader, training
+from steering_app.engine import demo, loader, training
 from steering_app.engine.training import corpus, trainer
 from steering_app.models import Dataset, Feature, LanguageModel, Training
 
@@ -164,37 +166,103 @@ def test_it_refuses_to_mix_the_demo_with_a_training_of_its_own(args, message):
     assert not Training.objects.exists()
 
 
-def test_it_rebuilds_the_demo_with_its_recipe_and_records_nothing(tmp_path, monkeypatch):
-    """--demo rebuilds the demo as the engine's former argparse CLI did, with the same defaults."""
-    calls = {}
+@pytest.fixture
+def reproducible_runs(monkeypatch):
+    """The calls to run_reproducibly, made here instead of in a spawned process: (function, args, kwargs)."""
+    from steering_app.engine.training import reproducible
 
-    def load_model(source, device=None):
-        calls["load_model"] = (source, device)
-        return SimpleNamespace(model="model", tokenizer="tokenizer", device=torch.device("cpu"))
+    calls = []
 
-    def build_demo_corpus(model, tokenizer, path, **options):
-        calls["corpus"] = (path, options)
-        path.write_text("A document.")
-
-    def train_from_texts(model, tokenizer, texts, layer, out_dir, **options):
-        calls["train"] = (list(texts), layer, out_dir, options)
+    def run(function, *args, **kwargs):
+        calls.append((function, args, kwargs))
         stats = dict.fromkeys(("tokens", "explained_variance", "l0", "dead_fraction", "label_coverage"), 0)
-        return training.TrainingRun(checkpoint=out_dir, stats=stats, features=[], timings={})
+        return training.TrainingRun(checkpoint=args[0], stats=stats, features=[], timings={})
 
-    monkeypatch.setattr(loader, "load_model", load_model)
-    monkeypatch.setattr(corpus, "build_demo_corpus", build_demo_corpus)
-    monkeypatch.setattr(training, "train_from_texts", train_from_texts)
+    monkeypatch.setattr(reproducible, "run_reproducibly", run)
+    return calls
 
+
+def test_it_rebuilds_the_demo_from_the_shipped_corpus_ids_and_records_nothing(tmp_path, reproducible_runs):
+    """--demo trains from the shipped token ids with the demo's recipe, in the CPU-independent process."""
     call_command("train_sae", "--demo", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
 
-    assert calls["load_model"] == ("smollm2-demo", None)
-    corpus_options = {"seed": 0, "sampled_prompts": 560, "offline_tokens": 260_000}
-    assert calls["corpus"] == (tmp_path / "work" / "corpus-seed0.txt", corpus_options)
-    texts, layer, out_dir, options = calls["train"]
-    assert (texts, layer, out_dir) == (["A document."], 10, tmp_path / "out" / "sae")
+    ((function, args, options),) = reproducible_runs
+    assert function is training.train_demo and args == (tmp_path / "out", demo.DEMO_IDS)
     assert options["config"] == training.TrainConfig(d_sae=2048, k=32, epochs=6.0, seed=0)
-    assert options["tokens"] == 400_000 and options["dtype"] == torch.float16
-    assert options["features_path"] == tmp_path / "out" / "features.json"
-    assert options["activations_cache"] == tmp_path / "work" / "acts-seed0-L10.pt"
-    assert (options["model_name"], options["dataset"]) == ("SmolLM2-135M-Instruct", "smollm2-demo-corpus")
+    assert options["tokens"] == 400_000 and options["device"] is None
+    digest = hashlib.sha256(demo.DEMO_IDS.read_bytes()).hexdigest()
+    assert options["activations_cache"] == tmp_path / "work" / f"acts-{digest[:16]}-L10.pt"
     assert not (Training.objects.exists() or Dataset.objects.exists() or LanguageModel.objects.exists())
+
+
+def test_it_resamples_the_demo_corpus_into_out_when_asked(tmp_path, monkeypatch, reproducible_runs):
+    tokenizer = loader.load_model("smollm2-demo").tokenizer
+    built = {}
+
+    def build_demo_corpus(model, tokenizer, path, **options):
+        built[path] = options
+        corpus.write_corpus(path, ["A document.", "Another one."])
+
+    monkeypatch.setattr(
+        loader, "load_model", lambda source, device=None: SimpleNamespace(model="model", tokenizer=tokenizer)
+    )
+    monkeypatch.setattr(corpus, "build_demo_corpus", build_demo_corpus)
+
+    call_command(
+        "train_sae",
+        "--demo",
+        "--resample",
+        "--prompts",
+        "7",
+        "--out",
+        str(tmp_path / "out"),
+        "--work",
+        str(tmp_path / "work"),
+    )
+
+    assert built == {
+        tmp_path / "work" / "corpus-seed0.txt": {"seed": 0, "sampled_prompts": 7, "offline_tokens": 260_000}
+    }
+    ((_function, args, _options),) = reproducible_runs
+    assert args == (tmp_path / "out", tmp_path / "out" / demo.DEMO_IDS.name)
+    ids = corpus.read_token_ids(args[1])
+    documents = list(corpus.token_documents(ids, tokenizer.eos_token_id))
+    assert [tokenizer.decode(document) for document in documents] == ["A document.", "Another one."]
+
+
+def test_it_samples_a_demo_corpus_only_with_resample(tmp_path, reproducible_runs):
+    with pytest.raises(CommandError, match="only go with --resample"):
+        call_command("train_sae", "--demo", "--offline-tokens", "10", "--work", str(tmp_path))
+    assert not reproducible_runs
+
+
+# sha256 of sae_weights.safetensors that the small demo training below writes, made on an AMD EPYC (AVX-512,
+# no AMX); the training runs in run_reproducibly, so an Intel Xeon with AMX must write the same bytes.
+SMALL_DEMO_WEIGHTS_SHA256 = "0"
+
+
+@pytest.mark.slow
+def test_it_retrains_the_demo_bit_for_bit_from_the_shipped_ids(tmp_path):
+    """A small SAE from the first 4096 tokens of the shipped demo corpus: the same weights on every CPU."""
+    call_command(
+        "train_sae",
+        "--demo",
+        "--tokens",
+        "4096",
+        "--d-sae",
+        "256",
+        "--k",
+        "16",
+        "--epochs",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--work",
+        str(tmp_path / "work"),
+        stdout=io.StringIO(),
+    )
+
+    weights = (tmp_path / "out" / "sae" / "sae_weights.safetensors").read_bytes()
+    features = json.loads((tmp_path / "out" / "features.json").read_text())
+    assert len(features) == 256 and sum(entry["max_activation"] > 0 for entry in features) > 200
+    assert hashlib.sha256(weights).hexdigest() == SMALL_DEMO_WEIGHTS_SHA256

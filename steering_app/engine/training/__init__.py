@@ -9,7 +9,9 @@ way SAELens splits its trainer, one job a module:
 - trainer: train_sae (the training loop) and train_from_texts (collect, train, describe, then write a
   SAELens-layout checkpoint atomically);
 - describe: describe_features, the feature table (max activation, frequency, top tokens, label);
-- stop: the stop() callback every step checks, and TrainingInterrupted.
+- stop: the stop() callback every step checks, and TrainingInterrupted;
+- corpus: text sources, the demo corpus's builder and its token ids;
+- reproducible: run_reproducibly, a process whose kernels give the same bits on every x86-64 CPU.
 
 Reproduce the demo SAE shipped in steering_app/demo:  python manage.py train_sae --demo
 """
@@ -18,7 +20,15 @@ from .activations import Activations, collect_activations, hook_name_for
 from .describe import describe_features
 from .stop import StopCheck, TrainingInterrupted
 from .topk import TopKSAE, evaluate_sae, to_saelens
-from .trainer import TrainConfig, TrainingRun, TrainResult, train_from_texts, train_sae, write_checkpoint
+from .trainer import (
+    TrainConfig,
+    TrainingRun,
+    TrainResult,
+    train_demo,
+    train_from_texts,
+    train_sae,
+    write_checkpoint,
+)
 
 __all__ = [
     "Activations",
@@ -33,6 +43,7 @@ __all__ = [
     "evaluate_sae",
     "hook_name_for",
     "to_saelens",
+    "train_demo",
     "train_from_texts",
     "train_sae",
     "write_checkpoint",

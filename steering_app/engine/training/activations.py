@@ -71,12 +71,14 @@ class Activations:
 
 
 def _packed_sequences(
-    tokenizer, texts: Iterable[str], seq_len: int, separator: int | None
+    tokenizer, texts: Iterable[str | list[int]], seq_len: int, separator: int | None
 ) -> Iterator[list[int]]:
-    """Token id lists of length seq_len (the last may be shorter): documents joined by separator."""
+    """Token id lists of length seq_len (the last may be shorter): documents joined by separator.
+
+    A document is a text or its token ids already (the demo corpus ships as ids)."""
     buffer: list[int] = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if isinstance(text, str) else text
         if not ids:
             continue
         buffer.extend(ids)
@@ -92,7 +94,7 @@ def _packed_sequences(
 def collect_activations(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    texts: Iterable[str],
+    texts: Iterable[str | list[int]],
     layer: int,
     *,
     max_tokens: int,
@@ -102,7 +104,7 @@ def collect_activations(
     stop: StopCheck = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Activations:
-    """Outputs of decoder block layer for up to max_tokens non-special tokens of texts.
+    """Outputs of decoder block layer for up to max_tokens non-special tokens of texts (or token id lists).
 
     Texts are packed into sequences of seq_len tokens, EOS between documents; the model runs on its
     own device and dtype and stops after the block; activations are kept in float16 on the CPU.

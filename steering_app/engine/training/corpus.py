@@ -1,13 +1,17 @@
 """Text sources for SAE training: plain-text files and directories, and the reproducible demo corpus.
 
 The demo corpus is made by code, never downloaded: continuations sampled from the model itself over a
-fixed, diverse list of prompts (seeded, so the same stack writes the same text), plus prose that ships
-with the Python interpreter (stdlib docstrings and the language reference topics).
+fixed, diverse list of prompts (seeded), plus prose that ships with the Python interpreter (stdlib
+docstrings and the language reference topics). Sampling is seeded but its bits depend on the CPU (the
+same seed writes other text on another machine), so the corpus made once ships as token ids
+(write_token_ids), which every later run reads back (read_token_ids, token_documents).
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import lzma
 import os
 import random
 import sysconfig
@@ -15,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..demo import DEMO_OFFLINE_TOKENS, DEMO_PROMPTS, DEMO_SEED
@@ -469,3 +474,44 @@ def build_demo_corpus(
     # Interleave the two sources so that any prefix of the corpus is a representative mix.
     random.Random(seed).shuffle(documents)
     return write_corpus(path, documents)
+
+
+def corpus_token_ids(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> np.ndarray:
+    """The documents' token ids, each document followed by EOS, as uint16: what collect_activations packs
+    when it reads the texts themselves (token_documents gives the documents back)."""
+    separator = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids:
+            stream.extend([*ids, separator])
+    if max(stream, default=0) > np.iinfo(np.uint16).max:
+        raise ValueError("token ids above 65535 do not fit uint16")
+    return np.asarray(stream, dtype=np.uint16)
+
+
+def write_token_ids(path: os.PathLike | str, ids: np.ndarray) -> Path:
+    """ids as an xz-compressed .npy file (the same ids write the same bytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, ids, allow_pickle=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+    return path
+
+
+def read_token_ids(path: os.PathLike | str) -> np.ndarray:
+    return np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), allow_pickle=False)
+
+
+def token_documents(ids: np.ndarray, separator: int) -> Iterator[list[int]]:
+    """The documents of a corpus_token_ids stream, as token id lists (collect_activations reads them as
+    it reads texts, without tokenizing)."""
+    ends = np.flatnonzero(ids == separator)
+    start = 0
+    for end in ends:
+        if end > start:
+            yield ids[start:end].tolist()
+        start = end + 1
+    if start < len(ids):
+        yield ids[start:].tolist()

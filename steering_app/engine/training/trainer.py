@@ -5,7 +5,8 @@ AuxK loss on the latents that stopped firing so they come back to life. It train
 rescaled to mean squared norm d_in and folds the result back to raw units.
 
 train_from_texts runs the three steps (collect_activations, train_sae, describe_features) and writes a
-SAELens-layout checkpoint. Every step raises on failure or interruption (KeyboardInterrupt passes
+SAELens-layout checkpoint; train_demo runs them on the demo's model and corpus ids (in
+reproducible.run_reproducibly, the same bits on every CPU). Every step raises on failure or interruption (KeyboardInterrupt passes
 through untouched, and a stop() callback that returns True raises TrainingInterrupted); nothing is
 written before training has finished, so a caller can mark its job failed in an except clause and never
 sees a half-written checkpoint.
@@ -27,8 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .. import demo
 from ..saes.sae import SAE, save_sae
 from .activations import Activations, collect_activations, hook_name_for
+from .corpus import read_token_ids, token_documents
 from .describe import describe_features
 from .stop import StopCheck, check_stop
 from .topk import TopKSAE, evaluate_sae, fold_scale, to_saelens
@@ -294,9 +297,9 @@ def train_from_texts(
         "train_config": result.stats["train_config"],
         "trainer": "steering_app.engine.training (TopK, AuxK)",
     }
-    features = describe_features(
-        to_saelens(result.sae, metadata), activations, tokenizer, progress=progress, stop=stop
-    )
+    # The table measures the checkpoint as written (weights rounded to dtype): calibrating it reproduces it.
+    written = to_saelens(result.sae, metadata, dtype=dtype).float()
+    features = describe_features(written, activations, tokenizer, progress=progress, stop=stop)
     labelled = sum(1 for f in features if f["label"] and f["max_activation"] > 0)
     metadata["label_coverage"] = round(labelled / len(features), 4)
     timings["describe_s"] = round(time.perf_counter() - started, 1)
@@ -305,3 +308,33 @@ def train_from_texts(
     if features_path is not None:
         Path(features_path).write_text(json.dumps(features, indent=1, ensure_ascii=False))
     return TrainingRun(checkpoint=checkpoint, stats=metadata, features=features, timings=timings)
+
+
+def train_demo(
+    out: Path,
+    ids_path: Path,
+    *,
+    tokens: int,
+    config: TrainConfig,
+    activations_cache: Path | None = None,
+    device: str | None = None,
+) -> TrainingRun:
+    """The demo SAE (out/sae, out/features.json) from a demo corpus ids file: the demo model's layer, float16."""
+    from ..loader import load_model
+
+    lm = load_model(demo.DEMO_MODEL, device=device)
+    return train_from_texts(
+        lm.model,
+        lm.tokenizer,
+        token_documents(read_token_ids(ids_path), lm.tokenizer.eos_token_id),
+        demo.DEMO_LAYER,
+        out / demo.DEMO_CHECKPOINT.name,
+        tokens=tokens,
+        config=config,
+        model_name=demo.DEMO_MODEL_NAME,
+        dataset=demo.DEMO_DATASET,
+        dtype=torch.float16,
+        features_path=out / demo.DEMO_FEATURES.name,
+        activations_cache=activations_cache,
+        device=lm.device,
+    )

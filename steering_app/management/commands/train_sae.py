@@ -13,7 +13,7 @@ from steering_app.models import Dataset, Feature, LanguageModel, Training
 
 DEMO_ALIAS = "demo"  # --dataset demo: the built-in demo corpus
 TRAIN_TOKENS = 300_000
-DEMO_ONLY = ("work", "prompts", "offline_tokens")
+DEMO_ONLY = ("work", "resample", "prompts", "offline_tokens")
 
 
 def resolve_dataset(name_or_path: str) -> Dataset:
@@ -58,7 +58,7 @@ def corpus_files(source: str) -> list[Path]:
 
 
 def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
-    """The demo corpus file in work, sampled from lm the first time (options: build_demo_corpus's)."""
+    """A demo corpus file in work, sampled from lm the first time (options: build_demo_corpus's)."""
     from steering_app.engine.training import corpus
 
     path = demo.demo_corpus_path(work, seed)
@@ -68,11 +68,11 @@ def demo_corpus(lm, work: Path, seed: int, **options) -> Path:
 
 
 def dataset_texts(dataset: Dataset, lm):
-    from steering_app.engine.loader import data_dir
+    """The dataset's documents: texts, or for the demo corpus its shipped token ids (nothing is sampled)."""
     from steering_app.engine.training import corpus
 
     if dataset.source == DEMO_ALIAS:
-        return corpus.read_text_file(demo_corpus(lm, data_dir() / demo.DEMO_WORK_DIR, demo.DEMO_SEED))
+        return corpus.token_documents(corpus.read_token_ids(demo.DEMO_IDS), lm.tokenizer.eos_token_id)
     # Checked again as the job starts reading, and the checked targets are read: the links of a folder may
     # have changed since the job was asked for.
     return corpus.read_texts(corpus_files(dataset.source))
@@ -124,12 +124,18 @@ class Command(BaseCommand):
             "--work", help="--demo: where the corpus and activation cache go (default: <data dir>/demo)"
         )
         parser.add_argument(
-            "--prompts", type=int, help=f"--demo: sampled answers in the corpus ({demo.DEMO_PROMPTS})"
+            "--resample",
+            action="store_true",
+            help=f"--demo: sample a new demo corpus from the model (its text depends on the CPU) and write its "
+            f"token ids into --out, instead of reading the shipped ones ({demo.DEMO_IDS.name})",
+        )
+        parser.add_argument(
+            "--prompts", type=int, help=f"--resample: sampled answers in the corpus ({demo.DEMO_PROMPTS})"
         )
         parser.add_argument(
             "--offline-tokens",
             type=int,
-            help=f"--demo: stdlib prose tokens in the corpus ({demo.DEMO_OFFLINE_TOKENS})",
+            help=f"--resample: stdlib prose tokens in the corpus ({demo.DEMO_OFFLINE_TOKENS})",
         )
 
     def handle(self, **options):
@@ -183,13 +189,13 @@ class Command(BaseCommand):
                 "tokens": demo.DEMO_TOKENS,
                 "epochs": demo.DEMO_EPOCHS,
                 "seed": demo.DEMO_SEED,
-                "prompts": demo.DEMO_PROMPTS,
-                "offline_tokens": demo.DEMO_OFFLINE_TOKENS,
             }
         else:
             if len(given) < 3:
                 raise CommandError("--model, --layer and --dataset are required (or --demo)")
-            demo_only = [f"--{name.replace('_', '-')}" for name in DEMO_ONLY if options[name] is not None]
+            demo_only = [
+                f"--{name.replace('_', '-')}" for name in DEMO_ONLY if options[name] not in (None, False)
+            ]
             if demo_only:
                 raise CommandError(f"{', '.join(demo_only)} only go with --demo")
             config = TrainConfig()
@@ -210,45 +216,50 @@ class Command(BaseCommand):
             raise CommandError("--k must not exceed --d-sae")
 
     def rebuild_demo(self, options) -> None:
-        """Sample the demo corpus (once per seed), collect and cache its activations, train, describe, write."""
-        import torch
+        """Train the demo SAE from the shipped corpus ids (or, with --resample, from a newly sampled corpus) in
+        a process whose bits do not depend on the CPU, describe its features, write them into --out."""
+        import hashlib
 
-        from steering_app.engine.loader import data_dir, load_model
-        from steering_app.engine.training import TrainConfig, corpus, train_from_texts
+        from steering_app.engine.loader import data_dir
+        from steering_app.engine.training import TrainConfig, corpus, train_demo
+        from steering_app.engine.training.reproducible import run_reproducibly
 
+        if not options["resample"] and (
+            options["prompts"] is not None or options["offline_tokens"] is not None
+        ):
+            raise CommandError("--prompts and --offline-tokens only go with --resample")
         work = Path(options["work"] or data_dir() / demo.DEMO_WORK_DIR)
         work.mkdir(parents=True, exist_ok=True)
-        timings = {}
-        started = time.perf_counter()
-        lm = load_model(demo.DEMO_MODEL, device=options["device"])
-        timings["load_model_s"] = round(time.perf_counter() - started, 1)
-        started = time.perf_counter()
-        text_path = demo_corpus(
-            lm,
-            work,
-            options["seed"],
-            sampled_prompts=options["prompts"],
-            offline_tokens=options["offline_tokens"],
-        )
-        timings["corpus_s"] = round(time.perf_counter() - started, 1)
         out = Path(options["out"] or demo.DEMO_DIR)
+        ids_path = demo.DEMO_IDS
+        timings = {}
+        if options["resample"]:
+            from steering_app.engine.loader import load_model
+
+            started = time.perf_counter()
+            lm = load_model(demo.DEMO_MODEL, device=options["device"])
+            text_path = demo_corpus(
+                lm,
+                work,
+                options["seed"],
+                sampled_prompts=options["prompts"] or demo.DEMO_PROMPTS,
+                offline_tokens=options["offline_tokens"] or demo.DEMO_OFFLINE_TOKENS,
+            )
+            ids = corpus.corpus_token_ids(lm.tokenizer, corpus.read_text_file(text_path))
+            ids_path = corpus.write_token_ids(out / demo.DEMO_IDS.name, ids)
+            timings["corpus_s"] = round(time.perf_counter() - started, 1)
+        digest = hashlib.sha256(ids_path.read_bytes()).hexdigest()
         config = TrainConfig(
             d_sae=options["d_sae"], k=options["k"], epochs=options["epochs"], seed=options["seed"]
         )
-        run = train_from_texts(
-            lm.model,
-            lm.tokenizer,
-            corpus.read_text_file(text_path),
-            demo.DEMO_LAYER,
-            out / demo.DEMO_CHECKPOINT.name,
+        run = run_reproducibly(
+            train_demo,
+            out,
+            ids_path,
             tokens=options["tokens"],
             config=config,
-            model_name=demo.DEMO_MODEL_NAME,
-            dataset=demo.DEMO_DATASET,
-            dtype=torch.float16,
-            features_path=out / demo.DEMO_FEATURES.name,
-            activations_cache=demo.demo_activations_path(work, options["seed"]),
-            device=lm.device,
+            activations_cache=demo.demo_activations_path(work, digest),
+            device=options["device"],
         )
         timings.update(run.timings)
         keys = ("tokens", "explained_variance", "l0", "dead_fraction", "label_coverage")
