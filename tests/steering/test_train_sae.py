@@ -238,7 +238,7 @@ def test_it_samples_a_demo_corpus_only_with_resample(tmp_path, reproducible_runs
 
 # sha256 of sae_weights.safetensors that the small demo training below writes, made on an AMD EPYC (AVX-512,
 # no AMX); the training runs in run_reproducibly, so an Intel Xeon with AMX must write the same bytes.
-SMALL_DEMO_WEIGHTS_SHA256 = "0"
+SMALL_DEMO_WEIGHTS_SHA256 = "d7e7014737d843a2cbeb8adce30c123be3759f8a347105b9de2965cafe8977b4"
 
 
 @pytest.mark.slow
