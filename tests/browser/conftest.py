@@ -84,7 +84,9 @@ def server(chromium_path, tmp_path_factory):
         processes.stop(process)
 
 
-@pytest.fixture(scope="session")
+# Per module, unlike the server: Playwright's sync API keeps an event loop running in this thread while it is
+# open, and the Django tests after the browser's would then refuse to touch the database ("async context").
+@pytest.fixture(scope="module")
 def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 

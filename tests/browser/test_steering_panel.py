@@ -145,8 +145,10 @@ def test_a_lab_member_steers_and_watches_both_columns_stream(page, server, tmp_p
     assert narrow_overflow <= 0  # readable at 800 px: nothing wider than the window
 
     # The stored run survives the page; Re-run opens the panel filled with it.
-    page.click("#run-result .result-meta a")
-    page.wait_for_url("**/steering/runs/*/")
+    link = page.locator("#run-result .result-meta a")
+    run_id = page.locator("#run-result").get_attribute("data-run-id")
+    assert link.get_attribute("href") == f"/steering/runs/{run_id}/"
+    page.goto(server.url + link.get_attribute("href"))
     expect(page.locator("#run-result[data-state=completed] .metric-card")).to_have_count(4)
     page.click("#rerun")
     page.wait_for_url("**/steering/?run=*")
