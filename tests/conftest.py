@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from django.test.utils import override_settings
 from django.utils import timezone
 
 from presets_app.models import SteeringPreset
@@ -16,6 +17,14 @@ FAKE_MODEL_SOURCE = "/nonexistent/tiny"
 
 def make_user(django_user_model, username: str, **extra):
     return django_user_model.objects.create_user(username=username, password="pw-" + username, **extra)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fast_password_hashing():
+    """Most tests make two to four users and many log in; Django's default hasher (PBKDF2, a million rounds)
+    would spend most of their time there. The servers that browser and scale-out tests start keep the real one."""
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,3 @@ def fresh_cache():
     cache.clear()
     yield
     cache.clear()
-
-
-@pytest.fixture(autouse=True)
-def fast_passwords(settings):
-    """These tests log in dozens of times; the default hasher takes a noticeable fraction of a second each."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
