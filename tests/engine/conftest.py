@@ -28,17 +28,22 @@ NEUTRAL_TEXTS = [
 
 def block_outputs(lm: LoadedModel, texts: list[str], layer: int) -> torch.Tensor:
     """The output of block `layer` at every position of every text, [positions, hidden]."""
+    return torch.cat(block_outputs_of_ids(lm, [lm.tokenizer(text).input_ids for text in texts], layer))
+
+
+def block_outputs_of_ids(lm: LoadedModel, rows: list[list[int]], layer: int) -> list[torch.Tensor]:
+    """The output of block `layer` at every position of each token id row (each read alone): [len(row), hidden]."""
     seen = []
     handle = decoder_blocks(lm.model)[layer].register_forward_hook(
         lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output)
     )
     try:
         with torch.inference_mode():
-            for text in texts:
-                lm.model(torch.tensor([lm.tokenizer(text).input_ids], device=lm.device))
+            for row in rows:
+                lm.model(torch.tensor([row], device=lm.device))
     finally:
         handle.remove()
-    return torch.cat([hidden[0] for hidden in seen])
+    return [hidden[0] for hidden in seen]
 
 
 @pytest.fixture(scope="session")

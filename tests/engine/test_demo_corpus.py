@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_IDS, DEMO_LAYER
-from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.saes.sae import load_sae
 from steering_app.engine.training import corpus
 
 # describe_features wrote each example with these (its defaults): the same function finds it again.
 from steering_app.engine.training.describe import _context, _Decoder
+from tests.engine.conftest import block_outputs_of_ids
 
 pytestmark = pytest.mark.slow
 
@@ -53,22 +53,6 @@ def marked_form(token: str) -> str:
     return re.sub(r"\s+", " ", token)
 
 
-def layer_output(lm, rows: list[list[int]]) -> torch.Tensor:
-    """The output of the demo layer's block at every position of rows (each read alone, as when packed)."""
-    seen = []
-    block = decoder_blocks(lm.model)[DEMO_LAYER]
-    handle = block.register_forward_hook(
-        lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output)
-    )
-    try:
-        with torch.inference_mode():
-            for row in rows:
-                lm.model(torch.tensor([row]))
-    finally:
-        handle.remove()
-    return torch.stack([hidden[0] for hidden in seen])
-
-
 def test_the_shipped_ids_hold_every_strongest_activation_of_the_demo_tables_most_frequent_features(smollm2):
     table = json.loads(DEMO_FEATURES.read_text())
     most_frequent = sorted(table, key=lambda entry: -entry["activation_frequency"])[:TOP_FREQUENT]
@@ -83,12 +67,13 @@ def test_the_shipped_ids_hold_every_strongest_activation_of_the_demo_tables_most
     assert sorted(found) == sorted(entry["index"] for entry in most_frequent)
 
     windows = sorted({row for places in found.values() for row, _ in places})
-    hidden = layer_output(smollm2, [rows[row] for row in windows])
+    # Each window read alone, as when the corpus was packed into rows.
+    hidden = block_outputs_of_ids(smollm2, [rows[row] for row in windows], DEMO_LAYER)
     sae = load_sae(DEMO_CHECKPOINT, dtype=torch.float32)
     ratios = {}
     for entry in most_frequent:
         # The corpus's activations are kept in float16 (training.activations), as the table read them.
-        activations = torch.stack([hidden[windows.index(row), pos] for row, pos in found[entry["index"]]])
+        activations = torch.stack([hidden[windows.index(row)][pos] for row, pos in found[entry["index"]]])
         strongest = sae.encode(activations.half().float())[:, entry["index"]].max()
         ratios[entry["index"]] = float(strongest) / entry["max_activation"]
     print(
