@@ -3,6 +3,7 @@
 import pytest
 
 from steering_app.models import LanguageModel, SteeringRun
+from tests.migrations import migrate_to_latest
 
 
 @pytest.fixture
@@ -54,3 +55,11 @@ def dataset_dir(settings, tmp_path):
     path.mkdir()
     settings.STEERLAB_DATASET_DIRS = [path]
     return path
+
+
+@pytest.fixture
+def back_to_latest():
+    """Whatever a migration test does, the schema ends at the latest migration: the tests after it need every
+    table."""
+    yield
+    migrate_to_latest()

@@ -3,25 +3,11 @@
 import math
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
+
+from tests.migrations import migrate
 
 BEFORE = [("steering_app", "0006_run_error_field_and_workers")]
 AFTER = [("steering_app", "0007_clean_imported_feature_values")]
-
-
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
-
-
-@pytest.fixture
-def back_to_latest():
-    """Whatever the test does, the schema ends at the latest migration: the tests after it need every table."""
-    yield
-    migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
 
 
 @pytest.mark.django_db(transaction=True)

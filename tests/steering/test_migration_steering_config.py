@@ -2,8 +2,9 @@
 max_new_tokens became max_tokens) and every stored value stays."""
 
 import pytest
-from django.db import IntegrityError, connection, transaction
-from django.db.migrations.executor import MigrationExecutor
+from django.db import IntegrityError, transaction
+
+from tests.migrations import migrate
 
 BEFORE = [("steering_app", "0009_experiments"), ("presets_app", "0003_preset_sweep")]
 AFTER = [("steering_app", "0011_steering_config"), ("presets_app", "0004_steering_config")]
@@ -15,20 +16,6 @@ STEERING = {
     "chat": True,
     "sweep": [0.5, 2.0],
 }
-
-
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
-
-
-@pytest.fixture
-def back_to_latest():
-    """Whatever the test does, the schema ends at the latest migration: the tests after it need every table."""
-    yield
-    migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
 
 
 @pytest.mark.django_db(transaction=True)
