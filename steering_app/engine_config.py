@@ -15,6 +15,12 @@ from pathlib import Path
 SLOT_SHAPES = {"cpu": (8, 512), "cuda": (32, 1024)}
 
 
+def slot_shape(device_kind: str, rows: int | None, tokens: int | None) -> tuple[int, int]:
+    """(rows, tokens) of a batch: the configured ones, else the defaults of the device's kind ("cpu", "cuda")."""
+    default_rows, default_tokens = SLOT_SHAPES.get(device_kind, SLOT_SHAPES["cpu"])
+    return rows or default_rows, tokens or default_tokens
+
+
 @dataclass
 class EngineConfig:
     data_dir: Path = Path("var")  # models are cached under data_dir/models

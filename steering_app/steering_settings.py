@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from django.conf import settings
 
-from steering_app.engine_config import SLOT_SHAPES
+from steering_app import engine_config
 from steering_app.errors import InvalidInput
 from steering_app.limits import (
     MAX_FEATURES,
@@ -226,8 +226,7 @@ def slot_shape() -> tuple[int, int]:
     web tier cannot know that device without torch and checks against the CPU's, the smaller shape: behind GPU
     workers, set STEERLAB_DEVICE=cuda (or the slot variables) on every host so that both use the GPU's."""
     kind = "cuda" if settings.STEERLAB_DEVICE.startswith("cuda") else "cpu"
-    rows, tokens = SLOT_SHAPES[kind]
-    return settings.STEERLAB_SLOT_ROWS or rows, settings.STEERLAB_SLOT_TOKENS or tokens
+    return engine_config.slot_shape(kind, settings.STEERLAB_SLOT_ROWS, settings.STEERLAB_SLOT_TOKENS)
 
 
 def max_variants() -> int:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 
 from steering_app import engine_config  # plain settings: the engine stays free of Django
-from steering_app.engine_config import SLOT_SHAPES
 
 from ..loader import LoadedModel
 from ..steer import SpecError
@@ -55,9 +54,8 @@ WIDE_ROWS = PACK_ROWS  # wide_scheduler()'s rows where steps compute only the oc
 
 def slot_shape(device: torch.device) -> tuple[int, int]:
     """(rows, cache length) for a batch on this device: the configured ones, else the device's defaults."""
-    rows, length = SLOT_SHAPES.get(device.type, SLOT_SHAPES["cpu"])
     config = engine_config.current
-    return config.slot_rows or rows, config.slot_tokens or length
+    return engine_config.slot_shape(device.type, config.slot_rows, config.slot_tokens)
 
 
 @dataclass
