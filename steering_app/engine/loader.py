@@ -139,18 +139,23 @@ def _load_pretrained(source: str, dtype: torch.dtype):
 
     path = Path(source)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
-        target = _dequantized_dir(path)
-        if not (target / "config.json").is_file():
-            _dequantize_gguf(path, target)
-        source = str(target)
+        source = str(dequantized(path))
     # Eager attention: the two rows of a comparison must get bit-identical results for identical
     # inputs (all coefficients 0 means identical outputs and KL exactly 0), and PyTorch's CPU SDPA
     # kernel does not guarantee that across batch rows.
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
+
+
+def dequantized(gguf_path: Path) -> Path:
+    """The safetensors copy of a GGUF file: written once (slow), then read by every load and config lookup."""
+    target = _dequantized_dir(gguf_path)
+    if not (target / "config.json").is_file():
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+        _dequantize_gguf(gguf_path, target)
+    return target
 
 
 def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
@@ -217,7 +222,7 @@ def load_model(
 
 def load_tokenizer(source: str):
     """The model's tokenizer, cached: the web tier counts a prompt's tokens without loading the weights where
-    it can (a loaded model's own tokenizer; else a GGUF model's dequantized copy, which load_model writes once)."""
+    it can (a loaded model's own tokenizer; else the model's files, a GGUF's dequantized copy)."""
     resolved = resolve_source(source)
     loaded = next((lm for key, lm in list(_models.items()) if key[0] == resolved), None)
     if loaded is not None:
@@ -225,29 +230,18 @@ def load_tokenizer(source: str):
     with _lock_for(("tokenizer", resolved)):
         if resolved not in _tokenizers:
             path = Path(resolved)
-            if path.suffix == ".gguf" and not (_dequantized_dir(path) / "config.json").is_file():
-                return load_model(source, device="cpu").tokenizer
             from transformers import AutoTokenizer
 
-            directory = _dequantized_dir(path) if path.suffix == ".gguf" else resolved
+            directory = dequantized(path) if path.suffix == ".gguf" else resolved
             _tokenizers[resolved] = AutoTokenizer.from_pretrained(str(directory))
         return _tokenizers[resolved]
 
 
 def describe_model(source: str) -> dict:
-    """architecture, num_layers and hidden_size of a model, from its config alone where possible."""
+    """architecture, num_layers and hidden_size of a model, from its config alone."""
     resolved = resolve_source(source)
-    path = Path(resolved)
-    if path.suffix == ".gguf":
-        target = _dequantized_dir(path)
-        if not (target / "config.json").is_file():
-            lm = load_model(source, device="cpu")
-            return {
-                "architecture": lm.architecture,
-                "num_layers": lm.num_layers,
-                "hidden_size": lm.hidden_size,
-            }
-        resolved = str(target)
+    if Path(resolved).suffix == ".gguf":
+        resolved = str(dequantized(Path(resolved)))
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(resolved)
@@ -261,12 +255,12 @@ def describe_model(source: str) -> dict:
 
 def parameter_count(source: str) -> int:
     """The model's parameter count from its config alone: built on the meta device, no weights are read
-    (a GGUF source is counted from its dequantized copy, which load_model writes)."""
+    (a GGUF source is counted from its dequantized copy)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     resolved = resolve_source(source)
     if Path(resolved).suffix == ".gguf":
-        resolved = str(_dequantized_dir(Path(resolved)))
+        resolved = str(dequantized(Path(resolved)))
     config = AutoConfig.from_pretrained(resolved)
     # The meta device rather than accelerate's init_empty_weights: under the latter, tied embeddings stay two
     # parameters and would be counted twice.

@@ -4,13 +4,11 @@ from steering_app.models import LanguageModel
 
 
 def describe(source: str) -> dict:
-    """Architecture and sizes of a model source; a GGUF is dequantized and cached on the way."""
+    """Architecture and sizes of a model source, from its config; a GGUF is dequantized and cached on the way
+    (once: the weights are not loaded when the cache exists)."""
     from steering_app.engine import loader
 
     try:
-        resolved = loader.resolve_source(source)
-        if resolved.endswith(".gguf"):
-            loader.load_model(source, device="cpu")  # writes the safetensors cache once
         return loader.describe_model(source)
     except Exception as error:  # any loader failure is the user's source being wrong or unreachable
         raise CommandError(f"Cannot load model source {source!r}: {error}") from error
