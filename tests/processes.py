@@ -75,11 +75,11 @@ def manage(env: dict, *args: str, timeout: float = SETUP_SECONDS) -> str:
     return done.stdout
 
 
-def seed(env: dict, workdir: Path, username: str, password: str) -> dict:
-    """Migrate and seed (tests/browser/seed_server.py): a user and a completed SmolLM2 training."""
-    manage(env, "migrate", "--noinput")
+def seed(env: dict, workdir: Path, username: str, password: str, members: tuple[str, ...] = ()) -> dict:
+    """Migrate and seed in one process (tests/browser/seed_server.py): a user, other members, a completed
+    SmolLM2 training; seeded["tokens"][name] is each user's API token."""
     seeded = subprocess.run(
-        [PYTHON, str(ROOT / "tests/browser/seed_server.py"), str(workdir), username, password],
+        [PYTHON, str(ROOT / "tests/browser/seed_server.py"), str(workdir), username, password, *members],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -89,10 +89,6 @@ def seed(env: dict, workdir: Path, username: str, password: str) -> dict:
     )
     assert seeded.returncode == 0, seeded.stderr[-4000:]
     return json.loads(seeded.stdout.strip().splitlines()[-1])
-
-
-def api_token(env: dict, username: str) -> str:
-    return manage(env, "create_api_token", username).strip().splitlines()[-1]
 
 
 def share_model_cache(data_dir: Path) -> None:

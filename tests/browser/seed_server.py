@@ -1,8 +1,11 @@
-"""Prepare a test server's database (browser and scale-out tests): a user and a completed SmolLM2 training.
+"""Prepare a test server's database (browser, crash and scale-out tests): migrated, a user, more lab members,
+an API token each, and a completed SmolLM2 training.
 
-Run as `python tests/browser/seed_server.py WORKDIR USERNAME PASSWORD` with the server's environment. Uses the
-demo SAE (bootstrap_demo) when the repository ships it; otherwise a random SAE at layer 10 written into
-WORKDIR, so the panel has real weights to steer with. Prints one JSON line: the user and a feature to search.
+Run as `python tests/browser/seed_server.py WORKDIR USERNAME PASSWORD [MEMBER ...]` with the server's
+environment: one process does what a migrate, a seed and a create_api_token per member would each start Django
+for. Uses the demo SAE (bootstrap_demo) when the repository ships it; otherwise a random SAE at layer 10 written
+into WORKDIR, so the panel has real weights to steer with. Prints one JSON line: the training, a feature to
+search, and every user's token.
 """
 
 import json
@@ -20,7 +23,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_LAYER, DEMO_MODEL, DEMO_MODEL_NAME
-from steering_app.models import Feature, Training
+from steering_app.models import ApiToken, Feature, Training
 
 RANDOM_LABELS = [
     {
@@ -76,12 +79,15 @@ def random_training(workdir: Path) -> None:
     )
 
 
-def main(workdir: Path, username: str, password: str) -> None:
+def main(workdir: Path, username: str, password: str, members: list[str]) -> None:
+    call_command("migrate", "--noinput", verbosity=0)
     if (DEMO_CHECKPOINT / "cfg.json").is_file():
         call_command("bootstrap_demo")
     else:
         random_training(workdir)
-    get_user_model().objects.create_user(username, password=password)
+    users = [get_user_model().objects.create_user(username, password=password)]
+    users += [get_user_model().objects.create_user(member) for member in members]
+    tokens = {user.username: ApiToken.issue(user, "tests")[1] for user in users}
     training = Training.objects.filter(status=Training.Status.COMPLETED).first()
     feature = (
         Feature.objects.filter(training=training)
@@ -93,10 +99,16 @@ def main(workdir: Path, username: str, password: str) -> None:
     word = max(feature.label.split(), key=len)
     print(
         json.dumps(
-            {"training": training.pk, "feature": feature.index, "label": feature.label, "search": word}
+            {
+                "training": training.pk,
+                "feature": feature.index,
+                "label": feature.label,
+                "search": word,
+                "tokens": tokens,
+            }
         )
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:])

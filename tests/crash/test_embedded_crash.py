@@ -14,7 +14,6 @@ from steering_app.runs import WORKER_GONE
 from tests.processes import (
     ACTIVE,
     Api,
-    api_token,
     beating,
     free_port,
     kill9,
@@ -57,7 +56,7 @@ def test_a_killed_daphne_fails_its_run_before_the_restarted_one_serves_a_page(tm
     env = embedded_environment(data_dir)
     database = f"sqlite:///{data_dir / 'steerlab.sqlite3'}"  # where the default settings put it
     seeded = seed(env, tmp_path, USER, PASSWORD)
-    token = api_token(env, USER)
+    token = seeded["tokens"][USER]
     logs = (tmp_path / "daphne-1.log", tmp_path / "daphne-2.log")
     processes = []
     try:

@@ -20,9 +20,7 @@ from tests.crash.test_embedded_crash import embedded_environment
 from tests.processes import (
     FINISHED,
     HTTP_SECONDS,
-    api_token,
     free_port,
-    manage,
     seed,
     share_model_cache,
     start_daphne,
@@ -114,15 +112,8 @@ def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path
     data_dir = tmp_path / "data"
     share_model_cache(data_dir)
     env = embedded_environment(data_dir)
-    seeded = seed(env, tmp_path, SWEEPERS[0], "pw-load-123")
-    for name in (*SWEEPERS[1:], *SINGLERS):
-        manage(
-            env,
-            "shell",
-            "-c",
-            f"from django.contrib.auth.models import User; User.objects.create_user({name!r})",
-        )
-    tokens = {name: api_token(env, name) for name in (*SWEEPERS, *SINGLERS)}
+    seeded = seed(env, tmp_path, SWEEPERS[0], "pw-load-123", members=(*SWEEPERS[1:], *SINGLERS))
+    tokens = seeded["tokens"]
     log = tmp_path / "daphne.log"
     server = start_daphne(env, log, port := free_port())
     try:

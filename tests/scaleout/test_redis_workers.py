@@ -6,72 +6,37 @@ reason when Redis is missing; REQUIRE_REDIS=1 turns the skip into a failure.
 """
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.processes import PYTHON, ROOT, seed, start, start_runworker, stop
 from tests.scaleout.support import environment, redis_client, wait_for_listeners
 
 pytestmark = pytest.mark.redis
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = 6
 WORKERS = 2
-SETUP_SECONDS = 600  # migrate, and SmolLM2's GGUF dequantized on a fresh machine
 LISTEN_SECONDS = 180
 RUN_SECONDS = 480
 
 
 def test_two_workers_share_six_runs_and_none_is_lost(redis_db, database_url, tmp_path, capsys):
     env = environment(database_url, redis_db)
-    python = sys.executable
-    subprocess.run(
-        [python, "manage.py", "migrate", "--noinput"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=SETUP_SECONDS,
-    )
-    subprocess.run(
-        [python, str(ROOT / "tests/browser/seed_server.py"), str(tmp_path), "alice", "pw-alice-123"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=SETUP_SECONDS,
-    )
+    seed(env, tmp_path, "alice", "pw-alice-123")
 
     client, _ = redis_client(redis_db)
     logs = [tmp_path / f"worker-{i}.log" for i in range(WORKERS)]
     workers = []
     try:
-        for log in logs:
-            with log.open("w") as out:
-                workers.append(
-                    subprocess.Popen(
-                        [python, "manage.py", "runworker", "steering-worker"],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+        workers += [start_runworker(env, log) for log in logs]
         wait_for_listeners(client, redis_db, workers, logs, LISTEN_SECONDS)
 
         started = time.monotonic()
         output = tmp_path / "driver.out"
-        with output.open("w") as out:
-            driver = subprocess.Popen(
-                [python, str(ROOT / "tests/scaleout/drive_runs.py"), str(RUNS), str(RUN_SECONDS)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        driver = start(
+            [PYTHON, str(ROOT / "tests/scaleout/drive_runs.py"), str(RUNS), str(RUN_SECONDS)], env, output
+        )
         try:
             # A worker that dies mid-way would leave runs queued: fail at once, with its log.
             while driver.poll() is None:
@@ -82,22 +47,13 @@ def test_two_workers_share_six_runs_and_none_is_lost(redis_db, database_url, tmp
                 assert time.monotonic() - started < RUN_SECONDS + 60, "the driver did not finish"
                 time.sleep(0.5)
         finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait(timeout=15)
+            stop(driver)
         elapsed = time.monotonic() - started
         worker_logs = "\n".join(log.read_text()[-3000:] for log in logs)
         assert driver.returncode == 0, output.read_text()[-4000:] + worker_logs
         runs = json.loads(output.read_text().strip().splitlines()[-1])
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+        stop(*workers)
         client.flushdb()
 
     assert len(runs) == RUNS

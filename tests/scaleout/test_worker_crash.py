@@ -16,7 +16,6 @@ from tests.processes import (
     ACTIVE,
     FINISHED,
     Api,
-    api_token,
     beating,
     free_port,
     kill9,
@@ -48,7 +47,7 @@ def test_a_killed_worker_fails_its_run_and_the_other_worker_carries_on(
 ):
     env = environment(database_url, redis_db)
     seeded = seed(env, tmp_path, USER, PASSWORD)
-    token = api_token(env, USER)
+    token = seeded["tokens"][USER]
     client, _ = redis_client(redis_db)
     worker_logs = [tmp_path / f"worker-{i}.log" for i in range(WORKERS)]
     web_log = tmp_path / "daphne.log"
