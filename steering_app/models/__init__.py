@@ -20,6 +20,7 @@ from steering_app.limits import (
     MAX_INDEX,
 )
 from steering_app.models.choices import RunStatus, SteeringMethod
+from steering_app.models.job import Job
 from steering_app.models.steering_config import SteeringConfig, steering_constraints
 
 
@@ -306,7 +307,7 @@ class Feature(models.Model):
         return self.activation_frequency == 0
 
 
-class Calibration(models.Model):
+class Calibration(Job):
     """A job that measures a training's features on a corpus: max activation, frequency, top tokens, examples."""
 
     Status = JobStatus
@@ -319,13 +320,8 @@ class Calibration(models.Model):
     tokens_target = models.PositiveBigIntegerField()
     tokens_seen = models.PositiveBigIntegerField(default=0)
     progress = models.FloatField(default=0.0, help_text="0..1")
-    error = models.TextField(blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
-    class Meta:
-        ordering = ["-created_at", "-id"]
+    class Meta(Job.Meta):
         constraints = [
             models.CheckConstraint(
                 condition=Q(status__in=["pending", "running", "completed", "failed"]),
@@ -364,7 +360,7 @@ class SteeringRunQuerySet(models.QuerySet):
         return self.filter(matches)
 
 
-class SteeringRun(SteeringConfig):
+class SteeringRun(SteeringConfig, Job):
     objects = SteeringRunQuerySet.as_manager()
 
     Method = SteeringMethod
@@ -386,14 +382,10 @@ class SteeringRun(SteeringConfig):
     # Every steered variant in order: [{"multiplier", "steered_output", "metrics"}]; the first one is also
     # steered_output and metrics.
     variants = models.JSONField(default=list, blank=True)
-    error = models.TextField(blank=True)
     # The input at fault when the worker refused the run's request (the API then answers 400 naming it);
     # blank for every other ending.
     error_field = models.CharField(max_length=40, blank=True)
     timings = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
     # Liveness: the worker that claimed the run (host:pid) writes heartbeat_at every second or so while it
     # works; a running run is judged dead only by its heartbeat's age, never by how long it has run.
     worker = models.CharField(max_length=200, blank=True)
@@ -406,8 +398,7 @@ class SteeringRun(SteeringConfig):
     cell_condition = models.PositiveIntegerField(null=True, blank=True)
     cell_prompt = models.PositiveIntegerField(null=True, blank=True)
 
-    class Meta:
-        ordering = ["-created_at", "-id"]
+    class Meta(Job.Meta):
         indexes = [
             models.Index(fields=["owner", "-created_at"], name="run_owner_created"),
             models.Index(fields=["status", "created_at"], name="run_status_created"),
@@ -522,7 +513,7 @@ class ApiToken(models.Model):
         return token.user
 
 
-class AnalysisJob(models.Model):
+class AnalysisJob(Job):
     """One read of a prompt by the model that a web request awaits (analysis.py): the features the prompt lights
     up, or the residual norm at the SAE's layer. A worker answers it between two steps of its batch; the request
     deletes it once it has read the answer, so a row lives seconds."""
@@ -547,13 +538,9 @@ class AnalysisJob(models.Model):
     limit = models.PositiveIntegerField(default=20, help_text="How many features to list (active_features)")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     result = models.JSONField(null=True, blank=True)
-    error = models.TextField(blank=True)
     error_field = models.CharField(
         max_length=100, blank=True, help_text="The input at fault, when there is one"
     )
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["status", "created_at"], name="analysis_status_created")]

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from steering_app.errors import Conflict, Forbidden
 from steering_app.models.choices import RunStatus, SteeringMethod
+from steering_app.models.job import Job
 
 
 class PromptSet(models.Model):
@@ -46,7 +47,7 @@ class ExperimentQuerySet(models.QuerySet):
         return self if user.is_staff else self.filter(Q(private=False) | Q(owner=user))
 
 
-class Experiment(models.Model):
+class Experiment(Job):
     objects = ExperimentQuerySet.as_manager()
     Status = RunStatus  # queued -> running -> completed | failed | cancelled; resume: queued again
 
@@ -65,14 +66,9 @@ class Experiment(models.Model):
     temperature = models.FloatField()
     chat = models.BooleanField(default=False)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
-    error = models.TextField(blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
-    class Meta:
-        ordering = ["-created_at", "-id"]
+    class Meta(Job.Meta):
         constraints = [
             models.CheckConstraint(
                 condition=Q(status__in=["queued", "running", "completed", "failed", "cancelled"]),
