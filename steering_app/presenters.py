@@ -168,8 +168,8 @@ def _coefficients(features: list[dict], multiplier: float) -> str:
     return ", ".join(f"#{item['feature_id']} {item['coefficient'] * multiplier + 0.0:g}" for item in features)
 
 
-CHART_WIDTH, CHART_HEIGHT = 960, 280
-CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 64, 24, 44, 64
+CHART_WIDTH, CHART_HEIGHT = 960, 270
+CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 64, 24, 44, 54
 SCORE_TICKS = (0, 0.25, 0.5, 0.75, 1)
 
 

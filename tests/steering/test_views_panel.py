@@ -288,7 +288,7 @@ def test_the_max_tokens_field_says_the_slots_maximum(client, owner, training, se
 
     assert 'name="max_tokens" value="64" min="1" max="300"' in response.text
     assert 'At most <strong id="max-tokens-limit">300</strong>' in response.text
-    assert "a prompt of n tokens leaves 300 − n + 1" in response.text
+    assert "the worker's 300-token slots hold the prompt too (300 − prompt tokens + 1)" in response.text
 
 
 def test_a_url_naming_the_training_without_features_or_layers_has_none(client, owner, training, make_run):
