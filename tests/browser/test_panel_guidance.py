@@ -69,6 +69,8 @@ def test_multiplicative_steering_explains_its_coefficients_and_disables_the_othe
     expect(card.locator(".card-method-text:visible")).to_contain_text("additive steering adds coefficient ×")
     card.get_by_role("button", name="Suppress").click()
     expect(card.locator(".coefficient-value")).to_have_text("-2.00")
+    page.locator(f'#layers input[name="layers"][value="{int(sae_layer) - 1}"]').check()
+    url_has(page, "layers", str(int(sae_layer) - 1))
 
     page.select_option("#method", "multiplicative")
 
@@ -92,6 +94,10 @@ def test_multiplicative_steering_explains_its_coefficients_and_disables_the_othe
     card.get_by_role("button", name="Amplify").click()
     expect(card.locator(".coefficient-value")).to_have_text("2.00")
     url_has(page, "method", "multiplicative")
+    page.wait_for_function(  # the disabled layer is no longer sent, nor written into the URL
+        "(layer) => new URLSearchParams(window.location.search).getAll('layers').join() === layer",
+        arg=sae_layer,
+    )
 
     page.reload()  # the URL's method renders the same grid and texts
     expect(page.locator('#layers input[name="layers"]:disabled')).to_have_count(boxes.count() - 1)
