@@ -17,10 +17,17 @@ from steering_app.limits import (
     MAX_LAYERS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
+    MAX_SWEEP_MULTIPLIER,
     MAX_TEMPERATURE,
 )
 from steering_app.models import Feature, SteeringRun, Training
-from steering_app.steering_settings import DEFAULT_MAX_TOKENS, DEFAULT_SWEEP, DEFAULT_TEMPERATURE
+from steering_app.steering_settings import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SWEEP,
+    DEFAULT_TEMPERATURE,
+    max_variants,
+    slot_shape,
+)
 
 # Slots next to the inputs where the panel shows a field's error (ids error-<name>).
 ERROR_SLOTS = (
@@ -119,12 +126,26 @@ class PanelState:
 
     @property
     def sweep_value(self) -> str:
-        """The Sweep strength checkbox's value: this state's multipliers, else the default ones."""
-        return ",".join(f"{item:g}" for item in (self.sweep or DEFAULT_SWEEP))
+        """The sweep multipliers' text input: this state's multipliers, else the default ones."""
+        return ", ".join(f"{item:g}" for item in (self.sweep or DEFAULT_SWEEP))
 
     @property
-    def sweep_label(self) -> str:
-        return ", ".join(f"×{item:g}" for item in (self.sweep or DEFAULT_SWEEP))
+    def multiplicative(self) -> bool:
+        return self.method == SteeringRun.Method.MULTIPLICATIVE
+
+    def layer_chips(self) -> list[dict]:
+        """The layer grid: under multiplicative steering only the SAE's own layer can act (DESIGN.md's steering
+        math), so it is the one checked and required, and the others are disabled (a disabled box is not sent)."""
+        hook_layer = self.training.hook_layer
+        return [
+            {
+                "layer": layer,
+                "sae": layer == hook_layer,
+                "checked": layer == hook_layer if self.multiplicative else layer in self.layers,
+                "disabled": self.multiplicative and layer != hook_layer,
+            }
+            for layer in range(self.training.model.num_layers)
+        ]
 
     def __post_init__(self):
         if not self.layers and self.training is not None:
@@ -260,12 +281,15 @@ def apply_query(state: PanelState, query) -> PanelState:
         ("seed", _seed),
         ("chat", _flag),
         ("private", _flag),
+        ("sweep", _sweep),
     ):
         if name in query:
             try:
                 setattr(state, name, parse(query[name]))
             except ValueError as error:
                 notes.append(f"Ignored {name}={_shown(query[name])} from the link: {error}.")
+    if whole and "sweep" not in query:
+        state.sweep = None  # the Sweep box unticked: its multipliers are not sent
     if whole or "layers" in query:
         state.layers = _query_layers(query.getlist("layers"), training, notes)
     if whole or "feature_id" in query or "coefficient" in query:
@@ -319,6 +343,21 @@ def _seed(raw: str) -> int | None:
     if not 0 <= value <= MAX_SEED:
         raise ValueError("a seed is a non-negative 63-bit integer")
     return value
+
+
+def _sweep(raw: str) -> list[float]:
+    """The sweep's multipliers as the form sends them ("0.5, 1, 2, 4"), within the limits that need no
+    features (steering_settings._sweep checks the scaled coefficients when the run is created)."""
+    try:
+        multipliers = [float(item) for item in raw.split(",")]
+    except ValueError:
+        raise ValueError("multipliers are numbers separated by commas") from None
+    variants = max_variants()
+    if not 1 <= len(multipliers) <= variants:
+        raise ValueError(f"a sweep has 1 to {variants} multipliers")
+    if not all(abs(item) <= MAX_SWEEP_MULTIPLIER for item in multipliers):  # NaN fails the comparison too
+        raise ValueError(f"each multiplier is a finite number within ±{MAX_SWEEP_MULTIPLIER:g}")
+    return multipliers
 
 
 def _flag(raw: str) -> bool:
@@ -390,14 +429,18 @@ def panel_context(state: PanelState, form: SteeringForm | None = None) -> dict:
     from steering_app.engine.loader import has_chat_template
 
     training = state.training
+    _rows, slot_tokens = slot_shape()
     return {
         **error_context(form),
         "trainings": list(Training.objects.completed()),
         "training": training,
         "state": state,
-        "layer_choices": range(training.model.num_layers if training else 0),
+        "layer_chips": state.layer_chips() if training else [],
         "chat_available": bool(training) and has_chat_template(training.model.source),
-        "max_tokens_cap": settings.STEERLAB_MAX_NEW_TOKENS,
+        # A one-token prompt leaves the whole slot (its last token is never cached): the most any prompt allows.
+        "max_tokens_cap": min(settings.STEERLAB_MAX_NEW_TOKENS, slot_tokens),
+        "slot_tokens": slot_tokens,
         "max_layers": MAX_LAYERS,
+        "max_variants": max_variants(),
         "methods": SteeringRun.Method.choices,
     }

@@ -31,6 +31,7 @@ def metric_cards(run: SteeringRun) -> dict | None:
     higher = isinstance(delta, int | float) and delta > 0
     lower = isinstance(delta, int | float) and delta < 0
     activations = metrics.get("feature_activation", [])
+    coefficients = {item["feature_id"]: item["coefficient"] for item in run.features}
     labels = dict(
         Feature.objects.filter(training_id=run.training_id)
         .filter(index__in=[item.get("feature_id") for item in activations])
@@ -53,11 +54,29 @@ def metric_cards(run: SteeringRun) -> dict | None:
                 "unsteered": _number(item.get("unsteered"), "{:.3f}"),
                 "steered": _number(item.get("steered"), "{:.3f}"),
                 "in_run": _number(item.get("steered_in_run"), "{:.3f}"),
-                "rose": _greater(item.get("steered"), item.get("unsteered")),
+                "coefficient": coefficients.get(item.get("feature_id"), 0),
+                "moved": moved(
+                    coefficients.get(item.get("feature_id"), 0), item.get("unsteered"), item.get("steered")
+                ),
             }
             for item in activations
         ],
     }
+
+
+def moved(coefficient: float, before, after) -> str:
+    """Whether a reading moved the way the coefficient asked: "wanted" (a rise for c > 0, a drop for a
+    suppression or an ablation, c < 0), "against", or "still" (no change, c = 0 or a missing reading). The
+    result colours it green, red or neutral: a rise after c = -1 is no success."""
+    if not (_finite(before) and _finite(after)) or after == before or coefficient == 0:
+        return "still"
+    return "wanted" if (after > before) == (coefficient > 0) else "against"
+
+
+def _direction(coefficients: list[float]) -> float:
+    """The way a set of coefficients asks the features to move: +1, -1, or 0 when they disagree."""
+    signs = {math.copysign(1, c) for c in coefficients if c != 0}
+    return signs.pop() if len(signs) == 1 else 0
 
 
 def output_id(variant: int) -> str:
@@ -103,12 +122,16 @@ def best_variant(multipliers: list[float], variants: list[dict]) -> int | None:
 
 
 def sweep_summary(run: SteeringRun) -> dict | None:
-    """A completed sweep's table and chart. The chart plots each variant's aggregate score and its parts
-    against strength, not perplexity: a repetitive text reads as likely to the clean model, so a low
-    perplexity would favour "Earth. Earth. Earth." over a fluent text on the concept."""
+    """A completed sweep's table and chart: an unsteered baseline row, then one row per variant with the
+    coefficients it used (the multiplier times each feature's c). The chart plots each variant's aggregate score
+    and its parts against strength, not perplexity: a repetitive text reads as likely to the clean model, so a
+    low perplexity would favour "Earth. Earth. Earth." over a fluent text on the concept."""
     if not run.sweep or not run.variants or run.status != SteeringRun.Status.COMPLETED:
         return None
     best = best_variant(run.sweep, run.variants)
+    direction = _direction([item["coefficient"] for item in run.features])
+    first = run.variants[0].get("metrics") or {}
+    baseline_activation = _mean([item.get("unsteered") for item in first.get("feature_activation", [])])
     rows = []
     for index, (multiplier, variant) in enumerate(zip(run.sweep, run.variants)):
         metrics = variant.get("metrics") or {}
@@ -118,9 +141,12 @@ def sweep_summary(run: SteeringRun) -> dict | None:
         rows.append(
             {
                 "multiplier": f"×{multiplier:g}",
+                "multiplier_value": multiplier,
+                "coefficients": _coefficients(run.features, multiplier),
                 "best": index == best,
                 "scores": score_cells(scores),
                 "activation": _number(activation, "{:.3f}"),
+                "activation_moved": moved(direction * multiplier, baseline_activation, activation),
                 "in_run": _number(in_run, "{:.3f}"),
                 "perplexity": _number(metrics.get("perplexity_steered"), "{:.2f}"),
                 "kl": _number(metrics.get("kl_divergence"), "{:.4f}"),
@@ -129,29 +155,46 @@ def sweep_summary(run: SteeringRun) -> dict | None:
                 "score_values": {name: scores.get(name) for name in SCORE_NAMES},
             }
         )
-    return {"rows": rows, "chart": _chart(rows)}
+    baseline = {
+        "coefficients": _coefficients(run.features, 0.0),
+        "activation": _number(baseline_activation, "{:.3f}"),
+        "perplexity": _number(first.get("perplexity_unsteered"), "{:.2f}"),
+    }
+    return {"baseline": baseline, "rows": rows, "chart": _chart(rows)}
 
 
-CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 520, 200, 36
+def _coefficients(features: list[dict], multiplier: float) -> str:
+    """The coefficients a variant steered with: "#1681 1, #1163 -0.5"."""
+    return ", ".join(f"#{item['feature_id']} {item['coefficient'] * multiplier + 0.0:g}" for item in features)
+
+
+CHART_WIDTH, CHART_HEIGHT = 960, 270
+CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 64, 24, 44, 54
+SCORE_TICKS = (0, 0.25, 0.5, 0.75, 1)
 
 
 def _chart(rows: list[dict]) -> dict | None:
-    """SVG coordinates: the variants evenly spaced in sweep order, every score on one 0-1 scale (they are all
-    in [0, 1], so the lines compare directly). None when no variant has scores (a run stored before them)."""
-    top, bottom = CHART_PAD, CHART_HEIGHT - CHART_PAD
-    left, right = CHART_PAD, CHART_WIDTH - CHART_PAD
-    inner = right - left
-    step = inner / max(1, len(rows) - 1)
-    xs = [round(left + (i * step if len(rows) > 1 else inner / 2), 1) for i in range(len(rows))]
+    """SVG coordinates: x is the strength multiplier on a linear scale through 0 (the unsteered baseline), y one
+    0-1 scale shared by every score (they are all in [0, 1], so the lines compare directly), both axes titled
+    and ticked with their values. None when no variant has scores (a run stored before them)."""
+    top, bottom = CHART_TOP, CHART_HEIGHT - CHART_BOTTOM
+    left, right = CHART_LEFT, CHART_WIDTH - CHART_RIGHT
+    values = [row["multiplier_value"] for row in rows]
+    low, high = min(0.0, *values), max(0.0, *values)
+    span = (high - low) or 1.0
+
+    def x(value: float) -> float:
+        return round(left + (value - low) / span * (right - left), 1)
 
     def y(value: float) -> float:
         return round(bottom - value * (bottom - top), 1)
 
+    xs = [x(value) for value in values]
     series = []
     for position, name in enumerate(SCORE_NAMES):
         points = [
-            (x, y(row["score_values"][name]))
-            for x, row in zip(xs, rows)
+            (px, y(row["score_values"][name]))
+            for px, row in zip(xs, rows)
             if _finite(row["score_values"][name])
         ]
         series.append(
@@ -160,12 +203,15 @@ def _chart(rows: list[dict]) -> dict | None:
                 "points": " ".join(f"{px},{py}" for px, py in points),
                 "dots": [{"x": px, "y": py} for px, py in points],
                 "radius": 4 if name == "score" else 2.5,
-                "legend_x": round(left + position * inner / len(SCORE_NAMES), 1),
+                "legend_x": round(left + position * (right - left) / len(SCORE_NAMES), 1),
             }
         )
     if not any(line["dots"] for line in series):
         return None
-    best = next(((x, row) for x, row in zip(xs, rows) if row["best"]), None)
+    best = next(((px, row) for px, row in zip(xs, rows) if row["best"]), None)
+    ticks = [{"x": px, "label": row["multiplier"]} for px, row in zip(xs, rows)]
+    if 0.0 not in values:
+        ticks.insert(0, {"x": x(0.0), "label": "0"})
     return {
         "width": CHART_WIDTH,
         "height": CHART_HEIGHT,
@@ -173,8 +219,10 @@ def _chart(rows: list[dict]) -> dict | None:
         "bottom": bottom,
         "left": left,
         "right": right,
-        "grid": [{"y": y(value), "label": f"{value:g}"} for value in (0, 0.5, 1)],
-        "ticks": [{"x": x, "label": row["multiplier"]} for x, row in zip(xs, rows)],
+        "middle_x": round((left + right) / 2, 1),
+        "middle_y": round((top + bottom) / 2, 1),
+        "grid": [{"y": y(value), "label": f"{value:g}"} for value in SCORE_TICKS],
+        "ticks": ticks,
         "series": series,
         "best": {"x": best[0], "y": y(best[1]["score_values"]["score"])} if best else None,
     }
@@ -197,7 +245,3 @@ def _number(value, pattern: str) -> str:
 
 def _percent(value):
     return value * 100 if isinstance(value, int | float) else None
-
-
-def _greater(a, b) -> bool:
-    return isinstance(a, int | float) and isinstance(b, int | float) and a > b

@@ -176,7 +176,14 @@ class GenerateIn(Schema):
     temperature: float = Field(
         DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding."
     )
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
+    max_tokens: int = Field(
+        DEFAULT_MAX_TOKENS,
+        ge=1,
+        le=settings.STEERLAB_MAX_NEW_TOKENS,
+        description="New tokens per output. The worker's slots (STEERLAB_SLOT_TOKENS) hold the prompt too: at "
+        "most slot tokens - prompt tokens + 1; beyond that the answer is a 400 naming max_tokens and the maximum "
+        "for this prompt, and no run is created.",
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
     method: Method = "additive"
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")

@@ -1,7 +1,8 @@
 // Coefficients on the steering panel: a number box beside every slider, the two kept in step; the slider's
-// range and scale follow a typed value; the training's limit is said before the server refuses; and a panel
-// whose coefficients are all 0 says that its run is a control run. The slider (name="coefficient") is what
-// the form submits.
+// range and scale follow a typed value; the training's limit is said before the server refuses; a panel
+// whose coefficients are all 0 says that its run is a control run; and the Sweep box enables the sweep's
+// multipliers of every coefficient (this file alone sets their input's disabled). The slider
+// (name="coefficient") is what the form submits.
 (function () {
   "use strict";
 
@@ -119,9 +120,15 @@
     }
   });
 
-  // A number box left empty or half-typed shows the coefficient the form will send.
+  // A number box left empty or half-typed shows the coefficient the form will send. The Sweep box: a disabled
+  // multipliers input is not sent, so the run (and the URL, panel_state.js) has a sweep only while it is ticked.
   document.addEventListener("change", function (event) {
     const target = event.target;
+    if (target.id === "sweep") {
+      const multipliers = document.getElementById("sweep-multipliers");
+      if (multipliers) multipliers.disabled = !target.checked;
+      return;
+    }
     if (!target.classList.contains("coefficient-number")) return;
     const card = target.closest(".feature-card");
     if (card && !Number.isFinite(target.value.trim() === "" ? NaN : Number(target.value))) {

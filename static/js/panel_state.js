@@ -73,8 +73,10 @@
     },
     true
   );
-  // A feature card added by the search results' "+ Add".
+  // A feature card added by the search results' "+ Add", or the layer grid the method re-rendered (multiplicative
+  // disables, and so stops sending, the layers other than the SAE's).
+  const SWAPPED = ["selected-features", "layers"];
   document.addEventListener("htmx:afterSwap", function (event) {
-    if (event.detail.target && event.detail.target.id === "selected-features") schedule();
+    if (event.detail.target && SWAPPED.indexOf(event.detail.target.id) >= 0) schedule();
   });
 })();

@@ -242,6 +242,20 @@ def test_it_answers_429_with_retry_after_beyond_the_members_queue_share_and_crea
     assert post(client, generate_body, bearer(teammate), "?async=true").status_code == 202
 
 
+@pytest.mark.parametrize(("slot_tokens", "allowed"), [(None, 509), (64, 61)])
+def test_it_refuses_max_tokens_beyond_the_slots_for_the_prompt_before_any_run_exists(
+    client, owner, bearer, generate_body, fake_engine, settings, slot_tokens, allowed
+):
+    settings.STEERLAB_SLOT_TOKENS = slot_tokens  # None: the CPU's 512-token slots
+    body = {**generate_body, "max_tokens": allowed + 1}  # the fake model's 4-word prompt is 4 tokens
+
+    detail = assert_error(post(client, body, bearer(owner)), 400, "max_tokens")["detail"]
+
+    assert detail.startswith(f"max_tokens can be at most {allowed} for this 4-token prompt")
+    assert not SteeringRun.objects.exists()
+    assert post(client, {**body, "max_tokens": allowed}, bearer(owner)).status_code == 200
+
+
 def test_it_answers_400_naming_the_field_when_the_worker_refuses_the_request(
     client, owner, bearer, generate_body, failing_engine
 ):

@@ -243,15 +243,15 @@ def test_a_sweep_streams_every_column_then_charts_strength(page, server):
     chart = page.locator("#sweep-result svg")
     for series in ("score", "concept", "fluency", "relevance"):  # each scored at every one of 4 strengths
         expect(chart.locator(f"g.series-{series} circle")).to_have_count(4)
-    rows = page.locator("#sweep-result tbody tr")
+    rows = page.locator("#sweep-result tbody tr:not(.sweep-baseline)")  # after the unsteered baseline's row
     expect(rows).to_have_count(4)
     strengths = [rows.nth(i).locator(".sweep-strength").inner_text() for i in range(4)]
     assert strengths == ["×0.5", "×1", "×2", "×4"]
     for i in range(4):
         score, kl, similarity = (
             rows.nth(i).locator('td[data-score="score"]').inner_text(),
-            rows.nth(i).locator("td").nth(8).inner_text(),
-            rows.nth(i).locator("td").nth(9).inner_text(),
+            rows.nth(i).locator('td[data-label="KL"]').inner_text(),
+            rows.nth(i).locator('td[data-label="Similarity"]').inner_text(),
         )
         assert 0 <= float(score) <= 1 and kl != "–" and float(kl) >= 0 and similarity.endswith("%")
     expect(page.locator("#run-result .metric-card")).to_have_count(0)  # the sweep's table replaces the cards

@@ -214,3 +214,44 @@ def test_scores_arrive_with_the_final_fragment_the_stream_ends_with(owner, train
     rows = table_rows(final)
     assert [row["scores"]["score"] for row in rows] == ["0.60", "0.30", "0.10", "0.00"]
     assert rows[0]["badge"] and 'class="sweep-series series-score"' in final
+
+
+def test_the_table_starts_with_the_unsteered_baseline_and_shows_each_variants_coefficients(
+    client, owner, training, make_run
+):
+    activations = [{"feature_id": 3, "unsteered": 0.5, "steered": 2.0}, {"feature_id": 7, "unsteered": 0.5}]
+    sweep = [
+        {
+            **item,
+            "metrics": {**item["metrics"], "perplexity_unsteered": 9.5, "feature_activation": activations},
+        }
+        for item in ISSUE_SWEEP
+    ]
+    run = completed_sweep(make_run, owner, sweep)
+    run.features = [{"feature_id": 3, "coefficient": 2.0}, {"feature_id": 7, "coefficient": -0.5}]
+    run.save(update_fields=["features"])
+    client.force_login(owner)
+
+    response = client.get(f"/steering/runs/{run.pk}/")
+
+    summary = response.context["sweep"]
+    assert [row["coefficients"] for row in summary["rows"]] == [
+        "#3 1, #7 -0.25",
+        "#3 2, #7 -0.5",
+        "#3 4, #7 -1",
+        "#3 8, #7 -2",
+    ]
+    assert summary["baseline"] == {"coefficients": "#3 0, #7 0", "activation": "0.500", "perplexity": "9.50"}
+    body = response.text[response.text.index("<tbody>") :]
+    first_row = body[: body.index("</tr>")]
+    assert 'data-variant="baseline"' in first_row and ">unsteered<" in first_row and ">9.50<" in first_row
+    assert ">#3 1, #7 -0.25<" in body
+    # The chart's x axis is the multiplier through 0 (the baseline), titled, with a tick per variant.
+    chart = summary["chart"]
+    assert [tick["label"] for tick in chart["ticks"]] == ["0", "×0.5", "×1", "×2", "×4"]
+    xs = [tick["x"] for tick in chart["ticks"]]
+    assert xs[2] - xs[1] == pytest.approx(xs[1] - xs[0], abs=0.2) and xs[4] - xs[3] == pytest.approx(
+        2 * (xs[3] - xs[2]), abs=0.2
+    )
+    assert [line["label"] for line in chart["grid"]] == ["0", "0.25", "0.5", "0.75", "1"]
+    assert "score (0 to 1)" in response.text and "strength: multiplier of every coefficient" in response.text

@@ -237,6 +237,20 @@ def test_without_htmx_the_panel_comes_back_with_the_errors_and_the_input(client,
     assert SteeringRun.objects.count() == 0
 
 
+def test_max_tokens_beyond_the_slots_comes_back_beside_the_field_with_the_maximum(
+    client, owner, training, submitted
+):
+    client.force_login(owner)
+
+    response = client.post(GENERATE, form_data(training, max_tokens="510"))  # the 4-word prompt leaves 509
+
+    assert response.status_code == 422
+    slot = re.search(r'<p class="field-error" id="error-max_tokens">(.*?)</p>', response.text).group(1)
+    assert slot.startswith("max_tokens can be at most 509 for this 4-token prompt")
+    assert 'id="max-tokens-limit">512<' in response.text  # and the slot's maximum in the hint
+    assert SteeringRun.objects.count() == 0 and submitted == []
+
+
 @pytest.mark.parametrize("htmx", [True, False])
 def test_a_failed_submit_fails_the_run_and_the_panel_says_so(client, owner, training, monkeypatch, htmx):
     def broken_transport(run_id):

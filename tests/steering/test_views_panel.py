@@ -27,7 +27,7 @@ def test_it_preselects_the_newest_completed_training(client, owner, training, ma
     assert [t.pk for t in response.context["trainings"]] == [training.pk, older.pk]
     label = response.context["trainings"][0].label
     assert label.startswith("topk SAE • tiny-llama • no dataset • Started ")
-    assert list(response.context["layer_choices"]) == [0, 1, 2, 3]
+    assert [chip["layer"] for chip in response.context["layer_chips"]] == [0, 1, 2, 3]
     assert response.context["state"].layers == [training.hook_layer]
 
 
@@ -249,6 +249,48 @@ def test_the_url_carries_the_whole_configuration(client, owner, training):
     assert 'src="/static/js/panel_state.js"' in html
 
 
+def test_the_url_keeps_the_sweep_and_its_multipliers(client, owner, training):
+    client.force_login(owner)
+
+    ticked = client.get(PANEL, {"training": training.pk, "sweep": "0.5,1, 2,4"})
+    unticked = client.get(PANEL, {"training": training.pk})
+
+    assert ticked.context["state"].sweep == [0.5, 1.0, 2.0, 4.0] and ticked.context["state"].notes == []
+    assert '<input type="checkbox" id="sweep" checked' in ticked.text
+    assert 'name="sweep" value="0.5, 1, 2, 4" inputmode' in ticked.text
+    assert unticked.context["state"].sweep is None
+    assert '<input type="checkbox" id="sweep" aria-controls' in unticked.text
+    assert 'aria-describedby="sweep-hint" disabled>' in unticked.text  # not sent: no sweep
+    assert 'aria-describedby="sweep-hint">' in ticked.text
+
+
+def test_multiplicative_disables_the_layers_other_than_the_saes_and_says_why(client, owner, training):
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"training": training.pk, "method": "multiplicative", "layers": [0, 1]})
+
+    chips = {chip["layer"]: chip for chip in response.context["layer_chips"]}
+    hook = training.hook_layer
+    assert [layer for layer, chip in chips.items() if chip["disabled"]] == [n for n in range(4) if n != hook]
+    assert [layer for layer, chip in chips.items() if chip["checked"]] == [hook]
+    assert f'name="layers" value="{hook}" checked required' in response.text
+    assert f"acts only at the SAE's layer L{hook}" in response.text
+    additive = client.get(PANEL, {"training": training.pk, "method": "additive", "layers": [0, 1]})
+    assert not any(chip["disabled"] for chip in additive.context["layer_chips"])
+    assert [chip["layer"] for chip in additive.context["layer_chips"] if chip["checked"]] == [0, 1]
+
+
+def test_the_max_tokens_field_says_the_slots_maximum(client, owner, training, settings):
+    settings.STEERLAB_SLOT_TOKENS = 300
+    client.force_login(owner)
+
+    response = client.get(PANEL, {"training": training.pk})
+
+    assert 'name="max_tokens" value="64" min="1" max="300"' in response.text
+    assert 'At most <strong id="max-tokens-limit">300</strong>' in response.text
+    assert "the worker's 300-token slots hold the prompt too (300 − prompt tokens + 1)" in response.text
+
+
 def test_a_url_naming_the_training_without_features_or_layers_has_none(client, owner, training, make_run):
     make_run(owner)  # the last run is not reopened: the URL names a configuration
     client.force_login(owner)
@@ -272,6 +314,9 @@ def test_a_url_naming_the_training_without_features_or_layers_has_none(client, o
         ("method", "sideways", "additive"),
         ("chat", "maybe", False),
         ("prompt", "nul\x00", ""),
+        ("sweep", "0.5,lots", None),
+        ("sweep", "1,1e308", None),  # the API's limit on a multiplier
+        ("sweep", ",".join(["1"] * 9), None),  # more variants than the worker's rows
     ],
 )
 def test_a_bad_value_in_the_url_is_ignored_with_a_visible_note(client, owner, training, name, value, kept):
@@ -372,7 +417,7 @@ def test_a_reopened_sweep_run_keeps_its_multipliers_and_the_history_shows_them(c
     panel = client.get(PANEL, {"run": run.pk})
 
     assert panel.context["state"].sweep == [0.25, 3.0]
-    assert 'name="sweep" value="0.25,3" checked' in panel.text
-    assert "(×0.25, ×3)" in panel.text
+    assert '<input type="checkbox" id="sweep" checked' in panel.text
+    assert 'name="sweep" value="0.25, 3" inputmode' in panel.text  # enabled: the form sends it
     history = client.get("/steering/runs/").text
     assert "sweep ×0.25, ×3.0" in history

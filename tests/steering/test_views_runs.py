@@ -419,3 +419,27 @@ def test_stop_refuses_strangers_and_changes_nothing(client, owner, stranger, tra
     assert client.get(f"/steering/runs/{run.pk}/cancel/").status_code == 405
     run.refresh_from_db()
     assert run.status == "queued"
+
+
+@pytest.mark.parametrize(
+    ("coefficient", "before", "after", "moved", "colour"),
+    [
+        (-1.0, 4.833, 5.239, "against", "text-red"),  # the ablation: a rise is no success
+        (-1.0, 5.239, 4.833, "wanted", "text-emerald"),
+        (2.0, 0.25, 3.5, "wanted", "text-emerald"),
+        (2.0, 3.5, 0.25, "against", "text-red"),
+        (0.0, 0.25, 3.5, "still", "text-slate"),
+    ],
+)
+def test_an_activations_colour_says_whether_it_moved_the_way_the_coefficient_asked(
+    client, owner, training, make_run, coefficient, before, after, moved, colour
+):
+    activation = [{"feature_id": 3, "unsteered": before, "steered": after}]
+    run = completed(make_run, owner, features=[{"feature_id": 3, "coefficient": coefficient}])
+    SteeringRun.objects.filter(pk=run.pk).update(metrics={**METRICS, "feature_activation": activation})
+    client.force_login(owner)
+
+    html = client.get(f"/steering/runs/{run.pk}/").text
+
+    assert f'<span class="reading-steered {colour}" data-moved="{moved}"' in html
+    assert f">{after:.3f}</span>" in html
