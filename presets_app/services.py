@@ -59,20 +59,14 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
         if not isinstance(values[flag], bool):
             raise InvalidInput(f"{flag} must be true or false.", flag)
     steering = SteeringSettings.from_fields(values).validate(training, known_features)
-    features, layers = steering.features, steering.layers
     return {
-        "name": name.strip() or auto_name(len(features), layers),
+        "name": name.strip() or auto_name(len(steering.features), steering.layers),
         "description": description.strip(),
-        "features": features,
-        "intervention_layers": layers,
-        "method": steering.method,
-        "temperature": steering.temperature,
-        "max_tokens": steering.max_tokens,
         "prompt": prompt if prompt.strip() else "",
         "seed": seed,
         "chat": values["chat"],
-        "sweep": steering.sweep,
         "is_favorite": values["is_favorite"],
+        **steering.as_fields(),
     }
 
 

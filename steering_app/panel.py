@@ -9,17 +9,8 @@ from django.conf import settings
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 
+from steering_app import limits
 from steering_app.forms import SteeringForm
-from steering_app.limits import (
-    MAX_FEATURES,
-    MAX_ID,
-    MAX_INDEX,
-    MAX_LAYERS,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MAX_SWEEP_MULTIPLIER,
-    MAX_TEMPERATURE,
-)
 from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import (
     DEFAULT_MAX_TOKENS,
@@ -276,7 +267,7 @@ def apply_query(state: PanelState, query) -> PanelState:
     for name, parse in (
         ("prompt", _prompt),
         ("method", _method),
-        ("temperature", _bounded(float, 0, MAX_TEMPERATURE)),
+        ("temperature", _bounded(float, 0, limits.MAX_TEMPERATURE)),
         ("max_tokens", _bounded(int, 1, settings.STEERLAB_MAX_NEW_TOKENS)),
         ("seed", _seed),
         ("chat", _flag),
@@ -322,8 +313,8 @@ def _number(value) -> str:
 
 
 def _prompt(raw: str) -> str:
-    if len(raw) > MAX_PROMPT_CHARS or "\x00" in raw:
-        raise ValueError(f"a prompt is at most {MAX_PROMPT_CHARS} characters of text")
+    if len(raw) > limits.MAX_PROMPT_CHARS or "\x00" in raw:
+        raise ValueError(f"a prompt is at most {limits.MAX_PROMPT_CHARS} characters of text")
     return raw
 
 
@@ -340,7 +331,7 @@ def _seed(raw: str) -> int | None:
         value = int(raw)
     except ValueError:
         raise ValueError("not a whole number") from None
-    if not 0 <= value <= MAX_SEED:
+    if not 0 <= value <= limits.MAX_SEED:
         raise ValueError("a seed is a non-negative 63-bit integer")
     return value
 
@@ -355,8 +346,10 @@ def _sweep(raw: str) -> list[float]:
     variants = max_variants()
     if not 1 <= len(multipliers) <= variants:
         raise ValueError(f"a sweep has 1 to {variants} multipliers")
-    if not all(abs(item) <= MAX_SWEEP_MULTIPLIER for item in multipliers):  # NaN fails the comparison too
-        raise ValueError(f"each multiplier is a finite number within ±{MAX_SWEEP_MULTIPLIER:g}")
+    if not all(
+        abs(item) <= limits.MAX_SWEEP_MULTIPLIER for item in multipliers
+    ):  # NaN fails the comparison too
+        raise ValueError(f"each multiplier is a finite number within ±{limits.MAX_SWEEP_MULTIPLIER:g}")
     return multipliers
 
 
@@ -383,7 +376,7 @@ def _query_features(query, training: Training, notes: list[str]) -> list[Selecte
         notes.append("Ignored the link's features: each feature needs exactly one coefficient.")
         return []
     limit = training.max_abs_coefficient
-    index_of, coefficient_of = _bounded(int, 0, MAX_INDEX), _bounded(float, -limit, limit)
+    index_of, coefficient_of = _bounded(int, 0, limits.MAX_INDEX), _bounded(float, -limit, limit)
     items, seen = [], set()
     for raw_index, raw_coefficient in zip(indices, coefficients, strict=True):
         try:
@@ -391,7 +384,7 @@ def _query_features(query, training: Training, notes: list[str]) -> list[Selecte
         except ValueError as error:
             notes.append(f"Ignored feature {_shown(raw_index)} from the link: {error}.")
             continue
-        if index not in seen and len(items) < MAX_FEATURES:
+        if index not in seen and len(items) < limits.MAX_FEATURES:
             seen.add(index)
             items.append({"feature_id": index, "coefficient": coefficient})
     cards = selected_features(training, items)
@@ -408,7 +401,7 @@ def _id_or_404(raw: str) -> int:
         value = int(raw)
     except ValueError:
         raise Http404("Not a valid id.") from None
-    if not 1 <= value <= MAX_ID:
+    if not 1 <= value <= limits.MAX_ID:
         raise Http404("Not a valid id.")
     return value
 
@@ -440,7 +433,7 @@ def panel_context(state: PanelState, form: SteeringForm | None = None) -> dict:
         # A one-token prompt leaves the whole slot (its last token is never cached): the most any prompt allows.
         "max_tokens_cap": min(settings.STEERLAB_MAX_NEW_TOKENS, slot_tokens),
         "slot_tokens": slot_tokens,
-        "max_layers": MAX_LAYERS,
+        "max_layers": limits.MAX_LAYERS,
         "max_variants": max_variants(),
         "methods": SteeringRun.Method.choices,
     }

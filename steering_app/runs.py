@@ -89,15 +89,10 @@ def create(owner: "User", request: RunRequest) -> SteeringRun:
         owner=owner,
         training=training,
         prompt=request.prompt,
-        features=steering.features,
-        intervention_layers=steering.layers,
-        method=steering.method,
-        temperature=steering.temperature,
-        max_tokens=steering.max_tokens,
         seed=request.seed if request.seed is not None else random.randrange(2**31),
         chat=bool(request.chat),
-        sweep=steering.sweep,
         private=bool(request.private),
+        **steering.as_fields(),
     )
 
 

@@ -58,6 +58,17 @@ class SteeringSettings:
             sweep=fields.get("sweep"),
         )
 
+    def as_fields(self) -> dict:
+        """The stored fields these settings fill (SteeringConfig's but chat): from_fields read backwards."""
+        return {
+            "features": self.features,
+            "intervention_layers": self.layers,
+            "method": self.method,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "sweep": self.sweep,
+        }
+
     def validate(
         self, training: Training, known_features: Container[int] | None = None
     ) -> "SteeringSettings":
