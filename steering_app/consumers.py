@@ -161,15 +161,17 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
                 await self.finish(run)
 
     async def model_loading(self, message):
-        """A model's load progress: shown while this run waits for its model; at 100 % the status is back."""
+        """A model's load progress: shown while this run waits for its model; at 100 % the run's own status
+        (queued or running) is back."""
         if self.finished or self.generating or message.get("model_id") != self.model_id:
             return
-        if message["percent"] >= 100:
-            context = {"state": SteeringRun.Status.RUNNING, "status_oob": True}
-            html = render_to_string(f"{RESULT_TEMPLATE}#status", context)
-        else:
-            html = render_to_string(LOADING_TEMPLATE, message)
-        await self.send(text_data=html)
+        if message["percent"] < 100:
+            await self.send(text_data=render_to_string(LOADING_TEMPLATE, message))
+            return
+        run = await self.still_readable()
+        if run is not None and not run.is_finished:
+            context = {"state": run.status, "status_oob": True}
+            await self.send(text_data=render_to_string(f"{RESULT_TEMPLATE}#status", context))
 
     async def finish(self, run: SteeringRun):
         if self.finished:

@@ -462,7 +462,7 @@ async def loading_async(model_id: int, percent: int, stage: str = "reading the w
 def test_a_waiting_run_shows_its_models_load_progress_until_it_generates(
     application, owner, training, make_run, mailbox
 ):
-    run = make_run(owner)
+    run = make_run(owner, status="running", started_at=timezone.now())  # claimed: its batch loads the model
     model_id = training.model_id
     headers = headers_for(owner)
     query = streaming.open_mailbox(run.pk).split("?", 1)[1] if mailbox else ""
