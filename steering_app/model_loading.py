@@ -1,15 +1,17 @@
-"""A model made ready for runs, with its progress said: the weights, then the step plan measured on this machine
-(tens of seconds on a CPU), and when a worker starts, the SAEs and the sentence embedder too.
+"""A model made ready for runs, with its progress said: the weights, (when a worker starts) its SAEs and the
+sentence embedder, then the step plan measured on this machine (tens of seconds on a CPU).
 
 Each stage goes to the log ("loading SmolLM2-135M-Instruct … 40 % (measuring this machine's kernels)") and to
 the pages of the runs that wait for the model (streaming.publish_loading); the last report is repeated every
 REPEAT_SECONDS, so that a page opened in the middle of a long stage sees it at once.
 """
 
+import functools
 import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -23,8 +25,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REPEAT_SECONDS = 1.0
-# Where the stages end, as fractions of a worker's warm-up: the step plan dominates on a CPU.
-WEIGHTS_END, PLAN_END = 0.3, 0.9
+# Where the stages end and begin, as fractions of a load: the weights, then (as a worker starts) the SAEs and the
+# embedder, then the step plan, which dominates on a CPU.
+WEIGHTS_END, PLAN_START = 0.3, 0.4
 
 
 class LoadingReport:
@@ -71,25 +74,31 @@ class LoadingReport:
             self.publish()
 
 
-def ready(model: LanguageModel, report: LoadingReport | None = None, end: float = 1.0) -> "LoadedModel":
+def ready(model: LanguageModel) -> "LoadedModel":
     """The model with its shared step plan (engine/serving/scheduler.py), both made once per process: what a
-    model's first run waits for. A report, when given, hears each stage up to `end` of the whole."""
+    model's first run waits for, and what the waiting runs' pages see the progress of."""
+    with LoadingReport(model) as report:
+        lm = _planned_model(model, report)
+        if report.last is not None:
+            report(1.0, "ready")
+        return lm
+
+
+def _planned_model(
+    model: LanguageModel, report: LoadingReport, extras: Callable[["LoadedModel"], None] | None = None
+) -> "LoadedModel":
+    """The weights (up to WEIGHTS_END of the report), extras(lm) (up to PLAN_START), then the step plan."""
     from steering_app.engine import loader
     from steering_app.engine.serving.plan import StepPolicy
     from steering_app.engine.serving.scheduler import scheduler_for
 
-    if report is None:
-        with LoadingReport(model) as own:
-            lm = ready(model, own)
-            if own.last is not None:
-                own(1.0, "ready")
-            return lm
-    weights_end = WEIGHTS_END * end / PLAN_END
-    lm = loader.load_model(model.source, progress=report.within(0.0, weights_end))
+    lm = loader.load_model(model.source, progress=report.within(0.0, WEIGHTS_END))
+    if extras is not None:
+        extras(lm)
     with lm.lock:
         # The weights may have come without a plan (a prompt read by the model loads them alone).
         if lm.model not in _planned:
-            report(weights_end, "measuring this machine's kernels")
+            report(PLAN_START, "measuring this machine's kernels")
             scheduler_for(lm, StepPolicy(**settings.STEERLAB_STEP_POLICY))
             _planned.add(lm.model)
     return lm
@@ -101,20 +110,25 @@ _planned: weakref.WeakSet = weakref.WeakSet()  # the models whose shared step pl
 def warm() -> None:
     """Load every model that has a completed training, with its SAEs and the sentence embedder, before the first
     run asks: a worker calls it as it starts. A failure is logged; the first run then loads and says why."""
-    from steering_app.engine import loader
-
     models = LanguageModel.objects.filter(
         status=LanguageModel.Status.READY, trainings__status=Training.Status.COMPLETED
     ).distinct()
     for model in models:
         try:
             with LoadingReport(model) as report:
-                lm = ready(model, report, PLAN_END)
-                report(PLAN_END, "loading the SAEs and the sentence embedder")
-                for training in model.trainings.completed():
-                    loader.load_sae_cached(training.checkpoint_path, lm)
-                loader.get_embedder()
+                _planned_model(model, report, extras=functools.partial(_saes_and_embedder, model, report))
                 report(1.0, "ready")
             logger.info("%s is ready (%.0f s)", model.name, time.monotonic() - report.started)
         except Exception:
             logger.exception("Loading %s before the first run failed", model.name)
+
+
+def _saes_and_embedder(model: LanguageModel, report: LoadingReport, lm: "LoadedModel") -> None:
+    """Loaded before the plan, which holds the model's lock while it measures: a search by meaning needs the
+    embedder, not the plan."""
+    from steering_app.engine import loader
+
+    report(WEIGHTS_END, "loading the SAEs and the sentence embedder")
+    for training in model.trainings.completed():
+        loader.load_sae_cached(training.checkpoint_path, lm)
+    loader.get_embedder()

@@ -27,7 +27,7 @@ def test_a_models_first_batch_reports_its_step_plan_then_ready_and_later_batches
         (
             model.pk,
             model.name,
-            int(100 * model_loading.WEIGHTS_END / model_loading.PLAN_END),
+            int(100 * model_loading.PLAN_START),
             "measuring this machine's kernels",
         ),
         (model.pk, model.name, 100, "ready"),
