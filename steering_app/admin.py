@@ -231,33 +231,28 @@ class SteeringRunAdmin(FinishedRecordAdmin):
         names = sorted(
             {name for v in variants for name, value in (v.get("metrics") or {}).items() if scalar(value)}
         )
-        head = format_html_join(
-            "", "<th>{}</th>", ((name,) for name in ["multiplier", "tokens", *names, "score"])
-        )
-        rows = format_html_join(
-            "",
-            "<tr>{}<td>{}</td></tr>",
-            (
-                (
-                    format_html_join(
-                        "",
-                        "<td>{}</td>",
-                        (
-                            (shown(value),)
-                            for value in [
-                                variant.get("multiplier"),
-                                variant.get("tokens"),
-                                *((variant.get("metrics") or {}).get(name) for name in names),
-                                (variant.get("scores") or {}).get("score"),
-                            ]
-                        ),
-                    ),
-                    variant.get("steered_output", ""),
-                )
-                for variant in variants
-            ),
-        )
-        return format_html('<table class="run-variants"><tr>{}<th>text</th></tr>{}</table>', head, rows)
+        head = ["multiplier", "tokens", *names, "score", "text"]
+        return html_table("run-variants", head, [variant_row(variant, names) for variant in variants])
+
+
+def variant_row(variant: dict, names: list[str]) -> list[str]:
+    metrics = variant.get("metrics") or {}
+    return [
+        shown(variant.get("multiplier")),
+        shown(variant.get("tokens")),
+        *(shown(metrics.get(name)) for name in names),
+        shown((variant.get("scores") or {}).get("score")),
+        variant.get("steered_output", ""),
+    ]
+
+
+def html_table(css_class: str, head: list[str], rows: list[list[str]]):
+    """A table of escaped cells under a row of headings."""
+    headings = format_html_join("", "<th>{}</th>", ((name,) for name in head))
+    body = format_html_join(
+        "", "<tr>{}</tr>", ((format_html_join("", "<td>{}</td>", ((cell,) for cell in row)),) for row in rows)
+    )
+    return format_html('<table class="{}"><tr>{}</tr>{}</table>', css_class, headings, body)
 
 
 def scalar(value) -> bool:

@@ -64,11 +64,9 @@ def sweep() -> None:
         logger.warning("Failed %d stale analysis job(s)", stalled)
 
 
-def start_warming() -> threading.Thread:
+def start_warming() -> None:
     """Load the models in the background (model_loading.warm): the server answers and sweeps meanwhile."""
-    thread = threading.Thread(target=model_loading.warm, name="steering-warm", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=model_loading.warm, name="steering-warm", daemon=True).start()
 
 
 class SteeringWorkerConsumer(SyncConsumer):
