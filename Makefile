@@ -57,8 +57,11 @@ $(SECRET_FILE):
 migrate: venv $(SECRET_FILE)
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(PY) manage.py migrate --noinput
 
+# The server loads the demo model as it starts (its log says "loading SmolLM2-135M-Instruct … N %", then
+# "ready"); a run submitted meanwhile shows that progress on its page.
 serve: migrate
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(PY) manage.py bootstrap_demo
+	@echo "SteerLab listens on http://$(HOST):$(PORT)/ (user demo); it loads the model before the first run."
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/daphne -b $(HOST) -p $(PORT) steerproject.asgi:application
 
 # README's table of the demo's features: an experiment per feature over 16 everyday prompts (a few CPU-minutes).

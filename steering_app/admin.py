@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from steering_app import dataset_roots, prompt_sets
 from steering_app.errors import InvalidInput
@@ -97,6 +97,16 @@ class TrainingAdmin(admin.ModelAdmin):
         "completed_at",
         "features_link",
     ]
+
+    # What a completed training's checkpoint was trained on: changing one would describe another SAE than the
+    # weights on disk (a layer 12 whose hook still reads blocks.10).
+    FIXED_ONCE_COMPLETED = ["model", "hook_layer", "encoder_type"]
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.status == Training.Status.COMPLETED:
+            fields += self.FIXED_ONCE_COMPLETED
+        return fields
 
     def get_queryset(self, request):
         return (
@@ -190,11 +200,85 @@ class SteeringRunAdmin(FinishedRecordAdmin):
     list_filter = ["status", "method", "private", "training"]
     search_fields = ["prompt", "owner__username"]
     list_select_related = ["owner", "training__model", "training__dataset"]
+    # The stored JSON, shown as tables in its place.
+    TABLES = {"metrics": "metrics_table", "variants": "variants_table"}
+    readonly_fields = ["run_page", *TABLES.values()]
 
     def get_fieldsets(self, request, obj=None):
         # Every field, as Django lists them, with the steering fields (those a preset saves) in their own section.
-        others = [name for name in self.get_fields(request, obj) if name not in STEERING_FIELDS]
+        fields = [name for name in self.get_fields(request, obj) if name not in self.readonly_fields]
+        others = [
+            "run_page",
+            *(self.TABLES.get(name, name) for name in fields if name not in STEERING_FIELDS),
+        ]
         return [(None, {"fields": others}), ("Steering", {"fields": STEERING_FIELDS})]
+
+    @admin.display(description="page")
+    def run_page(self, run):
+        url = reverse("steering-run", args=[run.pk])
+        return format_html('<a href="{}">Run #{} as members see it</a>', url, run.pk)
+
+    @admin.display(description="metrics")
+    def metrics_table(self, run):
+        return metric_table(run.metrics)
+
+    @admin.display(description="variants")
+    def variants_table(self, run):
+        """One row per steered variant: its multiplier, tokens, scalar metrics, score and text."""
+        variants = run.variants or []
+        if not variants:
+            return "-"
+        names = sorted(
+            {name for v in variants for name, value in (v.get("metrics") or {}).items() if scalar(value)}
+        )
+        head = ["multiplier", "tokens", *names, "score", "text"]
+        return html_table("run-variants", head, [variant_row(variant, names) for variant in variants])
+
+
+def variant_row(variant: dict, names: list[str]) -> list[str]:
+    metrics = variant.get("metrics") or {}
+    return [
+        shown(variant.get("multiplier")),
+        shown(variant.get("tokens")),
+        *(shown(metrics.get(name)) for name in names),
+        shown((variant.get("scores") or {}).get("score")),
+        variant.get("steered_output", ""),
+    ]
+
+
+def html_table(css_class: str, head: list[str], rows: list[list[str]]):
+    """A table of escaped cells under a row of headings."""
+    headings = format_html_join("", "<th>{}</th>", ((name,) for name in head))
+    body = format_html_join(
+        "", "<tr>{}</tr>", ((format_html_join("", "<td>{}</td>", ((cell,) for cell in row)),) for row in rows)
+    )
+    return format_html('<table class="{}"><tr>{}</tr>{}</table>', css_class, headings, body)
+
+
+def scalar(value) -> bool:
+    return value is None or isinstance(value, (int, float, str))
+
+
+def shown(value) -> str:
+    """A metric's value in a cell: numbers to 4 significant digits, nested values as `key: value` pairs."""
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {shown(item)}" for key, item in value.items())
+    if isinstance(value, list):
+        return "; ".join(shown(item) for item in value)
+    return str(value)
+
+
+def metric_table(metrics: dict):
+    if not metrics:
+        return "-"
+    rows = format_html_join(
+        "", "<tr><th>{}</th><td>{}</td></tr>", ((name, shown(v)) for name, v in metrics.items())
+    )
+    return format_html('<table class="run-metrics">{}</table>', rows)
 
 
 @admin.register(Experiment)

@@ -13,11 +13,18 @@ from steering_app import experiment_results
 from steering_app.experiment_views import DETAIL_TEMPLATE, progress_context
 from steering_app.models import Experiment, SteeringRun
 from steering_app.presenters import output_id, result_context
-from steering_app.streaming import ACCESS_CHANGED, experiment_group, group_name, read_stream_token
+from steering_app.streaming import (
+    ACCESS_CHANGED,
+    LOADING_GROUP,
+    experiment_group,
+    group_name,
+    read_stream_token,
+)
 
 logger = logging.getLogger(__name__)
 
 RESULT_TEMPLATE = "steering/_result.html"
+LOADING_TEMPLATE = "steering/_loading.html"
 # How often an open page checks the database for an end the event stream did not bring (the worker's
 # sweep failed the run, or its terminal event was lost): the page must never show "Generating..." forever.
 WATCH_SECONDS = 3.0
@@ -49,20 +56,26 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
     from the mailbox the view subscribed before submitting, so it sees every token from the first.
     A reader who may no longer read the run (its owner made it private: the "access" event, or any later
     read of the run) has the socket closed at once with 4404, as a refused connect, and nothing more sent.
+    Until its first token, the run's status line shows the progress of its model's load ("loading SmolLM2 …
+    40 %"), which every stream hears (streaming.LOADING_GROUP): a run may wait for a load that another run,
+    or the worker's start, began.
     """
 
     async def connect(self):
         self.run_id = self.scope["url_route"]["kwargs"]["run_id"]
         self.finished = False
+        self.generating = False
         self.tasks: list[asyncio.Task] = []
         self.streamed = {"unsteered": "", "variants": []}
         run = await readable_run(self.scope["user"], self.run_id)
         if run is None:  # unknown, or another member's private run: the same answer, as a page's 404
             await self.close(code=4404)
             return
+        self.model_id = run.training.model_id
         self.mailbox = self.requested_mailbox()
         if self.mailbox is None:
             await self.channel_layer.group_add(group_name(self.run_id), self.channel_name)
+            await self.channel_layer.group_add(LOADING_GROUP, self.channel_name)
         await self.accept()
         # The run may have finished, or turned private, before the socket joined its group: the events that
         # said so are gone, so read it again. The client must never wait forever, nor read a private run.
@@ -84,14 +97,18 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         for task in getattr(self, "tasks", []):
             task.cancel()
-        if getattr(self, "mailbox", None) is None and hasattr(self, "run_id"):
+        if getattr(self, "mailbox", None) is None and hasattr(self, "model_id"):
             await self.channel_layer.group_discard(group_name(self.run_id), self.channel_name)
+            await self.channel_layer.group_discard(LOADING_GROUP, self.channel_name)
 
     async def drain_mailbox(self):
         try:
             while not self.finished:
                 message = await self.channel_layer.receive(self.mailbox)
-                await self.run_event(message)
+                if message.get("type") == "model.loading":
+                    await self.model_loading(message)
+                else:
+                    await self.run_event(message)
         except Exception:  # the channel layer failed; watch() still ends the page when the run ends
             logger.exception("Stream of run %s lost its mailbox", self.run_id)
 
@@ -114,6 +131,7 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
             return
         event = message.get("event")
         if event == "delta":
+            self.generating = True
             unsteered = message.get("unsteered", "")
             variants = message.get("variants") or [message.get("steered", "")]
             self.streamed["unsteered"] += unsteered
@@ -142,6 +160,19 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
             if run is not None:
                 await self.finish(run)
 
+    async def model_loading(self, message):
+        """A model's load progress: shown while this run waits for its model; at 100 % the run's own status
+        (queued or running) is back."""
+        if self.finished or self.generating or message.get("model_id") != self.model_id:
+            return
+        if message["percent"] < 100:
+            await self.send(text_data=render_to_string(LOADING_TEMPLATE, message))
+            return
+        run = await self.still_readable()
+        if run is not None and not run.is_finished:
+            context = {"state": run.status, "status_oob": True}
+            await self.send(text_data=render_to_string(f"{RESULT_TEMPLATE}#status", context))
+
     async def finish(self, run: SteeringRun):
         if self.finished:
             return
@@ -161,6 +192,7 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
         """Stop reading the run's events and close the socket."""
         if self.mailbox is not None:
             await self.channel_layer.group_discard(group_name(self.run_id), self.mailbox)
+            await self.channel_layer.group_discard(LOADING_GROUP, self.mailbox)
         current = asyncio.current_task()
         for task in self.tasks:
             if task is not current:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.utils.timezone import now
 
+from steering_app import model_loading
 from steering_app.errors import InvalidInput
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.steering_settings import slot_shape
@@ -204,12 +205,11 @@ class EngineBatch:
     """
 
     def __init__(self, run: SteeringRun):
-        from steering_app.engine import loader
         from steering_app.engine.serving.plan import StepPolicy
         from steering_app.engine.serving.scheduler import scheduler_for, wide_scheduler
 
         self.model_id = run.training.model_id
-        self.lm = loader.load_model(run.training.model.source)
+        self.lm = model_loading.ready(run.training.model)  # the waiting runs' pages show its progress
         # An experiment's cells share the engine's wide batch (more rows where free rows cost nothing); other
         # runs the model's shared one. A run gives the same numbers in either (engine/serving/scheduler.py).
         shared = run.experiment_id is None

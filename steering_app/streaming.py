@@ -16,6 +16,8 @@ STREAM_SALT = "steering.run-stream"
 STREAM_TOKEN_MAX_AGE = 600
 # The run's readers changed: each websocket checks whether its user may still read the run.
 ACCESS_CHANGED = "access"
+# Every run stream listens here: a model's load progress, shown by the pages whose run waits for that model.
+LOADING_GROUP = "model-loading"
 
 
 def group_name(run_id: int) -> str:
@@ -26,6 +28,20 @@ def publish(run_id: int, event: str, payload: dict) -> None:
     """Send one run event to everyone watching the run; called from sync worker code."""
     message = {"type": "run.event", "run_id": run_id, "event": event, **payload}
     async_to_sync(get_channel_layer().group_send)(group_name(run_id), message)
+
+
+def publish_loading(model_id: int, model: str, percent: int, stage: str, seconds: int) -> None:
+    """Send a model's load progress (seconds: since the load began) to every open run stream; called from sync
+    worker code."""
+    message = {
+        "type": "model.loading",
+        "model_id": model_id,
+        "model": model,
+        "percent": percent,
+        "stage": stage,
+        "seconds": seconds,
+    }
+    async_to_sync(get_channel_layer().group_send)(LOADING_GROUP, message)
 
 
 def experiment_group(experiment_id: int) -> str:
@@ -44,9 +60,12 @@ def stream_url(run_id: int, token: str = "") -> str:
 
 
 def open_mailbox(run_id: int) -> str:
-    """Subscribe a fresh mailbox to the run's events; returns the websocket URL that drains it."""
+    """Subscribe a fresh mailbox to the run's events and to the models' load progress; returns the websocket URL
+    that drains it."""
     mailbox = f"steering-mailbox.{uuid.uuid4().hex}"
-    async_to_sync(get_channel_layer().group_add)(group_name(run_id), mailbox)
+    layer = get_channel_layer()
+    async_to_sync(layer.group_add)(group_name(run_id), mailbox)
+    async_to_sync(layer.group_add)(LOADING_GROUP, mailbox)
     token = signing.dumps({"run": run_id, "mailbox": mailbox}, salt=STREAM_SALT)
     return stream_url(run_id, token)
 

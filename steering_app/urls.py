@@ -1,6 +1,6 @@
 from django.urls import path
 
-from steering_app import experiment_views, views
+from steering_app import experiment_views, token_views, views
 
 urlpatterns = [
     path("", views.panel_page, name="steering-panel"),
@@ -34,4 +34,6 @@ urlpatterns = [
     path(
         "experiments/<int:pk>/delete/", experiment_views.delete_experiment, name="steering-experiment-delete"
     ),
+    path("tokens/", token_views.api_tokens, name="api-tokens"),
+    path("tokens/<int:pk>/revoke/", token_views.revoke_api_token, name="api-token-revoke"),
 ]

@@ -9,6 +9,8 @@ wake.workers(), which SteeringAppConfig.ready() points at submit() below.
   `python manage.py runworker steering-worker` processes (SteeringWorkerConsumer below).
 - inline (tests: STEERLAB_WORKER_MODE=inline): the run executes in the submitting thread.
 STEERLAB_WORKER_MODE (settings) picks one; unset, channel with REDIS_URL, else embedded.
+Embedded and channel workers load their models as they start (model_loading.warm, in a thread of its own): the
+first run does not wait for the weights and the step plan, or sees their progress if it comes sooner.
 Embedded and channel workers also beat (runs.beat: "this worker is alive", busy or not) and call
 runs.sweep_stale() and analysis.sweep_stale() every SWEEP_SECONDS, and once as they start.
 """
@@ -22,7 +24,7 @@ from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from steering_app import analysis, runs
+from steering_app import analysis, model_loading, runs
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ def sweep() -> None:
         logger.warning("Failed %d stale run(s)", swept)
     if stalled:
         logger.warning("Failed %d stale analysis job(s)", stalled)
+
+
+def start_warming() -> None:
+    """Load the models in the background (model_loading.warm): the server answers and sweeps meanwhile."""
+    threading.Thread(target=model_loading.warm, name="steering-warm", daemon=True).start()
 
 
 class SteeringWorkerConsumer(SyncConsumer):
@@ -145,10 +152,13 @@ async def _wake_embedded() -> None:
 
 class StartEmbeddedWorker:
     """ASGI middleware: the embedded worker starts with the server's first connection, so stale runs of
-    a previous process are swept and queued ones resume even before anyone submits a run."""
+    a previous process are swept and queued ones resume even before anyone submits a run. Its models start
+    loading with the server, before any connection."""
 
     def __init__(self, app):
         self.app = app
+        if mode() == "embedded":
+            start_warming()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket") and mode() == "embedded":

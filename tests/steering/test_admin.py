@@ -1,7 +1,7 @@
 import pytest
 from django.urls import reverse
 
-from steering_app.models import ApiToken, Dataset, SteeringRun
+from steering_app.models import ApiToken, Dataset, LanguageModel, SteeringRun
 
 pytestmark = pytest.mark.django_db
 
@@ -106,3 +106,50 @@ def test_it_records_a_hub_dataset_name_which_no_job_reads(client, staff, data_di
     response = add_dataset(client, "monology/pile-uncopyrighted")
 
     assert response.status_code == 302 and Dataset.objects.get().source == "monology/pile-uncopyrighted"
+
+
+def admin_form_data(client, url: str) -> dict:
+    """The change form's fields as the page fills them: what a staff member's Save posts unchanged."""
+    form = client.get(url).context["adminform"].form
+    data = {name: form[name].value() for name in form.fields}
+    return {name: "" if value is None else value for name, value in data.items()} | {"_save": "Save"}
+
+
+def test_a_completed_trainings_model_layer_and_hook_cannot_be_changed(
+    client, staff, training, language_model
+):
+    other_model = LanguageModel.objects.create(
+        name="other",
+        source="/nonexistent/other",
+        architecture="LlamaForCausalLM",
+        num_layers=30,
+        hidden_size=16,
+    )
+    client.force_login(staff)
+    url = reverse("admin:steering_app_training_change", args=[training.pk])
+    data = admin_form_data(client, url)
+    assert "hook_layer" not in data and "model" not in data and "hook_name" not in data
+
+    response = client.post(
+        url, {**data, "hook_layer": "12", "model": other_model.pk, "hook_name": "blocks.12"}
+    )
+
+    assert response.status_code == 302
+    training.refresh_from_db()
+    assert (training.hook_layer, training.model_id, training.hook_name) == (
+        2,
+        language_model.pk,
+        "blocks.2.hook_resid_post",
+    )
+
+
+def test_a_pending_trainings_layer_can_still_be_set(client, staff, make_training):
+    pending = make_training(status="pending", hook_layer=1)
+    client.force_login(staff)
+    url = reverse("admin:steering_app_training_change", args=[pending.pk])
+
+    response = client.post(url, {**admin_form_data(client, url), "hook_layer": "3"})
+
+    assert response.status_code == 302
+    pending.refresh_from_db()
+    assert pending.hook_layer == 3

@@ -69,7 +69,12 @@ def test_it_shows_each_field_once_with_the_steering_fields_in_their_own_section(
     fieldsets = client.get(change_url(run)).context["adminform"].fieldsets
 
     shown = [name for _title, options in fieldsets for name in options["fields"]]
-    assert sorted(shown) == sorted(field.name for field in SteeringRun._meta.fields if field.name != "id")
+    # The stored metrics and variants appear as tables in their place, and the run's page is linked.
+    tables = {"metrics": "metrics_table", "variants": "variants_table"}
+    expected = [
+        tables.get(field.name, field.name) for field in SteeringRun._meta.fields if field.name != "id"
+    ]
+    assert sorted(shown) == sorted(["run_page", *expected])
     assert fieldsets[-1] == (
         "Steering",
         {
@@ -170,3 +175,39 @@ def test_members_who_are_not_staff_cannot_delete_in_admin(client, teammate, run)
 
     assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
     assert SteeringRun.objects.filter(pk=run.pk).exists()
+
+
+def test_it_shows_metrics_and_variants_as_tables_and_links_the_runs_page(client, staff, run):
+    SteeringRun.objects.filter(pk=run.pk).update(
+        metrics={"kl_divergence": 0.123456, "feature_activation": [{"feature_id": 3, "steered": 3.5}]},
+        variants=[
+            {
+                "multiplier": 1.0,
+                "steered_output": "It pours.",
+                "tokens": 3,
+                "metrics": {"kl_divergence": 0.5},
+            },
+            {
+                "multiplier": 2.0,
+                "steered_output": "Rain <b>rain</b>",
+                "tokens": 4,
+                "metrics": {"kl_divergence": 1.25},
+                "scores": {"score": 0.375},
+            },
+        ],
+    )
+    client.force_login(staff)
+
+    html = client.get(change_url(run)).text
+
+    assert f'<a href="/steering/runs/{run.pk}/">' in html
+    assert '<table class="run-metrics"><tr><th>kl_divergence</th><td>0.1235</td></tr>' in html
+    assert "<td>feature_id: 3, steered: 3.5</td>" in html
+    assert (
+        "<tr><th>multiplier</th><th>tokens</th><th>kl_divergence</th><th>score</th><th>text</th></tr>" in html
+    )
+    assert (
+        "<tr><td>2</td><td>4</td><td>1.25</td><td>0.375</td><td>Rain &lt;b&gt;rain&lt;/b&gt;</td></tr>"
+        in html
+    )
+    assert "&quot;kl_divergence&quot;" not in html  # no raw JSON

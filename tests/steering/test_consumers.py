@@ -442,3 +442,50 @@ async def finish_async(run, **fields):
     from channels.db import database_sync_to_async
 
     await database_sync_to_async(finish)(run, **fields)
+
+
+async def loading_async(model_id: int, percent: int, stage: str = "reading the weights"):
+    await get_channel_layer().group_send(
+        streaming.LOADING_GROUP,
+        {
+            "type": "model.loading",
+            "model_id": model_id,
+            "model": "tiny-llama",
+            "percent": percent,
+            "stage": stage,
+            "seconds": 3,
+        },
+    )
+
+
+@pytest.mark.parametrize("mailbox", [False, True], ids=["watching the run", "the owner's submitting page"])
+def test_a_waiting_run_shows_its_models_load_progress_until_it_generates(
+    application, owner, training, make_run, mailbox
+):
+    run = make_run(owner, status="running", started_at=timezone.now())  # claimed: its batch loads the model
+    model_id = training.model_id
+    headers = headers_for(owner)
+    query = streaming.open_mailbox(run.pk).split("?", 1)[1] if mailbox else ""
+
+    async def scenario():
+        ws = communicator(application, run, headers, query)
+        connected, _ = await ws.connect()
+        assert connected
+        await loading_async(model_id + 1, 10)  # another model's load: not this run's wait
+        await loading_async(model_id, 40, "measuring the kernels")
+        progress = await ws.receive_from(TIMEOUT)
+        await loading_async(model_id, 100, "ready")
+        loaded = await ws.receive_from(TIMEOUT)
+        await publish_async(run, "delta", unsteered="It", steered="It")
+        await ws.receive_from(TIMEOUT)
+        await loading_async(model_id, 50)  # a later load (another process's, say) once this run generates
+        quiet = await ws.receive_nothing(0.3)
+        await ws.disconnect()
+        return progress, loaded, quiet
+
+    progress, loaded, quiet = async_to_sync(scenario)()
+
+    assert 'id="run-status"' in progress and 'hx-swap-oob="true"' in progress
+    assert "loading tiny-llama … 40 %" in text(progress) and "measuring the kernels · 3 s" in progress
+    assert 'id="run-status"' in loaded and "Generating" in loaded and "loading" not in loaded
+    assert quiet

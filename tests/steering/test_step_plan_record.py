@@ -25,7 +25,7 @@ def test_it_refuses_an_unknown_step_choice_naming_the_variable(name):
 
 def test_the_worker_stores_its_step_plan_on_the_models_row(make_run, owner, settings, monkeypatch):
     tokenizer = loader.load_tokenizer(loader.SMOLLM2_DEMO)
-    monkeypatch.setattr(loader, "load_model", lambda source: tiny_lm("llama", tokenizer))
+    monkeypatch.setattr(loader, "load_model", lambda source, **options: tiny_lm("llama", tokenizer))
     settings.STEERLAB_STEP_POLICY = {"lean": "off", "kernel": "linear", "rows": "auto"}
     run = make_run(owner)
 

@@ -100,6 +100,5 @@ class Command(BaseCommand):
             user.set_password(password)
             user.save(update_fields=["password"])
         shown = "the one in DEMO_PASSWORD" if configured else password
-        self.stdout.write(
-            self.style.SUCCESS(f"Log in at http://127.0.0.1:8000/ as {DEMO_USER}, password {shown}")
-        )
+        # The address is the server's to say (make serve prints the one it listens on): not known here.
+        self.stdout.write(self.style.SUCCESS(f"Log in as {DEMO_USER}, password {shown}"))
