@@ -22,5 +22,6 @@ class SteeringAppConfig(AppConfig):
             slot_rows=settings.STEERLAB_SLOT_ROWS,
             slot_tokens=settings.STEERLAB_SLOT_TOKENS,
             cuda_graphs=settings.STEERLAB_CUDA_GRAPHS,
+            step_policy=settings.STEERLAB_STEP_POLICY,
         )
         wake.install(worker.submit)

@@ -6,7 +6,7 @@ without Django get these defaults, or call configure(). The module sits beside t
 the app sets it without importing the engine (and torch); like limits.py it is plain Python.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # A worker's batch shape (rows, cache tokens) by device kind when STEERLAB_SLOT_ROWS / STEERLAB_SLOT_TOKENS do
@@ -32,6 +32,8 @@ class EngineConfig:
     slot_rows: int | None = None  # None: SLOT_SHAPES for the device the model is on
     slot_tokens: int | None = None
     cuda_graphs: bool = True  # a CUDA decode step as one graph launch
+    # How a batch's step is chosen (StepPolicy's fields, STEERLAB_STEP_*): a missing one is "auto", measured.
+    step_policy: dict[str, str] = field(default_factory=dict)
 
 
 current = EngineConfig()

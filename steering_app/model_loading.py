@@ -14,8 +14,6 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from django.conf import settings
-
 from steering_app import streaming
 from steering_app.models import LanguageModel, Training
 
@@ -89,7 +87,6 @@ def _planned_model(
 ) -> "LoadedModel":
     """The weights (up to WEIGHTS_END of the report), extras(lm) (up to PLAN_START), then the step plan."""
     from steering_app.engine import loader
-    from steering_app.engine.serving.plan import StepPolicy
     from steering_app.engine.serving.scheduler import scheduler_for
 
     lm = loader.load_model(model.source, progress=report.within(0.0, WEIGHTS_END))
@@ -99,7 +96,7 @@ def _planned_model(
         # The weights may have come without a plan (a prompt read by the model loads them alone).
         if lm.model not in _planned:
             report(PLAN_START, "measuring this machine's kernels")
-            scheduler_for(lm, StepPolicy(**settings.STEERLAB_STEP_POLICY))
+            scheduler_for(lm)
             _planned.add(lm.model)
     return lm
 

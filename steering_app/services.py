@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from django.conf import settings
 from django.utils.timezone import now
 
 from steering_app import model_loading
@@ -205,7 +204,6 @@ class EngineBatch:
     """
 
     def __init__(self, run: SteeringRun):
-        from steering_app.engine.serving.plan import StepPolicy
         from steering_app.engine.serving.scheduler import scheduler_for, wide_scheduler
 
         self.model_id = run.training.model_id
@@ -213,9 +211,8 @@ class EngineBatch:
         # An experiment's cells share the engine's wide batch (more rows where free rows cost nothing); other
         # runs the model's shared one. A run gives the same numbers in either (engine/serving/scheduler.py).
         shared = run.experiment_id is None
-        policy = StepPolicy(**settings.STEERLAB_STEP_POLICY)
         with self.lm.lock:
-            self.scheduler = scheduler_for(self.lm, policy) if shared else wide_scheduler(self.lm, policy)
+            self.scheduler = scheduler_for(self.lm) if shared else wide_scheduler(self.lm)
         # What staff see of how this worker steps the model (admin, GET /api/models/{id}).
         LanguageModel.objects.filter(pk=self.model_id).update(
             step_plan=self.scheduler.batch.plan.as_dict(),

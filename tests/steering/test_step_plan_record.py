@@ -4,7 +4,7 @@ batch, and shown to staff on the model's admin page."""
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from steering_app import services
+from steering_app import engine_config, services
 from steering_app.engine import loader
 from steering_app.models import LanguageModel
 from steerproject import env
@@ -23,10 +23,12 @@ def test_it_refuses_an_unknown_step_choice_naming_the_variable(name):
         env.step_policy({name: "sometimes"})
 
 
-def test_the_worker_stores_its_step_plan_on_the_models_row(make_run, owner, settings, monkeypatch):
+def test_the_worker_stores_its_step_plan_on_the_models_row(make_run, owner, monkeypatch):
     tokenizer = loader.load_tokenizer(loader.SMOLLM2_DEMO)
     monkeypatch.setattr(loader, "load_model", lambda source, **options: tiny_lm("llama", tokenizer))
-    settings.STEERLAB_STEP_POLICY = {"lean": "off", "kernel": "linear", "rows": "auto"}
+    monkeypatch.setattr(
+        engine_config.current, "step_policy", {"lean": "off", "kernel": "linear", "rows": "auto"}
+    )
     run = make_run(owner)
 
     batch = services.EngineBatch(run)

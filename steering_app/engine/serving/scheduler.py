@@ -152,19 +152,19 @@ class Scheduler:
                     return item.comparison
 
 
-def scheduler_for(lm: LoadedModel, policy: StepPolicy = AUTO) -> Scheduler:
-    """The model's shared Scheduler (created at first use, its steps planned by `policy`), or, while it serves
-    other runs, a private one of the same shape and policy: the same shape and plan give the same numbers.
-    The caller holds the model's lock."""
+def scheduler_for(lm: LoadedModel, policy: StepPolicy | None = None) -> Scheduler:
+    """The model's shared Scheduler (created at first use, its steps planned by `policy`, by default the
+    configured one), or, while it serves other runs, a private one of the same shape and policy: the same shape
+    and plan give the same numbers. The caller holds the model's lock."""
     shared = _SHARED.get(lm.model)
     if shared is None:
-        shared = _SHARED[lm.model] = Scheduler(lm, *slot_shape(lm.device), policy)
+        shared = _SHARED[lm.model] = Scheduler(lm, *slot_shape(lm.device), policy or configured_policy())
     if not shared.active:
         return shared
     return Scheduler(lm, shared.batch.rows, shared.batch.length, shared.batch.policy)
 
 
-def wide_scheduler(lm: LoadedModel, policy: StepPolicy = AUTO) -> Scheduler:
+def wide_scheduler(lm: LoadedModel, policy: StepPolicy | None = None) -> Scheduler:
     """The model's Scheduler for runs that may wait (an experiment's cells), created at first use: WIDE_ROWS
     rows where its steps, and the shared batch's (scheduler_for), compute only the occupied rows, else the
     shared batch's shape (so a run gives the same numbers in either). STEERLAB_SLOT_ROWS, when set, fixes the
@@ -179,11 +179,16 @@ def wide_scheduler(lm: LoadedModel, policy: StepPolicy = AUTO) -> Scheduler:
     return found
 
 
+def configured_policy() -> StepPolicy:
+    """The step policy the deployment set (engine_config.step_policy, from STEERLAB_STEP_*)."""
+    return StepPolicy(**engine_config.current.step_policy)
+
+
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its shared Scheduler
 _WIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its wide Scheduler
 
 
-def _wide(lm: LoadedModel, policy: StepPolicy) -> Scheduler:
+def _wide(lm: LoadedModel, policy: StepPolicy | None) -> Scheduler:
     shared = scheduler_for(lm, policy).batch
     policy = shared.policy
     widen = WIDE_ROWS > shared.rows and shared.occupied_only and engine_config.current.slot_rows is None
