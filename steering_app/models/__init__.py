@@ -258,6 +258,10 @@ class Feature(models.Model):
     examples = models.JSONField(
         default=list, blank=True, help_text="Strongest activating snippets, the token marked «like this»"
     )
+    # The sentence embedder's unit vector of its label, top tokens and description (float32 bytes), and the key
+    # of the embedder and text it was computed from: feature_search embeds it again when they differ.
+    embedding = models.BinaryField(null=True, blank=True, editable=False)
+    embedding_key = models.CharField(max_length=64, blank=True, editable=False)
 
     class Meta:
         constraints = [
