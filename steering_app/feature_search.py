@@ -63,7 +63,8 @@ def ranked_indices(training: Training, query: str) -> list[int]:
     similarity = {}
     if not query.removeprefix("#").isdecimal():  # a number asks for an index: its meaning says nothing
         indices, vectors = stored_vectors(training)
-        similarity = dict(zip(indices, (vectors @ query_vector(query)).tolist(), strict=True))
+        if indices:
+            similarity = dict(zip(indices, (vectors @ query_vector(query)).tolist(), strict=True))
     for index in sorted(similarity, key=lambda index: -similarity[index])[:NEAREST]:
         if similarity[index] >= MIN_SIMILARITY:
             bonus.setdefault(index, 0.0)
@@ -88,8 +89,9 @@ def stored_vectors(training: Training) -> tuple[list[int], np.ndarray]:
             _store([row for row, _ in stale], [key for _, key in stale])
     if not rows:
         return [], np.zeros((0, 0), dtype=np.float32)
-    vectors = np.stack([np.frombuffer(row.embedding, dtype=np.float32) for row in rows])
-    return [row.index for row in rows], vectors
+    return [row.index for row in rows], np.stack(
+        [np.frombuffer(row.embedding, dtype=np.float32) for row in rows]
+    )
 
 
 def feature_text(feature: Feature) -> str:

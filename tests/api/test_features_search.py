@@ -86,3 +86,11 @@ def test_it_embeds_a_feature_again_after_its_label_changes(client, owner, bearer
     assert features[0]["index"] == 20 and features[0]["label"] == "stars, planets and telescopes"
     assert after.embedding_key != before.embedding_key and bytes(after.embedding) != bytes(before.embedding)
     assert after.embedding_key == feature_search.embedding_key(feature_search.feature_text(after))
+
+
+def test_a_training_without_features_matches_nothing(client, owner, bearer, make_training):
+    empty = make_training()
+
+    response = client.get(f"/api/trainings/{empty.pk}/features", {"search": "rain"}, headers=bearer(owner))
+
+    assert response.status_code == 200 and response.json()["features"] == [] and response.json()["total"] == 0
