@@ -37,12 +37,29 @@ WORKER_STOPPED = "the worker stopped before finishing"
 async def features_active_on(
     owner: "User", training: Training, prompt: str, chat: bool = False, limit: int = 20
 ) -> list[services.PromptFeature]:
-    """The training's features the prompt lights up most, strongest first (services.active_latents)."""
+    """The `limit` features the prompt lights up most for their own scale: by activation ÷ max activation, then
+    the features with no recorded max activation, by activation (their ratio is unknown; in an uncalibrated
+    training that is all of them).
+
+    The worker lists every latent active on the prompt (services.active_latents): a feature that is strong in
+    raw numbers (the generic #1737 "is / object", 36.6 of its 58.5) can be weak for itself, and one outside the
+    raw top 20 near its own maximum."""
     job = AnalysisJob(
-        owner=owner, training=training, kind=Kind.ACTIVE_FEATURES, prompt=prompt, chat=chat, limit=limit
+        owner=owner,
+        training=training,
+        kind=Kind.ACTIVE_FEATURES,
+        prompt=prompt,
+        chat=chat,
+        limit=training.d_sae,
     )
     result = await answer(job)
-    return await sync_to_async(services.prompt_features)(training, result["features"])
+    found = await sync_to_async(services.prompt_features)(training, result["features"])
+    return sorted(found, key=_for_its_own_scale)[:limit]
+
+
+def _for_its_own_scale(item: services.PromptFeature) -> tuple:
+    ratio = item.relative_activation
+    return (0, -ratio, item.index) if ratio is not None else (1, -item.activation, item.index)
 
 
 async def residual_norm(owner: "User", training: Training, prompt: str) -> float:

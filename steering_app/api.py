@@ -8,7 +8,7 @@ from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError, ValidationError
 from pydantic import ValidationError as PydanticValidationError
 
-from steering_app import analysis, experiment_results, experiments, exports, prompt_sets, runs
+from steering_app import analysis, experiment_results, experiments, exports, feature_search, prompt_sets, runs
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Experiment, Feature, LanguageModel, PromptSet, SteeringRun, Training
@@ -113,16 +113,19 @@ def list_features(
         "",
         max_length=MAX_SEARCH_CHARS,
         pattern=NO_NUL,
-        description="Words in the label or description, or an index; ranked best first.",
+        description="Words or a topic, or an index; ranked best first, as the panel's search ranks them.",
     ),
     limit: int = Limit,
     offset: int = Offset,
 ):
-    """A training's features by index; `search` ranks matches: the exact index, the exact label, a label
-    starting with the query, the words in the label, then the description (case-insensitive)."""
-    features = Feature.objects.filter(training=get_training(training_id))
-    queryset = features.search(search) if search.strip() else features.order_by("index")
-    features, total = page(queryset, limit, offset)
+    """A training's features by index; `search` ranks matches: the exact index, the exact label, then the
+    features whose label, top tokens and description are nearest the query in meaning (the sentence
+    embedder's similarity), raised by a word match in the label (case-insensitive)."""
+    training = get_training(training_id)
+    if search.strip():
+        features, total = feature_search.search(training, search, offset, limit)
+    else:
+        features, total = page(Feature.objects.filter(training=training).order_by("index"), limit, offset)
     return {
         "features": [
             {
@@ -145,9 +148,10 @@ def list_features(
     response={200: ActiveFeaturesOut, **error_responses(404, 409, 503)},
 )
 async def list_active_features(request, payload: ActiveFeaturesIn, training_id: int = Id):
-    """The training's features the prompt lights up, strongest first: one clean forward of the prompt to the
-    SAE's layer, each feature's strongest activation over the prompt's own tokens (special tokens and a chat
-    template's system turn left out).
+    """The training's features the prompt lights up, strongest for themselves first: one clean forward of the
+    prompt to the SAE's layer, each feature's strongest activation over the prompt's own tokens (special tokens
+    and a chat template's system turn left out), ranked by activation ÷ its max activation; features with no
+    recorded max activation come after, by activation.
 
     The prompt must fit a worker's slots (a 400 naming `prompt` says how many tokens they hold). A worker reads
     it between two steps of its batch; after STEERLAB_RUN_TIMEOUT seconds without an answer, a 503."""
@@ -163,6 +167,7 @@ async def list_active_features(request, payload: ActiveFeaturesIn, training_id: 
                 "activation": item.activation,
                 "token": item.token,
                 "max_activation": item.feature.max_activation if item.feature else None,
+                "relative_activation": item.relative_activation,
                 "activation_frequency": item.feature.activation_frequency if item.feature else None,
             }
             for item in found

@@ -219,12 +219,16 @@ class ActiveFeatureOut(Schema):
     )
     token: str = Field(description="The prompt token it is strongest on.")
     max_activation: float | None = Field(description="Its strongest activation recorded for the training.")
+    relative_activation: float | None = Field(
+        description="activation ÷ max_activation: how strongly it fires for itself; null when max is unknown."
+    )
     activation_frequency: float | None
 
 
 class ActiveFeaturesOut(Schema):
     features: list[ActiveFeatureOut] = Field(
-        description="Strongest first; features that stay at 0 are left out."
+        description="By relative_activation, highest first, then those with no max activation by activation; "
+        "features that stay at 0 are left out."
     )
 
 

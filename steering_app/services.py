@@ -344,6 +344,13 @@ class PromptFeature:
     token: str
     feature: Feature | None  # its row: label, max activation, ... (None if the table lacks it)
 
+    @property
+    def relative_activation(self) -> float | None:
+        """Its activation ÷ its max activation recorded for the training; None when that is unknown."""
+        if self.feature is None or not self.feature.is_calibrated:
+            return None
+        return self.activation / self.feature.max_activation
+
 
 def active_latents(training: Training, prompt: str, chat: bool, limit: int) -> list[dict]:
     """The training's latents the prompt lights up most, strongest first, as a worker stores them

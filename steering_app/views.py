@@ -17,6 +17,7 @@ from django_htmx.http import reswap, retarget
 
 from steering_app import analysis, panel, presenters, runs, streaming
 from steering_app.errors import Conflict, Forbidden, InvalidInput, SteeringError, WorkerUnavailable
+from steering_app.feature_search import search as search_features
 from steering_app.form_integers import storable_int
 from steering_app.forms import RunFilterForm, SteeringForm
 from steering_app.limits import MAX_INDEX, MAX_SEARCH_CHARS
@@ -43,15 +44,14 @@ def feature_search(request, training_id):
     except ValueError:
         offset = 0
     offset = max(offset, 0)
-    matches = Feature.objects.filter(training=training).search(query)
-    results = list(matches[offset : offset + SEARCH_LIMIT])
+    results, total = search_features(training, query, offset, SEARCH_LIMIT)
     context = {
         "training": training,
         "query": query,
         "results": results,
         "offset": offset,
         "shown": offset + len(results),
-        "total": matches.count(),
+        "total": total,
     }
     return render(request, "steering/panel.html#feature-results", context)
 
@@ -59,7 +59,8 @@ def feature_search(request, training_id):
 @login_required
 @require_POST
 async def prompt_features(request, training_id):
-    """The panel's "Features on this prompt": the features the prompt lights up, strongest first, to add.
+    """The panel's "Features on this prompt": the features the prompt lights up, strongest for themselves first
+    (activation ÷ max activation, analysis.features_active_on), to add.
     A worker reads the prompt (analysis.py); the request only awaits its answer."""
     training = await aget_object_or_404(Training.objects.completed(), pk=training_id)
     prompt, chat = request.POST.get("prompt", ""), bool(request.POST.get("chat"))
@@ -72,7 +73,8 @@ async def prompt_features(request, training_id):
             request, "steering/panel.html#prompt-features", context, status=status
         )
     items = [item for item in found if item.feature is not None]
-    context = {"training": training, "items": items}
+    uncalibrated = any(item.relative_activation is None for item in items)
+    context = {"training": training, "items": items, "uncalibrated": uncalibrated}
     return await sync_to_async(render)(request, "steering/panel.html#prompt-features", context)
 
 

@@ -195,8 +195,8 @@ class FeatureQuerySet(models.QuerySet):
         that starts with the query, one that holds its words as whole words, then as parts of words, then the
         description. Every word must appear in the label or the description. Ties go by index.
 
-        The panel and the API page through this one ranking (annotated as `search_rank`, plain SQL on SQLite
-        and PostgreSQL). SteerLab's own labels read `"planet" (Mars, earth, flora)`: its quoted head word
+        The ranking by words alone (annotated as `search_rank`, plain SQL on SQLite and PostgreSQL), which
+        feature_search blends with the features' meaning for the panel and the API. SteerLab's own labels read `"planet" (Mars, earth, flora)`: its quoted head word
         counts as the exact label.
         """
         query = " ".join(query.split())
@@ -259,6 +259,10 @@ class Feature(models.Model):
     examples = models.JSONField(
         default=list, blank=True, help_text="Strongest activating snippets, the token marked «like this»"
     )
+    # The sentence embedder's unit vector of its label, top tokens and description (float32 bytes), and the key
+    # of the embedder and text it was computed from: feature_search embeds it again when they differ.
+    embedding = models.BinaryField(null=True, blank=True, editable=False)
+    embedding_key = models.CharField(max_length=64, blank=True, editable=False)
 
     class Meta:
         constraints = [

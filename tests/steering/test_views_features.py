@@ -150,7 +150,8 @@ def test_it_ranks_the_demo_feature_named_by_the_word_first(client, owner, demo_f
 
     response = search(client, demo_feature_space, "planet")
 
-    assert found(response)[0] == 1681 and "14 of 14 features match" in response.text
+    # The 14 features holding the word, and one more near it in meaning.
+    assert found(response)[0] == 1681 and "15 of 15 features match" in response.text
 
 
 def test_a_result_details_its_feature(client, owner, demo_feature_space):
@@ -205,7 +206,7 @@ def test_prompt_features_list_the_features_the_prompt_lights_up_with_add_buttons
     )
 
     assert response.status_code == 200
-    assert 1681 in found(response)[:10]
+    assert 1681 in found(response)
     assert "20 features active on the prompt" in response.text
     assert f'hx-get="/steering/trainings/{demo_feature_space.pk}/features/1681/card/"' in response.text
 
@@ -223,7 +224,7 @@ def test_prompt_features_are_read_by_a_worker_and_no_job_is_kept(client, owner, 
 
     response = prompt_features(client, training, "Rain, then soup")
 
-    assert response.status_code == 200 and found(response) == [12, 3]
+    assert response.status_code == 200 and found(response) == [3, 12]  # 1.5 of 4 before 4.0 of 13
     assert "cooking recipes" in response.text and "2 features active on the prompt" in response.text
     assert not AnalysisJob.objects.exists()
 
@@ -249,3 +250,27 @@ def test_prompt_features_say_so_when_no_worker_answers_in_time(
 
     assert response.status_code == 503 and "No steering worker could take the prompt" in response.text
     assert not AnalysisJob.objects.exists()
+
+
+def test_prompt_features_rank_by_activation_over_max_and_show_both_numbers(
+    client, owner, training, monkeypatch
+):
+    Feature.objects.filter(training=training, index=7).update(max_activation=None)
+    monkeypatch.setattr(
+        services,
+        "active_latents",
+        lambda training, prompt, chat, limit: [
+            {"index": 7, "activation": 9.0, "token": " code"},  # the strongest, but its max is unknown
+            {"index": 12, "activation": 6.5, "token": " soup"},  # 6.5 of its max 13
+            {"index": 3, "activation": 3.0, "token": " rain"},  # 3.0 of its max 4
+        ],
+    )
+    client.force_login(owner)
+
+    response = prompt_features(client, training, "Rain, soup and code")
+
+    assert response.status_code == 200 and found(response) == [3, 12, 7]
+    assert "0.75 × its max · 3.0 on “ rain”" in response.text and "max act 4.00" in response.text
+    assert "0.50 × its max · 6.5 on “ soup”" in response.text
+    assert ">9.0 on “ code”" in response.text and "max act unknown" in response.text
+    assert "those with no max activation after them, by activation" in response.text
