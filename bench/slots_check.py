@@ -112,9 +112,9 @@ with lm.lock:
         [generation("Tell me a story", [other], 1, 30)],
         [generation("Hello", [spec, other], 2, 10), generation("Paris is", [other], 3, 40)],
     )
-    same = alone.unsteered_ids == beside.unsteered_ids and alone.steered_ids == beside.steered_ids
+    same = alone.unsteered_ids == beside.unsteered_ids and alone.steered.ids == beside.steered.ids
     same_logits = torch.equal(alone.clean_logits, beside.clean_logits) and torch.equal(
-        alone.steered_logits, beside.steered_logits
+        alone.steered.logits, beside.steered.logits
     )
     print(
         f"invariance alone vs beside 3 runs: tokens {'PASS' if same else 'FAIL'}, "
@@ -150,7 +150,7 @@ with lm.lock:
     eager = run(scheduler, generation(B.PROMPT, [spec], 7), [], [])
     print(
         "graph == eager tokens:",
-        eager.unsteered_ids == alone.unsteered_ids and eager.steered_ids == alone.steered_ids,
+        eager.unsteered_ids == alone.unsteered_ids and eager.steered.ids == alone.steered.ids,
         "max logit diff:",
         float((eager.clean_logits - alone.clean_logits).abs().max()),
     )

@@ -102,7 +102,7 @@ def finish(
     lean: LeanStep | None = None,
 ) -> ComparisonResult:
     """A generated comparison with every variant's metrics (lean: its batch's lean step, comparison_metrics)."""
-    specs = [spec] if isinstance(spec, SteeringSpec) else list(spec)
+    specs = [spec] if isinstance(spec, SteeringSpec) else spec
     metrics = comparison_metrics(lm, sae, comparison, specs, embedder, lean)
     return ComparisonResult(
         unsteered_text=comparison.unsteered_text,

@@ -98,13 +98,13 @@ def test_it_gives_bit_identical_numbers_alone_and_beside_other_runs(
     for schedule in ([-2], [-3, 4], [-1, 2, 6]):
         shared = _run(scheduler, request, lm, sae, others[: len(schedule)], schedule)
         slots.add(tuple(shared.timings["slots"]))
-        assert shared.unsteered_ids == alone.unsteered_ids and shared.steered_ids == alone.steered_ids
+        assert shared.unsteered_ids == alone.unsteered_ids and shared.steered.ids == alone.steered.ids
         assert torch.equal(shared.clean_logits, alone.clean_logits)
-        assert torch.equal(shared.steered_logits, alone.steered_logits)
+        assert torch.equal(shared.steered.logits, alone.steered.logits)
         assert torch.equal(shared.clean_activations, alone.clean_activations)
-        assert torch.equal(shared.steered_activations, alone.steered_activations)
+        assert torch.equal(shared.steered.activations, alone.steered.activations)
     assert len(slots) > 1  # the check is not vacuous: the request ran in other rows beside the others
-    assert alone.steered_ids != alone.unsteered_ids  # ... and the steering did something
+    assert alone.steered.ids != alone.unsteered_ids  # ... and the steering did something
 
 
 def test_each_sweep_variant_is_the_one_variant_run_of_its_strength(smollm2, smollm2_sae, cat_scale):
@@ -120,7 +120,7 @@ def test_each_sweep_variant_is_the_one_variant_run_of_its_strength(smollm2, smol
         single = compare(lm, sae, prompt, spec, 0.8, tokens, seed, sae_layer=SAE_LAYER)
         assert single.unsteered_ids == sweep.unsteered_ids  # the clean row never depends on the variants
         assert torch.equal(single.clean_logits, sweep.clean_logits)
-        assert single.steered_ids == variant.ids and torch.equal(single.steered_logits, variant.logits)
+        assert single.steered.ids == variant.ids and torch.equal(single.steered.logits, variant.logits)
     zero = sweep.variants[0]
     assert zero.ids == sweep.unsteered_ids and torch.equal(
         zero.logits, sweep.clean_logits[: len(zero.logits)]
@@ -184,11 +184,11 @@ def test_the_lean_step_computes_what_the_modules_compute(smollm2, smollm2_sae, c
     finally:
         handle.remove()
     assert len(calls) == 2 + 11  # the module path ran: two prompt reads, then one call per decode step
-    assert modules.unsteered_ids == lean.unsteered_ids and modules.steered_ids == lean.steered_ids
+    assert modules.unsteered_ids == lean.unsteered_ids and modules.steered.ids == lean.steered.ids
     scale = float(lean.clean_logits.abs().max())
     for ours, theirs in (
         (lean.clean_logits, modules.clean_logits),
-        (lean.steered_logits, modules.steered_logits),
+        (lean.steered.logits, modules.steered.logits),
     ):
         assert float((ours - theirs).abs().max()) <= 1e-4 * scale
-    assert lean.steered_ids != lean.unsteered_ids  # the check is not vacuous: the steering acted
+    assert lean.steered.ids != lean.unsteered_ids  # the check is not vacuous: the steering acted

@@ -30,8 +30,8 @@ def test_it_generates_identical_rows_and_zero_kl_at_coefficient_zero(smollm2, sm
     spec = SteeringSpec(method, ((0, 0.0), (7, 0.0)), (SAE_LAYER,))
     for seed in (0, 1, 2):
         comparison = _compare(smollm2, smollm2_sae, spec, seed)
-        assert comparison.steered_ids == comparison.unsteered_ids
-        metrics = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())
+        assert comparison.steered.ids == comparison.unsteered_ids
+        (metrics,) = comparison_metrics(smollm2, smollm2_sae, comparison, [spec], get_embedder())
         assert metrics["kl_divergence"] == 0.0
         assert metrics["perplexity_delta"] == 0.0
         assert metrics["semantic_similarity"] == 1.0 and metrics["word_overlap"] == 1.0
@@ -50,7 +50,7 @@ def test_it_keeps_the_unsteered_continuation_whatever_the_features(smollm2, smol
         runs = [_compare(smollm2, smollm2_sae, spec, seed, tokens=12, prompt=prompt) for spec in specs]
         assert len({tuple(run.unsteered_ids) for run in runs}) == 1
         assert all(torch.equal(run.clean_logits, runs[0].clean_logits) for run in runs)
-        assert sum(run.steered_ids != run.unsteered_ids for run in runs) >= 2  # the steering did act
+        assert sum(run.steered.ids != run.unsteered_ids for run in runs) >= 2  # the steering did act
 
 
 @pytest.mark.slow
@@ -82,7 +82,7 @@ def test_it_streams_text_deltas_for_both_columns(smollm2, smollm2_sae, cat_scale
             on_step=lambda u, s, out=deltas: out.append((u, s)),
         )
         assert "".join(u for u, _ in deltas) == comparison.unsteered_text
-        assert "".join(s[0] for _, s in deltas) == comparison.steered_text
+        assert "".join(s[0] for _, s in deltas) == comparison.steered.text
         assert len(deltas) > 5
     assert comparison.prompt_ids[0] == smollm2.tokenizer.convert_tokens_to_ids("<|im_start|>")
 
@@ -102,7 +102,7 @@ def test_it_leaves_no_hook_after_a_failure_and_generates_as_before(smollm2, smol
         _compare(smollm2, smollm2_sae, spec, seed=4, tokens=12, on_step=failing)
     assert hooks_everywhere(smollm2.model) == []
     after = _compare(smollm2, smollm2_sae, spec, seed=4, tokens=12)
-    assert after.unsteered_ids == before.unsteered_ids and after.steered_ids == before.steered_ids
+    assert after.unsteered_ids == before.unsteered_ids and after.steered.ids == before.steered.ids
     assert torch.equal(after.clean_logits, before.clean_logits)
 
 
@@ -154,10 +154,10 @@ def test_it_stops_each_row_at_its_own_eos(smollm2, tmp_path):
     comparison = compare(
         tiny, sae, "Hello there", spec, 0.7, 10, seed=0, on_step=lambda u, s: streamed.append(s[0])
     )
-    assert comparison.steered_ids == [eos] and comparison.steered_text == ""
+    assert comparison.steered.ids == [eos] and comparison.steered.text == ""
     assert len(comparison.unsteered_ids) == 10 and eos not in comparison.unsteered_ids
     assert "".join(streamed) == ""
-    metrics = comparison_metrics(tiny, sae, comparison, spec, get_embedder())
+    (metrics,) = comparison_metrics(tiny, sae, comparison, [spec], get_embedder())
     # The steered continuation is only produced by the last prompt position, shared with the clean row.
     assert metrics["feature_activation"][0]["steered"] == pytest.approx(
         float(comparison.clean_activations[0, 0])

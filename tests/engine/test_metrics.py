@@ -37,7 +37,7 @@ def _forward(lm, sae, spec, ids, steered: bool):
 
 
 def _reference(lm, sae, comparison, spec):
-    P, U, S = comparison.prompt_ids, comparison.unsteered_ids, comparison.steered_ids
+    P, U, S = comparison.prompt_ids, comparison.unsteered_ids, comparison.steered.ids
     n = len(P)
     clean_u, acts_u = _forward(lm, sae, spec, P + U, steered=False)
     steer_u, _ = _forward(lm, sae, spec, P + U, steered=True)
@@ -72,8 +72,8 @@ def test_it_matches_a_plain_teacher_forced_recomputation(
 ):
     spec = SteeringSpec(method, features, layers, feature_scales={0: cat_scale})
     comparison = compare(smollm2, smollm2_sae, prompt, spec, 0.7, 16, seed=5, chat=True)
-    assert comparison.steered_ids != comparison.unsteered_ids
-    metrics = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())
+    assert comparison.steered.ids != comparison.unsteered_ids
+    (metrics,) = comparison_metrics(smollm2, smollm2_sae, comparison, [spec], get_embedder())
     reference = _reference(smollm2, smollm2_sae, comparison, spec)
     for key in ("kl_divergence", "perplexity_unsteered", "perplexity_steered"):
         assert metrics[key] == pytest.approx(reference[key], rel=2e-3, abs=1e-5), key
@@ -85,12 +85,12 @@ def test_it_matches_a_plain_teacher_forced_recomputation(
         for key in ("unsteered", "steered", "steered_in_run"):
             assert entry[key] == pytest.approx(float(reference[key][column]), rel=2e-3, abs=1e-4), key
 
-    embeddings = get_embedder().encode([comparison.unsteered_text, comparison.steered_text])
+    embeddings = get_embedder().encode([comparison.unsteered_text, comparison.steered.text])
     cosine = torch.nn.functional.cosine_similarity(torch.tensor(embeddings[:1]), torch.tensor(embeddings[1:]))
     assert metrics["semantic_similarity"] == pytest.approx(float(cosine), abs=1e-5)
     special = set(smollm2.tokenizer.all_special_ids)
     u = {t for t in comparison.unsteered_ids if t not in special}
-    s = {t for t in comparison.steered_ids if t not in special}
+    s = {t for t in comparison.steered.ids if t not in special}
     assert metrics["word_overlap"] == pytest.approx(len(u & s) / len(u | s))
 
 
@@ -100,9 +100,8 @@ def test_it_shows_a_positive_coefficient_raising_the_feature(smollm2, smollm2_sa
         comparison = compare(
             smollm2, smollm2_sae, "My favorite thing to do on weekends is", spec, 0.7, 16, seed
         )
-        (activation,) = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())[
-            "feature_activation"
-        ]
+        (metrics,) = comparison_metrics(smollm2, smollm2_sae, comparison, [spec], get_embedder())
+        (activation,) = metrics["feature_activation"]
         assert activation["steered"] > activation["unsteered"] + 0.5
         assert activation["steered_in_run"] > activation["unsteered"] + 0.5 * cat_scale
 
@@ -110,9 +109,8 @@ def test_it_shows_a_positive_coefficient_raising_the_feature(smollm2, smollm2_sa
 def test_it_shows_multiplicative_minus_one_ablating_the_feature(smollm2, smollm2_sae):
     spec = SteeringSpec("multiplicative", ((0, -1.0),), (SAE_LAYER,))
     comparison = compare(smollm2, smollm2_sae, "Tell me about cats and kittens.", spec, 0.7, 16, seed=0)
-    (activation,) = comparison_metrics(smollm2, smollm2_sae, comparison, spec, get_embedder())[
-        "feature_activation"
-    ]
+    (metrics,) = comparison_metrics(smollm2, smollm2_sae, comparison, [spec], get_embedder())
+    (activation,) = metrics["feature_activation"]
     assert activation["unsteered"] > 1.0  # the feature is active on this text
     assert activation["steered_in_run"] == pytest.approx(0.0, abs=1e-3)
 

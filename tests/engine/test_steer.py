@@ -107,8 +107,8 @@ def test_it_steers_nothing_at_coefficient_zero(tiny, tmp_path):
         comparison = compare(
             tiny, sae, "Hello there", SteeringSpec(method, ((5, 0.0),), (1,)), 0.8, 8, seed=1, sae_layer=1
         )
-        assert comparison.steered_ids == comparison.unsteered_ids
-        assert torch.equal(comparison.steered_logits, comparison.clean_logits)
+        assert comparison.steered.ids == comparison.unsteered_ids
+        assert torch.equal(comparison.steered.logits, comparison.clean_logits)
 
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()])

@@ -165,7 +165,7 @@ def test_a_row_gets_the_same_bits_alone_and_beside_others_whichever_rows_the_pla
     if scheduler.batch.plan.occupied_rows:
         assert beside.timings["slots"] != alone.timings["slots"]  # other rows, fewer of them computed alone
     assert torch.equal(alone.clean_logits, beside.clean_logits)
-    assert torch.equal(alone.steered_logits, beside.steered_logits)
+    assert torch.equal(alone.steered.logits, beside.steered.logits)
 
 
 def _counting_hook(calls):
@@ -274,9 +274,9 @@ def test_the_metrics_take_the_lean_step_their_caller_passes(llama, tmp_path):
             calls.append(1)
             return lean(*args, **kwargs)
 
-    through_lean = comparison_metrics(llama, sae, comparison, spec, _Embedder(), Counted())
+    through_lean = comparison_metrics(llama, sae, comparison, [spec], _Embedder(), Counted())[0]
     assert calls == [1]
-    through_modules = comparison_metrics(llama, sae, comparison, spec, _Embedder())
+    through_modules = comparison_metrics(llama, sae, comparison, [spec], _Embedder())[0]
     assert calls == [1]
     for key in ("kl_divergence", "perplexity_unsteered", "perplexity_steered"):
         assert through_lean[key] == pytest.approx(through_modules[key], rel=1e-4, abs=1e-6)

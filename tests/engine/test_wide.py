@@ -109,10 +109,10 @@ def test_a_run_gives_the_same_numbers_in_the_wide_and_the_shared_batch(llama, tm
             )
             for scheduler in (scheduler_for(llama), wide_scheduler(llama))
         ]
-    assert runs[0].unsteered_ids == runs[1].unsteered_ids and runs[0].steered_ids == runs[1].steered_ids
+    assert runs[0].unsteered_ids == runs[1].unsteered_ids and runs[0].steered.ids == runs[1].steered.ids
     assert torch.equal(runs[0].clean_logits, runs[1].clean_logits)
-    assert torch.equal(runs[0].steered_logits, runs[1].steered_logits)
-    assert runs[0].steered_ids != runs[0].unsteered_ids  # the steering acted
+    assert torch.equal(runs[0].steered.logits, runs[1].steered.logits)
+    assert runs[0].steered.ids != runs[0].unsteered_ids  # the steering acted
 
 
 @pytest.mark.slow
@@ -160,9 +160,9 @@ def test_a_run_gives_the_same_numbers_in_the_wide_batch_beside_sweeps_as_in_the_
                     result = ended.comparison
             step += 1
     assert result.timings["slots"] == [15, 16] != alone.timings["slots"]
-    assert result.unsteered_ids == alone.unsteered_ids and result.steered_ids == alone.steered_ids
+    assert result.unsteered_ids == alone.unsteered_ids and result.steered.ids == alone.steered.ids
     assert torch.equal(result.clean_logits, alone.clean_logits)
-    assert torch.equal(result.steered_logits, alone.steered_logits)
+    assert torch.equal(result.steered.logits, alone.steered.logits)
     assert torch.equal(result.clean_activations, alone.clean_activations)
-    assert torch.equal(result.steered_activations, alone.steered_activations)
-    assert alone.steered_ids != alone.unsteered_ids  # the steering acted
+    assert torch.equal(result.steered.activations, alone.steered.activations)
+    assert alone.steered.ids != alone.unsteered_ids  # the steering acted

@@ -9,7 +9,7 @@ top tokens. An imported SAE without a feature table gets its steering scales (a_
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,30 +51,20 @@ def calibrate_features(
     layer: int,
     *,
     tokens: int,
-    seq_len: int = 128,
-    batch_size: int = 32,
     progress: bool = True,
     stop: StopCheck = None,
-    on_progress: Callable[[int], None] | None = None,
+    **reading,
 ) -> CalibrationResult:
     """Describe every latent of sae over the first `tokens` non-special tokens of texts at block layer.
 
-    on_progress receives the number of tokens streamed so far after each batch; stop() ends the work
-    with TrainingInterrupted. A latent that never fires has max activation 0 and frequency 0 (dead).
+    reading: how collect_activations reads them (seq_len, batch_size, and on_progress, which receives the number
+    of tokens streamed so far after each batch); stop() ends the work with TrainingInterrupted. A latent that
+    never fires has max activation 0 and frequency 0 (dead).
     """
     timings = {}
     started = time.perf_counter()
     activations = collect_activations(
-        model,
-        tokenizer,
-        texts,
-        layer,
-        max_tokens=tokens,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        progress=progress,
-        stop=stop,
-        on_progress=on_progress,
+        model, tokenizer, texts, layer, max_tokens=tokens, progress=progress, stop=stop, **reading
     )
     timings["collect_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()

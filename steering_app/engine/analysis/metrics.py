@@ -45,20 +45,19 @@ def comparison_metrics(
     lm: LoadedModel,
     sae: SAE,
     comparison: Comparison,
-    spec: SteeringSpec | Sequence[SteeringSpec],
+    specs: Sequence[SteeringSpec],
     embedder: SentenceTransformer,
     lean: LeanStep | None = None,
-) -> dict | list[dict]:
-    """The five metrics of each variant against the clean row: a dict for one spec, a list for a sequence.
+) -> list[dict]:
+    """The five metrics of each variant against the clean row, one dict a spec, in the variants' order.
 
     lean: the lean step of the batch that generated the comparison (SlotBatch.lean), for the metrics' forward
     when it covers its positions and no hooks are on the model; None: transformers' modules.
     Also records metrics_forward and embed in comparison.timings.
     """
-    specs = [spec] if isinstance(spec, SteeringSpec) else list(spec)
     t0 = time.perf_counter()
     with lm.lock:
-        results = _model_metrics(lm, sae, comparison, specs, lean)
+        results = _model_metrics(lm, sae, comparison, list(specs), lean)
     comparison.timings["metrics_forward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -71,8 +70,7 @@ def comparison_metrics(
     for result, variant, similarity in zip(results, comparison.variants, similarities):
         result["semantic_similarity"] = similarity
         result["word_overlap"] = word_overlap(clean_words, [t for t in variant.ids if t not in special])
-    ordered = [{key: result[key] for key in METRIC_KEYS} for result in results]
-    return ordered[0] if isinstance(spec, SteeringSpec) else ordered
+    return [{key: result[key] for key in METRIC_KEYS} for result in results]
 
 
 METRIC_KEYS = (

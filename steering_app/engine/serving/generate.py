@@ -62,26 +62,10 @@ class Comparison:
     clean_logits: torch.Tensor  # [len(unsteered_ids), V]: the clean row's logits before each unsteered token
     clean_activations: torch.Tensor  # [steps, len(capture)]: clean SAE-layer activations at P-1, P, ...
 
-    # The first variant, for the common one-variant comparison.
     @property
-    def steered_ids(self) -> list[int]:
-        return self.variants[0].ids
-
-    @property
-    def steered_text(self) -> str:
-        return self.variants[0].text
-
-    @property
-    def steered_logits(self) -> torch.Tensor:
-        return self.variants[0].logits
-
-    @property
-    def divergence(self) -> int:
-        return self.variants[0].divergence
-
-    @property
-    def steered_activations(self) -> torch.Tensor:
-        return self.variants[0].activations
+    def steered(self) -> VariantOutput:
+        """The first variant: the one a common one-variant comparison has."""
+        return self.variants[0]
 
 
 @dataclass(frozen=True)
