@@ -14,14 +14,5 @@ class SteeringAppConfig(AppConfig):
 
         connection_created.connect(make_sqlite_files_private, dispatch_uid="steerlab-private-sqlite")
         # The engine imports nothing from Django: it gets its settings here, once.
-        engine_config.configure(
-            data_dir=settings.STEERLAB_DATA_DIR,
-            device=settings.STEERLAB_DEVICE,
-            dtype=settings.STEERLAB_DTYPE,
-            embedder=settings.STEERLAB_EMBEDDER,
-            slot_rows=settings.STEERLAB_SLOT_ROWS,
-            slot_tokens=settings.STEERLAB_SLOT_TOKENS,
-            cuda_graphs=settings.STEERLAB_CUDA_GRAPHS,
-            step_policy=settings.STEERLAB_STEP_POLICY,
-        )
+        engine_config.configure_from(settings)
         wake.install(worker.submit)

@@ -39,6 +39,13 @@ class EngineConfig:
 current = EngineConfig()
 
 
+def configure_from(source) -> None:
+    """Every setting from source's STEERLAB_<NAME> attribute (Django's settings, in the app's ready())."""
+    configure(
+        **{field.name: getattr(source, f"STEERLAB_{field.name.upper()}") for field in fields(EngineConfig)}
+    )
+
+
 def configure(**values) -> None:
     """Set the named settings (EngineConfig's fields); the others keep their values."""
     names = {field.name for field in fields(EngineConfig)}

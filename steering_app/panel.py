@@ -325,15 +325,8 @@ def _method(raw: str) -> str:
 
 
 def _seed(raw: str) -> int | None:
-    if not raw.strip():
-        return None  # a random seed per run
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError("not a whole number") from None
-    if not 0 <= value <= limits.MAX_SEED:
-        raise ValueError("a seed is a non-negative 63-bit integer")
-    return value
+    """A random seed per run when blank, else a non-negative 63-bit integer."""
+    return _bounded(int, 0, limits.MAX_SEED)(raw) if raw.strip() else None
 
 
 def _sweep(raw: str) -> list[float]:
@@ -398,12 +391,9 @@ def _query_features(query, training: Training, notes: list[str]) -> list[Selecte
 
 def _id_or_404(raw: str) -> int:
     try:
-        value = int(raw)
+        return _bounded(int, 1, limits.MAX_ID)(raw)
     except ValueError:
         raise Http404("Not a valid id.") from None
-    if not 1 <= value <= limits.MAX_ID:
-        raise Http404("Not a valid id.")
-    return value
 
 
 def error_context(form: SteeringForm | None) -> dict:
