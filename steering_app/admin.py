@@ -265,8 +265,8 @@ def shown(value) -> str:
         return "-" if value is None else str(value)
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{key}: {shown(item)}" for key, item in value.items())
+    if isinstance(value, dict):  # sorted: PostgreSQL's jsonb does not keep the stored key order
+        return ", ".join(f"{key}: {shown(value[key])}" for key in sorted(value))
     if isinstance(value, list):
         return "; ".join(shown(item) for item in value)
     return str(value)
