@@ -9,7 +9,8 @@ from django.conf import settings
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 
-from steering_app import limits
+from steering_app import limits, services
+from steering_app.errors import InvalidInput
 from steering_app.forms import SteeringForm
 from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import (
@@ -407,12 +408,30 @@ def error_context(form: SteeringForm | None) -> dict:
     }
 
 
+def max_tokens_hint(training: Training, prompt: str = "", chat: bool = False) -> dict:
+    """What the hint beside Max Tokens says: the most any prompt allows (a one-token prompt leaves the whole slot,
+    its last token never cached), and once a prompt is typed, the most that prompt leaves room for."""
+    _rows, slot_tokens = slot_shape()
+    cap = min(settings.STEERLAB_MAX_NEW_TOKENS, slot_tokens)
+    hint = {"max_tokens_cap": cap, "slot_tokens": slot_tokens}
+    if not prompt.strip():
+        return hint
+    try:
+        count = services.check_prompt_fits(training, prompt, chat)  # a prompt too long for a slot says so
+    except InvalidInput as error:
+        return {**hint, "prompt_error": error.message}
+    return {
+        **hint,
+        "prompt_tokens": count,
+        "max_tokens_room": max(0, min(cap, services.room_for_new_tokens(count))),
+    }
+
+
 def panel_context(state: PanelState, form: SteeringForm | None = None) -> dict:
     # Imported here: the engine brings torch, which a web process that only enqueues runs never needs.
     from steering_app.engine.loader import has_chat_template
 
     training = state.training
-    _rows, slot_tokens = slot_shape()
     return {
         **error_context(form),
         "trainings": list(Training.objects.completed()),
@@ -420,9 +439,9 @@ def panel_context(state: PanelState, form: SteeringForm | None = None) -> dict:
         "state": state,
         "layer_chips": state.layer_chips() if training else [],
         "chat_available": bool(training) and has_chat_template(training.model.source),
-        # A one-token prompt leaves the whole slot (its last token is never cached): the most any prompt allows.
-        "max_tokens_cap": min(settings.STEERLAB_MAX_NEW_TOKENS, slot_tokens),
-        "slot_tokens": slot_tokens,
+        **(max_tokens_hint(training) if training else {}),
+        # A reopened prompt asks for its own maximum as the panel loads (a typed one as the typing pauses).
+        "hint_on_load": bool(state.prompt.strip()),
         "max_layers": limits.MAX_LAYERS,
         "max_variants": max_variants(),
         "methods": SteeringRun.Method.choices,

@@ -285,6 +285,12 @@ def slot_tokens() -> int:
     return slot_shape()[1]
 
 
+def room_for_new_tokens(prompt_tokens: int) -> int:
+    """How many tokens a run may generate after a prompt of that many tokens: its cache holds the prompt and
+    every generated token but the last (engine Request.tokens)."""
+    return slot_tokens() - prompt_tokens + 1
+
+
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:
     """How many tokens the model reads for the prompt (the seam tests replace with a fake engine)."""
     from steering_app.engine import loader
@@ -311,8 +317,7 @@ def check_prompt_fits(training: Training, prompt: str, chat: bool, max_new_token
             "(STEERLAB_SLOT_TOKENS). Shorten the prompt.",
             "prompt",
         )
-    # A run's cache holds the prompt and every generated token but the last (engine Request.tokens).
-    room = length - count + 1
+    room = room_for_new_tokens(count)
     if max_new_tokens > room:
         raise InvalidInput(
             f"max_tokens can be at most {room} for this {count}-token prompt: the worker's slots hold "

@@ -17,6 +17,7 @@ urlpatterns = [
         name="steering-feature-card",
     ),
     path("trainings/<int:training_id>/scale/", views.training_scale, name="steering-training-scale"),
+    path("trainings/<int:training_id>/max-tokens/", views.max_tokens_hint, name="steering-max-tokens-hint"),
     path("runs/", views.run_list, name="steering-runs"),
     path("runs/<int:pk>/", views.run_detail, name="steering-run"),
     path("runs/<int:pk>/cancel/", views.cancel_run, name="steering-run-cancel"),

@@ -104,6 +104,16 @@ async def training_scale(request, training_id):
 
 @login_required
 @require_POST
+def max_tokens_hint(request, training_id):
+    """The hint beside Max Tokens, again as the prompt or the chat box changes: the most this prompt leaves room
+    for in the worker's slots. A POST: the prompt may be longer than a URL holds."""
+    training = get_object_or_404(Training.objects.completed(), pk=training_id)
+    hint = panel.max_tokens_hint(training, request.POST.get("prompt", ""), bool(request.POST.get("chat")))
+    return render(request, "steering/panel.html#max-tokens-hint", {"training": training, **hint})
+
+
+@login_required
+@require_POST
 def generate(request):
     """Create and submit a run; the HTMX page then streams it, a plain form post goes to the run's page."""
     form = SteeringForm(request.POST)

@@ -113,9 +113,11 @@ def test_multiplicative_steering_explains_its_coefficients_and_disables_the_othe
 def test_max_tokens_beyond_the_slots_is_refused_with_the_maximum_and_no_run(page, server):
     log_in(page, server)
     open_panel(page, server, prompt="Tell+me+about+the+weather+in+the+mountains.")
+    # The hint asks for this prompt's own maximum as the panel opens with it.
     expect(page.locator("#max-tokens-hint")).to_contain_text(
-        "At most 512: the worker's 512-token slots hold the prompt too"
+        "-token prompt: the worker's 512-token slots hold the prompt too"
     )
+    shown = int(page.locator("#max-tokens-limit").inner_text())
     runs_before = count_runs_of(server, server.username)
 
     page.fill("#max-tokens", "512")
@@ -124,7 +126,7 @@ def test_max_tokens_beyond_the_slots_is_refused_with_the_maximum_and_no_run(page
     slot = page.locator("#error-max_tokens")
     expect(slot).to_contain_text("max_tokens can be at most")
     allowed = int(slot.inner_text().split("at most ")[1].split()[0])
-    assert 400 < allowed < 512  # 512 minus the prompt's few tokens
+    assert 400 < allowed < 512 and allowed == shown  # 512 minus the prompt's few tokens, as the hint said
     expect(page.locator("#form-errors")).to_contain_text(f"Max Tokens: max_tokens can be at most {allowed}")
     assert count_runs_of(server, server.username) == runs_before
 

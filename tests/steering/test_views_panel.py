@@ -291,6 +291,25 @@ def test_the_max_tokens_field_says_the_slots_maximum(client, owner, training, se
     assert "the worker's 300-token slots hold the prompt too (300 − prompt tokens + 1)" in response.text
 
 
+def test_the_max_tokens_hint_gives_the_most_a_typed_prompt_leaves_room_for(client, owner, training, settings):
+    settings.STEERLAB_SLOT_TOKENS = 300
+    client.force_login(owner)
+    url = f"/steering/trainings/{training.pk}/max-tokens/"
+
+    typed = client.post(url, {"prompt": "one two three four"})  # the fake model: a word a token
+    opened = client.get(PANEL, {"training": training.pk, "prompt": "one two"})
+
+    assert typed.status_code == 200
+    assert 'At most <strong id="max-tokens-limit">297</strong> for this 4-token prompt' in typed.text
+    assert 'hx-trigger="input changed' in typed.text  # it keeps listening, without asking again on load
+    assert 'hx-trigger="load, input changed' in opened.text  # a reopened prompt asks for its own as it loads
+    blank = client.post(url, {"prompt": "  "})
+    assert "300 − prompt tokens + 1" in blank.text  # no prompt: the slots' maximum
+    assert client.get(url).status_code == 405
+    too_long = client.post(url, {"prompt": " ".join(["word"] * 400)})
+    assert "The prompt is 400 tokens; the worker&#x27;s slots hold at most 300" in too_long.text
+
+
 def test_a_url_naming_the_training_without_features_or_layers_has_none(client, owner, training, make_run):
     make_run(owner)  # the last run is not reopened: the URL names a configuration
     client.force_login(owner)
