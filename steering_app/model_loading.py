@@ -10,7 +10,6 @@ import functools
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -87,21 +86,17 @@ def _planned_model(
 ) -> "LoadedModel":
     """The weights (up to WEIGHTS_END of the report), extras(lm) (up to PLAN_START), then the step plan."""
     from steering_app.engine import loader
-    from steering_app.engine.serving.scheduler import scheduler_for
+    from steering_app.engine.serving.scheduler import has_shared_scheduler, scheduler_for
 
     lm = loader.load_model(model.source, progress=report.within(0.0, WEIGHTS_END))
     if extras is not None:
         extras(lm)
     with lm.lock:
         # The weights may have come without a plan (a prompt read by the model loads them alone).
-        if lm.model not in _planned:
+        if not has_shared_scheduler(lm):
             report(PLAN_START, "measuring this machine's kernels")
             scheduler_for(lm)
-            _planned.add(lm.model)
     return lm
-
-
-_planned: weakref.WeakSet = weakref.WeakSet()  # the models whose shared step plan this process has made
 
 
 def warm() -> None:

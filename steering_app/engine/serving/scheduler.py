@@ -152,6 +152,11 @@ class Scheduler:
                     return item.comparison
 
 
+def has_shared_scheduler(lm: LoadedModel) -> bool:
+    """Whether the model's shared Scheduler, and so its step plan, exists in this process."""
+    return lm.model in _SHARED
+
+
 def scheduler_for(lm: LoadedModel, policy: StepPolicy | None = None) -> Scheduler:
     """The model's shared Scheduler (created at first use, its steps planned by `policy`, by default the
     configured one), or, while it serves other runs, a private one of the same shape and policy: the same shape
