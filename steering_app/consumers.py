@@ -104,11 +104,8 @@ class RunStreamConsumer(AsyncWebsocketConsumer):
     async def drain_mailbox(self):
         try:
             while not self.finished:
-                message = await self.channel_layer.receive(self.mailbox)
-                if message.get("type") == "model.loading":
-                    await self.model_loading(message)
-                else:
-                    await self.run_event(message)
+                # run.event -> run_event, model.loading -> model_loading, as for a group's messages
+                await self.dispatch(await self.channel_layer.receive(self.mailbox))
         except Exception:  # the channel layer failed; watch() still ends the page when the run ends
             logger.exception("Stream of run %s lost its mailbox", self.run_id)
 
