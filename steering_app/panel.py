@@ -423,7 +423,7 @@ def max_tokens_hint(training: Training, prompt: str = "", chat: bool = False) ->
     return {
         **hint,
         "prompt_tokens": count,
-        "max_tokens_room": max(0, min(cap, services.room_for_new_tokens(count))),
+        "max_tokens_room": min(cap, services.room_for_new_tokens(count)),
     }
 
 
