@@ -298,28 +298,19 @@ def get_run(request, run_id: int = Id):
     return run_out(get_visible_run(request.auth, run_id))
 
 
-def shared_or_private(user, record: SteeringRun | Experiment, payload: PrivacyPatch):
-    """The run or experiment made private or shared as the PATCH asks (Forbidden unless the owner or staff)."""
-    record.set_private(user, payload.private)
-    return record
-
-
-def deleted(user, record: SteeringRun | Experiment) -> Status:
-    """204 once the owner or staff deleted the finished run or experiment (Conflict while it is active)."""
-    record.delete_by(user)
-    return Status(204, None)
-
-
 @router.patch("/steering/runs/{run_id}", response={200: RunOut, **error_responses(403, 404)})
 def update_run(request, payload: PrivacyPatch, run_id: int = Id):
     """Make a run private (only its owner and staff read it) or share it with the lab; owner or staff only."""
-    return run_out(shared_or_private(request.auth, get_visible_run(request.auth, run_id), payload))
+    run = get_visible_run(request.auth, run_id)
+    run.set_private(request.auth, payload.private)
+    return run_out(run)
 
 
 @router.delete("/steering/runs/{run_id}", response={204: None, **error_responses(403, 404, 409)})
 def delete_run(request, run_id: int = Id):
     """Delete a finished run (owner or staff only); stop a queued or running one first (409 until then)."""
-    return deleted(request.auth, get_visible_run(request.auth, run_id))
+    get_visible_run(request.auth, run_id).delete_by(request.auth)
+    return Status(204, None)
 
 
 @router.get("/steering/runs", response={200: RunPage, **error_responses()})
@@ -471,13 +462,15 @@ def update_experiment(request, payload: PrivacyPatch, experiment_id: int = Id):
     """Make an experiment private (it and every cell: only its owner and staff read them) or share it with the
     lab; owner or staff only."""
     experiment = get_visible_experiment(request.auth, experiment_id)
-    return experiment_out(shared_or_private(request.auth, experiment, payload))
+    experiment.set_private(request.auth, payload.private)
+    return experiment_out(experiment)
 
 
 @router.delete("/experiments/{experiment_id}", response={204: None, **error_responses(403, 404, 409)})
 def delete_experiment(request, experiment_id: int = Id):
     """Delete a finished experiment with its runs and outputs (owner or staff); cancel a running one first."""
-    return deleted(request.auth, get_visible_experiment(request.auth, experiment_id))
+    get_visible_experiment(request.auth, experiment_id).delete_by(request.auth)
+    return Status(204, None)
 
 
 def download(media_type: str) -> dict:
