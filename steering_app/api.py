@@ -6,6 +6,7 @@ from django.conf import settings
 from django.http import HttpResponse
 from ninja import Path, Query, Router, Status
 from ninja.errors import HttpError, ValidationError
+from ninja.signature.utils import get_path_param_names
 from pydantic import ValidationError as PydanticValidationError
 
 from steering_app import analysis, experiment_results, experiments, exports, feature_search, prompt_sets, runs
@@ -291,6 +292,30 @@ def get_visible_run(user, run_id: int) -> SteeringRun:
     return run
 
 
+def shared_record_routes(path: str, *, fetch, out: tuple, update_doc: str, delete_doc: str) -> None:
+    """PATCH {private} and DELETE on a record its owner shares with the lab (a run, an experiment): the same
+    rules for every kind, through the record's own set_private and delete_by. `path` ends in the record's id
+    parameter ("{run_id}"), which the two routes take under that name; `out` is (schema, serializer)."""
+    id_name = get_path_param_names(path).pop()
+    kind = id_name.removesuffix("_id")
+    schema, serialize = out
+
+    def update(request, payload: PrivacyPatch, **path_params):
+        record = fetch(request.auth, path_params[id_name])
+        record.set_private(request.auth, payload.private)
+        return serialize(record)
+
+    def delete(request, **path_params):
+        fetch(request.auth, path_params[id_name]).delete_by(request.auth)
+        return Status(204, None)
+
+    for view, verb, doc in ((update, "update", update_doc), (delete, "delete", delete_doc)):
+        view.__name__, view.__doc__ = f"{verb}_{kind}", doc  # the operation id and description of before
+        view._ninja_contribute_args = [(id_name, int, Id)]  # ninja's hook for a parameter a factory adds
+    router.patch(path, response={200: schema, **error_responses(403, 404)})(update)
+    router.delete(path, response={204: None, **error_responses(403, 404, 409)})(delete)
+
+
 @router.get("/steering/runs/{run_id}", response={200: RunOut, **error_responses(404)})
 def get_run(request, run_id: int = Id):
     """One run: status, the settings that made it, outputs, metrics and error. Every member reads the
@@ -298,19 +323,13 @@ def get_run(request, run_id: int = Id):
     return run_out(get_visible_run(request.auth, run_id))
 
 
-@router.patch("/steering/runs/{run_id}", response={200: RunOut, **error_responses(403, 404)})
-def update_run(request, payload: PrivacyPatch, run_id: int = Id):
-    """Make a run private (only its owner and staff read it) or share it with the lab; owner or staff only."""
-    run = get_visible_run(request.auth, run_id)
-    run.set_private(request.auth, payload.private)
-    return run_out(run)
-
-
-@router.delete("/steering/runs/{run_id}", response={204: None, **error_responses(403, 404, 409)})
-def delete_run(request, run_id: int = Id):
-    """Delete a finished run (owner or staff only); stop a queued or running one first (409 until then)."""
-    get_visible_run(request.auth, run_id).delete_by(request.auth)
-    return Status(204, None)
+shared_record_routes(
+    "/steering/runs/{run_id}",
+    fetch=get_visible_run,
+    out=(RunOut, run_out),
+    update_doc="Make a run private (only its owner and staff read it) or share it with the lab; owner or staff only.",
+    delete_doc="Delete a finished run (owner or staff only); stop a queued or running one first (409 until then).",
+)
 
 
 @router.get("/steering/runs", response={200: RunPage, **error_responses()})
@@ -457,20 +476,15 @@ def resume_experiment(request, experiment_id: int = Id):
     return Status(202, {"id": experiment.pk, "cells": cells})
 
 
-@router.patch("/experiments/{experiment_id}", response={200: ExperimentOut, **error_responses(403, 404)})
-def update_experiment(request, payload: PrivacyPatch, experiment_id: int = Id):
-    """Make an experiment private (it and every cell: only its owner and staff read them) or share it with the
-    lab; owner or staff only."""
-    experiment = get_visible_experiment(request.auth, experiment_id)
-    experiment.set_private(request.auth, payload.private)
-    return experiment_out(experiment)
-
-
-@router.delete("/experiments/{experiment_id}", response={204: None, **error_responses(403, 404, 409)})
-def delete_experiment(request, experiment_id: int = Id):
-    """Delete a finished experiment with its runs and outputs (owner or staff); cancel a running one first."""
-    get_visible_experiment(request.auth, experiment_id).delete_by(request.auth)
-    return Status(204, None)
+shared_record_routes(
+    "/experiments/{experiment_id}",
+    fetch=get_visible_experiment,
+    out=(ExperimentOut, experiment_out),
+    update_doc="Make an experiment private (it and every cell: only its owner and staff read them) or share it "
+    "with the lab; owner or staff only.",
+    delete_doc="Delete a finished experiment with its runs and outputs (owner or staff); cancel a running one "
+    "first.",
+)
 
 
 def download(media_type: str) -> dict:

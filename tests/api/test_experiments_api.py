@@ -14,27 +14,11 @@ from tests.api.support import assert_error
 from tests.fake_engine import fake_scores, sweep_outcome, use_engine
 
 URL = "/api/experiments"
-COLUMNS = (
-    "experiment_id",
-    "condition",
-    "features",
-    "prompt_index",
-    "prompt",
-    "seed",
-    "strength",
-    "text",
-    "score",
-    "concept",
-    "fluency",
-    "relevance",
-    "concept_sae",
-    "concept_semantic",
-    "perplexity_log_ratio",
-    "repetition",
-    "relevance_cosine",
-    "kl_divergence",
-    "perplexity_delta",
-    "run_id",
+# The CSV header, the export's contract with spreadsheets and scripts, in order.
+COLUMNS = tuple(
+    "experiment_id condition features prompt_index prompt seed strength text score concept fluency"
+    " relevance concept_sae concept_semantic perplexity_log_ratio repetition relevance_cosine"
+    " kl_divergence perplexity_delta run_id".split()
 )
 # A generated text a spreadsheet would run as a formula, with everything CSV must quote.
 TRICKY = '=HYPERLINK("x"), then "quoted",\nand a second line'
