@@ -2,11 +2,13 @@ from django.urls import path
 
 from presets_app import views
 
-urlpatterns = [
-    path("section/", views.section, name="presets-section"),
-    path("save/", views.save, name="presets-save"),
-    path("<int:pk>/favorite/", views.favorite, name="presets-favorite"),
-    path("<int:pk>/delete/", views.delete, name="presets-delete"),
-    path("export/", views.export, name="presets-export"),
-    path("import/", views.import_file, name="presets-import"),
-]
+# (route, view, name): the panel's preset section and what its buttons and forms post to.
+ROUTES = (
+    ("section/", views.section, "presets-section"),
+    ("save/", views.save, "presets-save"),
+    ("<int:pk>/favorite/", views.favorite, "presets-favorite"),
+    ("<int:pk>/delete/", views.delete, "presets-delete"),
+    ("export/", views.export, "presets-export"),
+    ("import/", views.import_file, "presets-import"),
+)
+urlpatterns = [path(route, view, name=name) for route, view, name in ROUTES]

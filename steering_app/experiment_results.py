@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 Status = Experiment.Status
 ACTIVE = (Status.QUEUED, Status.RUNNING)
+# The scores an ExperimentResult keeps in columns of their own (to sort and average in the database).
+SCORE_COLUMNS = ("score", "concept", "fluency", "relevance")
 
 
 def record(run: SteeringRun, control: dict, variants: list[dict]) -> int:
@@ -39,10 +41,7 @@ def record(run: SteeringRun, control: dict, variants: list[dict]) -> int:
                 run=run,
                 strength=strength,
                 text=output["steered_output"],
-                score=scores["score"],
-                concept=scores["concept"],
-                fluency=scores["fluency"],
-                relevance=scores["relevance"],
+                **{name: scores[name] for name in SCORE_COLUMNS},
                 scores=scores,
                 metrics=output["metrics"],
                 tokens=output["tokens"],

@@ -13,7 +13,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count
 from django.http import HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -22,7 +22,7 @@ from steering_app.errors import Conflict, Forbidden, SteeringError, WorkerUnavai
 from steering_app.experiment_charts import strength_chart
 from steering_app.forms import ExperimentForm
 from steering_app.models import Experiment, ExperimentResult, Feature, PromptSet, Training
-from steering_app.views import delete_then_go
+from steering_app.views import delete_then_go, visible_or_404
 
 DETAIL_TEMPLATE = "steering/experiments/detail.html"
 EXPERIMENTS_PER_PAGE = 20
@@ -114,10 +114,9 @@ def experiment_detail(request, pk):
 
 
 def _visible_experiment(request, pk) -> Experiment:
-    visible = Experiment.objects.visible_to(request.user).select_related(
-        "owner", "training__model", "training__dataset", "prompt_set"
+    return visible_or_404(
+        request, Experiment, pk, "owner", "training__model", "training__dataset", "prompt_set"
     )
-    return get_object_or_404(visible, pk=pk)
 
 
 def _render_detail(request, experiment: Experiment, notice: str = "", status: int = 200):

@@ -277,23 +277,19 @@ class ExperimentForm(forms.Form):
             return [{"features": features}]
         return [{"features": [feature]} for feature in features]
 
+    # Fields of the form that ExperimentRequest takes under the same name, as they are.
+    REQUEST_FIELDS = ("method", "strengths", "seeds", "max_tokens", "temperature", "chat", "private", "name")
+
     def experiment_request(self):
         data = self.cleaned_data
         prompts = data["prompt_list"]
         return ExperimentRequest(
+            **{name: data[name] for name in self.REQUEST_FIELDS},
             training_id=data["training"],
             conditions=self.conditions(),
             intervention_layers=data["layers"],
-            method=data["method"],
-            strengths=data["strengths"],
             prompt_set_id=data["prompt_set"].pk if prompts is None else None,
             prompts=prompts,
-            seeds=data["seeds"],
-            max_tokens=data["max_tokens"],
-            temperature=data["temperature"],
-            chat=data["chat"],
-            private=data["private"],
-            name=data["name"],
         )
 
     def add_steering_error(self, error: SteeringError) -> None:

@@ -186,10 +186,13 @@ def run_detail(request, pk):
 
 
 def _visible_run(request, pk) -> SteeringRun:
-    visible = SteeringRun.objects.visible_to(request.user).select_related(
-        "training__model", "training__dataset", "owner"
-    )
-    return get_object_or_404(visible, pk=pk)
+    return visible_or_404(request, SteeringRun, pk, "training__model", "training__dataset", "owner")
+
+
+def visible_or_404(request, model, pk, *related):
+    """Record `pk` of a model members share (runs, experiments) if this user may read it; another member's
+    private one is a 404, like an unknown one. `related`: what the page reads beside it (select_related)."""
+    return get_object_or_404(model.objects.visible_to(request.user).select_related(*related), pk=pk)
 
 
 def _render_run(request, run: SteeringRun, notice: str = "", status: int = 200):

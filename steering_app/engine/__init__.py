@@ -65,19 +65,15 @@ def compare(
     sae: SAE,
     prompt: str,
     spec: SteeringSpec | Sequence[SteeringSpec],
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    top_p: float | None = None,
-    chat: bool = False,
+    *request_args,
     on_step: OnStep | None = None,
-    sae_layer: int | None = None,
-    min_new_tokens: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    **request_options,
 ) -> Comparison:
     """Generate the unsteered continuation of prompt and one steered continuation per spec, together.
 
-    spec: one SteeringSpec, or a sequence of 1 to MAX_VARIANTS (the variants).
+    spec: one SteeringSpec, or a sequence of 1 to MAX_VARIANTS (the variants). The request's other arguments
+    are prepare()'s, in its order: temperature, max_new_tokens, seed, then top_p, chat, sae_layer, min_new_tokens.
     on_step(clean_delta, variant_deltas) streams; min_new_tokens: EOS cannot be sampled before this many
     tokens (benchmarks use min = max); should_stop: asked before every forward, and when it returns True
     the generation raises Stopped, so a cancelled run frees the model within one step.
@@ -85,9 +81,7 @@ def compare(
     Raises SpecError (a ValueError naming the field) for an invalid request.
     """
     variants = (spec,) if isinstance(spec, SteeringSpec) else tuple(spec)
-    request = prepare(
-        lm, sae, prompt, variants, temperature, max_new_tokens, seed, top_p, chat, sae_layer, min_new_tokens
-    )
+    request = prepare(lm, sae, prompt, variants, *request_args, **request_options)
     generation = Generation(lm, sae, request, on_step, should_stop)
     with lm.lock:
         return scheduler_for(lm).run_alone(generation)

@@ -66,18 +66,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate(
-    spec: SteeringSpec,
-    num_layers: int,
-    sae: SAE,
-    *,
-    hidden_size: int | None = None,
-    sae_layer: int | None = None,
-) -> None:
-    """Raise SpecError (a ValueError) naming the first invalid field."""
+def validate(spec: SteeringSpec, num_layers: int, sae: SAE, hidden_size: int, sae_layer: int | None) -> None:
+    """Raise SpecError (a ValueError) naming the first invalid field. sae_layer: the SAE's layer in the model,
+    None when unknown (multiplicative steering then refuses)."""
     if spec.method not in METHODS:
         raise SpecError("method", f"must be one of {', '.join(METHODS)}, got {spec.method!r}")
-    if hidden_size is not None and sae.d_in != hidden_size:
+    if sae.d_in != hidden_size:
         raise SpecError("sae", f"SAE d_in {sae.d_in} does not match the model's hidden size {hidden_size}")
     if sae_layer is not None and not (_is_int(sae_layer) and 0 <= sae_layer < num_layers):
         raise SpecError("sae_layer", f"{sae_layer!r} is out of range [0, {num_layers - 1}]")

@@ -14,11 +14,11 @@ from tests.api.support import assert_error
 from tests.fake_engine import fake_scores, sweep_outcome, use_engine
 
 URL = "/api/experiments"
-# The CSV header, the export's contract with spreadsheets and scripts, in order.
-COLUMNS = tuple(
-    "experiment_id condition features prompt_index prompt seed strength text score concept fluency"
-    " relevance concept_sae concept_semantic perplexity_log_ratio repetition relevance_cosine"
-    " kl_divergence perplexity_delta run_id".split()
+# The CSV header line, the export's contract with spreadsheets and scripts (the JSONL keys, in that order).
+HEADER = (
+    "experiment_id,condition,features,prompt_index,prompt,seed,strength,text,score,concept,fluency,relevance,"
+    "concept_sae,concept_semantic,perplexity_log_ratio,repetition,relevance_cosine,kl_divergence,"
+    "perplexity_delta,run_id"
 )
 # A generated text a spreadsheet would run as a formula, with everything CSV must quote.
 TRICKY = '=HYPERLINK("x"), then "quoted",\nand a second line'
@@ -309,7 +309,7 @@ def test_the_csv_has_one_row_per_output_with_every_column(client, create, owner,
     assert response["Content-Disposition"] == f'attachment; filename="experiment-{experiment_id}-results.csv"'
     reader = csv.DictReader(io.StringIO(response.content.decode()))
     rows = list(reader)
-    assert tuple(reader.fieldnames) == COLUMNS
+    assert ",".join(reader.fieldnames) == HEADER
     assert len(rows) == 12 == ExperimentResult.objects.count()  # 2 conditions x 2 prompts x 3 strengths
     by_key = {(row["condition"], row["prompt_index"], row["strength"]): row for row in rows}
     control = by_key[("1", "0", "0.0")]
@@ -346,7 +346,7 @@ def test_the_jsonl_holds_the_same_rows_with_values_unchanged(
         response["Content-Disposition"] == f'attachment; filename="experiment-{experiment_id}-results.jsonl"'
     )
     rows = [json.loads(line) for line in response.content.decode().splitlines()]
-    assert len(rows) == 24 and all(tuple(row) == COLUMNS for row in rows)
+    assert len(rows) == 24 and all(",".join(row) == HEADER for row in rows)
     control = next(row for row in rows if row["strength"] == 0 and row["condition"] == 0)
     assert control["text"] == TRICKY and control["kl_divergence"] is None
     steered = next(row for row in rows if row["strength"] == 2 and row["condition"] == 1)
