@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-TIMING_REPEATS = 3
+# Timed passes of each linear form when a batch's step plan is measured; its best pass counts.
+TIMING_REPEATS = 5
 LINEAR, TRANSPOSED, PACKED = "F.linear", "W@x.T", "packed"
 
 
@@ -200,7 +201,7 @@ def _measure_shape(shape, dtype, modules, rows: int, device) -> ShapeChoice:
         packs = {module: packed_weight(module) for module in modules}
         forms[PACKED] = lambda m, x: _packed(packs[m], m.weight, m.bias, x)
         invariant = _rows_invariant(forms[PACKED], modules[0], x)
-    seconds = {form: _best_seconds(forward, modules, x) for form, forward in forms.items()}
+    seconds = _best_seconds(forms, modules, x)
     return ShapeChoice(shape, modules, seconds, LINEAR, invariant, packs)
 
 
@@ -210,15 +211,21 @@ def _rows_invariant(forward, module: torch.nn.Linear, x: torch.Tensor) -> bool:
     return all(torch.equal(forward(module, x[:count]), full[:count]) for count in range(1, len(x)))
 
 
-def _best_seconds(forward, modules: list[torch.nn.Module], x: torch.Tensor) -> float:
-    """Best time of one pass over every module of a shape: their weights together stream from memory as in
-    a decode step (one module timed again and again would sit in the cache and mislead)."""
-    for module in modules:  # warm-up
-        forward(module, x)
-    best = float("inf")
-    for _ in range(TIMING_REPEATS):
-        started = time.perf_counter()
+def _best_seconds(
+    forms: dict[str, Callable], modules: list[torch.nn.Module], x: torch.Tensor
+) -> dict[str, float]:
+    """Each form's best time of one pass over every module of a shape: their weights together stream from
+    memory as in a decode step (one module timed again and again would sit in the cache and mislead). The
+    forms take turns, pass after pass, so that a moment of noise (another process, a clock change) falls on
+    all of them alike rather than on whichever form was being timed then."""
+    for forward in forms.values():  # warm-up
         for module in modules:
             forward(module, x)
-        best = min(best, time.perf_counter() - started)
+    best = dict.fromkeys(forms, float("inf"))
+    for _ in range(TIMING_REPEATS):
+        for form, forward in forms.items():
+            started = time.perf_counter()
+            for module in modules:
+                forward(module, x)
+            best[form] = min(best[form], time.perf_counter() - started)
     return best
