@@ -73,7 +73,9 @@ def server_environment(workdir: Path) -> dict:
 def server(chromium_path, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("browser-server")
     env = server_environment(workdir)
-    seed = processes.seed(env, workdir, "alice", "pw-alice-123")
+    # With the tiny model that test_model_loading's first run loads (made by the seed, which imports torch anyway).
+    seed_env = {**env, "STEERLAB_SEED_LOADING_MODEL": str(workdir / "tiny-loading")}
+    seed = processes.seed(seed_env, workdir, "alice", "pw-alice-123")
     port, log = processes.free_port(), workdir / "daphne.log"
     process = processes.start_daphne(env, log, port)
     try:
