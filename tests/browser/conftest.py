@@ -4,7 +4,7 @@ Skips with the reason when chromium or Playwright is missing; REQUIRE_BROWSER=1 
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,8 @@ class Server:
     password: str
     seed: dict
     log: Path
+    # The user's cookies once the run's first log_in has signed in through the form; later ones reuse them.
+    session_cookies: list[dict] = field(default_factory=list)
 
     def log_tail(self) -> str:
         return self.log.read_text()[-6000:]
