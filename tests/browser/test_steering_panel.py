@@ -113,7 +113,7 @@ def test_a_lab_member_steers_and_watches_both_columns_stream(page, server, tmp_p
     wait_for_result(page, FIRST_RUN_SECONDS)  # warm-up: the server loads the model on its first run
 
     page.evaluate(RECORDER)
-    page.fill("#max-tokens", "24")
+    page.fill("#max-tokens", "12")
     page.evaluate("window.scrollTo({top: 0, behavior: 'instant'})")
     assert page.evaluate(RESULT_TOP) > page.viewport_size["height"]  # below the fold
     started = time.monotonic()
