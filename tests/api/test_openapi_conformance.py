@@ -9,7 +9,9 @@ from django.core.wsgi import get_wsgi_application
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-EXAMPLES_PER_OPERATION = 30
+# Random cases of the fuzzing phase per operation. Schemathesis's coverage phase runs first and needs no budget:
+# each operation's boundary values, missing and wrong-typed parameters and unexpected methods, run whatever this is.
+EXAMPLES_PER_OPERATION = 10
 
 # Loaded at collection (the schema view needs no database); schemathesis.pytest.from_fixture would defer it,
 # but it breaks on pytest 9.2 (it sets Node._nodeid, which pytest no longer has).

@@ -4,7 +4,7 @@ Skips with the reason when chromium or Playwright is missing; REQUIRE_BROWSER=1 
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,8 @@ class Server:
     password: str
     seed: dict
     log: Path
+    # The user's cookies once the run's first log_in has signed in through the form; later ones reuse them.
+    session_cookies: list[dict] = field(default_factory=list)
 
     def log_tail(self) -> str:
         return self.log.read_text()[-6000:]
@@ -73,7 +75,9 @@ def server_environment(workdir: Path) -> dict:
 def server(chromium_path, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("browser-server")
     env = server_environment(workdir)
-    seed = processes.seed(env, workdir, "alice", "pw-alice-123")
+    # With the tiny model that test_model_loading's first run loads (made by the seed, which imports torch anyway).
+    seed_env = {**env, "STEERLAB_SEED_LOADING_MODEL": str(workdir / "tiny-loading")}
+    seed = processes.seed(seed_env, workdir, "alice", "pw-alice-123")
     port, log = processes.free_port(), workdir / "daphne.log"
     process = processes.start_daphne(env, log, port)
     try:

@@ -6,6 +6,9 @@ environment: one process does what a migrate, a seed and a create_api_token per 
 for. Uses the demo SAE (bootstrap_demo) when the repository ships it; otherwise a random SAE at layer 10 written
 into WORKDIR, so the panel has real weights to steer with. Prints one JSON line: the training, a feature to
 search, and every user's token.
+
+With STEERLAB_SEED_LOADING_MODEL=DIR in its environment (the browser tests' server) it adds a tiny random Llama
+for tests/browser/test_model_loading.py, written into DIR, whose training it leaves pending (see loading_model).
 """
 
 import json
@@ -79,6 +82,64 @@ def random_training(workdir: Path) -> None:
     )
 
 
+LOADING_MODEL = "tiny-loading-llama"
+
+
+def loading_model(root: Path) -> dict:
+    """A tiny random Llama (SmolLM2's tokenizer) and a random SAE at its layer 1, registered and imported, its
+    training left pending: a worker loads the models of completed trainings as it starts, so this one stays
+    unloaded until test_model_loading completes its training in the running server's database, and that test's
+    first run must load it. Made here, where torch is imported already, instead of in a process of its own."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steering_app.engine import loader
+    from steering_app.engine.saes.sae import save_sae
+    from steering_app.engine.training import hook_name_for
+
+    tokenizer = loader.load_tokenizer(loader.SMOLLM2_DEMO)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    W_dec = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    sae = save_sae(
+        root / "sae",
+        W_enc=W_dec.T.contiguous(),
+        W_dec=W_dec,
+        b_enc=torch.zeros(8),
+        b_dec=torch.zeros(16),
+        cfg={
+            "architecture": "standard",
+            "metadata": {"model_name": LOADING_MODEL, "hook_name": hook_name_for(1)},
+        },
+    )
+    call_command("register_model", LOADING_MODEL, str(root / "model"), stdout=sys.stderr)
+    call_command(
+        "import_sae",
+        "--model",
+        LOADING_MODEL,
+        "--path",
+        str(sae),
+        "--dataset",
+        "tiny-loading-corpus",
+        stdout=sys.stderr,
+    )
+    training = Training.objects.get(model__name=LOADING_MODEL)
+    Training.objects.filter(pk=training.pk).update(status=Training.Status.PENDING)
+    return {"name": LOADING_MODEL, "training": training.pk}
+
+
 def main(workdir: Path, username: str, password: str, members: list[str]) -> None:
     call_command("migrate", "--noinput", verbosity=0)
     if (DEMO_CHECKPOINT / "cfg.json").is_file():
@@ -97,17 +158,16 @@ def main(workdir: Path, username: str, password: str, members: list[str]) -> Non
         .first()
     )
     word = max(feature.label.split(), key=len)
-    print(
-        json.dumps(
-            {
-                "training": training.pk,
-                "feature": feature.index,
-                "label": feature.label,
-                "search": word,
-                "tokens": tokens,
-            }
-        )
-    )
+    seeded = {
+        "training": training.pk,
+        "feature": feature.index,
+        "label": feature.label,
+        "search": word,
+        "tokens": tokens,
+    }
+    if os.environ.get("STEERLAB_SEED_LOADING_MODEL"):
+        seeded["loading_model"] = loading_model(Path(os.environ["STEERLAB_SEED_LOADING_MODEL"]))
+    print(json.dumps(seeded))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_screenshots_of_the_panel_after_a_completed_run(page, server, capsys):
     open_fresh_panel(page, server)
     search_and_add(page, "planet", PLANET)
     page.fill("#prompt", "Tell me about your day.")
-    page.fill("#max-tokens", "24")
+    page.fill("#max-tokens", "12")
     page.fill("#seed", "3")
     page.check('input[name="chat"]')
     page.click("#generate-button")

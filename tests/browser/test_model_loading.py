@@ -1,17 +1,16 @@
 """A first run shows its model's load in a real browser (issue 23): a run that waits for a model still loading
 sees "loading <model> … N %" on its status line, then generates.
 
-The loading is a tiny random Llama's (with SmolLM2's tokenizer and a random SAE), registered in the session
-server after it started, so no worker has loaded it: its first run loads it, in a second or two, and its page
-must show that load's progress. SmolLM2 itself is not loaded again for this.
+The loading is a tiny random Llama's (with SmolLM2's tokenizer and a random SAE), which the session server's seed
+registers with its training pending: the worker loads the models of completed trainings as it starts, so none
+has loaded this one when the test completes its training in the running server's database. Its first run loads
+it, in a second or two, and its page must show that load's progress. SmolLM2 itself is not loaded again for this.
 """
 
-import json
+import sqlite3
 
 import pytest
 
-from tests import processes
-from tests.browser.conftest import server_environment
 from tests.browser.test_steering_panel import log_in, wait_for_result
 
 try:
@@ -21,36 +20,7 @@ except ImportError:  # the chromium_path fixture skips these tests (or fails the
 
 pytestmark = pytest.mark.browser
 
-MODEL = "tiny-loading-llama"
 RUN_SECONDS = 180  # the tiny model's load and step plan on a busy CPU (the server may still warm SmolLM2)
-
-# Run with `manage.py shell -c` in the server's environment: the tiny model and its SAE, registered and imported.
-SETUP = """
-import json
-from pathlib import Path
-import torch
-from django.core.management import call_command
-from transformers import LlamaConfig, LlamaForCausalLM
-from steering_app.engine import loader
-from steering_app.engine.saes.sae import save_sae
-from steering_app.engine.training import hook_name_for
-from steering_app.models import Training
-
-root = Path({root!r})
-tokenizer = loader.load_tokenizer(loader.SMOLLM2_DEMO)
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-LlamaForCausalLM(config).save_pretrained(root / "model")
-tokenizer.save_pretrained(root / "model")
-W_dec = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-sae = save_sae(root / "sae", W_enc=W_dec.T.contiguous(), W_dec=W_dec, b_enc=torch.zeros(8), b_dec=torch.zeros(16),
-    cfg={{"architecture": "standard", "metadata": {{"model_name": {model!r}, "hook_name": hook_name_for(1)}}}})
-call_command("register_model", {model!r}, str(root / "model"))
-call_command("import_sae", "--model", {model!r}, "--path", str(sae), "--dataset", "tiny-loading-corpus")
-print(json.dumps({{"training": Training.objects.get(model__name={model!r}).pk}}))
-"""
 
 # Every text the run's status line shows, recorded as it changes: the load's steps may pass in a second.
 WATCH_STATUS = """() => {
@@ -64,17 +34,20 @@ WATCH_STATUS = """() => {
 
 
 @pytest.fixture(scope="module")
-def tiny_training(server, tmp_path_factory) -> int:
-    root = tmp_path_factory.mktemp("tiny-loading")
-    code = SETUP.format(root=str(root), model=MODEL)
-    output = processes.manage(server_environment(server.log.parent), "shell", "-c", code)
-    return json.loads(output.strip().splitlines()[-1])["training"]
+def tiny_training(server) -> dict:
+    """The seed's tiny model, its training completed now in the running server's database: name and training."""
+    tiny = server.seed["loading_model"]
+    with sqlite3.connect(server.log.parent / "db.sqlite3") as connection:
+        connection.execute(
+            "UPDATE steering_app_training SET status = 'completed' WHERE id = ?", (tiny["training"],)
+        )
+    return tiny
 
 
 def test_a_first_run_shows_its_models_loading_progress(page, server, tiny_training):
     log_in(page, server)
     page.goto(
-        f"{server.url}/steering/?training={tiny_training}&prompt=Hello&feature_id=0&coefficient=1"
+        f"{server.url}/steering/?training={tiny_training['training']}&prompt=Hello&feature_id=0&coefficient=1"
         "&layers=1&max_tokens=2&temperature=0&seed=1"
     )
     expect(page.locator("#generate-button")).to_be_enabled()
@@ -84,7 +57,7 @@ def test_a_first_run_shows_its_models_loading_progress(page, server, tiny_traini
     wait_for_result(page, RUN_SECONDS)
 
     seen = page.evaluate("window.statusTexts")
-    loading = [text for text in seen if text.startswith(f"loading {MODEL} … ")]
+    loading = [text for text in seen if text.startswith(f"loading {tiny_training['name']} … ")]
     assert loading, f"no loading line among the statuses shown: {seen}\n{server.log_tail()}"
     percents = [int(text.split(" … ")[1].split(" %")[0]) for text in loading]
     assert percents == sorted(percents) and 0 <= percents[0] < 100, loading

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_IDS, DEMO_LAYER
+from steering_app.engine.layers import block_hidden, decoder_blocks
 from steering_app.engine.saes.sae import load_sae
 from steering_app.engine.training import corpus
 
 # describe_features wrote each example with these (its defaults): the same function finds it again.
 from steering_app.engine.training.describe import _context, _Decoder
-from tests.engine.conftest import block_outputs_of_ids
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,37 @@ def marked_form(token: str) -> str:
     return re.sub(r"\s+", " ", token)
 
 
+class StopAfterTheBlock(Exception):
+    pass
+
+
+def block_outputs_of_rows(lm, rows: list[list[int]], layer: int) -> list[torch.Tensor]:
+    """The output of block `layer` at every position of each row, [len(row), hidden]: each row its own sequence,
+    rows of one length in one batch, as collect_activations read the packed corpus, and the forward stopped after
+    the block (the blocks above it and the head would cost twice as much again and change nothing here)."""
+    seen = []
+
+    def stop_after_the_block(module, args, output):
+        seen.append(block_hidden(output))
+        raise StopAfterTheBlock
+
+    outputs = {}
+    handle = decoder_blocks(lm.model)[layer].register_forward_hook(stop_after_the_block)
+    try:
+        with torch.inference_mode():
+            for length in {len(row) for row in rows}:
+                batch = [i for i, row in enumerate(rows) if len(row) == length]
+                seen.clear()
+                try:
+                    lm.model(torch.tensor([rows[i] for i in batch], device=lm.device), use_cache=False)
+                except StopAfterTheBlock:
+                    pass
+                outputs.update(zip(batch, seen[0]))
+    finally:
+        handle.remove()
+    return [outputs[i] for i in range(len(rows))]
+
+
 def test_the_shipped_ids_hold_every_strongest_activation_of_the_demo_tables_most_frequent_features(smollm2):
     table = json.loads(DEMO_FEATURES.read_text())
     most_frequent = sorted(table, key=lambda entry: -entry["activation_frequency"])[:TOP_FREQUENT]
@@ -67,8 +98,8 @@ def test_the_shipped_ids_hold_every_strongest_activation_of_the_demo_tables_most
     assert sorted(found) == sorted(entry["index"] for entry in most_frequent)
 
     windows = sorted({row for places in found.values() for row, _ in places})
-    # Each window read alone, as when the corpus was packed into rows.
-    hidden = block_outputs_of_ids(smollm2, [rows[row] for row in windows], DEMO_LAYER)
+    # Each window read as its own sequence, as when the corpus was packed into rows.
+    hidden = block_outputs_of_rows(smollm2, [rows[row] for row in windows], DEMO_LAYER)
     sae = load_sae(DEMO_CHECKPOINT, dtype=torch.float32)
     ratios = {}
     for entry in most_frequent:
