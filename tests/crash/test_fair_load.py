@@ -16,13 +16,10 @@ from datetime import datetime
 import pytest
 import requests
 
-from tests.crash.test_embedded_crash import embedded_environment
 from tests.processes import (
     FINISHED,
     HTTP_SECONDS,
     free_port,
-    seed,
-    share_model_cache,
     start_daphne,
     stop,
     tails,
@@ -108,12 +105,9 @@ def served_first(single: dict, every_run: list[dict]) -> int:
     return sum(1 for run in every_run if created < moment(run["started_at"]) < started)
 
 
-def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path, capsys):
-    data_dir = tmp_path / "data"
-    share_model_cache(data_dir)
-    env = embedded_environment(data_dir)
-    seeded = seed(env, tmp_path, SWEEPERS[0], "pw-load-123", members=(*SWEEPERS[1:], *SINGLERS))
-    tokens = seeded["tokens"]
+def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(embedded, tmp_path, capsys):
+    _data_dir, env, seeded = embedded
+    tokens = {name: seeded["tokens"][name] for name in (*SWEEPERS, *SINGLERS)}
     log = tmp_path / "daphne.log"
     server = start_daphne(env, log, port := free_port())
     try:
