@@ -23,17 +23,16 @@ from tests.processes import (
     ROOT,
     kill9,
     runs_in_database,
-    seed,
     start_runworker,
     stop,
     tails,
     worker_name,
 )
+from tests.scaleout.conftest import USER
 from tests.scaleout.support import environment, redis_client, wait_for_listeners
 
 pytestmark = pytest.mark.redis
 
-USER, PASSWORD = "alice", "pw-alice-123"
 DRIVER = ROOT / "tests/scaleout/drive_experiment.py"
 PROMPTS = [
     "Tell me about the night sky.",
@@ -152,8 +151,7 @@ def test_a_killed_worker_fails_its_cells_and_a_resume_completes_every_output_onc
     redis_db, database_url, tmp_path, capsys
 ):
     began = time.monotonic()
-    env = {**environment(database_url, redis_db), **WORKER_ENV}
-    seed(env, tmp_path, USER, PASSWORD)
+    env = {**environment(database_url, redis_db), **WORKER_ENV}  # the database is seeded
     client, _ = redis_client(redis_db)
     logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
     processes = []
