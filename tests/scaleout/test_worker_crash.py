@@ -54,9 +54,9 @@ def test_a_killed_worker_fails_its_run_and_the_other_worker_carries_on(
     try:
         workers = [start_runworker(env, log) for log in worker_logs]
         processes += workers
+        port = free_port()  # the web process starts while the workers do: channel mode, no worker in it
+        processes.append(start_daphne(env, web_log, port))
         wait_for_listeners(client, redis_db, workers, worker_logs, LISTEN_SECONDS)
-        port = free_port()
-        processes.append(start_daphne(env, web_log, port))  # the web process: channel mode, no worker
         url = f"http://127.0.0.1:{port}"
         api = Api(url, token)
 
