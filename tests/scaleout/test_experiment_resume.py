@@ -219,6 +219,10 @@ def test_a_killed_worker_fails_its_cells_and_a_resume_completes_every_output_onc
         assert all(c["status"] == "failed" and c["error"] == WORKER_GONE for c in swept if c["id"] in lost), (
             f"{swept}\n{tails(*logs)}"
         )
+        # The fresh worker starts now that the survivor's sweep has failed the lost cells: it loads the model
+        # while the survivor finishes the queued cells, instead of after the experiment has failed.
+        fresh = start_runworker(env, logs[2])
+        processes.append(fresh)
 
         failed = drive(
             env, logs, "status", str(experiment_id), FINISHED, str(FAILED_SECONDS), seconds=FAILED_SECONDS
@@ -231,8 +235,6 @@ def test_a_killed_worker_fails_its_cells_and_a_resume_completes_every_output_onc
         assert {output[:3] for output in stored_before_resume}.isdisjoint(missing), stored_before_resume
         assert len(stored_before_resume) == OUTPUTS - len(missing) * len(STRENGTHS), (missing, before_resume)
 
-        fresh = start_runworker(env, logs[2])
-        processes.append(fresh)
         wait_for_listeners(client, redis_db, [survivor, fresh], logs[1:], LISTEN_SECONDS)
         resumed_at = time.monotonic()
         resumed = drive(env, logs, "resume", str(experiment_id))
