@@ -55,10 +55,8 @@ EXPERIMENT = {
 OUTPUTS = len(PROMPTS) * len(STRENGTHS)  # one condition, one seed
 WORKER_ENV = {
     # 8 rows hold two 3-row cells: each worker runs two at a time, so later cells start after others end.
+    # (One thread per worker, OMP_NUM_THREADS, comes with the deployment's environment.)
     "STEERLAB_SLOT_ROWS": "8",
-    # One thread per worker: two workers with a thread per core each, on 2 cores shared with other
-    # processes, decoded 48 tokens in 211 s instead of 18 s (measured at a load average of 8).
-    "OMP_NUM_THREADS": "1",
 }
 FINISHED = "completed,failed,cancelled"
 LISTEN_SECONDS = 180
