@@ -102,6 +102,10 @@ def embedded_environment(data_dir: Path) -> dict:
         DEBUG="0",
         ALLOWED_HOSTS="127.0.0.1",
         PYTHONUNBUFFERED="1",
+        # One torch thread: the worker shares the cores with daphne's requests and the test's clients, and a
+        # thread pool as wide as the cores then waits on preempted threads (the load test's 28 runs did not
+        # complete in 120 s at a load average of 6 with two threads; they did in 63 s with one).
+        OMP_NUM_THREADS="1",
     )
     return env
 
