@@ -91,6 +91,25 @@ def seed(env: dict, workdir: Path, username: str, password: str, members: tuple[
     return json.loads(seeded.stdout.strip().splitlines()[-1])
 
 
+def embedded_environment(data_dir: Path) -> dict:
+    """The default deployment: no DATABASE_URL, no REDIS_URL; SQLite in the data dir, worker in daphne."""
+    env = dict(os.environ)
+    for name in ("DATABASE_URL", "REDIS_URL", "STEERLAB_WORKER_MODE", "DJANGO_SETTINGS_MODULE"):
+        env.pop(name, None)
+    env.update(
+        STEERLAB_DATA_DIR=str(data_dir),
+        SECRET_KEY="crash-test-secret-key",
+        DEBUG="0",
+        ALLOWED_HOSTS="127.0.0.1",
+        PYTHONUNBUFFERED="1",
+        # One torch thread: the worker shares the cores with daphne's requests and the test's clients, and a
+        # thread pool as wide as the cores then waits on preempted threads (the load test's 28 runs did not
+        # complete in 120 s at a load average of 6 with two threads; they did in 63 s with one).
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
 def share_model_cache(data_dir: Path) -> None:
     """A test's own data dir, with the dequantized models of the repository's default one (var/models):
     dequantizing SmolLM2's GGUF again for every test would cost tens of seconds. The loader writes that

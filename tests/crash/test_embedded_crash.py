@@ -5,12 +5,12 @@ serves its first request, so the very first page asked for already says the run 
 left queued or running. No chromium: the page is fetched over HTTP with a session logged in via /login/.
 """
 
-import os
 import time
 
 import pytest
 
 from steering_app.runs import WORKER_GONE
+from tests.crash.conftest import PASSWORD, USER
 from tests.processes import (
     ACTIVE,
     Api,
@@ -20,8 +20,6 @@ from tests.processes import (
     log_in,
     run_result,
     runs_in_database,
-    seed,
-    share_model_cache,
     start_daphne,
     stop,
     tails,
@@ -30,32 +28,13 @@ from tests.processes import (
 
 pytestmark = pytest.mark.slow
 
-USER, PASSWORD = "alice", "pw-alice-123"
 LONG_TOKENS = 500  # within the 512-token slots with its prompt; long enough that the run is still generating when it is killed
 RUNNING_SECONDS = 180  # until the run is claimed and its heartbeat advanced (the model loads meanwhile)
 
 
-def embedded_environment(data_dir) -> dict:
-    """The default deployment: no DATABASE_URL, no REDIS_URL; SQLite in the data dir, worker in daphne."""
-    env = dict(os.environ)
-    for name in ("DATABASE_URL", "REDIS_URL", "STEERLAB_WORKER_MODE", "DJANGO_SETTINGS_MODULE"):
-        env.pop(name, None)
-    env.update(
-        STEERLAB_DATA_DIR=str(data_dir),
-        SECRET_KEY="crash-test-secret-key",
-        DEBUG="0",
-        ALLOWED_HOSTS="127.0.0.1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def test_a_killed_daphne_fails_its_run_before_the_restarted_one_serves_a_page(tmp_path, capsys):
-    data_dir = tmp_path / "data"
-    share_model_cache(data_dir)
-    env = embedded_environment(data_dir)
+def test_a_killed_daphne_fails_its_run_before_the_restarted_one_serves_a_page(embedded, tmp_path, capsys):
+    data_dir, env, seeded = embedded
     database = f"sqlite:///{data_dir / 'steerlab.sqlite3'}"  # where the default settings put it
-    seeded = seed(env, tmp_path, USER, PASSWORD)
     token = seeded["tokens"][USER]
     logs = (tmp_path / "daphne-1.log", tmp_path / "daphne-2.log")
     processes = []

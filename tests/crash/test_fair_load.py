@@ -1,6 +1,7 @@
 """A bounded load test of the embedded default deployment (daphne with its worker inside, SQLite, the real
-SmolLM2 and the demo SAE): three members each send 10 async sweeps at once, while two others send 20 single
-runs, each one after another, as a member at the panel does (Generate, read, Generate again).
+SmolLM2 and the demo SAE): three members each send 6 async sweeps at once, twice the queue cap of 3 a member
+may have waiting, while two others send 10 single runs, each one after another, as a member at the panel does
+(Generate, read, Generate again).
 
 What a lab depends on, asserted on the real server: no 500, no run failed while the worker lived (a busy
 worker is no missing worker), every run completed, and a single run waits no longer than the runs that were
@@ -16,13 +17,10 @@ from datetime import datetime
 import pytest
 import requests
 
-from tests.crash.test_embedded_crash import embedded_environment
 from tests.processes import (
     FINISHED,
     HTTP_SECONDS,
     free_port,
-    seed,
-    share_model_cache,
     start_daphne,
     stop,
     tails,
@@ -32,7 +30,11 @@ pytestmark = pytest.mark.slow
 
 SWEEPERS = ("alice", "bob", "carol")
 SINGLERS = ("dave", "erin")
-SWEEPS_EACH, SINGLES = 10, 20  # the singles shared out between the SINGLERS
+# The cap a member may have queued (STEERLAB_MAX_QUEUED_PER_MEMBER, 8 by default), set low so that a small load
+# both meets it and still puts a backlog of every sweeper's in front of each single run: with 9 sweeps queued,
+# a first-come order would start more of them before a single run than the fair share's one turn a member.
+QUEUE_CAP = 3
+SWEEPS_EACH, SINGLES = 2 * QUEUE_CAP, 10  # the singles shared out between the SINGLERS
 SWEEP = [0.5, 1.0, 2.0]  # 4 rows of the CPU's 8: two sweeps share a step
 TOKENS = 8
 LOAD_SECONDS = 120  # the whole load, submissions and completions, is bounded by this
@@ -108,12 +110,10 @@ def served_first(single: dict, every_run: list[dict]) -> int:
     return sum(1 for run in every_run if created < moment(run["started_at"]) < started)
 
 
-def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path, capsys):
-    data_dir = tmp_path / "data"
-    share_model_cache(data_dir)
-    env = embedded_environment(data_dir)
-    seeded = seed(env, tmp_path, SWEEPERS[0], "pw-load-123", members=(*SWEEPERS[1:], *SINGLERS))
-    tokens = seeded["tokens"]
+def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(embedded, tmp_path, capsys):
+    _data_dir, env, seeded = embedded
+    env = {**env, "STEERLAB_MAX_QUEUED_PER_MEMBER": str(QUEUE_CAP)}
+    tokens = {name: seeded["tokens"][name] for name in (*SWEEPERS, *SINGLERS)}
     log = tmp_path / "daphne.log"
     server = start_daphne(env, log, port := free_port())
     try:
@@ -181,6 +181,7 @@ def test_three_backlogs_and_a_stream_of_single_runs_all_complete_fairly(tmp_path
         )
     assert not any(thread.is_alive() for thread in threads), "the clients did not finish within the bound"
     assert statuses[500] == 0, (statuses, tails(log))
+    assert statuses[429] > 0, f"no sweep met the queue cap of {QUEUE_CAP}: {statuses}"
     assert failures == [], tails(log)
     assert len(every_run) == len(SWEEPERS) * SWEEPS_EACH + SINGLES, (outcomes, statuses)
     assert outcomes == {"completed": len(every_run)}, (outcomes, tails(log))

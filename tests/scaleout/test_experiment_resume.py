@@ -23,17 +23,16 @@ from tests.processes import (
     ROOT,
     kill9,
     runs_in_database,
-    seed,
     start_runworker,
     stop,
     tails,
     worker_name,
 )
+from tests.scaleout.conftest import USER
 from tests.scaleout.support import environment, redis_client, wait_for_listeners
 
 pytestmark = pytest.mark.redis
 
-USER, PASSWORD = "alice", "pw-alice-123"
 DRIVER = ROOT / "tests/scaleout/drive_experiment.py"
 PROMPTS = [
     "Tell me about the night sky.",
@@ -56,10 +55,8 @@ EXPERIMENT = {
 OUTPUTS = len(PROMPTS) * len(STRENGTHS)  # one condition, one seed
 WORKER_ENV = {
     # 8 rows hold two 3-row cells: each worker runs two at a time, so later cells start after others end.
+    # (One thread per worker, OMP_NUM_THREADS, comes with the deployment's environment.)
     "STEERLAB_SLOT_ROWS": "8",
-    # One thread per worker: two workers with a thread per core each, on 2 cores shared with other
-    # processes, decoded 48 tokens in 211 s instead of 18 s (measured at a load average of 8).
-    "OMP_NUM_THREADS": "1",
 }
 FINISHED = "completed,failed,cancelled"
 LISTEN_SECONDS = 180
@@ -152,8 +149,7 @@ def test_a_killed_worker_fails_its_cells_and_a_resume_completes_every_output_onc
     redis_db, database_url, tmp_path, capsys
 ):
     began = time.monotonic()
-    env = {**environment(database_url, redis_db), **WORKER_ENV}
-    seed(env, tmp_path, USER, PASSWORD)
+    env = {**environment(database_url, redis_db), **WORKER_ENV}  # the database is seeded
     client, _ = redis_client(redis_db)
     logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
     processes = []
@@ -221,6 +217,10 @@ def test_a_killed_worker_fails_its_cells_and_a_resume_completes_every_output_onc
         assert all(c["status"] == "failed" and c["error"] == WORKER_GONE for c in swept if c["id"] in lost), (
             f"{swept}\n{tails(*logs)}"
         )
+        # The fresh worker starts now that the survivor's sweep has failed the lost cells: it loads the model
+        # while the survivor finishes the queued cells, instead of after the experiment has failed.
+        fresh = start_runworker(env, logs[2])
+        processes.append(fresh)
 
         failed = drive(
             env, logs, "status", str(experiment_id), FINISHED, str(FAILED_SECONDS), seconds=FAILED_SECONDS
@@ -233,8 +233,6 @@ def test_a_killed_worker_fails_its_cells_and_a_resume_completes_every_output_onc
         assert {output[:3] for output in stored_before_resume}.isdisjoint(missing), stored_before_resume
         assert len(stored_before_resume) == OUTPUTS - len(missing) * len(STRENGTHS), (missing, before_resume)
 
-        fresh = start_runworker(env, logs[2])
-        processes.append(fresh)
         wait_for_listeners(client, redis_db, [survivor, fresh], logs[1:], LISTEN_SECONDS)
         resumed_at = time.monotonic()
         resumed = drive(env, logs, "resume", str(experiment_id))

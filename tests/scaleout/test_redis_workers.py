@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.processes import PYTHON, ROOT, seed, start, start_runworker, stop
+from tests.processes import PYTHON, ROOT, start, start_runworker, stop
 from tests.scaleout.support import environment, redis_client, wait_for_listeners
 
 pytestmark = pytest.mark.redis
@@ -22,8 +22,7 @@ RUN_SECONDS = 480
 
 
 def test_two_workers_share_six_runs_and_none_is_lost(redis_db, database_url, tmp_path, capsys):
-    env = environment(database_url, redis_db)
-    seed(env, tmp_path, "alice", "pw-alice-123")
+    env = environment(database_url, redis_db)  # seeded: drive_runs.py submits as "alice"
 
     client, _ = redis_client(redis_db)
     logs = [tmp_path / f"worker-{i}.log" for i in range(WORKERS)]

@@ -22,18 +22,17 @@ from tests.processes import (
     log_in,
     run_result,
     runs_in_database,
-    seed,
     start_daphne,
     start_runworker,
     stop,
     tails,
     worker_name,
 )
+from tests.scaleout.conftest import PASSWORD, USER
 from tests.scaleout.support import environment, redis_client, wait_for_listeners
 
 pytestmark = pytest.mark.redis
 
-USER, PASSWORD = "alice", "pw-alice-123"
 WORKERS = 2
 LISTEN_SECONDS = 180
 LONG_TOKENS = 500  # within the 512-token slots with its prompt; long enough that the run is still generating when its worker is killed
@@ -43,10 +42,9 @@ SHORT_RUN_SECONDS = 240  # the survivor loads the model (it never ran one) and g
 
 
 def test_a_killed_worker_fails_its_run_and_the_other_worker_carries_on(
-    redis_db, database_url, tmp_path, capsys
+    redis_db, database_url, seeded, tmp_path, capsys
 ):
     env = environment(database_url, redis_db)
-    seeded = seed(env, tmp_path, USER, PASSWORD)
     token = seeded["tokens"][USER]
     client, _ = redis_client(redis_db)
     worker_logs = [tmp_path / f"worker-{i}.log" for i in range(WORKERS)]
@@ -56,9 +54,9 @@ def test_a_killed_worker_fails_its_run_and_the_other_worker_carries_on(
     try:
         workers = [start_runworker(env, log) for log in worker_logs]
         processes += workers
+        port = free_port()  # the web process starts while the workers do: channel mode, no worker in it
+        processes.append(start_daphne(env, web_log, port))
         wait_for_listeners(client, redis_db, workers, worker_logs, LISTEN_SECONDS)
-        port = free_port()
-        processes.append(start_daphne(env, web_log, port))  # the web process: channel mode, no worker
         url = f"http://127.0.0.1:{port}"
         api = Api(url, token)
 
