@@ -248,7 +248,7 @@ def go_to(request, url: str) -> HttpResponse:
 @require_POST
 def cancel_run(request, pk):
     """The Stop button: the stream then brings the run's end; without HTMX, back to the run's page."""
-    run = get_object_or_404(SteeringRun.objects.visible_to(request.user), pk=pk)
+    run = visible_or_404(request, SteeringRun, pk)
     if not run.can_change(request.user):
         raise PermissionDenied("Only the run's owner or staff can stop it.")
     runs.cancel(run.pk, f"cancelled by {request.user.get_username()}")
