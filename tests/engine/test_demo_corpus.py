@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_IDS, DEMO_LAYER
-from steering_app.engine.layers import block_hidden, decoder_blocks
+from steering_app.engine.layers import block_output
 from steering_app.engine.saes.sae import load_sae
 from steering_app.engine.training import corpus
 
@@ -53,34 +53,15 @@ def marked_form(token: str) -> str:
     return re.sub(r"\s+", " ", token)
 
 
-class StopAfterTheBlock(Exception):
-    pass
-
-
 def block_outputs_of_rows(lm, rows: list[list[int]], layer: int) -> list[torch.Tensor]:
     """The output of block `layer` at every position of each row, [len(row), hidden]: each row its own sequence,
     rows of one length in one batch, as collect_activations read the packed corpus, and the forward stopped after
-    the block (the blocks above it and the head would cost twice as much again and change nothing here)."""
-    seen = []
-
-    def stop_after_the_block(module, args, output):
-        seen.append(block_hidden(output))
-        raise StopAfterTheBlock
-
+    the block (layers.block_output: the blocks above it and the head would change nothing here)."""
     outputs = {}
-    handle = decoder_blocks(lm.model)[layer].register_forward_hook(stop_after_the_block)
-    try:
-        with torch.inference_mode():
-            for length in {len(row) for row in rows}:
-                batch = [i for i, row in enumerate(rows) if len(row) == length]
-                seen.clear()
-                try:
-                    lm.model(torch.tensor([rows[i] for i in batch], device=lm.device), use_cache=False)
-                except StopAfterTheBlock:
-                    pass
-                outputs.update(zip(batch, seen[0]))
-    finally:
-        handle.remove()
+    for length in {len(row) for row in rows}:
+        batch = [i for i, row in enumerate(rows) if len(row) == length]
+        ids = torch.tensor([rows[i] for i in batch], device=lm.device)
+        outputs.update(zip(batch, block_output(lm.model, ids, layer)))
     return [outputs[i] for i in range(len(rows))]
 
 
