@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 Status = VectorJob.Status
 ACTIVE = (Status.QUEUED, Status.RUNNING)
-# Both sides need a held-out example in the engine's 80/20 split: 4 examples give 3 to fit, 1 to test.
-MIN_EXAMPLES = 4
+# The engine holds out every fifth example of each side to measure separation (engine.vectors.MIN_EXAMPLES).
+MIN_EXAMPLES = 5
 MAX_EXAMPLES = 1000
 # All texts of one job together: 1000 pairs of a few sentences are ~300k characters; a forward per text.
 MAX_TOTAL_CHARS = 2_000_000
