@@ -1,7 +1,9 @@
 """Steering vectors from contrastive examples: one direction per concept for every block of the model.
 
 For each block L the model reads every example; an example's representation x is the mean of its block-L
-outputs over its non-special tokens (tokens "all") or its last one (tokens "last", repeng's reading).
+outputs over its non-special tokens (tokens "all") or its last one (tokens "last", repeng's reading). The first
+position is left out: it is the attention sink, whose residual norm on SmolLM2 is ~100x every other's (25951
+against ~180 at block 15) whatever its token, so it would outweigh the rest of the text in a mean.
 - diffmean (DiffMean, CAA): u_L ∝ mean(x of positives) - mean(x of negatives).
 - pca (repeng's pca_diff): u_L = the first principal component of the centred paired differences
   x_pos - x_neg, its sign turned toward the positives by majority over the pairs, as repeng does.
@@ -11,7 +13,9 @@ would carry the residual stream's large common offset and say nothing about the 
 
 The separation report: for each block, a direction made from 80 % of the examples (every fifth held out), and
 the threshold halfway between the two classes' mean projections on it; the held-out accuracy of that threshold.
-The best layer is where it peaks (ties: the larger held-out gap between the classes, in their spread's units).
+The best layer is where it peaks; of tied layers, the first: a text's last blocks separate almost any two sets
+of examples (the planet pairs reach 1.0 at blocks 10-12 and again at 29), but steering there has few blocks
+left to act through.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ METHODS = ("diffmean", "pca")
 TOKEN_MODES = ("all", "last")
 HELD_OUT_EVERY = 5  # every fifth example is held out: the 80/20 split of the separation report
 MIN_EXAMPLES = HELD_OUT_EVERY  # per side: at least one held out and four to make the direction from
-BATCH_SIZE = 16
+BATCH_SIZE = 32
 
 OnProgress = Callable[[float], None]
 
@@ -93,14 +97,13 @@ def make_concept(
     positive, negative = reps[: len(positives)], reps[len(positives) :]
     held_out = torch.arange(len(positives)) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     held_out_negative = torch.arange(len(negatives)) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
-    separation, gaps = [], []
-    for layer in range(reps.shape[1]):
-        accuracy, gap = _held_out_separation(
-            positive[:, layer], negative[:, layer], held_out, held_out_negative, method
+    separation = [
+        round(
+            _held_out_accuracy(positive[:, layer], negative[:, layer], held_out, held_out_negative, method), 4
         )
-        separation.append(round(accuracy, 4))
-        gaps.append(gap)
-    best_layer = max(range(len(separation)), key=lambda layer: (separation[layer], gaps[layer]))
+        for layer in range(reps.shape[1])
+    ]
+    best_layer = separation.index(max(separation))
     vectors, offsets = [], []
     for layer in range(reps.shape[1]):
         unit = _direction(positive[:, layer], negative[:, layer], method)
@@ -153,19 +156,16 @@ def _direction(positive: torch.Tensor, negative: torch.Tensor, method: str) -> t
     return direction / norm if norm > 0 else direction
 
 
-def _held_out_separation(positive, negative, held_out, held_out_negative, method: str) -> tuple[float, float]:
-    """(accuracy, gap) at one block: the direction and threshold from the kept examples, read on the held-out
-    ones; gap is the held-out difference of the classes' mean projections over their pooled spread."""
+def _held_out_accuracy(positive, negative, held_out, held_out_negative, method: str) -> float:
+    """At one block: the direction and threshold from the kept examples, their accuracy on the held-out ones."""
     if method == "pca":  # pairs stay together: both sides share the split
         held_out_negative = held_out
     unit = _direction(positive[~held_out], negative[~held_out_negative], method)
     threshold = ((positive[~held_out] @ unit).mean() + (negative[~held_out_negative] @ unit).mean()) / 2
-    test_positive, test_negative = positive[held_out] @ unit, negative[held_out_negative] @ unit
-    correct = (test_positive > threshold).sum() + (test_negative <= threshold).sum()
-    accuracy = float(correct) / (len(test_positive) + len(test_negative))
-    spread = torch.cat([test_positive - test_positive.mean(), test_negative - test_negative.mean()]).std()
-    gap = float((test_positive.mean() - test_negative.mean()) / spread) if spread > 0 else 0.0
-    return accuracy, gap
+    correct = (positive[held_out] @ unit > threshold).sum() + (
+        negative[held_out_negative] @ unit <= threshold
+    ).sum()
+    return float(correct) / int(held_out.sum() + held_out_negative.sum())
 
 
 def _encode(tokenizer, text: str, field: str) -> list[int]:
@@ -193,6 +193,8 @@ def representations(
             lengths = torch.tensor([len(row) for row in batch])
             real = torch.arange(width)[None, :] < lengths[:, None]
             keep = real & ~torch.isin(ids, special)
+            # Not the attention sink at position 0, unless the text has no other token.
+            keep[:, 0] &= keep[:, 1:].sum(dim=1) == 0
             outputs = all_block_outputs(model, ids.to(lm.device), real.long().to(lm.device))
             out.append(_pool(outputs, keep, tokens))
             if on_progress is not None:
