@@ -22,7 +22,9 @@ from steering_app.engine import loader
 from steering_app.engine.control_vectors import write_gguf
 from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_LAYER, DEMO_MODEL_NAME
 from steering_app.engine.layers import block_output
+from steering_app.engine.steer import SteeringSpec
 from steering_app.engine.tokens import encode_text, eos_token_ids
+from steering_app.engine.vectors import control_vector
 
 try:
     import llama_cpp
@@ -59,14 +61,17 @@ def llama():
         pytest.skip("llama-cpp-python is not installed (`make llama-cpp`)")
     # The GGUF the engine itself loads the demo model from (its Q4_1 weights, dequantized for PyTorch).
     return llama_cpp.Llama(
-        model_path=loader.resolve_source(loader.SMOLLM2_DEMO), n_ctx=128, n_threads=2, seed=0, verbose=False
+        model_path=loader.resolve_source(loader.SMOLLM2_DEMO), n_ctx=128, n_threads=1, n_threads_batch=1, seed=0, verbose=False
     )
 
 
 def planet_steering(sae) -> dict[int, torch.Tensor]:
-    """{layer: c * a * W_dec[#1681]}: the additive steering SteerLab adds for the planet feature at c = 1."""
+    """{layer: c * a * W_dec[#1681]}: what SteerLab exports for the planet feature at c = 1, layer 10."""
     (feature,) = [f for f in json.loads(DEMO_FEATURES.read_text()) if f["index"] == PLANET]
-    return {DEMO_LAYER: COEFFICIENT * feature["max_activation"] * sae.W_dec[PLANET].detach().float()}
+    spec = SteeringSpec(
+        "additive", [(PLANET, COEFFICIENT)], [DEMO_LAYER], feature_scales={PLANET: feature["max_activation"]}
+    )
+    return control_vector(sae, spec)
 
 
 def llama_cpp_buffer(path, n_embd: int) -> np.ndarray:
