@@ -21,6 +21,7 @@ from steering_app.models import (
     PromptSet,
     SteeringRun,
     Training,
+    VectorJob,
 )
 from steering_app.models.steering_config import STEERING_FIELDS
 
@@ -96,6 +97,7 @@ class TrainingAdmin(admin.ModelAdmin):
         "created_at",
         "completed_at",
         "features_link",
+        "vector_jobs_link",
     ]
 
     # What a completed training's checkpoint was trained on: changing one would describe another SAE than the
@@ -124,6 +126,50 @@ class TrainingAdmin(admin.ModelAdmin):
     def features_link(self, training):
         url = reverse("admin:steering_app_feature_changelist") + f"?training__id__exact={training.pk}"
         return format_html('<a href="{}">{} features</a>', url, training.features.count())
+
+    @admin.display(description="vector jobs")
+    def vector_jobs_link(self, training):
+        """A vector space's concepts are made by jobs: how each went (none for an SAE)."""
+        url = reverse("admin:steering_app_vectorjob_changelist") + f"?training__id__exact={training.pk}"
+        return format_html('<a href="{}">{} vector jobs</a>', url, training.vector_jobs.count())
+
+
+@admin.register(VectorJob)
+class VectorJobAdmin(admin.ModelAdmin):
+    """Vector jobs are made by the API, the panel and `manage.py make_vector`; admin shows their progress and
+    separation report, read-only (the job's worker writes the row)."""
+
+    list_display = ["id", "name", "training", "method", "tokens", "status", "progress_percent", "created_at"]
+    list_filter = ["status", "method", "training"]
+    search_fields = ["name", "description", "error"]
+    list_select_related = ["training__model", "training__dataset", "owner"]
+    exclude = ["positives", "negatives"]
+    readonly_fields = ["examples_count", "best_layer"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
+
+    @admin.display(description="progress", ordering="progress")
+    def progress_percent(self, job):
+        return f"{job.progress:.0%}"
+
+    @admin.display(description="examples")
+    def examples_count(self, job):
+        kind = "pairs" if job.paired else "examples"
+        return f"{len(job.positives)} positive, {len(job.negatives)} negative {kind}"
+
+    @admin.display(description="best layer (held-out accuracy)")
+    def best_layer(self, job):
+        report = job.report or {}
+        if report.get("best_layer") is None:
+            return "-"
+        return f"{report['best_layer']} ({report.get('accuracy')})"
 
 
 @admin.register(Feature)

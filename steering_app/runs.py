@@ -32,7 +32,7 @@ from django.db import connection, transaction
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from steering_app import analysis, experiment_results, services, streaming, wake
+from steering_app import analysis, experiment_results, services, streaming, vector_jobs, wake
 from steering_app.errors import (
     OOM_MESSAGE,  # noqa: F401 - the API compares a failed run's error with it
     InvalidInput,
@@ -191,6 +191,10 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
     while True:
         # A prompt a web request awaits is read between two steps: one short forward, before more runs join.
         analysis.process_waiting()
+        # A steering vector takes seconds to a minute of forwards: made while no interactive run streams, so
+        # that no member's comparison stalls behind it.
+        if not batches.streaming:
+            vector_jobs.process_waiting()
         while (run := claim(batches.accepts)) is not None:
             count += 1
             item = _Working(run, emit_for(run.pk) if emit_for else None)
@@ -222,6 +226,11 @@ class _Batches:
     def __init__(self):
         self.interactive: services.EngineBatch | None = None
         self.cells: services.EngineBatch | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """Whether interactive runs are in progress here."""
+        return self._active(self.interactive)
 
     @staticmethod
     def _active(batch) -> bool:

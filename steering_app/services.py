@@ -6,9 +6,11 @@ engine's result into the values a run stores.
 
 import math
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.utils.timezone import now
@@ -16,9 +18,11 @@ from django.utils.timezone import now
 from steering_app import model_loading
 from steering_app.errors import InvalidInput
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
-from steering_app.steering_settings import slot_shape
+from steering_app.steering_settings import SteeringSettings, slot_shape
 
 if TYPE_CHECKING:
+    import torch
+
     from steering_app.engine.serving.generate import Comparison, Generation
     from steering_app.engine.serving.lean import LeanStep
     from steering_app.engine.steer import SteeringSpec
@@ -95,6 +99,72 @@ def check_steering_scales(training: Training, features: list[dict]) -> None:
                 "or import its labels again.",
                 "features",
             )
+
+
+def control_vector_of(
+    training: Training, features: object, layers: object, method: object
+) -> dict[int, "torch.Tensor"]:
+    """{layer: sum_i c_i * a_i * d_i}: the steering fields of a generate body as one vector per chosen layer, what a
+    llama.cpp control vector adds (engine.vectors.control_vector), over an SAE or a vector space alike.
+
+    InvalidInput naming the field: multiplicative steering (`method`) needs the SAE's encoder at generation
+    time, so no fixed vector can stand for it; features and layers are checked as a run's are."""
+    import torch
+
+    from steering_app.engine.saes.sae import load_sae
+    from steering_app.engine.steer import SteeringSpec
+    from steering_app.engine.vectors import control_vector
+
+    if method == SteeringRun.Method.MULTIPLICATIVE:
+        raise InvalidInput(
+            "Multiplicative steering cannot be exported: it scales what the SAE's encoder reads at each step, "
+            "which a fixed control vector cannot do. Export additive steering.",
+            "method",
+        )
+    cleaned = SteeringSettings(features=features, layers=layers, method=method).validate(training)
+    spec = SteeringSpec(
+        method=cleaned.method,
+        features=tuple((item["feature_id"], item["coefficient"]) for item in cleaned.features),
+        layers=tuple(cleaned.layers),
+        feature_scales=steering_scales(training, cleaned.features),
+    )
+    check_steering_scales(training, cleaned.features)
+    # Float32 whatever the checkpoint's dtype: a control vector file holds float32.
+    return control_vector(load_sae(training.checkpoint_path, dtype=torch.float32), spec)
+
+
+CONTROL_VECTOR_MEDIA_TYPE = "application/octet-stream"
+
+
+def control_vector_gguf(training: Training, features: object, layers: object, method: object) -> bytes:
+    """control_vector_of's vectors as a llama.cpp control-vector GGUF file's bytes; InvalidInput naming the
+    field when llama.cpp could not apply them (block 0) or nothing is steered (every coefficient 0)."""
+    from steering_app.engine.control_vectors import write_gguf
+
+    vectors = control_vector_of(training, features, layers, method)
+    if not vectors:
+        raise InvalidInput("Every coefficient is 0: there is no steering to export.", "features")
+    if 0 in vectors:
+        raise InvalidInput(
+            "llama.cpp applies no control vector to the output of block 0 (it refuses direction.0): choose "
+            "layers from 1 on.",
+            "intervention_layers",
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        return write_gguf(Path(folder) / "control.gguf", vectors, model_hint(training.model)).read_bytes()
+
+
+def model_hint(model: LanguageModel) -> str:
+    """What a control vector's controlvector.model_hint names (repeng writes config.model_type, "llama"):
+    the architecture's class name without its head (LlamaForCausalLM: llama). llama.cpp does not check it."""
+    name = model.architecture
+    for head in ("ForCausalLM", "LMHeadModel"):
+        name = name.removesuffix(head)
+    return name.lower() or "unknown"
+
+
+def control_vector_filename(training: Training) -> str:
+    return f"steerlab-training-{training.pk}-control-vector.gguf"
 
 
 def multipliers(run: SteeringRun) -> list[float]:

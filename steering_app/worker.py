@@ -12,7 +12,7 @@ STEERLAB_WORKER_MODE (settings) picks one; unset, channel with REDIS_URL, else e
 Embedded and channel workers load their models as they start (model_loading.warm, in a thread of its own): the
 first run does not wait for the weights and the step plan, or sees their progress if it comes sooner.
 Embedded and channel workers also beat (runs.beat: "this worker is alive", busy or not) and call
-runs.sweep_stale() and analysis.sweep_stale() every SWEEP_SECONDS, and once as they start.
+runs.sweep_stale(), analysis.sweep_stale() and vector_jobs.sweep_stale() every SWEEP_SECONDS, and once as they start.
 """
 
 import asyncio
@@ -24,7 +24,7 @@ from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from steering_app import analysis, model_loading, runs
+from steering_app import analysis, model_loading, runs, vector_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def sweep() -> None:
         runs.beat(runs.worker_name())
         swept = runs.sweep_stale()
         stalled = analysis.sweep_stale()
+        stalled_vectors = vector_jobs.sweep_stale()
     except Exception:
         logger.exception("Sweeping stale runs failed")
         return
@@ -62,6 +63,8 @@ def sweep() -> None:
         logger.warning("Failed %d stale run(s)", swept)
     if stalled:
         logger.warning("Failed %d stale analysis job(s)", stalled)
+    if stalled_vectors:
+        logger.warning("Failed %d stale vector job(s)", stalled_vectors)
 
 
 def start_warming() -> None:

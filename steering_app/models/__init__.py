@@ -118,6 +118,8 @@ class Training(models.Model):
         STANDARD = "standard"
         TOPK = "topk"
         JUMPRELU = "jumprelu"
+        # Directions made from examples or imported (steering_app/vector_jobs.py): one per concept, per layer.
+        VECTORS = "vectors"
 
     Status = JobStatus
 
@@ -142,7 +144,7 @@ class Training(models.Model):
         indexes = [models.Index(fields=["status", "-created_at"], name="training_status_created")]
         constraints = [
             models.CheckConstraint(
-                condition=Q(encoder_type__in=["standard", "topk", "jumprelu"]),
+                condition=Q(encoder_type__in=["standard", "topk", "jumprelu", "vectors"]),
                 name="training_encoder_type_valid",
             ),
             models.CheckConstraint(
@@ -158,6 +160,10 @@ class Training(models.Model):
     @property
     def label(self) -> str:
         """How the panel's training picker (the specification's mock), admin and run pages name it."""
+        if self.is_vector_space:
+            concepts = (self.stats or {}).get("concepts") if isinstance(self.stats, dict) else None
+            names = ", ".join(str(entry.get("name")) for entry in concepts or [] if isinstance(entry, dict))
+            return f"vectors: {names or 'no concept yet'} • {self.model.name}"
         dataset = self.dataset.name if self.dataset_id else "no dataset"
         started = self.created_at
         return (
@@ -168,6 +174,11 @@ class Training(models.Model):
     @property
     def is_completed(self) -> bool:
         return self.status == self.Status.COMPLETED
+
+    @property
+    def is_vector_space(self) -> bool:
+        """Its features are directions with no encoder: only additive steering applies."""
+        return self.encoder_type == self.EncoderType.VECTORS
 
     @cached_property
     def is_calibrated(self) -> bool:
@@ -554,3 +565,4 @@ class AnalysisJob(Job):
 
 
 from steering_app.models.experiments import Experiment, ExperimentResult, PromptSet  # noqa: F401
+from steering_app.models.vectors import VectorJob  # noqa: F401
