@@ -1,17 +1,18 @@
 """llama.cpp applies SteerLab's exported control vector at the right block, with the right sign and scale.
 
-The planet steering (demo SAE feature #1681, additive, layer 10, c = 1) is exported with
-control_vectors.write_gguf, and the file is handed to llama.cpp (llama-cpp-python, test-only: `make llama-cpp`)
-the way `llama-cli --control-vector` does it: common.cpp's loader turns the GGUF into one float buffer whose
-row N - 1 holds direction.N, and llama_set_adapter_cvec applies it to layers 1 .. n_layer. llama.cpp then
-generates from the demo's chat prompt with and without the vector, five seeds, and SteerLab's engine reads
-feature #1681 on llama.cpp's text with the clean model. If the export were on the wrong block, of the wrong
-sign or far off in scale, the feature would not rise.
+Two planet steerings at layer 10, c = 1: the DiffMean vector made from the shipped planet pairs, and the demo SAE's
+planet feature #1681 (c * max activation * W_dec). Each is exported with control_vectors.write_gguf, and the file
+is handed to llama.cpp (llama-cpp-python, test-only: `make llama-cpp`) the way `llama-cli --control-vector` does
+it: common.cpp's loader turns the GGUF into one float buffer whose row N - 1 holds direction.N, and
+llama_set_adapter_cvec applies it to layers 1 .. n_layer. llama.cpp then generates from the demo's chat prompt
+with and without the vector, five seeds, and SteerLab's engine reads feature #1681 on llama.cpp's text with the
+clean model. Were the export on the wrong block, of the wrong sign or far off in scale, the feature would not rise.
 """
 
 import ctypes
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +25,11 @@ from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_LAYER,
 from steering_app.engine.layers import block_output
 from steering_app.engine.steer import SteeringSpec
 from steering_app.engine.tokens import encode_text, eos_token_ids
-from steering_app.engine.vectors import control_vector
+from steering_app.engine.vectors import control_vector, make_concept, save_space
 
 try:
     import llama_cpp
-except ImportError:  # the llama fixture skips the test, or fails it under CI
+except ImportError:  # the llama fixture skips the test, or fails it with REQUIRE_LLAMA_CPP=1 (.ci/run)
     llama_cpp = None
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,7 @@ PROMPT = "Tell me about your day."
 SEEDS = range(5)
 MAX_TOKENS = 24
 TEMPERATURE = 0.8
+PLANET_PAIRS = Path(__file__).resolve().parents[2] / "steering_app" / "data" / "vectors" / "planet.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +56,36 @@ def sae(lm):
 @pytest.fixture(scope="module")
 def llama():
     if llama_cpp is None:
-        if os.environ.get("CI"):
-            pytest.fail(
-                "CI is set but llama_cpp cannot be imported: `make llama-cpp` builds llama-cpp-python"
-            )
+        if os.environ.get("REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail("REQUIRE_LLAMA_CPP=1 but llama_cpp cannot be imported: `make llama-cpp` builds it")
         pytest.skip("llama-cpp-python is not installed (`make llama-cpp`)")
     # The GGUF the engine itself loads the demo model from (its Q4_1 weights, dequantized for PyTorch).
     return llama_cpp.Llama(
-        model_path=loader.resolve_source(loader.SMOLLM2_DEMO), n_ctx=128, n_threads=1, n_threads_batch=1, seed=0, verbose=False
+        model_path=loader.resolve_source(loader.SMOLLM2_DEMO),
+        n_ctx=128,
+        n_threads=1,
+        n_threads_batch=1,
+        seed=0,
+        verbose=False,
     )
 
 
-def planet_steering(sae) -> dict[int, torch.Tensor]:
-    """{layer: c * a * W_dec[#1681]}: what SteerLab exports for the planet feature at c = 1, layer 10."""
+def sae_planet_steering(lm, sae, tmp_path) -> dict[int, torch.Tensor]:
+    """{10: c * a * W_dec[#1681]}: what SteerLab exports for the SAE's planet feature."""
     (feature,) = [f for f in json.loads(DEMO_FEATURES.read_text()) if f["index"] == PLANET]
     spec = SteeringSpec(
         "additive", [(PLANET, COEFFICIENT)], [DEMO_LAYER], feature_scales={PLANET: feature["max_activation"]}
     )
     return control_vector(sae, spec)
+
+
+def diffmean_planet_steering(lm, sae, tmp_path) -> dict[int, torch.Tensor]:
+    """{10: c * a * u}: what SteerLab exports for the planet vector made from the shipped pairs."""
+    pairs = [json.loads(line) for line in PLANET_PAIRS.read_text().splitlines()]
+    positives, negatives = [pair["positive"] for pair in pairs], [pair["negative"] for pair in pairs]
+    concept = make_concept(lm, "planet", "", positives, negatives, method="diffmean", paired=True)
+    space = loader.load_sae_cached(save_space(tmp_path / "space", [concept], DEMO_LAYER, DEMO_MODEL_NAME), lm)
+    return control_vector(space, SteeringSpec("additive", [(0, COEFFICIENT)], [DEMO_LAYER]))
 
 
 def llama_cpp_buffer(path, n_embd: int) -> np.ndarray:
@@ -110,8 +124,9 @@ def planet_reading(lm, sae, prompt_ids: list[int], continuation: list[int]) -> f
         return sae.encode(hidden)[:, PLANET].mean().item()
 
 
-def test_it_steers_llama_cpp_with_the_exported_vector(llama, lm, sae, tmp_path):
-    path = write_gguf(tmp_path / "planet.gguf", planet_steering(sae), DEMO_MODEL_NAME)
+@pytest.mark.parametrize("steering", [diffmean_planet_steering, sae_planet_steering])
+def test_it_steers_llama_cpp_with_the_exported_vector(llama, lm, sae, tmp_path, steering):
+    path = write_gguf(tmp_path / "planet.gguf", steering(lm, sae, tmp_path), DEMO_MODEL_NAME)
     n_embd = llama_cpp.llama_model_n_embd(llama.model)
     n_layer = llama_cpp.llama_model_n_layer(llama.model)
     assert (n_embd, n_layer) == (lm.hidden_size, lm.num_layers)
