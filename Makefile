@@ -79,10 +79,11 @@ chromium:
 	  else echo "chromium missing and no root: browser tests will skip (or fail with REQUIRE_BROWSER=1)"; fi; }
 
 # llama-cpp-python for the llama.cpp proof test only (requirements-llama.lock), built from its sdist: cmake and a
-# C++ compiler from Debian when missing, then one wheel in the data dir that later runs reuse (about 4 minutes
-# on 2 cores). CPU-only and GGML_NATIVE=OFF: the wheel targets AVX2/FMA/F16C (ggml's x86-64 defaults once
-# native is off), which every CI machine has, instead of -march=native, which would bake in whatever the
-# building machine has (AVX-512, AMX) and crash with an illegal instruction on a cached wheel elsewhere.
+# C++ compiler from Debian when missing, then one wheel in the data dir that later runs reuse. The build takes
+# 7.5 CPU-minutes: 7 to 14 minutes on a busy 2-core machine, under 4 on 2 idle cores; a reuse takes a second.
+# CPU-only and GGML_NATIVE=OFF: the wheel targets AVX2/FMA/F16C (ggml's x86-64 defaults once native is off),
+# which every CI machine has, instead of -march=native, which would bake in whatever the building machine has
+# (AVX-512, AMX) and crash with an illegal instruction on a cached wheel elsewhere.
 LLAMA_LOCK := requirements-llama.lock
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' $(LLAMA_LOCK))
 LLAMA_WHEELS := $(DATA_DIR)/wheels
