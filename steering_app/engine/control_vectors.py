@@ -32,7 +32,9 @@ def write_gguf(path: os.PathLike | str, vectors: dict[int, torch.Tensor], model_
     from gguf import GGUFWriter
 
     if not vectors:
-        raise ControlVectorError("no layer to export: choose at least one intervention layer")
+        raise ControlVectorError(
+            "nothing to export: no layer has a vector (no layer chosen, or every coefficient is 0)"
+        )
     if 0 in vectors:
         raise ControlVectorError(
             "llama.cpp cannot apply a control vector to the output of block 0 (it rejects direction.0): "

@@ -210,6 +210,6 @@ def test_it_refuses_a_model_gguf(tmp_path):
 def test_it_refuses_to_export_what_llama_cpp_rejects(tmp_path):
     with pytest.raises(ControlVectorError, match=r"rejects direction\.0"):
         write_gguf(tmp_path / "v.gguf", random_vectors([0, 1]), "x")
-    with pytest.raises(ControlVectorError, match=r"no layer to export"):
+    with pytest.raises(ControlVectorError, match=r"nothing to export: no layer has a vector"):
         write_gguf(tmp_path / "v.gguf", {}, "x")
     assert not (tmp_path / "v.gguf").exists()
