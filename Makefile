@@ -98,7 +98,7 @@ $(LLAMA_STAMP): $(STAMP) $(LLAMA_LOCK)
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ ninja-build; \
 	  else echo "cmake, a C++ compiler or ninja missing and no root: cannot build llama-cpp-python"; exit 1; fi; }
 	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-binary llama-cpp-python \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
 	  -c $(LLAMA_LOCK) --build-constraint $(LLAMA_LOCK) -w $(LLAMA_WHEELS) llama-cpp-python
 	$(PY) -m pip install -q --no-deps -c $(LLAMA_LOCK) $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl diskcache
 	touch $(LLAMA_STAMP)
