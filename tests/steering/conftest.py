@@ -2,6 +2,7 @@
 
 import pytest
 
+from steering_app import engine_config
 from steering_app.models import LanguageModel, SteeringRun
 from tests.migrations import migrate_to_latest
 
@@ -63,3 +64,33 @@ def back_to_latest():
     table."""
     yield
     migrate_to_latest()
+
+
+@pytest.fixture
+def engine_data_dir(monkeypatch, tmp_path):
+    """Where the engine writes checkpoints: a folder of the test's own."""
+    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, language_model):
+    """Vector jobs without the model: load_model and make_concept stand-ins (fake_concept, progress reported half
+    way); returns the calls to make_concept."""
+    # Imported here: the engine brings torch, which most of these tests never need.
+    from steering_app.engine import loader, vectors
+    from tests.steering.vector_fakes import fake_concept
+
+    calls = []
+
+    def make_concept(lm, name, description, positives, negatives, *, method, tokens, paired, on_progress):
+        calls.append({"method": method, "tokens": tokens, "paired": paired, "positives": positives})
+        on_progress(0.5)
+        return fake_concept(name, description, positives, negatives, lm.num_layers, lm.hidden_size)
+
+    lm = type(
+        "LM", (), {"num_layers": language_model.num_layers, "hidden_size": language_model.hidden_size}
+    )()
+    monkeypatch.setattr(loader, "load_model", lambda source, **kw: lm)
+    monkeypatch.setattr(vectors, "make_concept", make_concept)
+    return calls

@@ -11,66 +11,14 @@ import pytest
 import torch
 from django.utils import timezone
 
-from steering_app import engine_config, vector_jobs, wake
-from steering_app.engine import loader, vectors
+from steering_app import vector_jobs, wake
+from steering_app.engine import vectors
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
+from tests.steering.vector_fakes import fake_concept
 
 PAIRS = [[f"planet text {i}", f"plain text {i}"] for i in range(6)]
-
-
-@pytest.fixture
-def engine_data_dir(monkeypatch, tmp_path):
-    """Where the engine writes checkpoints: a folder of the test's own."""
-    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def stored_only(monkeypatch):
-    """Workers are told but run nothing: jobs stay queued for the test to drive."""
-    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)
-
-
-def fake_concept(name, description, positives, negatives, num_layers, hidden, best_layer=2):
-    """A concept whose vectors are a function of the examples (their count), as make_concept's would be."""
-    base = torch.arange(num_layers * hidden, dtype=torch.float32).reshape(num_layers, hidden)
-    separation = [
-        0.5 + 0.1 * (layer == best_layer) + 0.4 * (layer == best_layer) for layer in range(num_layers)
-    ]
-    return vectors.Concept(
-        name=name,
-        description=description,
-        vectors=base / (1 + len(positives)),
-        offsets=torch.zeros(num_layers),
-        separation=separation,
-        best_layer=best_layer,
-        info={
-            "method": "diffmean",
-            "tokens": "all",
-            "positives": len(positives),
-            "negatives": len(negatives),
-        },
-    )
-
-
-@pytest.fixture
-def fake_engine(monkeypatch, language_model):
-    """load_model and make_concept stand-ins: progress reported at 0.5 and 1, calls recorded."""
-    calls = []
-
-    def make_concept(lm, name, description, positives, negatives, *, method, tokens, paired, on_progress):
-        calls.append({"method": method, "tokens": tokens, "paired": paired, "positives": positives})
-        on_progress(0.5)
-        return fake_concept(name, description, positives, negatives, lm.num_layers, lm.hidden_size)
-
-    lm = type(
-        "LM", (), {"num_layers": language_model.num_layers, "hidden_size": language_model.hidden_size}
-    )()
-    monkeypatch.setattr(loader, "load_model", lambda source, **kw: lm)
-    monkeypatch.setattr(vectors, "make_concept", make_concept)
-    return calls
 
 
 def create(model, **fields):
@@ -156,7 +104,7 @@ def vector_space(model, **fields) -> Training:
 
 
 def test_it_refuses_to_add_to_an_sae_a_pending_space_another_models_space_or_a_taken_name(
-    language_model, training, stored_only
+    language_model, training, queued_only
 ):
     other = LanguageModel.objects.create(
         name="other",
@@ -218,7 +166,7 @@ def test_it_fails_the_job_and_its_space_when_no_worker_can_be_told(language_mode
 
 
 def test_it_makes_a_new_space_with_its_first_concept(
-    language_model, engine_data_dir, stored_only, fake_engine
+    language_model, engine_data_dir, queued_only, fake_engine
 ):
     job = create(language_model, description="Planets and moons")
     assert vector_jobs.process_waiting() == 1
@@ -254,7 +202,7 @@ def test_it_makes_a_new_space_with_its_first_concept(
 
 
 def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
-    language_model, engine_data_dir, stored_only, fake_engine
+    language_model, engine_data_dir, queued_only, fake_engine
 ):
     first = create(language_model)
     vector_jobs.process_waiting()
@@ -289,7 +237,7 @@ def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
 
 
 def test_a_failure_fails_the_job_and_its_new_space_and_changes_nothing_else(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     def refuse(lm, name, description, positives, negatives, **options):
         raise vectors.VectorError("positives", "the examples are all the same text")
@@ -306,7 +254,7 @@ def test_a_failure_fails_the_job_and_its_new_space_and_changes_nothing_else(
 
 
 def test_a_failure_while_storing_removes_the_new_checkpoint(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     first = create(language_model)
     vector_jobs.process_waiting()
@@ -327,7 +275,7 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
 
 
 def test_it_records_progress_and_heartbeat_on_the_row(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     seen = []
 
@@ -343,7 +291,7 @@ def test_it_records_progress_and_heartbeat_on_the_row(
 
 
 def test_a_job_failed_meanwhile_stops_and_stays_failed(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     def make_concept(lm, name, description, positives, negatives, **options):
         VectorJob.objects.update(status="failed", error="the worker stopped before finishing")
@@ -358,7 +306,7 @@ def test_a_job_failed_meanwhile_stops_and_stays_failed(
     assert not Feature.objects.exists()
 
 
-def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, settings, stored_only):
+def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, settings, queued_only):
     settings.STEERLAB_RUN_MAX_SECONDS = 60
     silent = create(language_model)
     beating = create(language_model, name="cake")
@@ -377,7 +325,7 @@ def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, 
     assert silent.error == vector_jobs.WORKER_STOPPED and silent.training.status == "failed"
 
 
-def test_a_worker_claims_a_queued_job_once(language_model, stored_only):
+def test_a_worker_claims_a_queued_job_once(language_model, queued_only):
     job = create(language_model)
     claimed = vector_jobs.claim(job.pk)
     assert claimed.status == "running" and claimed.worker == vector_jobs.worker_name()
