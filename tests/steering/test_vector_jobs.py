@@ -11,11 +11,12 @@ import pytest
 import torch
 from django.utils import timezone
 
-from steering_app import vector_jobs, wake
+from steering_app import runs, vector_jobs, wake
 from steering_app.engine import vectors
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
+from tests.fake_engine import sweep_outcome, use_engine
 from tests.steering.vector_fakes import fake_concept
 
 PAIRS = [[f"planet text {i}", f"plain text {i}"] for i in range(6)]
@@ -169,7 +170,7 @@ def test_it_makes_a_new_space_with_its_first_concept(
     language_model, engine_data_dir, queued_only, fake_engine
 ):
     job = create(language_model, description="Planets and moons")
-    assert vector_jobs.process_waiting() == 1
+    assert vector_jobs.process_next() is True
     job.refresh_from_db()
     assert (job.status, job.progress, job.error) == ("completed", 1.0, "")
     assert (
@@ -205,7 +206,7 @@ def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
     language_model, engine_data_dir, queued_only, fake_engine
 ):
     first = create(language_model)
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     space = Training.objects.get(pk=first.training_id)
     old_path = space.checkpoint_path
     second = create(
@@ -217,7 +218,7 @@ def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
         positives=["cake"] * 5,
         negatives=["plain"] * 5,
     )
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     second.refresh_from_db()
     space.refresh_from_db()
     assert (second.status, second.report["feature_index"], space.d_sae, space.hook_layer) == (
@@ -244,7 +245,7 @@ def test_a_failure_fails_the_job_and_its_new_space_and_changes_nothing_else(
 
     monkeypatch.setattr(vectors, "make_concept", refuse)
     job = create(language_model)
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     job.refresh_from_db()
     assert (job.status, job.progress) == ("failed", 0.0)
     assert "all the same text" in job.error
@@ -257,7 +258,7 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
     language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     first = create(language_model)
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     space = Training.objects.get(pk=first.training_id)
     before = (space.checkpoint_path, space.d_sae, space.stats)
     second = create(language_model, model_id=None, training_id=space.pk, name="cake")
@@ -266,7 +267,7 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(vector_jobs, "concept_feature", broken)
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     second.refresh_from_db()
     space.refresh_from_db()
     assert (second.status, second.error) == ("failed", "RuntimeError: disk full")
@@ -286,7 +287,7 @@ def test_it_records_progress_and_heartbeat_on_the_row(
 
     monkeypatch.setattr(vectors, "make_concept", make_concept)
     create(language_model)
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     assert seen == [("running", 0.4)]
 
 
@@ -300,7 +301,7 @@ def test_a_job_failed_meanwhile_stops_and_stays_failed(
 
     monkeypatch.setattr(vectors, "make_concept", make_concept)
     job = create(language_model)
-    vector_jobs.process_waiting()
+    vector_jobs.process_next()
     job.refresh_from_db()
     assert (job.status, job.error) == ("failed", "the worker stopped before finishing")
     assert not Feature.objects.exists()
@@ -341,3 +342,30 @@ def test_a_worker_told_of_a_job_makes_it(language_model, engine_data_dir, fake_e
 
 def test_it_asks_for_as_many_examples_as_the_engine_needs():
     assert vector_jobs.MIN_EXAMPLES == vectors.MIN_EXAMPLES
+
+
+def test_a_worker_serves_queued_runs_before_it_makes_a_vector(
+    language_model, training, owner, make_run, engine_data_dir, fake_engine, queued_only, monkeypatch
+):
+    """A vector takes up to a minute of forwards: a member's comparison waiting meanwhile is served first."""
+    order = []
+
+    def execute(run, on_step=None, should_stop=None):
+        order.append(f"run {run.pk}")
+        return sweep_outcome(run, on_step, should_stop)
+
+    fake_make_concept = vectors.make_concept
+
+    def make_concept(*args, **options):
+        order.append(f"vector {job.pk}")
+        return fake_make_concept(*args, **options)
+
+    use_engine(monkeypatch, execute)
+    monkeypatch.setattr(vectors, "make_concept", make_concept)
+    job = create(language_model)
+    run = make_run(owner)
+    runs.process_queued()
+    assert order == [f"run {run.pk}", f"vector {job.pk}"]
+    run.refresh_from_db()
+    job.refresh_from_db()
+    assert (run.status, job.status) == ("completed", "completed")
