@@ -382,6 +382,9 @@ def _store(job: VectorJob, concept: "Concept") -> None:
             return
         except _SpaceMoved:
             shutil.rmtree(path, ignore_errors=True)
+            # A new space moves only when a sweep failed it with its job: nothing is left to store.
+            if job.new_space or not VectorJob.objects.filter(pk=job.pk, status=Status.RUNNING).exists():
+                raise Abandoned from None
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -474,11 +477,8 @@ def _commit(
     path: Path,
 ) -> None:
     index = len(concepts) - 1
-    entries = (
-        [*(training.stats or {}).get("concepts", []), stats_entry(index, concept)]
-        if not job.new_space
-        else [stats_entry(index, concept)]
-    )
+    previous = [] if job.new_space else list((training.stats or {}).get("concepts", []))
+    entries = [*previous, stats_entry(index, concept)]
     fields = space_fields(training, concepts, reading_layer, path, entries)
     if job.new_space:
         fields.update(status=Training.Status.COMPLETED, completed_at=timezone.now(), error="")

@@ -369,3 +369,31 @@ def test_a_worker_serves_queued_runs_before_it_makes_a_vector(
     run.refresh_from_db()
     job.refresh_from_db()
     assert (run.status, job.status) == ("completed", "completed")
+
+
+def test_a_concept_stored_meanwhile_in_the_same_space_is_kept(
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
+):
+    """Two jobs add to one space at once: the later store sees the space moved and stores again from it."""
+    first = create(language_model)
+    vector_jobs.process_next()
+    space = Training.objects.get(pk=first.training_id)
+    cake = create(language_model, model_id=None, training_id=space.pk, name="cake")
+    sea = create(language_model, model_id=None, training_id=space.pk, name="sea")
+    save_space = vector_jobs._save_space
+
+    def save_while_another_stores(path, concepts, reading_layer, model_name):
+        save_space(path, concepts, reading_layer, model_name)
+        if path.name == f"{space.pk}-{cake.pk}":
+            vector_jobs.execute(vector_jobs.claim(sea.pk))
+
+    monkeypatch.setattr(vector_jobs, "_save_space", save_while_another_stores)
+    vector_jobs.process_next()
+    space.refresh_from_db()
+    assert VectorJob.objects.get(pk=cake.pk).status == VectorJob.objects.get(pk=sea.pk).status == "completed"
+    assert list(space.features.values_list("index", "label")) == [(0, "planet"), (1, "sea"), (2, "cake")]
+    assert space.checkpoint_path == str(engine_data_dir / "vectors" / f"{space.pk}-{cake.pk}-1")
+    concepts, _layer = vectors.load_concepts(space.checkpoint_path)
+    assert [concept.name for concept in concepts] == ["planet", "sea", "cake"]
+    assert [entry["name"] for entry in space.stats["concepts"]] == ["planet", "sea", "cake"]
+    assert not (engine_data_dir / "vectors" / f"{space.pk}-{cake.pk}").exists()
