@@ -9,7 +9,17 @@ from ninja.errors import HttpError, ValidationError
 from ninja.signature.utils import get_path_param_names
 from pydantic import ValidationError as PydanticValidationError
 
-from steering_app import analysis, experiment_results, experiments, exports, feature_search, prompt_sets, runs
+from steering_app import (
+    analysis,
+    experiment_results,
+    experiments,
+    exports,
+    feature_search,
+    prompt_sets,
+    runs,
+    services,
+    vector_jobs,
+)
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
 from steering_app.models import Experiment, Feature, LanguageModel, PromptSet, SteeringRun, Training
@@ -18,6 +28,7 @@ from steering_app.schemas import (
     ActiveFeaturesIn,
     ActiveFeaturesOut,
     CompletedTrainingPage,
+    ControlVectorIn,
     ExperimentAccepted,
     ExperimentIn,
     ExperimentOut,
@@ -35,6 +46,8 @@ from steering_app.schemas import (
     RunOut,
     RunPage,
     TrainingOut,
+    VectorAccepted,
+    VectorIn,
     error_responses,
 )
 from steering_app.steering_settings import SteeringSettings
@@ -103,7 +116,17 @@ def get_training_detail(request, training_id: int = Id):
         "error": training.error,
         "created_at": training.created_at,
         "completed_at": training.completed_at,
+        "vectors": vector_jobs.report(training) if training.is_vector_space else None,
     }
+
+
+@router.post("/vectors", response={202: VectorAccepted, **error_responses(404, 409, 503)})
+def create_vector(request, payload: VectorIn):
+    """Make a steering vector from examples: a new vector space on `model_id`, or a concept added to the space
+    `training_id`. The worker reads the examples (progress and then the separation report in GET
+    /api/trainings/{training_id}); the space changes only once the whole concept is made."""
+    job = vector_jobs.create(request.auth, **payload.model_dump())
+    return Status(202, {"training_id": job.training_id, "job_id": job.pk})
 
 
 @router.get("/trainings/{training_id}/features", response={200: FeaturePage, **error_responses(404)})
@@ -496,10 +519,34 @@ def download(media_type: str) -> dict:
     }
 
 
-def attachment(content: str, media_type: str, filename: str) -> HttpResponse:
-    response = HttpResponse(content, content_type=f"{media_type}; charset=utf-8")
+def attachment(content: str | bytes, media_type: str, filename: str) -> HttpResponse:
+    """A download: text in UTF-8, or bytes as they are."""
+    content_type = media_type if isinstance(content, bytes) else f"{media_type}; charset=utf-8"
+    response = HttpResponse(content, content_type=content_type)
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
+
+
+@router.post(
+    "/steering/control-vector",
+    response={200: None, **error_responses(404, 409)},
+    openapi_extra=download(services.CONTROL_VECTOR_MEDIA_TYPE),
+)
+def export_control_vector(request, payload: ControlVectorIn):
+    """The steering as a llama.cpp control vector (GGUF): for each chosen layer, the sum of c × a_i × direction
+    (an SAE feature's decoder row, or a vector's own vector for the layer). Apply it with
+    `llama-cli --control-vector-scaled FILE 1.0`; multiplicative steering cannot be exported (400 naming method)."""
+    training = Training.objects.get_completed(payload.training_id)
+    if payload.model_id != training.model_id:
+        raise InvalidInput(
+            f"model_id {payload.model_id} is not the model of training {training.pk} ({training.model_id}).",
+            "model_id",
+        )
+    fields = payload.model_dump()
+    content = services.control_vector_gguf(
+        training, fields["features"], fields["intervention_layers"], fields["method"]
+    )
+    return attachment(content, services.CONTROL_VECTOR_MEDIA_TYPE, services.control_vector_filename(training))
 
 
 @router.get(

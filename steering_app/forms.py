@@ -1,5 +1,6 @@
 """The pages' forms: the steering panel's (the browser's fields into SteeringSettings and a RunRequest), the run
-history's filters, and the new-experiment page's (an ExperimentRequest).
+history's filters, the new-experiment page's (an ExperimentRequest), the new-steering-vector page's and the
+control-vector download's.
 
 Only types are checked here; ranges, ownership of features and layer rules are SteeringSettings.validate's
 job, so the panel, presets and the JSON API reject the same requests with the same messages.
@@ -7,12 +8,12 @@ job, so the panel, presets and the JSON API reject the same requests with the sa
 
 from django import forms
 
-from steering_app import prompt_sets
+from steering_app import prompt_sets, vector_jobs
 from steering_app.errors import InvalidInput, SteeringError
 from steering_app.experiments import ExperimentRequest
 from steering_app.form_integers import storable_int
 from steering_app.limits import MAX_ID, MAX_INDEX
-from steering_app.models import PromptSet, SteeringRun, SteeringRunQuerySet
+from steering_app.models import LanguageModel, PromptSet, SteeringRun, SteeringRunQuerySet, Training
 from steering_app.steering_settings import RunRequest, SteeringSettings
 
 # SteeringError.field -> the form field that shows the message
@@ -124,12 +125,7 @@ class SteeringForm(forms.Form):
         self.add_error(ERROR_FIELDS.get(error.field), error.message)
 
     def error_list(self) -> list[tuple[str, str]]:
-        """(field label, message) pairs, so a message always says which input it is about."""
-        items = []
-        for name, errors in self.errors.items():
-            label = self.fields[name].label if name in self.fields else "Request"
-            items.extend((label, str(message)) for message in errors)
-        return items
+        return form_errors(self)
 
 
 class RunFilterForm(forms.Form):
@@ -299,3 +295,144 @@ class ExperimentForm(forms.Form):
         else:
             field = EXPERIMENT_ERROR_FIELDS.get(error.field)
         self.add_error(field, error.message)
+
+
+def form_errors(form: forms.Form) -> list[tuple[str, str]]:
+    """(field label, message) pairs of any form, so a message always says which input it is about."""
+    items = []
+    for name, errors in form.errors.items():
+        label = form.fields[name].label if name in form.fields else "Request"
+        items.extend((label, str(message)) for message in errors)
+    return items
+
+
+class ControlVectorForm(forms.Form):
+    """The steering a llama.cpp control-vector download exports, as the panel's form names it (training, method,
+    repeated layers, feature_id and coefficient). Only types are checked here; services.control_vector_gguf
+    checks the rest as a run's settings are checked."""
+
+    training = forms.IntegerField(label="Training Job", min_value=1, max_value=MAX_ID)
+    method = forms.ChoiceField(label="Method", choices=SteeringRun.Method.choices)
+    layers = forms.Field(label="Intervention layers", required=False)
+    features = forms.Field(label="Features", required=False)
+
+    def clean(self):
+        cleaned = super().clean()
+        cleaned["layers"] = _parsed(self, "layers", parse_integers, self.data.getlist("layers"))
+        cleaned["features"] = _parsed(self, "features", parse_features, self.data)
+        return cleaned
+
+    def add_steering_error(self, error: SteeringError) -> None:
+        self.add_error(ERROR_FIELDS.get(error.field), error.message)
+
+
+VECTOR_ERROR_FIELDS = {
+    "model_id": "target",
+    "training_id": "target",
+    "name": "name",
+    "description": "description",
+    "method": "method",
+    "tokens": "tokens",
+    "positives": "positives",
+    "negatives": "negatives",
+}
+
+
+class VectorForm(forms.Form):
+    """The "New steering vector" page: where the concept goes (a new space on a model, or an existing space),
+    its name, method and examples: pasted (one per line; line i of each box a pair when paired) or a .jsonl of
+    {"positive", "negative"} pairs. Only types are checked here; vector_jobs.create checks everything else."""
+
+    NEW_SPACE, EXISTING_SPACE = "model", "space"
+    # Where the examples came from (clean() says): the field that shows an error about them.
+    examples_source = "positives"
+
+    target = forms.ChoiceField(label="Vector space")
+    name = forms.CharField(label="Name", max_length=300)
+    description = forms.CharField(
+        label="Description", required=False, widget=forms.Textarea(attrs={"rows": 2})
+    )
+    method = forms.ChoiceField(
+        label="Method",
+        choices=[
+            ("diffmean", "DiffMean: mean of positives − mean of negatives"),
+            ("pca", "PCA of paired differences (repeng)"),
+        ],
+        initial="diffmean",
+    )
+    tokens = forms.ChoiceField(
+        label="Read each example over",
+        choices=[("all", "every token"), ("last", "its last token")],
+        initial="all",
+    )
+    positives = forms.CharField(label="Positive examples", required=False, strip=False, widget=forms.Textarea)
+    negatives = forms.CharField(label="Negative examples", required=False, strip=False, widget=forms.Textarea)
+    paired = forms.BooleanField(label="Paired", required=False, initial=True)
+    pairs_file = forms.FileField(label="Pairs file", required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        models = LanguageModel.objects.filter(status=LanguageModel.Status.READY)
+        spaces = Training.objects.completed().filter(encoder_type=Training.EncoderType.VECTORS)
+        self.fields["target"].choices = [
+            ("New space on a model", [(f"{self.NEW_SPACE}-{model.pk}", model.name) for model in models]),
+            (
+                "Add to a vector space",
+                [(f"{self.EXISTING_SPACE}-{space.pk}", space.label) for space in spaces],
+            ),
+        ]
+
+    def clean(self):
+        cleaned = super().clean()
+        cleaned["examples"] = self._examples(cleaned)
+        return cleaned
+
+    def _examples(self, cleaned: dict) -> dict:
+        """pairs, or positives and negatives, for vector_jobs.create (which checks their counts and texts)."""
+        upload = cleaned.get("pairs_file")
+        positives = prompt_sets.prompts_from_text(cleaned.get("positives") or "")
+        negatives = prompt_sets.prompts_from_text(cleaned.get("negatives") or "")
+        if upload and (positives or negatives):
+            self.add_error("pairs_file", "Paste examples or upload a file of pairs, not both.")
+            return {}
+        if upload:
+            self.examples_source = "pairs_file"
+            try:
+                text = upload.read(prompt_sets.MAX_UPLOAD_BYTES + 1).decode("utf-8")
+                return {"pairs": vector_jobs.pairs_from_jsonl(text, "pairs")}
+            except (UnicodeDecodeError, InvalidInput) as error:
+                self.add_error("pairs_file", getattr(error, "message", "The file is not UTF-8 text."))
+                return {}
+        if not cleaned.get("paired"):
+            return {"positives": positives, "negatives": negatives}
+        if len(positives) != len(negatives):
+            self.add_error(
+                "negatives",
+                f"Paired examples need as many negatives as positives: {len(positives)} positive and "
+                f"{len(negatives)} negative lines.",
+            )
+            return {}
+        return {"pairs": [list(pair) for pair in zip(positives, negatives, strict=True)]}
+
+    def vector_request(self) -> dict:
+        """vector_jobs.create's keywords."""
+        data = self.cleaned_data
+        kind, _, pk = data["target"].partition("-")
+        return {
+            "model_id" if kind == self.NEW_SPACE else "training_id": int(pk),
+            "name": data["name"],
+            "description": data["description"],
+            "method": data["method"],
+            "tokens": data["tokens"],
+            **data["examples"],
+        }
+
+    def add_steering_error(self, error: SteeringError) -> None:
+        """Beside the input the domain error names: an example's fault beside where the examples came from."""
+        field = (error.field or "").split("[")[0]
+        if field in ("pairs", "positives", "negatives") and self.examples_source == "pairs_file":
+            self.add_error("pairs_file", error.message)
+        elif field == "pairs":
+            self.add_error("positives", error.message)
+        else:
+            self.add_error(VECTOR_ERROR_FIELDS.get(field), error.message)

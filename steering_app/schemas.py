@@ -67,6 +67,30 @@ class CompletedTrainingPage(Page):
     trainings: list[CompletedTrainingOut]
 
 
+class VectorJobOut(Schema):
+    id: int
+    name: str
+    method: str
+    tokens: str
+    status: str = Field(description="queued, running, completed or failed.")
+    progress: float = Field(description="0..1 while the worker reads the examples.")
+    error: str
+    report: dict[str, Any] | None = Field(description="The concept's separation report once completed.")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class VectorSpaceOut(Schema):
+    concepts: list[dict[str, Any]] = Field(
+        description="Per concept (its feature index): name, method, tokens, separation (held-out accuracy of a "
+        "threshold on the projection, per layer), best_layer (where separation peaks: the default layer), "
+        "examples."
+    )
+    jobs: list[VectorJobOut] = Field(
+        description="The jobs that made or are making its concepts, newest first."
+    )
+
+
 class TrainingOut(Schema):
     id: int
     model_id: int
@@ -88,6 +112,10 @@ class TrainingOut(Schema):
     error: str
     created_at: datetime
     completed_at: datetime | None
+    vectors: VectorSpaceOut | None = Field(
+        None,
+        description='A steering-vector space (encoder_type "vectors"): its concepts and jobs; else null.',
+    )
 
 
 class StepPlanOut(Schema):
@@ -196,6 +224,54 @@ class GenerateIn(Schema):
         f"coefficient times it (the panel's default is {list(DEFAULT_SWEEP)}): {SWEEP_LIMITS} The answer's "
         "`variants` follow this order.",
     )
+
+
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)]
+
+
+class VectorIn(Schema):
+    model_config = STRICT
+
+    model_id: int | None = Field(None, ge=1, le=MAX_ID, description="Start a new vector space on this model…")
+    training_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="…or add the concept to this vector space. Give exactly one."
+    )
+    name: str = Field(max_length=300, pattern=NO_NUL, description="The concept's name, unique in its space.")
+    description: str = Field("", max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
+    method: Literal["diffmean", "pca"] = Field(
+        "diffmean",
+        description="diffmean: mean of positives minus mean of negatives; pca: repeng's first principal component "
+        "of the paired differences, its sign toward the positives (needs pairs).",
+    )
+    tokens: Literal["all", "last"] = Field(
+        "all", description="Read each example over every token, or its last token only (repeng's reading)."
+    )
+    pairs: list[Annotated[list[Text], Field(min_length=2, max_length=2)]] | None = Field(
+        None, description="[[positive, negative], ...]; or give positives and negatives (diffmean only)."
+    )
+    positives: list[Text] | None = Field(None, description="Texts with the property.")
+    negatives: list[Text] | None = Field(None, description="Texts without it.")
+
+
+class VectorAccepted(Schema):
+    training_id: int = Field(
+        description="The vector space: GET /api/trainings/{id} shows the job, then the space."
+    )
+    job_id: int
+
+
+class ControlVectorIn(Schema):
+    model_config = STRICT
+
+    training_id: int = Field(ge=1, le=MAX_ID)
+    model_id: int = Field(ge=1, le=MAX_ID, description="Must be the training's model.")
+    features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
+    intervention_layers: Layers = Field(
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="Decoder blocks to steer; llama.cpp applies no control vector at block 0.",
+    )
+    method: Method = Field("additive", description="Only additive steering is a fixed vector per layer.")
 
 
 # How many features "features active on this prompt" lists at most, and by default.

@@ -6,9 +6,11 @@ engine's result into the values a run stores.
 
 import math
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.utils.timezone import now
@@ -129,6 +131,40 @@ def control_vector_of(
     check_steering_scales(training, cleaned.features)
     # Float32 whatever the checkpoint's dtype: a control vector file holds float32.
     return control_vector(load_sae(training.checkpoint_path, dtype=torch.float32), spec)
+
+
+CONTROL_VECTOR_MEDIA_TYPE = "application/octet-stream"
+
+
+def control_vector_gguf(training: Training, features: object, layers: object, method: object) -> bytes:
+    """control_vector_of's vectors as a llama.cpp control-vector GGUF file's bytes; InvalidInput naming the
+    field when llama.cpp could not apply them (block 0) or nothing is steered (every coefficient 0)."""
+    from steering_app.engine.control_vectors import write_gguf
+
+    vectors = control_vector_of(training, features, layers, method)
+    if not vectors:
+        raise InvalidInput("Every coefficient is 0: there is no steering to export.", "features")
+    if 0 in vectors:
+        raise InvalidInput(
+            "llama.cpp applies no control vector to the output of block 0 (it refuses direction.0): choose "
+            "layers from 1 on.",
+            "intervention_layers",
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        return write_gguf(Path(folder) / "control.gguf", vectors, model_hint(training.model)).read_bytes()
+
+
+def model_hint(model: LanguageModel) -> str:
+    """What a control vector's controlvector.model_hint names (repeng writes config.model_type, "llama"):
+    the architecture's class name without its head (LlamaForCausalLM: llama). llama.cpp does not check it."""
+    name = model.architecture
+    for head in ("ForCausalLM", "LMHeadModel"):
+        name = name.removesuffix(head)
+    return name.lower() or "unknown"
+
+
+def control_vector_filename(training: Training) -> str:
+    return f"steerlab-training-{training.pk}-control-vector.gguf"
 
 
 def multipliers(run: SteeringRun) -> list[float]:

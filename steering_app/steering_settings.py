@@ -76,7 +76,7 @@ class SteeringSettings:
 
         known_features, the training's feature indices, spares a query when many settings are checked at once.
         """
-        method = _method(self.method)
+        method = _method(self.method, training)
         features = _features(self.features, training, known_features)
         return replace(
             self,
@@ -114,9 +114,15 @@ def within(value: object, limit: float) -> bool:
     return is_number(value) and abs(value) <= limit
 
 
-def _method(method: object) -> str:
+def _method(method: object, training: Training) -> str:
     if method not in SteeringRun.Method.values:
         raise InvalidInput("method must be additive or multiplicative.", "method")
+    if method == SteeringRun.Method.MULTIPLICATIVE and training.is_vector_space:
+        raise InvalidInput(
+            f"Training {training.pk} is a steering-vector space: a vector has no encoder to scale a feature by, "
+            "so only additive steering applies.",
+            "method",
+        )
     return method
 
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from steering_app import experiment_views, token_views, views
+from steering_app import experiment_views, token_views, vector_views, views
 
 urlpatterns = [
     path("", views.panel_page, name="steering-panel"),
@@ -35,6 +35,9 @@ urlpatterns = [
     path(
         "experiments/<int:pk>/delete/", experiment_views.delete_experiment, name="steering-experiment-delete"
     ),
+    path("vectors/new/", vector_views.new_vector, name="steering-vector-new"),
+    path("vectors/<int:pk>/", vector_views.vector_space, name="steering-vector-space"),
+    path("control-vector/", vector_views.control_vector, name="steering-control-vector"),
     path("tokens/", token_views.api_tokens, name="api-tokens"),
     path("tokens/<int:pk>/revoke/", token_views.revoke_api_token, name="api-token-revoke"),
 ]

@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from steering_app import wake
+from steering_app import json_checks, wake
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable, failure_reason
 from steering_app.limits import MAX_ID, MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
@@ -548,3 +548,20 @@ def report(training: Training) -> dict:
             for job in jobs
         ],
     }
+
+
+def pairs_from_jsonl(text: str, field: str) -> list[list[str]]:
+    """[[positive, negative], ...] from JSON Lines of {"positive": ..., "negative": ...} (blank lines skipped);
+    InvalidInput naming the line (counted from 1) otherwise. The page's upload and make_vector read pairs so."""
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json_checks.loads(line)
+        except ValueError as error:  # not JSON, or JSON the application refuses (json_checks)
+            raise InvalidInput(f"Line {number} is not valid JSON ({error}).", field) from error
+        if not isinstance(item, dict) or not {"positive", "negative"} <= item.keys():
+            raise InvalidInput(f'Line {number} must be {{"positive": "...", "negative": "..."}}.', field)
+        pairs.append([item["positive"], item["negative"]])
+    return pairs

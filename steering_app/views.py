@@ -5,6 +5,8 @@ in runs.py, a prompt read by the model in analysis.py. These functions only read
 and render.
 """
 
+from urllib.parse import urlencode
+
 from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -83,7 +85,8 @@ async def prompt_features(request, training_id):
 def feature_card(request, training_id, index):
     training = get_object_or_404(Training.objects.completed(), pk=training_id)
     feature = get_object_or_404(Feature, training=training, index=index)
-    return render(request, "steering/panel.html#feature-card", {"feature": panel.feature_card(feature)})
+    context = {"feature": panel.feature_card(feature), "training": training}
+    return render(request, "steering/panel.html#feature-card", context)
 
 
 @login_required
@@ -189,6 +192,18 @@ def _visible_run(request, pk) -> SteeringRun:
     return visible_or_404(request, SteeringRun, pk, "training__model", "training__dataset", "owner")
 
 
+def control_vector_url(run: SteeringRun) -> str | None:
+    """The download of the run's steering as a llama.cpp control vector; None when multiplicative, which a fixed
+    vector cannot stand for. A sweep exports its features as given (multiplier 1)."""
+    if run.method != SteeringRun.Method.ADDITIVE:
+        return None
+    query = [("training", run.training_id), ("method", run.method)]
+    query += [("layers", layer) for layer in run.intervention_layers]
+    for item in run.features:
+        query += [("feature_id", item["feature_id"]), ("coefficient", repr(float(item["coefficient"])))]
+    return f"{reverse('steering-control-vector')}?{urlencode(query)}"
+
+
 def visible_or_404(request, model, pk, *related):
     """Record `pk` of a model members share (runs, experiments) if this user may read it; another member's
     private one is a 404, like an unknown one. `related`: what the page reads beside it (select_related)."""
@@ -199,6 +214,7 @@ def _render_run(request, run: SteeringRun, notice: str = "", status: int = 200):
     context = presenters.result_context(run)
     context["features"] = panel.selected_features(run.training, run.features)
     context["rerun_url"] = reverse("steering-panel") + f"?run={run.pk}"
+    context["control_vector_url"] = control_vector_url(run)
     context["can_change"] = run.can_change(request.user)
     context["notice"] = notice
     return render(request, "steering/run_detail.html", context, status=status)

@@ -192,3 +192,43 @@ def engine(monkeypatch):
 def queued_only(monkeypatch):
     """Workers are told but run nothing: an experiment's cells stay queued for the test to drive."""
     monkeypatch.setattr(wake, "submit", lambda run_id=None: None)
+
+
+@pytest.fixture
+def vector_space(language_model, tmp_path):
+    """A completed steering-vector space on language_model (4 layers, hidden 16) with two concepts, "planet" and
+    "cake", whose vectors are known random tensors (concept i at layer L: .vectors[i][L]), stored as make_vector
+    stores them: a checkpoint directory, the training's stats with a separation report, one Feature per concept."""
+    import torch
+
+    from steering_app import vector_jobs
+    from steering_app.engine.vectors import imported_concept, save_space
+
+    generator = torch.Generator().manual_seed(0)
+    concepts = []
+    for name in ("planet", "cake"):
+        layers = {layer: torch.randn(16, generator=generator) for layer in range(4)}
+        concept = imported_concept(name, f"about {name}s", layers, num_layers=4, source="test")
+        concept.separation, concept.best_layer = [0.5, 0.75, 1.0, 0.9], 2
+        concept.info = {"method": "diffmean", "tokens": "all", "positives": 10, "negatives": 10}
+        concepts.append(concept)
+    path = save_space(tmp_path / "space", concepts, reading_layer=2, model_name=language_model.name)
+    space = Training.objects.create(
+        model=language_model,
+        encoder_type=Training.EncoderType.VECTORS,
+        hook_layer=2,
+        hook_name="blocks.2.hook_resid_post",
+        d_in=16,
+        d_sae=2,
+        checkpoint_path=str(path),
+        status=Training.Status.COMPLETED,
+        completed_at=timezone.now(),
+        stats={
+            "concepts": [vector_jobs.stats_entry(index, concept) for index, concept in enumerate(concepts)]
+        },
+    )
+    Feature.objects.bulk_create(
+        vector_jobs.concept_feature(space, index, concept) for index, concept in enumerate(concepts)
+    )
+    space.vectors = [concept.vectors for concept in concepts]
+    return space

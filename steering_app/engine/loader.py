@@ -24,7 +24,7 @@ from steering_app import engine_config  # plain settings: the engine stays free 
 
 from .demo import DEMO_MODEL as SMOLLM2_DEMO
 from .layers import decoder_blocks
-from .saes.sae import SAE, load_sae
+from .saes.sae import SAE, VECTORS_FILE, WEIGHTS_FILE, load_sae
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -345,7 +345,8 @@ def _config_has_chat_template(path: Path) -> bool:
 def load_sae_cached(path: os.PathLike | str, lm: LoadedModel) -> SAE:
     """The SAE at path on the model's device and dtype, loaded once per process."""
     resolved = Path(path).resolve()
-    stat = (resolved / "sae_weights.safetensors").stat().st_mtime_ns if resolved.is_dir() else None
+    weights = [resolved / name for name in (WEIGHTS_FILE, VECTORS_FILE) if (resolved / name).is_file()]
+    stat = max((file.stat().st_mtime_ns for file in weights), default=None)
     key = (str(resolved), stat, str(lm.device), str(lm.dtype))
     cached = _saes.get(key)
     if cached is not None:

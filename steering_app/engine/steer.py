@@ -3,7 +3,9 @@
 h is the output of decoder block L (the residual stream after block L), at every position:
 - additive:        h' = h + sum_i c_i * a_i * d_i        at each layer in spec.layers
 - multiplicative:  h' = h + sum_i c_i * f_i(h) * d_i     only at the SAE's own layer
-where d_i = W_dec[i], f_i is SAE latent i and a_i its recorded max activation (1 when unknown).
+where d_i = W_dec[i], f_i is SAE latent i and a_i its recorded max activation (1 when unknown). A steering
+vector (saes.sae.VectorSpace) has a vector per layer, a_{i,L} * u_{i,L}, its scale inside: a_i is 1 and d_i the
+vector of the layer steered; it steers additively only.
 Multiplicative steering is error-preserving: it equals h + dec(f') - dec(f) with f'_i = (1 + c_i) f_i,
 so c = 0 changes nothing and the SAE's reconstruction error stays in the residual stream.
 """
@@ -24,7 +26,7 @@ from steering_app.limits import (  # plain constants: the engine stays free of D
 )
 
 from .layers import block_hidden, replace_block_hidden
-from .saes.sae import SAE
+from .saes.sae import SAE, VectorSpace
 
 METHODS = ("additive", "multiplicative")
 
@@ -73,6 +75,8 @@ def validate(spec: SteeringSpec, num_layers: int, sae: SAE, hidden_size: int, sa
         raise SpecError("method", f"must be one of {', '.join(METHODS)}, got {spec.method!r}")
     if sae.d_in != hidden_size:
         raise SpecError("sae", f"SAE d_in {sae.d_in} does not match the model's hidden size {hidden_size}")
+    if isinstance(sae, VectorSpace):
+        _validate_vector_space(spec, sae, num_layers)
     if sae_layer is not None and not (_is_int(sae_layer) and 0 <= sae_layer < num_layers):
         raise SpecError("sae_layer", f"{sae_layer!r} is out of range [0, {num_layers - 1}]")
     seen = set()
@@ -116,6 +120,17 @@ def validate(spec: SteeringSpec, num_layers: int, sae: SAE, hidden_size: int, sa
             )
 
 
+def _validate_vector_space(spec: SteeringSpec, space: VectorSpace, num_layers: int) -> None:
+    if space.num_layers != num_layers:
+        raise SpecError(
+            "sae", f"the vector space has vectors for {space.num_layers} blocks, the model has {num_layers}"
+        )
+    if spec.method == "multiplicative":
+        raise SpecError(
+            "method", "a steering vector has no encoder to scale a feature by: only additive steering applies"
+        )
+
+
 @dataclass(frozen=True)
 class RowPlan:
     """One batch row's steering as data, computed once per run: the hooks only index and add.
@@ -146,8 +161,7 @@ def plan_row(sae: SAE, sae_layer: int, spec: SteeringSpec | None, capture: Itera
         weights = torch.tensor(
             [coef * spec.scale(idx) for idx, coef in active], dtype=sae.dtype, device=sae.device
         )
-        delta = weights @ sae.W_dec[indices]
-        additive = tuple((layer, delta) for layer in spec.layers)
+        additive = tuple((layer, weights @ sae.decoder_rows(indices, layer)) for layer in spec.layers)
     elif active:
         multiplicative = tuple(active)
     return RowPlan(sae, sae_layer, additive, multiplicative, capture, spec.steer_special_tokens)

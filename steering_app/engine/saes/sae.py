@@ -1,8 +1,14 @@
-"""Sparse autoencoders in the SAELens layout: load, validate, encode, decode, save.
+"""Feature spaces: sparse autoencoders in the SAELens layout, and steering-vector spaces. Load, validate,
+encode, decode, save.
 
-A checkpoint is a directory holding ``cfg.json`` and ``sae_weights.safetensors`` with
+An SAE checkpoint is a directory holding ``cfg.json`` and ``sae_weights.safetensors`` with
 W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] and, for jumprelu,
 threshold [d_sae].
+
+A vector-space checkpoint (cfg.json's architecture "vectors", made by engine/vectors.py) holds
+``vectors.safetensors`` with vectors [d_sae, num_layers, d_in] and offsets [d_sae, num_layers]: one direction
+per concept for every block of the model. load_sae reads either, and a VectorSpace is an SAE to the rest of
+the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from steering_app import json_checks
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "topk", "jumprelu")
+VECTORS_ARCHITECTURE = "vectors"
+VECTORS_FILE = "vectors.safetensors"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -167,6 +175,47 @@ class SAE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def decoder_rows(self, indices: list[int], layer: int) -> torch.Tensor:
+        """d_i [len(indices), d_in]: what additive steering adds per unit of c_i * a_i at block `layer`. An SAE
+        has one decoder row per latent, whatever the layer."""
+        return self.W_dec[indices]
+
+
+class VectorSpace(SAE):
+    """Steering directions, one per concept, with a vector for every block of the model.
+
+    vectors[i, L] = a_{i,L} * u_{i,L}: the unit direction u at block L times a, the mean projection of the
+    examples with the property, measured from the mean of those without it (offsets[i, L] = <mean negative, u>).
+    c = 1 therefore adds the property as strongly as the examples hold it, the meaning c has for an SAE feature.
+
+    To the rest of the engine it is an SAE read at its reading layer R (cfg's hook_name): W_dec[i] = vectors[i, R],
+    and encode(h)_i = (<h, u_{i,R}> - offsets[i, R]) / a_{i,R}, a signed projection that reads 0 like the
+    negatives and 1 like the positives. Only additive steering applies: there is no sparse code to scale.
+    """
+
+    def __init__(self, cfg: dict, vectors: torch.Tensor, offsets: torch.Tensor):
+        reading = hook_layer_from_name(cfg["hook_name"])
+        rows = vectors[:, reading]
+        scale = rows.norm(dim=-1)
+        # A concept imported without a vector at the reading layer reads 0 there rather than dividing by zero.
+        known = scale > 0
+        safe = torch.where(known, scale, torch.ones_like(scale))
+        W_enc = torch.where(known[:, None], rows / (safe * safe)[:, None], torch.zeros_like(rows)).T
+        b_enc = torch.where(known, -offsets[:, reading] / safe, torch.zeros_like(scale))
+        super().__init__(cfg, W_enc.contiguous(), rows.clone(), b_enc, torch.zeros_like(rows[0]))
+        self.vectors = torch.nn.Parameter(vectors, requires_grad=False)
+        self.offsets = torch.nn.Parameter(offsets, requires_grad=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.vectors.shape[1]
+
+    def _activate(self, pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+        return pre
+
+    def decoder_rows(self, indices: list[int], layer: int) -> torch.Tensor:
+        return self.vectors[indices, layer]
+
 
 def _read_cfg(path: Path) -> dict:
     cfg_path = path / CFG_FILE
@@ -231,13 +280,16 @@ def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def load_sae(
     path: os.PathLike | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> SAE:
-    """Load an SAELens checkpoint directory; raise SAEFormatError naming what is wrong."""
+    """Load an SAELens checkpoint directory, or a vector space's; raise SAEFormatError naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise SAEFormatError(
             f"{path}: not a directory (an SAE is a directory with {CFG_FILE} and {WEIGHTS_FILE})"
         )
-    cfg = validate_cfg(_read_cfg(path))
+    cfg = _read_cfg(path)
+    if cfg.get("architecture") == VECTORS_ARCHITECTURE:
+        return _load_vector_space(path, cfg, device, dtype or torch.float32)
+    cfg = validate_cfg(cfg)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise SAEFormatError(f"{weights_path}: missing file {WEIGHTS_FILE}")
@@ -249,6 +301,66 @@ def load_sae(
     dtype = dtype or parse_dtype(cfg["dtype"])
     moved = {name: tensors[name].to(device=device, dtype=dtype) for name in _expected_shapes(cfg)}
     return SAE(cfg, **moved)
+
+
+def _load_vector_space(path: Path, cfg: dict, device, dtype: torch.dtype) -> VectorSpace:
+    cfg = validate_vectors_cfg(cfg)
+    weights_path = path / VECTORS_FILE
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SAEFormatError(f"{weights_path}: unreadable or missing safetensors file ({exc})") from exc
+    shapes = {
+        "vectors": (cfg["d_sae"], cfg["num_layers"], cfg["d_in"]),
+        "offsets": (cfg["d_sae"], cfg["num_layers"]),
+    }
+    for name, shape in shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            found = list(tensors[name].shape) if name in tensors else "none"
+            raise SAEFormatError(f"{weights_path}: tensor {name} has shape {found}, expected {list(shape)}")
+        if not torch.isfinite(tensors[name]).all():
+            raise SAEFormatError(f"{weights_path}: tensor {name} holds NaN or infinite values")
+    moved = {name: tensors[name].to(device=device, dtype=dtype) for name in shapes}
+    return VectorSpace(cfg, **moved)
+
+
+def validate_vectors_cfg(cfg: dict) -> dict:
+    """A vector space's cfg.json: d_in, d_sae (concepts) and num_layers positive, hook_name a block's output
+    inside the model."""
+    for key in ("d_in", "d_sae", "num_layers"):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SAEFormatError(f"cfg.json: {key} must be a positive integer, got {value!r}")
+    reading = hook_layer_from_name(cfg.get("hook_name") if isinstance(cfg.get("hook_name"), str) else "")
+    if reading >= cfg["num_layers"]:
+        raise SAEFormatError(
+            f"cfg.json: hook_name {cfg['hook_name']!r} is past the last of {cfg['num_layers']} blocks"
+        )
+    return cfg
+
+
+def save_vector_space(
+    path: os.PathLike | str, vectors: torch.Tensor, offsets: torch.Tensor, cfg: dict
+) -> Path:
+    """Write a vector-space checkpoint directory (cfg.json + vectors.safetensors), float32."""
+    path = Path(path)
+    cfg = {
+        **cfg,
+        "architecture": VECTORS_ARCHITECTURE,
+        "d_sae": int(vectors.shape[0]),
+        "num_layers": int(vectors.shape[1]),
+        "d_in": int(vectors.shape[2]),
+        "dtype": "float32",
+    }
+    validate_vectors_cfg(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"vectors": vectors, "offsets": offsets}
+    save_file(
+        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
+        str(path / VECTORS_FILE),
+    )
+    (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    return path
 
 
 def _check_tensors(tensors: dict, cfg: dict, where: str) -> None:
