@@ -202,7 +202,7 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
                 item.end(error)
         # A steering vector takes seconds to a minute of forwards: one is made only while no interactive run
         # streams here, so that no member's comparison stalls behind it; then runs queued meanwhile are claimed.
-        if not batches.streaming and vector_jobs.process_next():
+        if not batches.streaming and vector_jobs.process_waiting(limit=1):
             continue
         batch = batches.to_step()
         if batch is None:

@@ -3,7 +3,7 @@
     queued --claim--> running --> completed (the concept is a Feature of the space) | failed (error)
 
 The API and `manage.py make_vector` create a job; create() refuses, writing nothing, everything a worker would
-refuse. A worker runs the queued jobs from runs.process_queued() (process_next), loads the model, calls the
+refuse. A worker runs the queued jobs from runs.process_queued() (process_waiting), loads the model, calls the
 engine (engine.vectors.make_concept), and stores the concept in ONE transaction: a new checkpoint directory
 (written first, under <data dir>/vectors/, deleted again if the transaction fails; old ones may sit in a
 worker's SAE cache) and the training's checkpoint path, concept count and stats with the new Feature. Any failure
@@ -280,16 +280,19 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def process_next() -> bool:
-    """Run the oldest queued job that this worker can claim; False when none was waiting. What
-    runs.process_queued() calls between its batch's steps, one job at a time."""
+def process_waiting(limit: int | None = None) -> int:
+    """Run up to `limit` (None: all) of the jobs queued when it is called, oldest first; returns how many it ran.
+    runs.process_queued() runs one at a time, between its batch's steps."""
     waiting = VectorJob.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
-    for job_id in list(waiting.values_list("pk", flat=True)[:10]):
+    count = 0
+    for job_id in list(waiting.values_list("pk", flat=True)):
+        if limit is not None and count >= limit:
+            break
         job = claim(job_id)
         if job is not None:
             execute(job)
-            return True
-    return False
+            count += 1
+    return count
 
 
 def claim(job_id: int) -> VectorJob | None:

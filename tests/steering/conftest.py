@@ -75,22 +75,9 @@ def engine_data_dir(monkeypatch, tmp_path):
 
 @pytest.fixture
 def fake_engine(monkeypatch, language_model):
-    """Vector jobs without the model: load_model and make_concept stand-ins (fake_concept, progress reported half
-    way); returns the calls to make_concept."""
+    """Vector jobs without the model, on language_model's shape (tests/vector_stand_ins.py); returns the calls to
+    make_concept."""
     # Imported here: the engine brings torch, which most of these tests never need.
-    from steering_app.engine import loader, vectors
-    from tests.steering.vector_fakes import fake_concept
+    from tests.vector_stand_ins import use_vector_engine
 
-    calls = []
-
-    def make_concept(lm, name, description, positives, negatives, *, method, tokens, paired, on_progress):
-        calls.append({"method": method, "tokens": tokens, "paired": paired, "positives": positives})
-        on_progress(0.5)
-        return fake_concept(name, description, positives, negatives, lm.num_layers, lm.hidden_size)
-
-    lm = type(
-        "LM", (), {"num_layers": language_model.num_layers, "hidden_size": language_model.hidden_size}
-    )()
-    monkeypatch.setattr(loader, "load_model", lambda source, **kw: lm)
-    monkeypatch.setattr(vectors, "make_concept", make_concept)
-    return calls
+    return use_vector_engine(monkeypatch, language_model.num_layers, language_model.hidden_size)

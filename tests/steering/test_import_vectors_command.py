@@ -1,47 +1,22 @@
 """manage.py import_vectors: a control-vector file, or a SteerLab vector-space directory, as a vector space.
 
-The file reader (engine.control_vectors.read_file) is stood in for by a tiny reader of {layer: tensor} .pt files
-that refuses a wrong width or NaN as the real one does: this module checks what the command does with what a
-reader gives or refuses; the formats are tests/engine's."""
+Files are read by engine.control_vectors (its formats and refusals are tests/engine's); this module checks what
+the command makes of what the reader gives or refuses: one transaction, nothing left behind on an error."""
 
 import shutil
-import sys
-import types
 
+import numpy as np
 import pytest
 import torch
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-import steering_app.engine
 from steering_app import engine_config
+from steering_app.engine.control_vectors import write_gguf
 from steering_app.engine.demo import DEMO_CHECKPOINT
 from steering_app.engine.vectors import load_concepts
 from steering_app.management.commands.bootstrap_demo import DEMO_VECTORS
 from steering_app.models import Feature, Training
-
-
-class ControlVectorError(ValueError):
-    pass
-
-
-def read_file(path, n_embd, num_layers):
-    vectors = torch.load(path)
-    for layer, vector in vectors.items():
-        if vector.shape != (n_embd,):
-            raise ControlVectorError(
-                f"direction.{layer} has {vector.shape[0]} values; the model's n_embd is {n_embd}"
-            )
-        if not torch.isfinite(vector).all():
-            raise ControlVectorError(f"direction.{layer} holds NaN or infinite values")
-    return vectors
-
-
-@pytest.fixture(autouse=True)
-def reader(monkeypatch):
-    stub = types.SimpleNamespace(ControlVectorError=ControlVectorError, read_file=read_file)
-    monkeypatch.setitem(sys.modules, "steering_app.engine.control_vectors", stub)
-    monkeypatch.setattr(steering_app.engine, "control_vectors", stub, raising=False)
 
 
 @pytest.fixture
@@ -51,10 +26,12 @@ def vectors_dir(monkeypatch, tmp_path):
     return tmp_path / "vectors"
 
 
-def vector_file(tmp_path, name="honesty.pt", width=16, layers=(1, 2), scale=1.0):
-    vectors = {layer: torch.full((width,), scale * (layer + 1)) for layer in layers}
+def vector_file(tmp_path, name="honesty.gguf", width=16, layers=(1, 2), scale=1.0):
+    """A llama.cpp control vector with direction.N = scale * (N + 1) everywhere, for each layer given."""
     path = tmp_path / name
-    torch.save(vectors, path)
+    write_gguf(
+        path, {layer: torch.full((width,), scale * (layer + 1)) for layer in layers}, model_hint="llama"
+    )
     return path
 
 
@@ -86,14 +63,16 @@ def test_it_imports_a_file_as_a_new_space_named_after_it(language_model, vectors
     expected = torch.zeros(4, 16)
     expected[1], expected[2] = 2.0, 3.0
     assert torch.equal(concept.vectors, expected)
-    assert space.stats["concepts"][0]["imported_from"] == str(tmp_path / "honesty.pt")
+    assert space.stats["concepts"][0]["imported_from"] == str(tmp_path / "honesty.gguf")
 
 
 def test_it_adds_a_file_to_a_space_under_the_name_given(language_model, vectors_dir, tmp_path):
     run(vector_file(tmp_path), "--model", language_model.name)
     space = Training.objects.get()
     first_checkpoint = space.checkpoint_path
-    run(vector_file(tmp_path, "other.pt", scale=-1.0), "--training", space.pk, "--name", "lying")
+    per_layer = tmp_path / "other.npy"
+    np.save(per_layer, -torch.arange(1.0, 5.0).repeat_interleave(16).reshape(4, 16).numpy())
+    run(per_layer, "--training", space.pk, "--name", "lying")
     space.refresh_from_db()
     assert (space.d_sae, space.hook_layer) == (2, 2)
     assert list(space.features.values_list("index", "label")) == [(0, "honesty"), (1, "lying")]
@@ -116,20 +95,25 @@ def test_it_imports_a_vector_space_directory_whole(smollm2_row, vectors_dir):
     assert space.stats["concepts"][1]["best_layer"] == shipped[1].best_layer
 
 
-@pytest.mark.parametrize(
-    ("file_options", "words"),
-    [
-        ({"width": 8}, "honesty.pt: direction.1 has 8 values; the model's n_embd is 16"),
-        ({"scale": float("nan")}, "NaN"),
-    ],
-)
-def test_it_refuses_what_the_reader_refuses_and_creates_nothing(
-    language_model, vectors_dir, tmp_path, file_options, words
-):
-    with pytest.raises(CommandError, match=words):
-        run(vector_file(tmp_path, **file_options), "--model", language_model.name)
+def test_it_refuses_what_the_reader_refuses_and_creates_nothing(language_model, vectors_dir, tmp_path):
+    nan = tmp_path / "nan.pt"
+    torch.save(torch.full((4, 16), float("nan")), nan)
+    short = tmp_path / "short.pt"
+    torch.save(torch.ones(3, 16), short)
+    cases = [
+        (vector_file(tmp_path, width=8), "honesty.gguf, layer 1: a vector of 8 values .* n_embd is 16"),
+        (nan, "nan.pt, layer 0: 16 NaN or infinite values"),
+        (short, r"short.pt: 3 vectors for a model of 4 layers \(missing layers 3\)"),
+        (
+            vector_file(tmp_path, "deep.gguf", layers=(1, 7)),
+            "deep.gguf, layer 7: the model has blocks 0 to 3",
+        ),
+    ]
+    for path, words in cases:
+        with pytest.raises(CommandError, match=words):
+            run(path, "--model", language_model.name)
     assert not Training.objects.exists() and not Feature.objects.exists()
-    assert not vectors_dir.exists() or not any(vectors_dir.iterdir())
+    assert not vectors_dir.exists()
 
 
 def test_it_refuses_bad_arguments_and_creates_nothing(

@@ -1,6 +1,6 @@
 """manage.py make_vector: reads the examples, makes the job and runs it here, printing progress and the report.
 
-The model's forwards are stood in for (vector_fakes.fake_engine): what is checked is the command's reading of
+The model's forwards are stood in for (conftest's fake_engine): what is checked is the command's reading of
 files, its refusals with nothing created, and what it stores and prints. test_demo_vectors.py runs it on SmolLM2.
 """
 
@@ -95,8 +95,8 @@ def test_it_refuses_bad_input_and_creates_nothing(
         ((*model, "--pairs", pairs_file, "--positives", few), "not both"),
         ((*model, "--positives", few), "Give --pairs FILE.jsonl, or both"),
         ((*model, "--pairs", tmp_path / "missing.jsonl"), "Cannot read"),
-        ((*model, "--pairs", broken), "broken.jsonl line 2 is not JSON"),
-        ((*model, "--pairs", wrong_keys), 'keys.jsonl line 1 must be {"positive"'),
+        ((*model, "--pairs", broken), "broken.jsonl: Line 2 is not valid JSON"),
+        ((*model, "--pairs", wrong_keys), 'keys.jsonl: Line 1 must be {"positive"'),
         ((*model, "--positives", few, "--negatives", few), "positives: positives has 2 examples"),
         ((*model, "--pairs", pairs_file, "--method", "svd"), "method: method must be one of diffmean, pca"),
         ((*model, "--pairs", pairs_file, "--tokens", "first"), "tokens: tokens must be one of all, last"),

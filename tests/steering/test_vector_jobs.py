@@ -17,7 +17,7 @@ from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
 from tests.fake_engine import sweep_outcome, use_engine
-from tests.steering.vector_fakes import fake_concept
+from tests.vector_stand_ins import fake_concept
 
 PAIRS = [[f"planet text {i}", f"plain text {i}"] for i in range(6)]
 
@@ -86,7 +86,7 @@ def test_it_refuses_a_model_that_is_not_ready(language_model):
     assert_nothing_written()
 
 
-def vector_space(model, **fields) -> Training:
+def make_space(model, **fields) -> Training:
     values = {
         "model": model,
         "encoder_type": "vectors",
@@ -114,8 +114,8 @@ def test_it_refuses_to_add_to_an_sae_a_pending_space_another_models_space_or_a_t
         num_layers=4,
         hidden_size=16,
     )
-    space = vector_space(language_model)
-    pending = vector_space(language_model, status="pending")
+    space = make_space(language_model)
+    pending = make_space(language_model, status="pending")
     cases = [
         ({"training_id": training.pk}, "training_id", "is an SAE"),
         ({"training_id": pending.pk}, "training_id", "is pending"),
@@ -170,7 +170,7 @@ def test_it_makes_a_new_space_with_its_first_concept(
     language_model, engine_data_dir, queued_only, fake_engine
 ):
     job = create(language_model, description="Planets and moons")
-    assert vector_jobs.process_next() is True
+    assert vector_jobs.process_waiting() == 1
     job.refresh_from_db()
     assert (job.status, job.progress, job.error) == ("completed", 1.0, "")
     assert (
@@ -206,7 +206,7 @@ def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
     language_model, engine_data_dir, queued_only, fake_engine
 ):
     first = create(language_model)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     space = Training.objects.get(pk=first.training_id)
     old_path = space.checkpoint_path
     second = create(
@@ -218,7 +218,7 @@ def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
         positives=["cake"] * 5,
         negatives=["plain"] * 5,
     )
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     second.refresh_from_db()
     space.refresh_from_db()
     assert (second.status, second.report["feature_index"], space.d_sae, space.hook_layer) == (
@@ -245,7 +245,7 @@ def test_a_failure_fails_the_job_and_its_new_space_and_changes_nothing_else(
 
     monkeypatch.setattr(vectors, "make_concept", refuse)
     job = create(language_model)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     job.refresh_from_db()
     assert (job.status, job.progress) == ("failed", 0.0)
     assert "all the same text" in job.error
@@ -258,7 +258,7 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
     language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     first = create(language_model)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     space = Training.objects.get(pk=first.training_id)
     before = (space.checkpoint_path, space.d_sae, space.stats)
     second = create(language_model, model_id=None, training_id=space.pk, name="cake")
@@ -267,7 +267,7 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(vector_jobs, "concept_feature", broken)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     second.refresh_from_db()
     space.refresh_from_db()
     assert (second.status, second.error) == ("failed", "RuntimeError: disk full")
@@ -287,7 +287,7 @@ def test_it_records_progress_and_heartbeat_on_the_row(
 
     monkeypatch.setattr(vectors, "make_concept", make_concept)
     create(language_model)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     assert seen == [("running", 0.4)]
 
 
@@ -301,7 +301,7 @@ def test_a_job_failed_meanwhile_stops_and_stays_failed(
 
     monkeypatch.setattr(vectors, "make_concept", make_concept)
     job = create(language_model)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     job.refresh_from_db()
     assert (job.status, job.error) == ("failed", "the worker stopped before finishing")
     assert not Feature.objects.exists()
@@ -376,7 +376,7 @@ def test_a_concept_stored_meanwhile_in_the_same_space_is_kept(
 ):
     """Two jobs add to one space at once: the later store sees the space moved and stores again from it."""
     first = create(language_model)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     space = Training.objects.get(pk=first.training_id)
     cake = create(language_model, model_id=None, training_id=space.pk, name="cake")
     sea = create(language_model, model_id=None, training_id=space.pk, name="sea")
@@ -388,7 +388,7 @@ def test_a_concept_stored_meanwhile_in_the_same_space_is_kept(
             vector_jobs.execute(vector_jobs.claim(sea.pk))
 
     monkeypatch.setattr(vector_jobs, "_save_space", save_while_another_stores)
-    vector_jobs.process_next()
+    vector_jobs.process_waiting()
     space.refresh_from_db()
     assert VectorJob.objects.get(pk=cake.pk).status == VectorJob.objects.get(pk=sea.pk).status == "completed"
     assert list(space.features.values_list("index", "label")) == [(0, "planet"), (1, "sea"), (2, "cake")]
