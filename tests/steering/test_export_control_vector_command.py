@@ -97,8 +97,9 @@ def test_it_refuses_what_cannot_be_exported_and_writes_nothing(demo_space, tmp_p
         (("--feature", "0:1e999", "--layers", "10"), "features: Coefficient of feature 0 must be finite"),
         (
             ("--feature", "0:1", "--layers", "0", "1"),
-            "llama.cpp cannot apply a control vector to the output of block 0",
+            "intervention_layers: llama.cpp applies no control vector",
         ),
+        (("--feature", "0:0", "--layers", "10"), "features: Every coefficient is 0"),
     ]
     for args, words in cases:
         with pytest.raises(CommandError, match=words):
