@@ -1,6 +1,7 @@
 """The demo vector space: bootstrap_demo registers the shipped checkpoint (steering_app/demo/vectors/) without the
 model, and make_vector reproduces it from the shipped pair sets with the real SmolLM2 (slow)."""
 
+import contextlib
 import io
 import json
 import shutil
@@ -12,7 +13,7 @@ from django.core.management import call_command
 from steering_app.engine.demo import DEMO_MODEL_NAME
 from steering_app.engine.loader import data_dir
 from steering_app.engine.vectors import load_concepts
-from steering_app.management.commands.bootstrap_demo import DEMO_VECTORS, PAIR_SETS
+from steering_app.management.commands.bootstrap_demo import DEMO_VECTOR_SPACE, PAIR_SETS
 from steering_app.models import Training, VectorJob
 
 SETS = json.loads(PAIR_SETS.read_text())
@@ -31,7 +32,7 @@ def test_it_registers_the_shipped_vector_space_once_beside_the_demo_sae(demo_fea
         576,
         2,
     )
-    assert space.checkpoint_path == str(DEMO_VECTORS.resolve()) and space.dataset is None
+    assert space.checkpoint_path == str(DEMO_VECTOR_SPACE.resolve()) and space.dataset is None
     assert space.label == f"vectors: planet, cake • {DEMO_MODEL_NAME}"
     features = list(space.features.values_list("index", "label", "max_activation", "activation_frequency"))
     assert features == [(0, "planet", 1.0, None), (1, "cake", 1.0, None)]
@@ -58,6 +59,8 @@ def made_checkpoints():
     yield
     for training_id, job_id in VectorJob.objects.values_list("training_id", "pk"):
         shutil.rmtree(data_dir() / "vectors" / f"{training_id}-{job_id}", ignore_errors=True)
+    with contextlib.suppress(OSError):  # the folder too, when the test made it and nothing else is in it
+        (data_dir() / "vectors").rmdir()
 
 
 @pytest.mark.slow
@@ -66,7 +69,7 @@ def test_make_vector_reproduces_the_shipped_space_from_the_shipped_pairs(
 ):
     """The recipe in bootstrap_demo's PAIR_SETS comment: a new space from the first set, the second added to it.
     Acceptance: each concept's best layer separates held-out examples with accuracy >= 0.9."""
-    shipped, shipped_layer = load_concepts(DEMO_VECTORS)
+    shipped, shipped_layer = load_concepts(DEMO_VECTOR_SPACE)
     out = io.StringIO()
     for number, entry in enumerate(SETS):
         space = (

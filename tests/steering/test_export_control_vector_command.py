@@ -14,7 +14,7 @@ from steering_app.engine.demo import DEMO_CHECKPOINT
 from steering_app.engine.saes.sae import load_sae
 from steering_app.engine.vectors import load_concepts
 from steering_app.errors import InvalidInput
-from steering_app.management.commands.bootstrap_demo import DEMO_VECTORS
+from steering_app.management.commands.bootstrap_demo import DEMO_VECTOR_SPACE
 from steering_app.models import Feature, Training
 
 
@@ -28,7 +28,7 @@ def demo_space(smollm2_row):
         hook_name="blocks.10.hook_resid_post",
         d_in=576,
         d_sae=2,
-        checkpoint_path=str(DEMO_VECTORS),
+        checkpoint_path=str(DEMO_VECTOR_SPACE),
         status="completed",
         completed_at=timezone.now(),
     )
@@ -55,7 +55,7 @@ def read(path):
 def test_it_writes_the_sum_of_each_concepts_vector_at_each_layer(demo_space, tmp_path):
     output = tmp_path / "planet.gguf"
     export(demo_space, "--feature", "0:2", "--feature", "1:-0.5", "--layers", "11", "10", output=output)
-    (planet, cake), _layer = load_concepts(DEMO_VECTORS)
+    (planet, cake), _layer = load_concepts(DEMO_VECTOR_SPACE)
     vectors = read(output)
     assert sorted(vectors) == [10, 11]
     for layer in (10, 11):
@@ -132,6 +132,6 @@ def test_a_space_exported_and_imported_again_has_the_same_vectors_bit_for_bit(
     call_command("import_vectors", str(output), "--model", smollm2_row.name, "--name", "planet again")
     imported = Training.objects.get(features__label="planet again")
     (concept,), _layer = load_concepts(imported.checkpoint_path)
-    (planet, _cake), _layer = load_concepts(DEMO_VECTORS)
+    (planet, _cake), _layer = load_concepts(DEMO_VECTOR_SPACE)
     assert torch.equal(concept.vectors[10:], planet.vectors[10:])
     assert not concept.vectors[:10].any()  # the layers not exported

@@ -15,7 +15,7 @@ from steering_app import engine_config
 from steering_app.engine.control_vectors import write_gguf
 from steering_app.engine.demo import DEMO_CHECKPOINT
 from steering_app.engine.vectors import load_concepts
-from steering_app.management.commands.bootstrap_demo import DEMO_VECTORS
+from steering_app.management.commands.bootstrap_demo import DEMO_VECTOR_SPACE
 from steering_app.models import Feature, Training
 
 
@@ -84,11 +84,11 @@ def test_it_adds_a_file_to_a_space_under_the_name_given(language_model, vectors_
 
 
 def test_it_imports_a_vector_space_directory_whole(smollm2_row, vectors_dir):
-    run(DEMO_VECTORS, "--model", smollm2_row.name)
+    run(DEMO_VECTOR_SPACE, "--model", smollm2_row.name)
     space = Training.objects.get()
     assert (space.d_sae, space.hook_layer, space.d_in) == (2, 10, 576)
     assert list(space.features.values_list("label", flat=True)) == ["planet", "cake"]
-    shipped, _layer = load_concepts(DEMO_VECTORS)
+    shipped, _layer = load_concepts(DEMO_VECTOR_SPACE)
     copied, _layer = load_concepts(space.checkpoint_path)
     for ours, theirs in zip(copied, shipped, strict=True):
         assert torch.equal(ours.vectors, theirs.vectors) and ours.separation == theirs.separation
@@ -134,10 +134,10 @@ def test_it_refuses_bad_arguments_and_creates_nothing(
         ((path, "--training", space.pk, "--name", "HONESTY"), "already has a concept named 'honesty'"),
         ((path, "--model", language_model.name, "--name", " "), "--name is empty"),
         (
-            (DEMO_VECTORS, "--model", language_model.name),
+            (DEMO_VECTOR_SPACE, "--model", language_model.name),
             r"concept 'planet' has vectors of shape \[30, 576\]",
         ),
-        ((DEMO_VECTORS, "--model", smollm2_row.name, "--name", "x"), "--name is for a single file"),
+        ((DEMO_VECTOR_SPACE, "--model", smollm2_row.name, "--name", "x"), "--name is for a single file"),
         ((sae_copy, "--model", smollm2_row.name), "architecture 'topk', not a vector space"),
         ((tmp_path, "--model", smollm2_row.name), "no readable cfg.json"),
     ]

@@ -28,7 +28,7 @@ DEFAULT_PROMPTS = DATA / "prompts" / "everyday.txt"
 # `manage.py make_vector --model SmolLM2-135M-Instruct --pairs planet.jsonl` (diffmean, tokens all), then cake added
 # to it; tests/steering/test_demo_vectors.py checks that the recipe reproduces it.
 PAIR_SETS = DATA / "vectors" / "sets.json"
-DEMO_VECTORS = DEMO_CHECKPOINT.parent / "vectors"
+DEMO_VECTOR_SPACE = DEMO_CHECKPOINT.parent / "vectors"
 
 
 class Command(BaseCommand):
@@ -80,7 +80,7 @@ class Command(BaseCommand):
         and the demo opens on the SAE."""
         from steering_app.engine.vectors import load_concepts
 
-        checkpoint = str(DEMO_VECTORS.resolve())
+        checkpoint = str(DEMO_VECTOR_SPACE.resolve())
         if Training.objects.filter(
             model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED
         ).exists():
