@@ -8,21 +8,23 @@ engine (engine.vectors.make_concept), and stores the concept in ONE transaction:
 (written first, under <data dir>/vectors/, deleted again if the transaction fails; old ones may sit in a
 worker's SAE cache) and the training's checkpoint path, concept count and stats with the new Feature. Any failure
 fails the job with its reason and changes nothing else, except that a space the job started fails with it.
-A job whose worker died (no progress written for STEERLAB_RUN_MAX_SECONDS) is failed by sweep_stale().
+A job whose worker died (no heartbeat for STEERLAB_RUN_MAX_SECONDS; a thread writes it every second while the
+job is computed) is failed by sweep_stale().
 """
 
 import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from steering_app import json_checks, wake
@@ -315,8 +317,9 @@ def execute(job: VectorJob, on_progress: Callable[[float], None] | None = None) 
             Training.objects.filter(pk=job.training_id, status=Training.Status.PENDING).update(
                 status=Training.Status.RUNNING
             )
-        concept = _compute(job, on_progress)
-        _store(job, concept)
+        with _Heartbeat(job.pk):
+            concept = _compute(job, on_progress)
+            _store(job, concept)
     except Abandoned:
         logger.warning("Vector job %s ended elsewhere while it ran", job.pk)
     except VectorError as error:
@@ -327,6 +330,37 @@ def execute(job: VectorJob, on_progress: Callable[[float], None] | None = None) 
         logger.exception("Vector job %s failed", job.pk)
         fail(job, failure_reason(error))
     return VectorJob.objects.get(pk=job.pk)
+
+
+class _Heartbeat:
+    """While its worker computes a job, a thread writes the job's heartbeat every PROGRESS_EVERY_S: loading a model
+    (a hub download, a GGUF to dequantize) can take minutes with no progress to record, and a sweep must not take
+    that silence for a dead worker."""
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"vector-job-{job_id}-heartbeat", daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        try:
+            while not self.done.wait(PROGRESS_EVERY_S):
+                try:
+                    VectorJob.objects.filter(pk=self.job_id, status=Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:
+                    logger.warning("Heartbeat of vector job %s failed", self.job_id, exc_info=True)
+        finally:
+            connection.close()  # this thread's own database connection
 
 
 def _compute(job: VectorJob, on_progress: Callable[[float], None] | None) -> "Concept":
@@ -347,7 +381,7 @@ def _compute(job: VectorJob, on_progress: Callable[[float], None] | None) -> "Co
 
 
 def _progress_recorder(job: VectorJob, listener: Callable[[float], None] | None) -> Callable[[float], None]:
-    """on_progress for the engine: the progress and the heartbeat on the row, at most every PROGRESS_EVERY_S;
+    """on_progress for the engine: the progress on the row, at most every PROGRESS_EVERY_S;
     Abandoned when the job runs no more, so that the engine stops."""
     last = -float("inf")
 
@@ -359,9 +393,7 @@ def _progress_recorder(job: VectorJob, listener: Callable[[float], None] | None)
         last = now
         # 1 is for the stored job: the concept is not stored yet.
         progress = round(min(max(float(fraction), 0.0), 0.99), 4)
-        if not VectorJob.objects.filter(pk=job.pk, status=Status.RUNNING).update(
-            progress=progress, heartbeat_at=timezone.now()
-        ):
+        if not VectorJob.objects.filter(pk=job.pk, status=Status.RUNNING).update(progress=progress):
             raise Abandoned
         if listener is not None:
             listener(progress)
@@ -503,7 +535,6 @@ def _commit(
             progress=1.0,
             report=job_report(concept, index),
             finished_at=timezone.now(),
-            heartbeat_at=timezone.now(),
         ):
             raise Abandoned
 
@@ -522,8 +553,8 @@ def fail(job: VectorJob, reason: str) -> bool:
 
 
 def sweep_stale() -> int:
-    """Fail the running jobs whose worker stopped: no progress written for STEERLAB_RUN_MAX_SECONDS (a job
-    writes its progress every second while it computes). Returns how many it failed."""
+    """Fail the running jobs whose worker stopped: no heartbeat for STEERLAB_RUN_MAX_SECONDS (_Heartbeat writes
+    it every second while a job is computed). Returns how many it failed."""
     silent_since = timezone.now() - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
     stale = VectorJob.objects.filter(status=Status.RUNNING, heartbeat_at__lt=silent_since)
     return sum(fail(job, WORKER_STOPPED) for job in stale.only("pk", "new_space", "training_id"))

@@ -5,6 +5,7 @@ Creation refuses, writing nothing, every request a worker would refuse. The work
 vectors depend only on the examples: the math is tests/engine's, the real model's is test_vectors_demo.py's.
 """
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from django.utils import timezone
 
 from steering_app import runs, vector_jobs, wake
-from steering_app.engine import vectors
+from steering_app.engine import loader, vectors
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
@@ -275,7 +276,7 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
     assert sorted(path.name for path in (engine_data_dir / "vectors").iterdir()) == [f"{space.pk}-{first.pk}"]
 
 
-def test_it_records_progress_and_heartbeat_on_the_row(
+def test_it_records_progress_on_the_row(
     language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     seen = []
@@ -397,3 +398,25 @@ def test_a_concept_stored_meanwhile_in_the_same_space_is_kept(
     assert [concept.name for concept in concepts] == ["planet", "sea", "cake"]
     assert [entry["name"] for entry in space.stats["concepts"]] == ["planet", "sea", "cake"]
     assert not (engine_data_dir / "vectors" / f"{space.pk}-{cake.pk}").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_beats_while_the_engine_is_silent(
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
+):
+    """Loading a model can take minutes with no progress to record: the heartbeat goes on meanwhile (its thread
+    writes through a connection of its own, so the rows are committed here)."""
+    monkeypatch.setattr(vector_jobs, "PROGRESS_EVERY_S", 0.02)
+    beats = []
+
+    def silent_load(source, **options):
+        claimed = VectorJob.objects.get().heartbeat_at
+        time.sleep(0.3)
+        beats.append(VectorJob.objects.get().heartbeat_at - claimed)
+        return type("LM", (), {"num_layers": 4, "hidden_size": 16})()
+
+    monkeypatch.setattr(loader, "load_model", silent_load)
+    create(language_model)
+    vector_jobs.process_waiting()
+    assert VectorJob.objects.get().status == "completed"
+    assert beats[0] >= timedelta(seconds=0.2)
