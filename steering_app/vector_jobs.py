@@ -98,7 +98,7 @@ def create(
 def store(owner: "User | None", *, running: bool = False, **request) -> VectorJob:
     """Validate a request (create()'s keywords) and store its job, queued; or running and claimed by this
     process (running=True: `manage.py make_vector` computes it itself, and no worker may take it)."""
-    job = validated(owner, **request)
+    job = _validated(owner, **request)
     if running:
         moment = timezone.now()
         job.status = Status.RUNNING
@@ -112,7 +112,7 @@ def store(owner: "User | None", *, running: bool = False, **request) -> VectorJo
     return job
 
 
-def validated(
+def _validated(
     owner: "User | None",
     *,
     model_id: int | None = None,
