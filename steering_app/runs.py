@@ -191,10 +191,6 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
     while True:
         # A prompt a web request awaits is read between two steps: one short forward, before more runs join.
         analysis.process_waiting()
-        # A steering vector takes seconds to a minute of forwards: made while no interactive run streams, so
-        # that no member's comparison stalls behind it.
-        if not batches.streaming:
-            vector_jobs.process_waiting()
         while (run := claim(batches.accepts)) is not None:
             count += 1
             item = _Working(run, emit_for(run.pk) if emit_for else None)
@@ -204,6 +200,10 @@ def process_queued(emit_for: Callable[[int], Emit] | None = None) -> int:
                 working[run.pk] = item
             except Exception as error:  # noqa: BLE001 - the run fails with the reason; the batch goes on
                 item.end(error)
+        # A steering vector takes seconds to a minute of forwards: one is made only while no interactive run
+        # streams here, so that no member's comparison stalls behind it; then runs queued meanwhile are claimed.
+        if not batches.streaming and vector_jobs.process_waiting(limit=1):
+            continue
         batch = batches.to_step()
         if batch is None:
             return count

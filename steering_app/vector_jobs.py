@@ -8,21 +8,23 @@ engine (engine.vectors.make_concept), and stores the concept in ONE transaction:
 (written first, under <data dir>/vectors/, deleted again if the transaction fails; old ones may sit in a
 worker's SAE cache) and the training's checkpoint path, concept count and stats with the new Feature. Any failure
 fails the job with its reason and changes nothing else, except that a space the job started fails with it.
-A job whose worker died (no progress written for STEERLAB_RUN_MAX_SECONDS) is failed by sweep_stale().
+A job whose worker died (no heartbeat for STEERLAB_RUN_MAX_SECONDS; a thread writes it every second while the
+job is computed) is failed by sweep_stale().
 """
 
 import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from steering_app import json_checks, wake
@@ -96,7 +98,7 @@ def create(
 def store(owner: "User | None", *, running: bool = False, **request) -> VectorJob:
     """Validate a request (create()'s keywords) and store its job, queued; or running and claimed by this
     process (running=True: `manage.py make_vector` computes it itself, and no worker may take it)."""
-    job = validated(owner, **request)
+    job = _validated(owner, **request)
     if running:
         moment = timezone.now()
         job.status = Status.RUNNING
@@ -110,7 +112,7 @@ def store(owner: "User | None", *, running: bool = False, **request) -> VectorJo
     return job
 
 
-def validated(
+def _validated(
     owner: "User | None",
     *,
     model_id: int | None = None,
@@ -280,11 +282,14 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def process_waiting() -> int:
-    """Run the jobs queued when it is called, oldest first; returns how many it ran."""
+def process_waiting(limit: int | None = None) -> int:
+    """Run up to `limit` (None: all) of the jobs queued when it is called, oldest first; returns how many it ran.
+    runs.process_queued() runs one at a time, between its batch's steps."""
     waiting = VectorJob.objects.filter(status=Status.QUEUED).order_by("created_at", "id")
     count = 0
     for job_id in list(waiting.values_list("pk", flat=True)):
+        if limit is not None and count >= limit:
+            break
         job = claim(job_id)
         if job is not None:
             execute(job)
@@ -312,8 +317,9 @@ def execute(job: VectorJob, on_progress: Callable[[float], None] | None = None) 
             Training.objects.filter(pk=job.training_id, status=Training.Status.PENDING).update(
                 status=Training.Status.RUNNING
             )
-        concept = _compute(job, on_progress)
-        _store(job, concept)
+        with _Heartbeat(job.pk):
+            concept = _compute(job, on_progress)
+            _store(job, concept)
     except Abandoned:
         logger.warning("Vector job %s ended elsewhere while it ran", job.pk)
     except VectorError as error:
@@ -324,6 +330,37 @@ def execute(job: VectorJob, on_progress: Callable[[float], None] | None = None) 
         logger.exception("Vector job %s failed", job.pk)
         fail(job, failure_reason(error))
     return VectorJob.objects.get(pk=job.pk)
+
+
+class _Heartbeat:
+    """While its worker computes a job, a thread writes the job's heartbeat every PROGRESS_EVERY_S: loading a model
+    (a hub download, a GGUF to dequantize) can take minutes with no progress to record, and a sweep must not take
+    that silence for a dead worker."""
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"vector-job-{job_id}-heartbeat", daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        try:
+            while not self.done.wait(PROGRESS_EVERY_S):
+                try:
+                    VectorJob.objects.filter(pk=self.job_id, status=Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:
+                    logger.warning("Heartbeat of vector job %s failed", self.job_id, exc_info=True)
+        finally:
+            connection.close()  # this thread's own database connection
 
 
 def _compute(job: VectorJob, on_progress: Callable[[float], None] | None) -> "Concept":
@@ -344,7 +381,7 @@ def _compute(job: VectorJob, on_progress: Callable[[float], None] | None) -> "Co
 
 
 def _progress_recorder(job: VectorJob, listener: Callable[[float], None] | None) -> Callable[[float], None]:
-    """on_progress for the engine: the progress and the heartbeat on the row, at most every PROGRESS_EVERY_S;
+    """on_progress for the engine: the progress on the row, at most every PROGRESS_EVERY_S;
     Abandoned when the job runs no more, so that the engine stops."""
     last = -float("inf")
 
@@ -356,9 +393,7 @@ def _progress_recorder(job: VectorJob, listener: Callable[[float], None] | None)
         last = now
         # 1 is for the stored job: the concept is not stored yet.
         progress = round(min(max(float(fraction), 0.0), 0.99), 4)
-        if not VectorJob.objects.filter(pk=job.pk, status=Status.RUNNING).update(
-            progress=progress, heartbeat_at=timezone.now()
-        ):
+        if not VectorJob.objects.filter(pk=job.pk, status=Status.RUNNING).update(progress=progress):
             raise Abandoned
         if listener is not None:
             listener(progress)
@@ -382,6 +417,9 @@ def _store(job: VectorJob, concept: "Concept") -> None:
             return
         except _SpaceMoved:
             shutil.rmtree(path, ignore_errors=True)
+            # A new space moves only when a sweep failed it with its job: nothing is left to store.
+            if job.new_space or not VectorJob.objects.filter(pk=job.pk, status=Status.RUNNING).exists():
+                raise Abandoned from None
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -474,11 +512,8 @@ def _commit(
     path: Path,
 ) -> None:
     index = len(concepts) - 1
-    entries = (
-        [*(training.stats or {}).get("concepts", []), stats_entry(index, concept)]
-        if not job.new_space
-        else [stats_entry(index, concept)]
-    )
+    previous = [] if job.new_space else list((training.stats or {}).get("concepts", []))
+    entries = [*previous, stats_entry(index, concept)]
     fields = space_fields(training, concepts, reading_layer, path, entries)
     if job.new_space:
         fields.update(status=Training.Status.COMPLETED, completed_at=timezone.now(), error="")
@@ -500,7 +535,6 @@ def _commit(
             progress=1.0,
             report=job_report(concept, index),
             finished_at=timezone.now(),
-            heartbeat_at=timezone.now(),
         ):
             raise Abandoned
 
@@ -519,8 +553,8 @@ def fail(job: VectorJob, reason: str) -> bool:
 
 
 def sweep_stale() -> int:
-    """Fail the running jobs whose worker stopped: no progress written for STEERLAB_RUN_MAX_SECONDS (a job
-    writes its progress every second while it computes). Returns how many it failed."""
+    """Fail the running jobs whose worker stopped: no heartbeat for STEERLAB_RUN_MAX_SECONDS (_Heartbeat writes
+    it every second while a job is computed). Returns how many it failed."""
     silent_since = timezone.now() - timedelta(seconds=settings.STEERLAB_RUN_MAX_SECONDS)
     stale = VectorJob.objects.filter(status=Status.RUNNING, heartbeat_at__lt=silent_since)
     return sum(fail(job, WORKER_STOPPED) for job in stale.only("pk", "new_space", "training_id"))

@@ -46,7 +46,7 @@ class VectorJob(Job):
     progress = models.FloatField(default=0.0, help_text="0..1")
     # {"separation": [held-out accuracy per layer], "best_layer", "accuracy", "feature_index", ...}
     report = models.JSONField(null=True, blank=True)
-    # The worker that claimed it (host:pid) writes heartbeat_at with its progress; a sweep fails a job whose
+    # The worker that claimed it (host:pid) writes heartbeat_at every second while it works; a sweep fails a job whose
     # heartbeat is older than STEERLAB_RUN_MAX_SECONDS.
     worker = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)

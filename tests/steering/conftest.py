@@ -2,6 +2,7 @@
 
 import pytest
 
+from steering_app import engine_config
 from steering_app.models import LanguageModel, SteeringRun
 from tests.migrations import migrate_to_latest
 
@@ -63,3 +64,20 @@ def back_to_latest():
     table."""
     yield
     migrate_to_latest()
+
+
+@pytest.fixture
+def engine_data_dir(monkeypatch, tmp_path):
+    """Where the engine writes checkpoints: a folder of the test's own."""
+    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, language_model):
+    """Vector jobs without the model, on language_model's shape (tests/vector_stand_ins.py); returns the calls to
+    make_concept."""
+    # Imported here: the engine brings torch, which most of these tests never need.
+    from tests.vector_stand_ins import use_vector_engine
+
+    return use_vector_engine(monkeypatch, language_model.num_layers, language_model.hidden_size)

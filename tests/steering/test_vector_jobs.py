@@ -5,72 +5,22 @@ Creation refuses, writing nothing, every request a worker would refuse. The work
 vectors depend only on the examples: the math is tests/engine's, the real model's is test_vectors_demo.py's.
 """
 
+import time
 from datetime import timedelta
 
 import pytest
 import torch
 from django.utils import timezone
 
-from steering_app import engine_config, vector_jobs, wake
+from steering_app import runs, vector_jobs, wake
 from steering_app.engine import loader, vectors
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable
 from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
+from tests.fake_engine import sweep_outcome, use_engine
+from tests.vector_stand_ins import fake_concept
 
 PAIRS = [[f"planet text {i}", f"plain text {i}"] for i in range(6)]
-
-
-@pytest.fixture
-def engine_data_dir(monkeypatch, tmp_path):
-    """Where the engine writes checkpoints: a folder of the test's own."""
-    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def stored_only(monkeypatch):
-    """Workers are told but run nothing: jobs stay queued for the test to drive."""
-    monkeypatch.setattr(wake, "submit", lambda run_id=None: None)
-
-
-def fake_concept(name, description, positives, negatives, num_layers, hidden, best_layer=2):
-    """A concept whose vectors are a function of the examples (their count), as make_concept's would be."""
-    base = torch.arange(num_layers * hidden, dtype=torch.float32).reshape(num_layers, hidden)
-    separation = [
-        0.5 + 0.1 * (layer == best_layer) + 0.4 * (layer == best_layer) for layer in range(num_layers)
-    ]
-    return vectors.Concept(
-        name=name,
-        description=description,
-        vectors=base / (1 + len(positives)),
-        offsets=torch.zeros(num_layers),
-        separation=separation,
-        best_layer=best_layer,
-        info={
-            "method": "diffmean",
-            "tokens": "all",
-            "positives": len(positives),
-            "negatives": len(negatives),
-        },
-    )
-
-
-@pytest.fixture
-def fake_engine(monkeypatch, language_model):
-    """load_model and make_concept stand-ins: progress reported at 0.5 and 1, calls recorded."""
-    calls = []
-
-    def make_concept(lm, name, description, positives, negatives, *, method, tokens, paired, on_progress):
-        calls.append({"method": method, "tokens": tokens, "paired": paired, "positives": positives})
-        on_progress(0.5)
-        return fake_concept(name, description, positives, negatives, lm.num_layers, lm.hidden_size)
-
-    lm = type(
-        "LM", (), {"num_layers": language_model.num_layers, "hidden_size": language_model.hidden_size}
-    )()
-    monkeypatch.setattr(loader, "load_model", lambda source, **kw: lm)
-    monkeypatch.setattr(vectors, "make_concept", make_concept)
-    return calls
 
 
 def create(model, **fields):
@@ -137,7 +87,7 @@ def test_it_refuses_a_model_that_is_not_ready(language_model):
     assert_nothing_written()
 
 
-def vector_space(model, **fields) -> Training:
+def make_space(model, **fields) -> Training:
     values = {
         "model": model,
         "encoder_type": "vectors",
@@ -156,7 +106,7 @@ def vector_space(model, **fields) -> Training:
 
 
 def test_it_refuses_to_add_to_an_sae_a_pending_space_another_models_space_or_a_taken_name(
-    language_model, training, stored_only
+    language_model, training, queued_only
 ):
     other = LanguageModel.objects.create(
         name="other",
@@ -165,8 +115,8 @@ def test_it_refuses_to_add_to_an_sae_a_pending_space_another_models_space_or_a_t
         num_layers=4,
         hidden_size=16,
     )
-    space = vector_space(language_model)
-    pending = vector_space(language_model, status="pending")
+    space = make_space(language_model)
+    pending = make_space(language_model, status="pending")
     cases = [
         ({"training_id": training.pk}, "training_id", "is an SAE"),
         ({"training_id": pending.pk}, "training_id", "is pending"),
@@ -218,7 +168,7 @@ def test_it_fails_the_job_and_its_space_when_no_worker_can_be_told(language_mode
 
 
 def test_it_makes_a_new_space_with_its_first_concept(
-    language_model, engine_data_dir, stored_only, fake_engine
+    language_model, engine_data_dir, queued_only, fake_engine
 ):
     job = create(language_model, description="Planets and moons")
     assert vector_jobs.process_waiting() == 1
@@ -254,7 +204,7 @@ def test_it_makes_a_new_space_with_its_first_concept(
 
 
 def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
-    language_model, engine_data_dir, stored_only, fake_engine
+    language_model, engine_data_dir, queued_only, fake_engine
 ):
     first = create(language_model)
     vector_jobs.process_waiting()
@@ -289,7 +239,7 @@ def test_it_adds_a_concept_in_a_new_checkpoint_and_keeps_the_old_one(
 
 
 def test_a_failure_fails_the_job_and_its_new_space_and_changes_nothing_else(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     def refuse(lm, name, description, positives, negatives, **options):
         raise vectors.VectorError("positives", "the examples are all the same text")
@@ -306,7 +256,7 @@ def test_a_failure_fails_the_job_and_its_new_space_and_changes_nothing_else(
 
 
 def test_a_failure_while_storing_removes_the_new_checkpoint(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     first = create(language_model)
     vector_jobs.process_waiting()
@@ -326,8 +276,8 @@ def test_a_failure_while_storing_removes_the_new_checkpoint(
     assert sorted(path.name for path in (engine_data_dir / "vectors").iterdir()) == [f"{space.pk}-{first.pk}"]
 
 
-def test_it_records_progress_and_heartbeat_on_the_row(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+def test_it_records_progress_on_the_row(
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     seen = []
 
@@ -343,7 +293,7 @@ def test_it_records_progress_and_heartbeat_on_the_row(
 
 
 def test_a_job_failed_meanwhile_stops_and_stays_failed(
-    language_model, engine_data_dir, stored_only, fake_engine, monkeypatch
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
 ):
     def make_concept(lm, name, description, positives, negatives, **options):
         VectorJob.objects.update(status="failed", error="the worker stopped before finishing")
@@ -358,7 +308,7 @@ def test_a_job_failed_meanwhile_stops_and_stays_failed(
     assert not Feature.objects.exists()
 
 
-def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, settings, stored_only):
+def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, settings, queued_only):
     settings.STEERLAB_RUN_MAX_SECONDS = 60
     silent = create(language_model)
     beating = create(language_model, name="cake")
@@ -377,7 +327,7 @@ def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, 
     assert silent.error == vector_jobs.WORKER_STOPPED and silent.training.status == "failed"
 
 
-def test_a_worker_claims_a_queued_job_once(language_model, stored_only):
+def test_a_worker_claims_a_queued_job_once(language_model, queued_only):
     job = create(language_model)
     claimed = vector_jobs.claim(job.pk)
     assert claimed.status == "running" and claimed.worker == vector_jobs.worker_name()
@@ -393,3 +343,80 @@ def test_a_worker_told_of_a_job_makes_it(language_model, engine_data_dir, fake_e
 
 def test_it_asks_for_as_many_examples_as_the_engine_needs():
     assert vector_jobs.MIN_EXAMPLES == vectors.MIN_EXAMPLES
+
+
+def test_a_worker_serves_queued_runs_before_it_makes_a_vector(
+    language_model, training, owner, make_run, engine_data_dir, fake_engine, queued_only, monkeypatch
+):
+    """A vector takes up to a minute of forwards: a member's comparison waiting meanwhile is served first."""
+    order = []
+
+    def execute(run, on_step=None, should_stop=None):
+        order.append(f"run {run.pk}")
+        return sweep_outcome(run, on_step, should_stop)
+
+    fake_make_concept = vectors.make_concept
+
+    def make_concept(*args, **options):
+        order.append(f"vector {job.pk}")
+        return fake_make_concept(*args, **options)
+
+    use_engine(monkeypatch, execute)
+    monkeypatch.setattr(vectors, "make_concept", make_concept)
+    job = create(language_model)
+    run = make_run(owner)
+    runs.process_queued()
+    assert order == [f"run {run.pk}", f"vector {job.pk}"]
+    run.refresh_from_db()
+    job.refresh_from_db()
+    assert (run.status, job.status) == ("completed", "completed")
+
+
+def test_a_concept_stored_meanwhile_in_the_same_space_is_kept(
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
+):
+    """Two jobs add to one space at once: the later store sees the space moved and stores again from it."""
+    first = create(language_model)
+    vector_jobs.process_waiting()
+    space = Training.objects.get(pk=first.training_id)
+    cake = create(language_model, model_id=None, training_id=space.pk, name="cake")
+    sea = create(language_model, model_id=None, training_id=space.pk, name="sea")
+    save_space = vector_jobs._save_space
+
+    def save_while_another_stores(path, concepts, reading_layer, model_name):
+        save_space(path, concepts, reading_layer, model_name)
+        if path.name == f"{space.pk}-{cake.pk}":
+            vector_jobs.execute(vector_jobs.claim(sea.pk))
+
+    monkeypatch.setattr(vector_jobs, "_save_space", save_while_another_stores)
+    vector_jobs.process_waiting()
+    space.refresh_from_db()
+    assert VectorJob.objects.get(pk=cake.pk).status == VectorJob.objects.get(pk=sea.pk).status == "completed"
+    assert list(space.features.values_list("index", "label")) == [(0, "planet"), (1, "sea"), (2, "cake")]
+    assert space.checkpoint_path == str(engine_data_dir / "vectors" / f"{space.pk}-{cake.pk}-1")
+    concepts, _layer = vectors.load_concepts(space.checkpoint_path)
+    assert [concept.name for concept in concepts] == ["planet", "sea", "cake"]
+    assert [entry["name"] for entry in space.stats["concepts"]] == ["planet", "sea", "cake"]
+    assert not (engine_data_dir / "vectors" / f"{space.pk}-{cake.pk}").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_beats_while_the_engine_is_silent(
+    language_model, engine_data_dir, queued_only, fake_engine, monkeypatch
+):
+    """Loading a model can take minutes with no progress to record: the heartbeat goes on meanwhile (its thread
+    writes through a connection of its own, so the rows are committed here)."""
+    monkeypatch.setattr(vector_jobs, "PROGRESS_EVERY_S", 0.02)
+    beats = []
+
+    def silent_load(source, **options):
+        claimed = VectorJob.objects.get().heartbeat_at
+        time.sleep(0.3)
+        beats.append(VectorJob.objects.get().heartbeat_at - claimed)
+        return type("LM", (), {"num_layers": 4, "hidden_size": 16})()
+
+    monkeypatch.setattr(loader, "load_model", silent_load)
+    create(language_model)
+    vector_jobs.process_waiting()
+    assert VectorJob.objects.get().status == "completed"
+    assert beats[0] >= timedelta(seconds=0.2)

@@ -1,12 +1,16 @@
 import json
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+from django.utils import timezone
 
+from steering_app import vector_jobs
 from steering_app.engine.demo import (
     DEMO_CHECKPOINT,
     DEMO_DATASET,
@@ -18,13 +22,19 @@ from steering_app.engine.demo import (
 from steering_app.models import Dataset, LanguageModel, PromptSet, Training
 
 DEMO_USER = "demo"
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "prompts" / "everyday.txt"
+DATA = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_PROMPTS = DATA / "prompts" / "everyday.txt"
+# The shipped example pair sets ([{"name", "description", "file"}]) and the vector space made from them:
+# `manage.py make_vector --model SmolLM2-135M-Instruct --pairs planet.jsonl` (diffmean, tokens all), then cake added
+# to it; tests/steering/test_demo_vectors.py checks that the recipe reproduces it.
+PAIR_SETS = DATA / "vectors" / "sets.json"
+DEMO_VECTOR_SPACE = DEMO_CHECKPOINT.parent / "vectors"
 
 
 class Command(BaseCommand):
     help = (
-        "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, the default "
-        "prompt set, user demo."
+        "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, the planet and "
+        "cake vector space, the default prompt set, user demo."
     )
 
     def handle(self, **options):
@@ -32,6 +42,7 @@ class Command(BaseCommand):
             raise CommandError(f"The demo SAE is missing from {DEMO_CHECKPOINT}")
         model = self.ensure_model()
         self.ensure_training(model)
+        self.ensure_vector_space(model)
         self.ensure_dataset()
         self.ensure_prompt_set()
         self.ensure_user()
@@ -62,6 +73,41 @@ class Command(BaseCommand):
             DEMO_DATASET,
             stdout=self.stdout,
         )
+
+    def ensure_vector_space(self, model: LanguageModel) -> None:
+        """The shipped vector space (planet and cake) beside the demo SAE, registered from its checkpoint without
+        running the model. Dated just before the demo SAE: the newest completed training is the panel's default,
+        and the demo opens on the SAE."""
+        from steering_app.engine.vectors import load_concepts
+
+        checkpoint = str(DEMO_VECTOR_SPACE.resolve())
+        if Training.objects.filter(
+            model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED
+        ).exists():
+            self.stdout.write("Demo vector space already registered.")
+            return
+        concepts, reading_layer = load_concepts(checkpoint)
+        sae = Training.objects.filter(
+            model=model, checkpoint_path=str(DEMO_CHECKPOINT.resolve()), status=Training.Status.COMPLETED
+        ).first()
+        created = (sae.created_at if sae else timezone.now()) - timedelta(seconds=1)
+        entries = [vector_jobs.stats_entry(index, concept) for index, concept in enumerate(concepts)]
+        with transaction.atomic():
+            space = Training(
+                model=model,
+                encoder_type=Training.EncoderType.VECTORS,
+                d_in=model.hidden_size,
+                status=Training.Status.COMPLETED,
+                created_at=created,
+                completed_at=created,
+            )
+            fields = vector_jobs.space_fields(space, concepts, reading_layer, Path(checkpoint), entries)
+            for name, value in fields.items():
+                setattr(space, name, value)
+            space.save()
+            for index, concept in enumerate(concepts):
+                vector_jobs.concept_feature(space, index, concept).save()
+        self.stdout.write(f"Demo vector space registered: {space.label} (training {space.pk}).")
 
     def ensure_dataset(self) -> None:
         """The demo corpus's token count (from the SAE's cfg) and description; databases bootstrapped before

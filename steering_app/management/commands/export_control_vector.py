@@ -43,8 +43,6 @@ class Command(BaseCommand):
         parser.add_argument("--output", required=True, help="the .gguf file to write")
 
     def handle(self, **options):
-        from steering_app.engine import control_vectors
-
         training = Training.objects.select_related("model").filter(pk=options["training"]).first()
         if training is None:
             raise CommandError(f"Training {options['training']} does not exist")
@@ -57,16 +55,14 @@ class Command(BaseCommand):
         if not output.parent.is_dir():
             raise CommandError(f"{output.parent} is not a directory")
         try:
-            vectors = services.control_vector_of(training, features, options["layers"], options["method"])
+            content = services.control_vector_gguf(training, features, options["layers"], options["method"])
         except SteeringError as error:
             raise CommandError(f"{error.field}: {error.message}" if error.field else error.message) from None
-        try:
-            control_vectors.write_gguf(output, vectors, model_hint="llama")
-        except control_vectors.ControlVectorError as error:
-            raise CommandError(str(error)) from None
-        layers = ", ".join(str(layer) for layer in sorted(vectors))
+        output.write_bytes(content)
+        layers = " ".join(str(layer) for layer in sorted(set(options["layers"])))
         self.stdout.write(
             self.style.SUCCESS(
-                f"Wrote {output}: a control vector for layers {layers} of {training.model.name}"
+                f"Wrote {output}: a control vector for layers {layers} of {training.model.name}. Apply it with: "
+                f"llama-cli -m <{training.model.name}.gguf> --control-vector-scaled {output} 1.0"
             )
         )

@@ -90,18 +90,18 @@ class Command(BaseCommand):
 
     @staticmethod
     def check_space_dir(path: Path) -> None:
-        from steering_app.engine.vectors import ARCHITECTURE
-
+        # A vector space's checkpoint names its architecture as its training's encoder type does.
+        architecture = Training.EncoderType.VECTORS.value
         try:
             cfg = json.loads((path / "cfg.json").read_text())
         except (OSError, ValueError) as error:
             raise CommandError(
                 f"{path} is not a vector-space directory: no readable cfg.json ({error})"
             ) from None
-        if not isinstance(cfg, dict) or cfg.get("architecture") != ARCHITECTURE:
+        if not isinstance(cfg, dict) or cfg.get("architecture") != architecture:
             raise CommandError(
                 f"{path} holds architecture {cfg.get('architecture') if isinstance(cfg, dict) else None!r}, not "
-                f"a vector space ('{ARCHITECTURE}'): import an SAE with import_sae"
+                f"a vector space ('{architecture}'): import an SAE with import_sae"
             )
 
     @staticmethod

@@ -4,22 +4,16 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from steering_app import vector_jobs
-from steering_app.errors import SteeringError
+from steering_app.errors import InvalidInput, SteeringError
 from steering_app.models import LanguageModel, VectorJob
 
 
 def read_pairs(path: str) -> list[list[str]]:
     """[[positive, negative], ...] from a .jsonl file of {"positive": ..., "negative": ...} lines."""
-    pairs = []
-    for number, line in _lines(path):
-        try:
-            item = json.loads(line)
-        except ValueError as error:
-            raise CommandError(f"{path} line {number} is not JSON: {error}") from None
-        if not isinstance(item, dict) or not {"positive", "negative"} <= item.keys():
-            raise CommandError(f'{path} line {number} must be {{"positive": "...", "negative": "..."}}')
-        pairs.append([item["positive"], item["negative"]])
-    return pairs
+    try:
+        return vector_jobs.pairs_from_jsonl(_text(path), "pairs")
+    except InvalidInput as error:
+        raise CommandError(f"{path}: {error.message}") from None
 
 
 def read_examples(path: str) -> list[str]:
@@ -39,12 +33,15 @@ def read_examples(path: str) -> list[str]:
     return examples
 
 
-def _lines(path: str) -> list[tuple[int, str]]:
+def _text(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise CommandError(f"Cannot read {path}: {error}") from None
-    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _lines(path: str) -> list[tuple[int, str]]:
+    return [(number, line.strip()) for number, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
 
 
 def separation_lines(report: dict) -> list[str]:
