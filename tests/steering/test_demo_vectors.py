@@ -10,13 +10,12 @@ import pytest
 import torch
 from django.core.management import call_command
 
-from steering_app.engine.demo import DEMO_MODEL_NAME
+from steering_app.engine.demo import DEMO_MODEL_NAME, DEMO_PAIR_SETS, DEMO_VECTOR_SPACE
 from steering_app.engine.loader import data_dir
 from steering_app.engine.vectors import load_concepts
-from steering_app.management.commands.bootstrap_demo import DEMO_VECTOR_SPACE, PAIR_SETS
 from steering_app.models import Training, VectorJob
 
-SETS = json.loads(PAIR_SETS.read_text())
+SETS = json.loads(DEMO_PAIR_SETS.read_text())
 
 
 def test_it_registers_the_shipped_vector_space_once_beside_the_demo_sae(demo_feature_space, monkeypatch):
@@ -44,7 +43,7 @@ def test_it_registers_the_shipped_vector_space_once_beside_the_demo_sae(demo_fea
 
 def test_the_shipped_sets_are_written_pairs_of_two_sentences():
     for entry in SETS:
-        lines = (PAIR_SETS.parent / entry["file"]).read_text().splitlines()
+        lines = (DEMO_PAIR_SETS.parent / entry["file"]).read_text().splitlines()
         pairs = [json.loads(line) for line in lines]
         assert len(pairs) >= 64 and entry["description"]
         for pair in pairs:
@@ -67,7 +66,7 @@ def made_checkpoints():
 def test_make_vector_reproduces_the_shipped_space_from_the_shipped_pairs(
     demo_feature_space, made_checkpoints
 ):
-    """The recipe in bootstrap_demo's PAIR_SETS comment: a new space from the first set, the second added to it.
+    """The recipe in bootstrap_demo's DEMO_PAIR_SETS comment: a new space from the first set, the second added to it.
     Acceptance: each concept's best layer separates held-out examples with accuracy >= 0.9."""
     shipped, shipped_layer = load_concepts(DEMO_VECTOR_SPACE)
     out = io.StringIO()
@@ -85,7 +84,7 @@ def test_make_vector_reproduces_the_shipped_space_from_the_shipped_pairs(
             "--description",
             entry["description"],
             "--pairs",
-            str(PAIR_SETS.parent / entry["file"]),
+            str(DEMO_PAIR_SETS.parent / entry["file"]),
             stdout=out,
         )
     made, made_layer = load_concepts(Training.objects.get(encoder_type="vectors").checkpoint_path)

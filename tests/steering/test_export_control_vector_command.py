@@ -10,11 +10,10 @@ from django.utils import timezone
 
 from steering_app import engine_config, services
 from steering_app.engine.control_vectors import read_file
-from steering_app.engine.demo import DEMO_CHECKPOINT
+from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_VECTOR_SPACE
 from steering_app.engine.saes.sae import load_sae
 from steering_app.engine.vectors import load_concepts
 from steering_app.errors import InvalidInput
-from steering_app.management.commands.bootstrap_demo import DEMO_VECTOR_SPACE
 from steering_app.models import Feature, Training
 
 

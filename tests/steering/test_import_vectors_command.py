@@ -13,9 +13,8 @@ from django.core.management.base import CommandError
 
 from steering_app import engine_config
 from steering_app.engine.control_vectors import write_gguf
-from steering_app.engine.demo import DEMO_CHECKPOINT
+from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_VECTOR_SPACE
 from steering_app.engine.vectors import load_concepts
-from steering_app.management.commands.bootstrap_demo import DEMO_VECTOR_SPACE
 from steering_app.models import Feature, Training
 
 

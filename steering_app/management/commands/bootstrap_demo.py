@@ -18,17 +18,13 @@ from steering_app.engine.demo import (
     DEMO_FEATURES,
     DEMO_MODEL,
     DEMO_MODEL_NAME,
+    DEMO_VECTOR_SPACE,
 )
 from steering_app.models import Dataset, LanguageModel, PromptSet, Training
 
 DEMO_USER = "demo"
 DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_PROMPTS = DATA / "prompts" / "everyday.txt"
-# The shipped example pair sets ([{"name", "description", "file"}]) and the vector space made from them:
-# `manage.py make_vector --model SmolLM2-135M-Instruct --pairs planet.jsonl` (diffmean, tokens all), then cake added
-# to it; tests/steering/test_demo_vectors.py checks that the recipe reproduces it.
-PAIR_SETS = DATA / "vectors" / "sets.json"
-DEMO_VECTOR_SPACE = DEMO_CHECKPOINT.parent / "vectors"
 
 
 class Command(BaseCommand):
