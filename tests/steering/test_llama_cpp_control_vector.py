@@ -1,6 +1,6 @@
 """llama.cpp applies SteerLab's exported control vector at the right block, with the right sign and scale.
 
-Two planet steerings at layer 10, c = 1: the DiffMean vector made from the shipped planet pairs, and the demo SAE's
+Two planet steerings at layer 10, c = 1: the demo's DiffMean vector made from the shipped planet pairs, and the demo SAE's
 planet feature #1681 (c * max activation * W_dec). Each is exported with control_vectors.write_gguf, and the file
 is handed to llama.cpp (llama-cpp-python, test-only: `make llama-cpp`) the way `llama-cli --control-vector` does
 it: common.cpp's loader turns the GGUF into one float buffer whose row N - 1 holds direction.N, and
@@ -12,7 +12,6 @@ clean model. Were the export on the wrong block, of the wrong sign or far off in
 import ctypes
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +20,17 @@ from gguf import GGUFReader
 
 from steering_app.engine import loader
 from steering_app.engine.control_vectors import write_gguf
-from steering_app.engine.demo import DEMO_CHECKPOINT, DEMO_FEATURES, DEMO_LAYER, DEMO_MODEL_NAME
+from steering_app.engine.demo import (
+    DEMO_CHECKPOINT,
+    DEMO_FEATURES,
+    DEMO_LAYER,
+    DEMO_MODEL_NAME,
+    DEMO_VECTOR_SPACE,
+)
 from steering_app.engine.layers import block_output
 from steering_app.engine.steer import SteeringSpec
 from steering_app.engine.tokens import encode_text, eos_token_ids
-from steering_app.engine.vectors import control_vector, make_concept, save_space
+from steering_app.engine.vectors import control_vector
 
 try:
     import llama_cpp
@@ -40,7 +45,6 @@ PROMPT = "Tell me about your day."
 SEEDS = range(5)
 MAX_TOKENS = 24
 TEMPERATURE = 0.8
-PLANET_PAIRS = Path(__file__).resolve().parents[2] / "steering_app" / "data" / "vectors" / "planet.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +84,11 @@ def sae_planet_steering(lm, sae, tmp_path) -> dict[int, torch.Tensor]:
 
 
 def diffmean_planet_steering(lm, sae, tmp_path) -> dict[int, torch.Tensor]:
-    """{10: c * a * u}: what SteerLab exports for the planet vector made from the shipped pairs."""
-    pairs = [json.loads(line) for line in PLANET_PAIRS.read_text().splitlines()]
-    positives, negatives = [pair["positive"] for pair in pairs], [pair["negative"] for pair in pairs]
-    concept = make_concept(lm, "planet", "", positives, negatives, method="diffmean", paired=True)
-    space = loader.load_sae_cached(save_space(tmp_path / "space", [concept], DEMO_LAYER, DEMO_MODEL_NAME), lm)
-    return control_vector(space, SteeringSpec("additive", [(0, COEFFICIENT)], [DEMO_LAYER]))
+    """{10: c * a * u}: what SteerLab exports for the demo's planet vector, made from the shipped pairs
+    (tests/steering/test_demo_vectors.py makes it again and compares)."""
+    space = loader.load_sae_cached(DEMO_VECTOR_SPACE, lm)
+    planet = [entry["name"] for entry in space.cfg["concepts"]].index("planet")
+    return control_vector(space, SteeringSpec("additive", [(planet, COEFFICIENT)], [DEMO_LAYER]))
 
 
 def llama_cpp_buffer(path, n_embd: int) -> np.ndarray:
@@ -151,5 +154,5 @@ def test_it_steers_llama_cpp_with_the_exported_vector(llama, lm, sae, tmp_path, 
 
     unsteered_mean = sum(before for before, _ in readings) / len(readings)
     steered_mean = sum(after for _, after in readings) / len(readings)
-    assert steered_mean > unsteered_mean, readings
-    assert sum(after > before for before, after in readings) >= 4, readings
+    assert steered_mean > unsteered_mean + 0.5, readings
+    assert sum(after > before for before, after in readings) >= 3, readings
