@@ -165,6 +165,9 @@ def main(workdir: Path, username: str, password: str, members: list[str]) -> Non
         "search": word,
         "tokens": tokens,
     }
+    vector_space = Training.objects.filter(encoder_type=Training.EncoderType.VECTORS).first()
+    if vector_space is not None:
+        seeded["vector_space"] = vector_space.pk
     if os.environ.get("STEERLAB_SEED_LOADING_MODEL"):
         seeded["loading_model"] = loading_model(Path(os.environ["STEERLAB_SEED_LOADING_MODEL"]))
     print(json.dumps(seeded))
