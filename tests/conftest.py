@@ -232,3 +232,12 @@ def vector_space(language_model, tmp_path):
     )
     space.vectors = [concept.vectors for concept in concepts]
     return space
+
+
+@pytest.fixture
+def engine_data_dir(monkeypatch, tmp_path):
+    """Where the engine writes checkpoints: a folder of the test's own."""
+    from steering_app import engine_config
+
+    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
+    return tmp_path

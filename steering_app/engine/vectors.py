@@ -13,9 +13,10 @@ would carry the residual stream's large common offset and say nothing about the 
 
 The separation report: for each block, a direction made from 80 % of the examples (every fifth held out), and
 the threshold halfway between the two classes' mean projections on it; the held-out accuracy of that threshold.
-The best layer is where it peaks; of tied layers, the first: a text's last blocks separate almost any two sets
-of examples (the planet pairs reach 1.0 at blocks 10-12 and again at 29), but steering there has few blocks
-left to act through.
+The best layer is where it peaks: the middle of the widest run of consecutive blocks at the peak (the first such
+run when two are as wide). A few held-out examples tie many blocks at 1.0 (six pairs: often all thirty), and a
+text's last blocks separate almost any two sets (the planet pairs peak at 10-12 and again at 29), while steering
+works best in the middle of the model and llama.cpp cannot steer block 0.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def make_concept(
         )
         for layer in range(reps.shape[1])
     ]
-    best_layer = separation.index(max(separation))
+    best_layer = peak_layer(separation)
     vectors, offsets = [], []
     for layer in range(reps.shape[1]):
         unit = _direction(positive[:, layer], negative[:, layer], method)
@@ -115,6 +116,20 @@ def make_concept(
     return Concept(
         name, description, torch.stack(vectors), torch.stack(offsets), separation, best_layer, info
     )
+
+
+def peak_layer(separation: Sequence[float]) -> int:
+    """The middle of the widest run of consecutive layers at the peak accuracy (the first, between equals)."""
+    peak = max(separation)
+    best_start, best_width, start = 0, 0, None
+    for layer, accuracy in enumerate([*separation, -1.0]):
+        if accuracy == peak and start is None:
+            start = layer
+        elif accuracy != peak and start is not None:
+            if layer - start > best_width:
+                best_start, best_width = start, layer - start
+            start = None
+    return best_start + (best_width - 1) // 2
 
 
 def _check_examples(positives, negatives, method: str, tokens: str, paired: bool) -> None:

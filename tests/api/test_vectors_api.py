@@ -90,7 +90,7 @@ def test_it_answers_401_without_a_token(client, language_model, stored_only):
 
 
 def test_it_shows_the_job_then_the_space_in_the_training(
-    post, client, bearer, owner, language_model, monkeypatch
+    post, client, bearer, owner, language_model, monkeypatch, engine_data_dir
 ):
     space_id = post(owner, {"model_id": language_model.pk, "name": "planet", "pairs": PAIRS}).json()[
         "training_id"

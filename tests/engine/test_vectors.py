@@ -14,6 +14,7 @@ from steering_app.engine.vectors import (
     imported_concept,
     load_concepts,
     make_concept,
+    peak_layer,
     representations,
     save_space,
 )
@@ -183,3 +184,16 @@ def test_it_refuses_a_damaged_space_checkpoint(tiny_llama, tmp_path):
     (tmp_path / "vectors.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(SAEFormatError, match="vectors.safetensors"):
         load_sae(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("separation", "best"),
+    [
+        ([1.0] * 30, 14),  # few held-out examples tie every block: the middle of the model
+        ([0.9, 1.0, 1.0, 1.0, 0.9, 1.0], 2),  # the widest plateau, not the last block at the peak
+        ([1.0, 0.8, 1.0, 0.8], 0),  # equal plateaus: the first
+        ([0.6, 0.7, 0.9, 0.8], 2),
+    ],
+)
+def test_it_defaults_to_the_middle_of_the_widest_plateau_of_separation(separation, best):
+    assert peak_layer(separation) == best

@@ -2,7 +2,6 @@
 
 import pytest
 
-from steering_app import engine_config
 from steering_app.models import LanguageModel, SteeringRun
 from tests.migrations import migrate_to_latest
 
@@ -64,13 +63,6 @@ def back_to_latest():
     table."""
     yield
     migrate_to_latest()
-
-
-@pytest.fixture
-def engine_data_dir(monkeypatch, tmp_path):
-    """Where the engine writes checkpoints: a folder of the test's own."""
-    monkeypatch.setattr(engine_config.current, "data_dir", str(tmp_path))
-    return tmp_path
 
 
 @pytest.fixture

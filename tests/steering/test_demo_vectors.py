@@ -26,8 +26,8 @@ def test_it_registers_the_shipped_vector_space_once_beside_the_demo_sae(demo_fea
     space = Training.objects.get(encoder_type="vectors")
     assert (space.status, space.hook_layer, space.hook_name, space.d_in, space.d_sae) == (
         "completed",
-        10,
-        "blocks.10.hook_resid_post",
+        11,
+        "blocks.11.hook_resid_post",
         576,
         2,
     )
@@ -88,7 +88,7 @@ def test_make_vector_reproduces_the_shipped_space_from_the_shipped_pairs(
             stdout=out,
         )
     made, made_layer = load_concepts(Training.objects.get(encoder_type="vectors").checkpoint_path)
-    assert made_layer == shipped_layer == 10
+    assert made_layer == shipped_layer == 11
     for ours, theirs in zip(made, shipped, strict=True):
         assert (ours.name, ours.description, ours.best_layer) == (
             theirs.name,

@@ -85,7 +85,7 @@ def test_it_adds_a_file_to_a_space_under_the_name_given(language_model, vectors_
 def test_it_imports_a_vector_space_directory_whole(smollm2_row, vectors_dir):
     run(DEMO_VECTOR_SPACE, "--model", smollm2_row.name)
     space = Training.objects.get()
-    assert (space.d_sae, space.hook_layer, space.d_in) == (2, 10, 576)
+    assert (space.d_sae, space.hook_layer, space.d_in) == (2, 11, 576)
     assert list(space.features.values_list("label", flat=True)) == ["planet", "cake"]
     shipped, _layer = load_concepts(DEMO_VECTOR_SPACE)
     copied, _layer = load_concepts(space.checkpoint_path)

@@ -125,7 +125,7 @@ def test_it_shows_why_a_job_failed(client, owner, language_model, stored_only, m
 
 
 def test_it_makes_the_concept_once_the_worker_has_run(
-    client, owner, language_model, stored_only, monkeypatch
+    client, owner, language_model, stored_only, monkeypatch, engine_data_dir
 ):
     client.force_login(owner)
     client.post(NEW, form(language_model))
