@@ -1,7 +1,7 @@
 """llama.cpp applies SteerLab's exported control vector at the right block, with the right sign and scale.
 
-Two planet steerings at layer 10, c = 1: the demo's DiffMean vector made from the shipped planet pairs, and the demo SAE's
-planet feature #1681 (c * max activation * W_dec). Each is exported with control_vectors.write_gguf, and the file
+Two planet steerings at layer 10: the demo's DiffMean vector made from the shipped planet pairs (c = 2), and the demo
+SAE's planet feature #1681 (c = 1: c * max activation * W_dec). Each is exported with control_vectors.write_gguf, and the file
 is handed to llama.cpp (llama-cpp-python, test-only: `make llama-cpp`) the way `llama-cli --control-vector` does
 it: common.cpp's loader turns the GGUF into one float buffer whose row N - 1 holds direction.N, and
 llama_set_adapter_cvec applies it to layers 1 .. n_layer. llama.cpp then generates from the demo's chat prompt
@@ -40,7 +40,11 @@ except ImportError:  # the llama fixture skips the test, or fails it with REQUIR
 pytestmark = pytest.mark.slow
 
 PLANET = 1681
-COEFFICIENT = 1.0
+SAE_COEFFICIENT = 1.0
+# The planet vector at c = 1 lifts the reading only a little, in SteerLab and in llama.cpp alike (mean over the five
+# seeds 0.11 -> 0.48 in SteerLab, 0.11 -> 0.36 in llama.cpp, measured); at c = 2 clearly in both (2.46 and 1.78,
+# every seed): the strength where a wrong block, sign or scale would show.
+VECTOR_COEFFICIENT = 2.0
 PROMPT = "Tell me about your day."
 SEEDS = range(5)
 MAX_TOKENS = 24
@@ -78,17 +82,20 @@ def sae_planet_steering(lm, sae, tmp_path) -> dict[int, torch.Tensor]:
     """{10: c * a * W_dec[#1681]}: what SteerLab exports for the SAE's planet feature."""
     (feature,) = [f for f in json.loads(DEMO_FEATURES.read_text()) if f["index"] == PLANET]
     spec = SteeringSpec(
-        "additive", [(PLANET, COEFFICIENT)], [DEMO_LAYER], feature_scales={PLANET: feature["max_activation"]}
+        "additive",
+        [(PLANET, SAE_COEFFICIENT)],
+        [DEMO_LAYER],
+        feature_scales={PLANET: feature["max_activation"]},
     )
     return control_vector(sae, spec)
 
 
 def diffmean_planet_steering(lm, sae, tmp_path) -> dict[int, torch.Tensor]:
-    """{10: c * a * u}: what SteerLab exports for the demo's planet vector, made from the shipped pairs
+    """{10: c * a_10 * u_10}: what SteerLab exports for the demo's planet vector, made from the shipped pairs
     (tests/steering/test_demo_vectors.py makes it again and compares)."""
     space = loader.load_sae_cached(DEMO_VECTOR_SPACE, lm)
     planet = [entry["name"] for entry in space.cfg["concepts"]].index("planet")
-    return control_vector(space, SteeringSpec("additive", [(planet, COEFFICIENT)], [DEMO_LAYER]))
+    return control_vector(space, SteeringSpec("additive", [(planet, VECTOR_COEFFICIENT)], [DEMO_LAYER]))
 
 
 def llama_cpp_buffer(path, n_embd: int) -> np.ndarray:
