@@ -134,8 +134,25 @@ class TrainingAdmin(admin.ModelAdmin):
         return format_html('<a href="{}">{} vector jobs</a>', url, training.vector_jobs.count())
 
 
+class FinishedRecordAdmin(admin.ModelAdmin):
+    """A record of what was asked and what came out (a run, an experiment, a vector job): staff read it and delete it once
+    it has ended, never add or edit one (with no change permission every field is read-only and a POST to the
+    change page is refused)."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # A queued or running one is still being written by workers: stop it first (as the API says). Admin's
+        # "delete selected" asks this of every object it would delete, so it refuses those too.
+        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
+
+
 @admin.register(VectorJob)
-class VectorJobAdmin(admin.ModelAdmin):
+class VectorJobAdmin(FinishedRecordAdmin):
     """Vector jobs are made by the API, the panel and `manage.py make_vector`; admin shows their progress and
     separation report, read-only (the job's worker writes the row)."""
 
@@ -145,15 +162,6 @@ class VectorJobAdmin(admin.ModelAdmin):
     list_select_related = ["training__model", "training__dataset", "owner"]
     exclude = ["positives", "negatives"]
     readonly_fields = ["examples_count", "best_layer"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
 
     @admin.display(description="progress", ordering="progress")
     def progress_percent(self, job):
@@ -221,23 +229,6 @@ class CalibrationAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
-
-
-class FinishedRecordAdmin(admin.ModelAdmin):
-    """A record of what was asked and what came out (a run, an experiment): staff read it and delete it once
-    it has ended, never add or edit one (with no change permission every field is read-only and a POST to the
-    change page is refused)."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        # A queued or running one is still being written by workers: stop it first (as the API says). Admin's
-        # "delete selected" asks this of every object it would delete, so it refuses those too.
-        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
 
 
 @admin.register(SteeringRun)

@@ -4,7 +4,6 @@ The API and the web form both read prompts with prompts_from_text / prompts_from
 create_prompt_set, so both refuse the same sets; admin checks an edited set with checked_prompts.
 """
 
-import json
 from pathlib import Path
 
 from django.db import IntegrityError, transaction
@@ -28,17 +27,7 @@ def prompts_from_jsonl(text: str, field_name: str = "file") -> list[str]:
     """One prompt per non-blank line: a JSON string, or an object whose "prompt" is one.
     InvalidInput naming the line (counted from 1, blank ones included) otherwise."""
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json_checks.loads(line)
-        except json.JSONDecodeError as error:
-            # Its own "line 1" would mislead: the document is one line of the file.
-            message = f"Line {number} is not valid JSON: {error.msg} at column {error.colno}."
-            raise InvalidInput(message, field_name) from error
-        except json_checks.MalformedJSON as error:
-            raise InvalidInput(f"Line {number}: {error}", field_name) from error
+    for number, value in json_checks.json_lines(text, field_name):
         prompt = value.get("prompt") if isinstance(value, dict) else value
         if not isinstance(prompt, str):
             raise InvalidInput(

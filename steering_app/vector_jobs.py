@@ -588,13 +588,7 @@ def pairs_from_jsonl(text: str, field: str) -> list[list[str]]:
     """[[positive, negative], ...] from JSON Lines of {"positive": ..., "negative": ...} (blank lines skipped);
     InvalidInput naming the line (counted from 1) otherwise. The page's upload and make_vector read pairs so."""
     pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json_checks.loads(line)
-        except ValueError as error:  # not JSON, or JSON the application refuses (json_checks)
-            raise InvalidInput(f"Line {number} is not valid JSON ({error}).", field) from error
+    for number, item in json_checks.json_lines(text, field):
         if not isinstance(item, dict) or not {"positive", "negative"} <= item.keys():
             raise InvalidInput(f'Line {number} must be {{"positive": "...", "negative": "..."}}.', field)
         pairs.append([item["positive"], item["negative"]])

@@ -27,6 +27,13 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_PROMPTS = DATA / "prompts" / "everyday.txt"
 
 
+def registered(model: LanguageModel, checkpoint: str) -> Training | None:
+    """The model's completed training whose checkpoint is that directory, if one was registered."""
+    return Training.objects.filter(
+        model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED
+    ).first()
+
+
 class Command(BaseCommand):
     help = (
         "Make the demo ready to steer: the SmolLM2 model, its layer-10 SAE with labelled features, the planet and "
@@ -52,9 +59,7 @@ class Command(BaseCommand):
 
     def ensure_training(self, model: LanguageModel) -> None:
         checkpoint = str(DEMO_CHECKPOINT.resolve())
-        if Training.objects.filter(
-            model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED
-        ).exists():
+        if registered(model, checkpoint) is not None:
             self.stdout.write("Demo training already imported.")
             return
         call_command(
@@ -77,15 +82,11 @@ class Command(BaseCommand):
         from steering_app.engine.vectors import load_concepts
 
         checkpoint = str(DEMO_VECTOR_SPACE.resolve())
-        if Training.objects.filter(
-            model=model, checkpoint_path=checkpoint, status=Training.Status.COMPLETED
-        ).exists():
+        if registered(model, checkpoint) is not None:
             self.stdout.write("Demo vector space already registered.")
             return
         concepts, reading_layer = load_concepts(checkpoint)
-        sae = Training.objects.filter(
-            model=model, checkpoint_path=str(DEMO_CHECKPOINT.resolve()), status=Training.Status.COMPLETED
-        ).first()
+        sae = registered(model, str(DEMO_CHECKPOINT.resolve()))
         created = (sae.created_at if sae else timezone.now()) - timedelta(seconds=1)
         entries = [vector_jobs.stats_entry(index, concept) for index, concept in enumerate(concepts)]
         with transaction.atomic():

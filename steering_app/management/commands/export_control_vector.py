@@ -43,13 +43,10 @@ class Command(BaseCommand):
         parser.add_argument("--output", required=True, help="the .gguf file to write")
 
     def handle(self, **options):
-        training = Training.objects.select_related("model").filter(pk=options["training"]).first()
-        if training is None:
-            raise CommandError(f"Training {options['training']} does not exist")
-        if not training.is_completed:
-            raise CommandError(
-                f"Training {training.pk} is {training.status}: only a completed one can be exported"
-            )
+        try:
+            training = Training.objects.get_completed(options["training"])
+        except SteeringError as error:
+            raise CommandError(error.message) from None
         features = [parse_feature(value) for value in options["feature"]]
         output = Path(options["output"])
         if not output.parent.is_dir():
