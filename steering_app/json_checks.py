@@ -16,10 +16,7 @@ import math
 import re
 import sys
 from array import array
-from collections.abc import Iterator
 from itertools import accumulate
-
-from steering_app.errors import InvalidInput
 
 MAX_DEPTH = 64
 # A JSON string, escapes included; the unrolled form keeps the regex linear on long strings.
@@ -130,20 +127,3 @@ def _shown(value: object) -> str:
     """The value as JSON spells it (Infinity, "abc"), cut short: a refused value may be huge."""
     spelled = json.dumps(value)
     return spelled if len(spelled) <= 40 else spelled[:40] + "…"
-
-
-def json_lines(text: str, field: str) -> Iterator[tuple[int, object]]:
-    """(line number, value) of each non-blank line of JSON Lines, numbered from 1 with blank lines counted;
-    InvalidInput naming `field` and the line when one is not JSON this module accepts."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = loads(line)
-        except json.JSONDecodeError as error:
-            # Its own "line 1" would mislead: the document is one line of the file.
-            message = f"Line {number} is not valid JSON: {error.msg} at column {error.colno}."
-            raise InvalidInput(message, field) from error
-        except MalformedJSON as error:
-            raise InvalidInput(f"Line {number}: {error}", field) from error
-        yield number, value

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.db import IntegrityError, transaction
 
-from steering_app import experiments, json_checks
+from steering_app import experiments, json_checks, json_lines
 from steering_app.errors import InvalidInput
 from steering_app.models import PromptSet
 
@@ -27,7 +27,7 @@ def prompts_from_jsonl(text: str, field_name: str = "file") -> list[str]:
     """One prompt per non-blank line: a JSON string, or an object whose "prompt" is one.
     InvalidInput naming the line (counted from 1, blank ones included) otherwise."""
     prompts = []
-    for number, value in json_checks.json_lines(text, field_name):
+    for number, value in json_lines.read(text, field_name):
         prompt = value.get("prompt") if isinstance(value, dict) else value
         if not isinstance(prompt, str):
             raise InvalidInput(

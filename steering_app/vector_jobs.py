@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from steering_app import json_checks, wake
+from steering_app import json_lines, wake
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable, failure_reason
 from steering_app.limits import MAX_ID, MAX_PROMPT_CHARS
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
@@ -588,7 +588,7 @@ def pairs_from_jsonl(text: str, field: str) -> list[list[str]]:
     """[[positive, negative], ...] from JSON Lines of {"positive": ..., "negative": ...} (blank lines skipped);
     InvalidInput naming the line (counted from 1) otherwise. The page's upload and make_vector read pairs so."""
     pairs = []
-    for number, item in json_checks.json_lines(text, field):
+    for number, item in json_lines.read(text, field):
         if not isinstance(item, dict) or not {"positive", "negative"} <= item.keys():
             raise InvalidInput(f'Line {number} must be {{"positive": "...", "negative": "..."}}.', field)
         pairs.append([item["positive"], item["negative"]])
