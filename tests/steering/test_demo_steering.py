@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 SHOWCASE_FEATURES = [1681, 1083, 1039]
 PROMPT = "Tell me about your day."
 SEEDS = range(5)
-MAX_TOKENS = 30
+MAX_TOKENS = 20
 
 
 def word_hits(text: str, words: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""An experiment on the real demo: SmolLM2-135M and its layer-10 SAE, the planet feature #1681 over 8 prompts.
+"""An experiment on the real demo: SmolLM2-135M and its layer-10 SAE, the planet feature #1681 over 6 prompts.
 
 The issue's acceptance: strength 0 is the unsteered text with a concept delta of exactly 0, the SAE concept
 score rises with the strength, fluency falls past strength 1, every output is stored once, and the held-out
@@ -19,10 +19,12 @@ pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
 PLANETS = 1681
 STRENGTHS = [0, 1, 2, 4]
+PROMPTS = 6
+OUTPUTS = PROMPTS * len(STRENGTHS)
 
 
 def planet_experiment(owner, training):
-    prompts = DEFAULT_PROMPTS.read_text().splitlines()[:8]
+    prompts = DEFAULT_PROMPTS.read_text().splitlines()[:PROMPTS]
     request = ExperimentRequest(
         training_id=training.pk,
         conditions=[{"features": [{"feature_id": PLANETS, "coefficient": 1.0}]}],
@@ -48,7 +50,7 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
     rows = experiments.result_rows(experiment)
 
     assert report["status"] == "completed", report["error"]
-    assert len(rows) == 32 and len({(r["prompt_index"], r["strength"]) for r in rows}) == 32
+    assert len(rows) == OUTPUTS and len({(r["prompt_index"], r["strength"]) for r in rows}) == OUTPUTS
     cells = {cell.pk: cell for cell in experiment.cells.all()}
     for row in rows:
         if row["strength"] == 0:
@@ -64,7 +66,7 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
     assert sae[4] > sae[0], sae
     assert fluency[4] < fluency[1], fluency
     table = list(csv.DictReader(io.StringIO(exports.csv_text(experiment))))
-    assert len(table) == 32 and list(table[0]) == list(exports.COLUMNS)
+    assert len(table) == OUTPUTS and list(table[0]) == list(exports.COLUMNS)
     # Every column is filled, but a text (the model may end it at once) and the control's comparison metrics.
     empty = {column for row in table for column, value in row.items() if value == ""}
     assert empty <= {"text", "kl_divergence", "perplexity_delta"}, empty
@@ -80,7 +82,7 @@ def test_the_planet_feature_steers_measurably_and_the_split_is_stable(owner, dem
     assert experiments.report(again)["best"] == report["best"]
     with capsys.disabled():
         print(
-            "\n[experiment] #1681 over 8 prompts: SAE concept "
+            f"\n[experiment] #1681 over {PROMPTS} prompts: SAE concept "
             + " ".join(f"x{strength:g} {value:.3f}" for strength, value in sae.items())
             + "; fluency "
             + " ".join(f"x{strength:g} {value:.2f}" for strength, value in fluency.items())
