@@ -20,7 +20,7 @@ from steering_app.limits import (
     MAX_INDEX,
 )
 from steering_app.models.choices import RunStatus, SteeringMethod
-from steering_app.models.job import Job
+from steering_app.models.job import Job, progress_constraints
 from steering_app.models.steering_config import SteeringConfig, steering_constraints
 
 
@@ -338,13 +338,7 @@ class Calibration(Job):
 
     class Meta(Job.Meta):
         constraints = [
-            models.CheckConstraint(
-                condition=Q(status__in=["pending", "running", "completed", "failed"]),
-                name="calibration_status_valid",
-            ),
-            models.CheckConstraint(
-                condition=Q(progress__gte=0) & Q(progress__lte=1), name="calibration_progress_range"
-            ),
+            *progress_constraints("calibration", ["pending", "running", "completed", "failed"]),
             models.CheckConstraint(
                 condition=Q(tokens_target__gte=1), name="calibration_tokens_target_positive"
             ),

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from steering_app.models.job import Job
+from steering_app.models.job import Job, progress_constraints
 
 
 class VectorJob(Job):
@@ -54,13 +54,7 @@ class VectorJob(Job):
     class Meta(Job.Meta):
         indexes = [models.Index(fields=["status", "created_at"], name="vectorjob_status_created")]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(status__in=["queued", "running", "completed", "failed"]),
-                name="vectorjob_status_valid",
-            ),
-            models.CheckConstraint(
-                condition=Q(progress__gte=0) & Q(progress__lte=1), name="vectorjob_progress_range"
-            ),
+            *progress_constraints("vectorjob", ["queued", "running", "completed", "failed"]),
             models.CheckConstraint(
                 condition=Q(method__in=["diffmean", "pca"]), name="vectorjob_method_valid"
             ),
