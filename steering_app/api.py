@@ -67,7 +67,8 @@ def page(queryset, limit: int, offset: int) -> tuple[list, int]:
 
 @router.get("/trainings/completed", response={200: CompletedTrainingPage, **error_responses()})
 def list_completed_trainings(request, limit: int = Limit, offset: int = Offset):
-    """Completed SAE trainings, newest first: the feature spaces one can steer with."""
+    """Completed trainings, newest first: the feature spaces one can steer with (SAEs, and steering-vector spaces
+    with encoder_type "vectors")."""
     trainings, total = page(Training.objects.completed().order_by("-created_at", "-id"), limit, offset)
     return {
         "trainings": [
