@@ -17,6 +17,10 @@ MAX_ABS_COEFFICIENT_HARD = 10_000.0
 MAX_PROMPT_CHARS = 20_000
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
+# A steering vector's examples per side: the engine holds out one in five to measure separation, so at least five
+# (one held out, four to make the direction from); at most a thousand, a job of minutes on a CPU.
+MIN_VECTOR_EXAMPLES = 5
+MAX_VECTOR_EXAMPLES = 1000
 
 # Larger numbers would overflow the database's integer columns in a query: a 500 instead of a 400.
 MAX_ID = 2**63 - 1

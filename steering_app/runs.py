@@ -131,7 +131,7 @@ def claim(accepts: Callable[[SteeringRun], bool] | None = None) -> SteeringRun |
             return None
         now = timezone.now()
         taken = SteeringRun.objects.filter(pk=run.pk, status=Status.QUEUED).update(
-            status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
+            status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=wake.worker_name()
         )
         if taken:
             run.refresh_from_db()
@@ -347,11 +347,6 @@ def _end_running(run_id: int, status: str, **stored) -> int:
     return SteeringRun.objects.filter(pk=run_id, status=Status.RUNNING).update(
         status=status, finished_at=timezone.now(), **stored
     )
-
-
-def worker_name() -> str:
-    """Which worker ran a run: the run page shows it, and scale-out tests check that work was shared."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def cancel(run_id: int, reason: str) -> bool:

@@ -13,9 +13,7 @@ job is computed) is failed by sweep_stale().
 """
 
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +27,7 @@ from django.utils import timezone
 
 from steering_app import json_lines, wake
 from steering_app.errors import InvalidInput, NotFound, WorkerUnavailable, failure_reason
-from steering_app.limits import MAX_ID, MAX_PROMPT_CHARS
+from steering_app.limits import MAX_ID, MAX_PROMPT_CHARS, MAX_VECTOR_EXAMPLES, MIN_VECTOR_EXAMPLES
 from steering_app.models import Feature, LanguageModel, Training, VectorJob
 
 if TYPE_CHECKING:
@@ -41,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 Status = VectorJob.Status
 ACTIVE = (Status.QUEUED, Status.RUNNING)
-# The engine holds out every fifth example of each side to measure separation (engine.vectors.MIN_EXAMPLES).
-MIN_EXAMPLES = 5
-MAX_EXAMPLES = 1000
 # All texts of one job together: 1000 pairs of a few sentences are ~300k characters; a forward per text.
 MAX_TOTAL_CHARS = 2_000_000
 MAX_NAME_CHARS = 300
@@ -103,7 +98,7 @@ def store(owner: "User | None", *, running: bool = False, **request) -> VectorJo
         moment = timezone.now()
         job.status = Status.RUNNING
         job.started_at = job.heartbeat_at = moment
-        job.worker = worker_name()
+        job.worker = wake.worker_name()
     with transaction.atomic():
         if job.new_space:
             job.training.save()
@@ -253,9 +248,9 @@ def _examples(pairs: object, positives: object, negatives: object) -> tuple[list
 
 
 def _count(items: list, what: str, field: str) -> None:
-    if not MIN_EXAMPLES <= len(items) <= MAX_EXAMPLES:
+    if not MIN_VECTOR_EXAMPLES <= len(items) <= MAX_VECTOR_EXAMPLES:
         raise InvalidInput(
-            f"{what} has {len(items)} examples: give {MIN_EXAMPLES} to {MAX_EXAMPLES} "
+            f"{what} has {len(items)} examples: give {MIN_VECTOR_EXAMPLES} to {MAX_VECTOR_EXAMPLES} "
             f"(a fifth of them, at least one, is held out to measure separation).",
             field,
         )
@@ -277,11 +272,6 @@ def _total(sides: list[list[str]], field: str) -> None:
         raise InvalidInput(f"The examples hold more than {MAX_TOTAL_CHARS} characters in all.", field)
 
 
-def worker_name() -> str:
-    """host:pid of this process, as runs.worker_name() names a run's worker."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def process_waiting(limit: int | None = None) -> int:
     """Run up to `limit` (None: all) of the jobs queued when it is called, oldest first; returns how many it ran.
     runs.process_queued() runs one at a time, between its batch's steps."""
@@ -301,7 +291,7 @@ def claim(job_id: int) -> VectorJob | None:
     """Move a queued job to running and return it; None when another worker took it first."""
     moment = timezone.now()
     if not VectorJob.objects.filter(pk=job_id, status=Status.QUEUED).update(
-        status=Status.RUNNING, started_at=moment, heartbeat_at=moment, worker=worker_name()
+        status=Status.RUNNING, started_at=moment, heartbeat_at=moment, worker=wake.worker_name()
     ):
         return None
     return VectorJob.objects.select_related("training__model").get(pk=job_id)

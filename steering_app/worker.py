@@ -24,7 +24,7 @@ from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from steering_app import analysis, model_loading, runs, vector_jobs
+from steering_app import analysis, model_loading, runs, vector_jobs, wake
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def sweep() -> None:
     """This worker's heartbeat and one sweep of runs and analysis jobs; a failing database must not stop the
     timer that calls it."""
     try:
-        runs.beat(runs.worker_name())
+        runs.beat(wake.worker_name())
         swept = runs.sweep_stale()
         stalled = analysis.sweep_stale()
         stalled_vectors = vector_jobs.sweep_stale()

@@ -167,7 +167,7 @@ def kill9(process: subprocess.Popen) -> None:
 
 
 def worker_name(process: subprocess.Popen) -> str:
-    """What runs.worker_name() records for a run claimed by that process."""
+    """What wake.worker_name() records for a run claimed by that process."""
     return f"{socket.gethostname()}:{process.pid}"
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from steering_app.limits import MIN_VECTOR_EXAMPLES  # plain constants: the engine stays free of Django
+
 from .layers import block_hidden, decoder_blocks
 from .saes.sae import SAE, SAEFormatError, VectorSpace, load_sae, save_vector_space
 from .steer import RowPlan, SpecError, SteeringSpec, plan_row
@@ -34,8 +36,8 @@ from .tokens import special_id_tensor, special_ids
 
 METHODS = ("diffmean", "pca")
 TOKEN_MODES = ("all", "last")
-HELD_OUT_EVERY = 5  # every fifth example is held out: the 80/20 split of the separation report
-MIN_EXAMPLES = HELD_OUT_EVERY  # per side: at least one held out and four to make the direction from
+# Every fifth example is held out: the 80/20 split of the separation report. So each side needs five.
+HELD_OUT_EVERY = MIN_EXAMPLES = MIN_VECTOR_EXAMPLES
 BATCH_SIZE = 32
 
 OnProgress = Callable[[float], None]

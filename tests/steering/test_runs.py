@@ -495,7 +495,7 @@ def test_the_runworker_sweeper_thread_fails_stale_runs_as_it_starts(owner, train
         stop.set()
 
     assert (stale.status, stale.error) == (SteeringRun.Status.FAILED, runs.WORKER_STOPPED)
-    assert Worker.objects.filter(name=runs.worker_name()).exists()  # and it beat as it started
+    assert Worker.objects.filter(name=wake.worker_name()).exists()  # and it beat as it started
 
 
 def running(run, **fields) -> None:
@@ -543,7 +543,7 @@ def test_the_sweep_fails_at_once_a_run_whose_worker_process_on_this_host_is_gone
         heartbeat_at=timezone.now(),
         worker=f"{socket.gethostname()}:{dead_pid()}",
     )
-    running(alive, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=runs.worker_name())
+    running(alive, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=wake.worker_name())
 
     assert runs.sweep_stale() == 1
 

@@ -330,7 +330,7 @@ def test_the_sweep_fails_a_silent_running_job_and_its_new_space(language_model, 
 def test_a_worker_claims_a_queued_job_once(language_model, queued_only):
     job = create(language_model)
     claimed = vector_jobs.claim(job.pk)
-    assert claimed.status == "running" and claimed.worker == vector_jobs.worker_name()
+    assert claimed.status == "running" and claimed.worker == wake.worker_name()
     assert vector_jobs.claim(job.pk) is None
 
 
@@ -339,10 +339,6 @@ def test_a_worker_told_of_a_job_makes_it(language_model, engine_data_dir, fake_e
     job = create(language_model)
     job.refresh_from_db()
     assert (job.status, job.training.status, job.training.features.count()) == ("completed", "completed", 1)
-
-
-def test_it_asks_for_as_many_examples_as_the_engine_needs():
-    assert vector_jobs.MIN_EXAMPLES == vectors.MIN_EXAMPLES
 
 
 def test_a_worker_serves_queued_runs_before_it_makes_a_vector(
