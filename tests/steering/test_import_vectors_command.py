@@ -115,6 +115,14 @@ def test_it_refuses_what_the_reader_refuses_and_creates_nothing(language_model, 
     assert not vectors_dir.exists()
 
 
+def damaged_space(tmp_path):
+    """The demo's vector space with its tensors file overwritten."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(DEMO_VECTOR_SPACE, damaged)
+    (damaged / "vectors.safetensors").write_bytes(b"not a safetensors file")
+    return damaged
+
+
 def test_it_refuses_bad_arguments_and_creates_nothing(
     language_model, training, smollm2_row, vectors_dir, tmp_path
 ):
@@ -139,6 +147,7 @@ def test_it_refuses_bad_arguments_and_creates_nothing(
         ((DEMO_VECTOR_SPACE, "--model", smollm2_row.name, "--name", "x"), "--name is for a single file"),
         ((sae_copy, "--model", smollm2_row.name), "architecture 'topk', not a vector space"),
         ((tmp_path, "--model", smollm2_row.name), "no readable cfg.json"),
+        ((damaged_space(tmp_path), "--model", smollm2_row.name), "vectors.safetensors: unreadable"),
     ]
     for args, words in cases:
         with pytest.raises(CommandError, match=words):

@@ -29,13 +29,14 @@ class Command(BaseCommand):
         parser.add_argument("--description", default="")
 
     def handle(self, **options):
+        from steering_app.engine.saes.sae import SAEFormatError
         from steering_app.engine.vectors import VectorError
 
         space, model = self.space(options)
         path = Path(options["path"])
         try:
             concepts, reading_layer = self.concepts(path, model, options)
-        except VectorError as error:
+        except (VectorError, SAEFormatError) as error:  # a file with no vector, a damaged space directory
             raise CommandError(f"{path}: {error}") from None
         self.check_names(concepts, space)
         training = self.store(space, model, concepts, reading_layer)

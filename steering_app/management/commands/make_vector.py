@@ -1,9 +1,8 @@
-import json
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from steering_app import vector_jobs
+from steering_app import json_lines, vector_jobs
 from steering_app.errors import InvalidInput, SteeringError
 from steering_app.models import LanguageModel, VectorJob
 
@@ -18,18 +17,18 @@ def read_pairs(path: str) -> list[list[str]]:
 
 def read_examples(path: str) -> list[str]:
     """One example a line: plain text, or in a .jsonl file a JSON string or {"text": ...} a line."""
+    text = _text(path)
     if not path.endswith(".jsonl"):
-        return [line for _number, line in _lines(path)]
+        return [line.strip() for line in text.splitlines() if line.strip()]
     examples = []
-    for number, line in _lines(path):
-        try:
-            item = json.loads(line)
-        except ValueError as error:
-            raise CommandError(f"{path} line {number} is not JSON: {error}") from None
-        text = item.get("text") if isinstance(item, dict) else item
-        if not isinstance(text, str):
-            raise CommandError(f'{path} line {number} must be a JSON string or {{"text": "..."}}')
-        examples.append(text)
+    try:
+        for number, item in json_lines.read(text, "examples"):
+            example = item.get("text") if isinstance(item, dict) else item
+            if not isinstance(example, str):
+                raise CommandError(f'{path}: Line {number} must be a JSON string or {{"text": "..."}}.')
+            examples.append(example)
+    except InvalidInput as error:
+        raise CommandError(f"{path}: {error.message}") from None
     return examples
 
 
@@ -38,10 +37,6 @@ def _text(path: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise CommandError(f"Cannot read {path}: {error}") from None
-
-
-def _lines(path: str) -> list[tuple[int, str]]:
-    return [(number, line.strip()) for number, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
 
 
 def separation_lines(report: dict) -> list[str]:
