@@ -397,12 +397,7 @@ class VectorForm(forms.Form):
             return {}
         if upload:
             self.examples_source = "pairs_file"
-            try:
-                text = upload.read(prompt_sets.MAX_UPLOAD_BYTES + 1).decode("utf-8")
-                return {"pairs": vector_jobs.pairs_from_jsonl(text, "pairs")}
-            except (UnicodeDecodeError, InvalidInput) as error:
-                self.add_error("pairs_file", getattr(error, "message", "The file is not UTF-8 text."))
-                return {}
+            return self._uploaded_pairs(upload)
         if not cleaned.get("paired"):
             return {"positives": positives, "negatives": negatives}
         if len(positives) != len(negatives):
@@ -413,6 +408,22 @@ class VectorForm(forms.Form):
             )
             return {}
         return {"pairs": [list(pair) for pair in zip(positives, negatives, strict=True)]}
+
+    def _uploaded_pairs(self, upload) -> dict:
+        # One byte past the limit is enough to know the file is too large: it is never read whole.
+        data = upload.read(prompt_sets.MAX_UPLOAD_BYTES + 1)
+        if len(data) > prompt_sets.MAX_UPLOAD_BYTES:
+            self.add_error(
+                "pairs_file", f"The file is larger than {prompt_sets.MAX_UPLOAD_BYTES // 1024 // 1024} MB."
+            )
+            return {}
+        try:
+            return {"pairs": vector_jobs.pairs_from_jsonl(data.decode("utf-8"), "pairs")}
+        except UnicodeDecodeError:
+            self.add_error("pairs_file", "The file is not UTF-8 text.")
+        except InvalidInput as error:
+            self.add_error("pairs_file", error.message)
+        return {}
 
     def vector_request(self) -> dict:
         """vector_jobs.create's keywords."""

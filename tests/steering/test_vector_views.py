@@ -82,6 +82,22 @@ def test_it_reads_pairs_from_an_uploaded_jsonl_file(client, owner, language_mode
     assert VectorJob.objects.get().negatives == [f"Bus {i} leaves." for i in range(5)]
 
 
+def test_it_refuses_an_upload_past_the_limit_rather_than_reading_part_of_it(
+    client, owner, language_model, stored_only, monkeypatch
+):
+    from steering_app import prompt_sets
+
+    lines = "\n".join(f'{{"positive": "Moon {i} rises.", "negative": "Bus {i} leaves."}}' for i in range(8))
+    monkeypatch.setattr(prompt_sets, "MAX_UPLOAD_BYTES", len(lines) - 1)
+    upload = io.BytesIO(lines.encode())
+    upload.name = "pairs.jsonl"
+    client.force_login(owner)
+    response = client.post(NEW, form(language_model, positives="", negatives="", pairs_file=upload))
+    assert response.status_code == 400
+    assert "larger than" in " ".join(response.context["form"].errors["pairs_file"])
+    assert not VectorJob.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("change", "field", "words"),
     [
