@@ -32,6 +32,8 @@ class EngineConfig:
     slot_rows: int | None = None  # None: SLOT_SHAPES for the device the model is on
     slot_tokens: int | None = None
     cuda_graphs: bool = True  # a CUDA decode step as one graph launch
+    # How long a conversation's rows keep their KV in the batch after a turn (evicted sooner when rows are short).
+    chat_keep_seconds: float = 600
     # How a batch's step is chosen (StepPolicy's fields, STEERLAB_STEP_*): a missing one is "auto", measured.
     step_policy: dict[str, str] = field(default_factory=dict)
 

@@ -42,6 +42,8 @@ STEERLAB_SLOT_ROWS = env.slot_size(ENV, "STEERLAB_SLOT_ROWS")
 STEERLAB_SLOT_TOKENS = env.slot_size(ENV, "STEERLAB_SLOT_TOKENS")
 # A CUDA decode step as one graph launch (off: every kernel launched from Python, to compare or debug).
 STEERLAB_CUDA_GRAPHS = env.env_bool(ENV, "STEERLAB_CUDA_GRAPHS", default=True)
+# How long a conversation's rows keep their KV in a worker's batch after a turn, unless rows run short first.
+STEERLAB_CHAT_KEEP_SECONDS = env.env_int(ENV, "STEERLAB_CHAT_KEEP_SECONDS", default=600, minimum=0)
 STEERLAB_WORKER_MODE = env.worker_mode(ENV)
 # STEERLAB_STEP_LEAN / _KERNEL / _ROWS: the worker's slot-step policy (engine/serving/plan.py StepPolicy).
 STEERLAB_STEP_POLICY = env.step_policy(ENV)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .analysis.metrics import comparison_metrics
 from .loader import LoadedModel
 from .saes.sae import SAE, SAEFormatError
-from .serving.generate import Comparison, Generation, OnStep, Stopped, prepare
+from .serving.generate import Comparison, Generation, OnStep, Stopped, prepare, prepare_turn
 from .serving.lean import LeanStep
 from .serving.scheduler import scheduler_for
 from .steer import SpecError, SteeringSpec, validate
@@ -33,6 +33,7 @@ __all__ = [
     "VariantResult",
     "compare",
     "comparison_metrics",
+    "converse",
     "finish",
     "validate",
 ]
@@ -82,6 +83,27 @@ def compare(
     """
     variants = (spec,) if isinstance(spec, SteeringSpec) else tuple(spec)
     request = prepare(lm, sae, prompt, variants, *request_args, **request_options)
+    generation = Generation(lm, sae, request, on_step, should_stop)
+    with lm.lock:
+        return scheduler_for(lm).run_alone(generation)
+
+
+def converse(
+    lm: LoadedModel,
+    sae: SAE,
+    clean_messages: list[dict],
+    steered_messages: list[dict],
+    spec: SteeringSpec,
+    *request_args,
+    on_step: OnStep | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **request_options,
+) -> Comparison:
+    """One turn of a conversation: the clean side answers clean_messages and the steered side steered_messages
+    (the same list in shared mode), each through the chat template. The request's other arguments are
+    prepare_turn()'s: temperature, max_new_tokens, seed, then keep, sae_layer, min_new_tokens. With keep (the
+    conversation's key) the rows keep their KV in the model's shared batch for the next turn with that key."""
+    request = prepare_turn(lm, sae, clean_messages, steered_messages, spec, *request_args, **request_options)
     generation = Generation(lm, sae, request, on_step, should_stop)
     with lm.lock:
         return scheduler_for(lm).run_alone(generation)

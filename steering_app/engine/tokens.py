@@ -45,18 +45,28 @@ def pad_token_id(tokenizer, model: torch.nn.Module) -> int:
 def chat_text(tokenizer, prompt: str) -> str | None:
     """prompt as the user's turn of the tokenizer's chat template, ready for the assistant's answer; None when
     the tokenizer has no chat template."""
+    return chat_history_text(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_history_text(tokenizer, messages: list[dict]) -> str | None:
+    """A conversation ([{"role", "content"}]: system, user, assistant, ...) through the tokenizer's chat template,
+    ready for the assistant's next answer; None when the tokenizer has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids the model reads for a conversation so far (chat_history_text; the template writes the special
+    tokens itself)."""
+    text = chat_history_text(tokenizer, messages)
+    if text is None:
+        raise SpecError("chat", "this model's tokenizer has no chat template")
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def encode_text(tokenizer, prompt: str, chat: bool) -> list[int]:
     """The ids the model reads for a prompt: the tokenizer's own special tokens, or the chat template."""
     if chat:
-        text = chat_text(tokenizer, prompt)
-        if text is None:
-            raise SpecError("chat", "this model's tokenizer has no chat template")
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer(prompt).input_ids)

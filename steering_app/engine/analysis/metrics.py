@@ -11,6 +11,10 @@
   tokens (the last prompt position and every continuation token but the last); steered_in_run is the
   same inside the steered run itself, after the intervention.
 
+A conversation's turn in separate mode gives the steered row a prompt of its own (its own history): its
+continuation is then scored after that prompt (perplexity, activations), while the KL is still read on the
+clean prompt and the unsteered continuation, and nothing is shared with generation (divergence -1).
+
 A comparison has K steered variants; each gets every metric against the clean row. Generation already
 computed most of this: the clean row's logits are P_clean on the unsteered continuation and its
 activations read it, and until a variant's continuation diverges from the clean one (index d) both share
@@ -124,17 +128,21 @@ def _model_metrics(
     lm: LoadedModel, sae: SAE, comparison: Comparison, specs: list[SteeringSpec], lean: LeanStep | None
 ) -> list[dict]:
     """KL, perplexities and feature activations of every variant, from one forward over 2 rows per variant:
-    row 2k is the clean model reading variant k's tokens, row 2k + 1 variant k's model reading the
-    unsteered ones (prompt included, no cache: the run's slots are already free for others)."""
-    prompt, unsteered = comparison.prompt_ids, comparison.unsteered_ids
-    P, n_u = len(prompt), len(unsteered)
-    rows, plans = [], []
-    for spec, variant in zip(specs, comparison.variants):
-        rows += [prompt + variant.ids[: len(variant.ids) - 1], prompt + unsteered[: n_u - 1]]
+    row 2k is the clean model reading variant k's tokens after variant k's prompt, row 2k + 1 variant k's model
+    reading the unsteered ones after the clean prompt (no cache: the run's slots are already free for others)."""
+    clean_prompt, unsteered = comparison.prompt_ids, comparison.unsteered_ids
+    rows, plans, starts = [], [], []
+    for k, (spec, variant) in enumerate(zip(specs, comparison.variants)):
+        own_prompt = comparison.variant_prompt(k)
+        rows += [
+            own_prompt + variant.ids[: len(variant.ids) - 1],
+            clean_prompt + unsteered[: len(unsteered) - 1],
+        ]
         plans += [
             plan_row(sae, comparison.sae_layer, None, comparison.capture),
             plan_row(sae, comparison.sae_layer, spec),
         ]
+        starts += [len(own_prompt) - 1, len(clean_prompt) - 1]  # the position that predicts the first token
     width = max(len(row) for row in rows)
     pad_id = pad_token_id(lm.tokenizer, lm.model)
     input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=lm.device)
@@ -142,25 +150,39 @@ def _model_metrics(
     steering.special_mask = torch.isin(input_ids, special_id_tensor(lm.tokenizer).to(lm.device))
     for row, plan in enumerate(plans):
         steering.assign(row, plan)
-    kept = width - (P - 1)  # positions P - 1 .. width - 1: those that predict continuation tokens
+    first = min(starts)
+    kept = width - first  # positions first .. width - 1: those that predict continuation tokens
     if lean is not None and width <= lean.length and not has_hooks(lm.model):
         logits, _ = teacher_forced(lean, input_ids, steering, kept)  # plain F.linear: fastest at many rows
     else:
         with steering.attached():
             logits = model_forward(lm.model, input_ids, None, logits_to_keep=kept)[:, -kept:]
     records = steering.records()
+    readings = [logits[row, start - first :] for row, start in enumerate(starts)]
 
     results = []
     for k, (spec, variant) in enumerate(zip(specs, comparison.variants)):
         results.append(
-            _variant_metrics(comparison, spec, variant, logits[2 * k], logits[2 * k + 1], records.get(2 * k))
+            _variant_metrics(
+                comparison,
+                spec,
+                variant,
+                readings[2 * k],
+                readings[2 * k + 1],
+                records.get(2 * k),
+                starts[2 * k],
+            )
         )
     return results
 
 
-def _variant_metrics(comparison, spec, variant, clean_reading, steered_reading, clean_records) -> dict:
-    """clean_reading / steered_reading: the pass's logits from position P - 1 on (index t predicts token t)."""
-    P, d = len(comparison.prompt_ids), variant.divergence
+def _variant_metrics(
+    comparison, spec, variant, clean_reading, steered_reading, clean_records, clean_start: int
+) -> dict:
+    """clean_reading / steered_reading: the pass's logits from the position that predicts each continuation's
+    first token (index t predicts token t); clean_start: that position in the variant's row of clean_records.
+    Until the divergence d, generation's logits serve (d = -1: the variant had a prompt of its own)."""
+    d = variant.divergence
     unsteered, steered = comparison.unsteered_ids, variant.ids
     n_u, n_s = len(unsteered), len(steered)
 
@@ -168,7 +190,7 @@ def _variant_metrics(comparison, spec, variant, clean_reading, steered_reading, 
         """Per-token logits up to d from generation, then the pass's for the tokens after d."""
         if tokens <= d + 1:
             return shared[:tokens]
-        return torch.cat([shared[: d + 1], reading[d + 1 : tokens].float()])
+        return torch.cat([shared[: d + 1].float(), reading[d + 1 : tokens].float()])
 
     kl = _kl(comparison.clean_logits[:n_u], extend(variant.logits, steered_reading, n_u))
     ppl_unsteered = _perplexity(comparison.clean_logits[:n_u], unsteered)
@@ -180,9 +202,10 @@ def _variant_metrics(comparison, spec, variant, clean_reading, steered_reading, 
         # Activations at the positions that produce each continuation token (the last prompt position and
         # every continuation token but the last): the same positions as steered_in_run.
         unsteered_acts = comparison.clean_activations[:n_u, columns]
-        steered_acts = comparison.clean_activations[: min(d + 1, n_s), columns]
+        steered_acts = comparison.clean_activations[: max(0, min(d + 1, n_s)), columns]
         if n_s > d + 1:
-            steered_acts = torch.cat([steered_acts, clean_records[P - 1 + d + 1 : P - 1 + n_s, columns]])
+            later = clean_records[clean_start + d + 1 : clean_start + n_s, columns]
+            steered_acts = torch.cat([steered_acts, later])
         in_run = variant.activations[:n_s, columns]
         for column, feature_id in enumerate(spec.feature_ids):
             feature_activation.append(

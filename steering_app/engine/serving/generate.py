@@ -10,6 +10,7 @@ run gives the same text alone or beside other runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +24,8 @@ from ..layers import decoder_blocks
 from ..loader import LoadedModel
 from ..saes.sae import SAE
 from ..steer import RowPlan, RowSteering, SpecError, SteeringSpec, plan_row, validate
-from ..tokens import encode_text, eos_token_ids, pad_token_id
-from .slots import SlotBatch, model_forward
+from ..tokens import encode_chat, encode_text, eos_token_ids, pad_token_id
+from .slots import PrefixCache, SlotBatch, model_forward, prefix_length
 
 # Rows of a run: the clean one first, then its variants.
 CLEAN = 0
@@ -44,13 +45,14 @@ class VariantOutput:
     ids: list[int]
     text: str
     logits: torch.Tensor  # [divergence + 1, V]: the row's logits while its context equals the clean row's
-    divergence: int  # the clean and this continuation agree on [:divergence]; capped at min(len) - 1
+    # the clean and this continuation agree on [:divergence]; capped at min(len) - 1; -1 when the prompts differ
+    divergence: int
     activations: torch.Tensor  # [steps, len(capture)]: SAE-layer activations in this row, after steering
 
 
 @dataclass
 class Comparison:
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the clean row's
     unsteered_ids: list[int]
     unsteered_text: str
     variants: list[VariantOutput]
@@ -61,6 +63,12 @@ class Comparison:
     timings: dict
     clean_logits: torch.Tensor  # [len(unsteered_ids), V]: the clean row's logits before each unsteered token
     clean_activations: torch.Tensor  # [steps, len(capture)]: clean SAE-layer activations at P-1, P, ...
+    # Each variant's prompt where it differs from the clean row's (a conversation's steered history), else None.
+    variant_prompts: list[list[int] | None] | None = None
+
+    def variant_prompt(self, index: int) -> list[int]:
+        own = self.variant_prompts[index] if self.variant_prompts else None
+        return list(self.prompt_ids if own is None else own)
 
     @property
     def steered(self) -> VariantOutput:
@@ -80,15 +88,27 @@ class Request:
     top_p: float | None
     sae_layer: int
     min_new_tokens: int = 0
+    # Each variant's own prompt where it differs from prompt_ids (a conversation whose sides have their own
+    # histories), else None for all of them.
+    variant_prompts: tuple[tuple[int, ...] | None, ...] | None = None
+    # Set for a conversation's turn: its rows stay in the batch after it ends, keeping the KV of its prompt's full
+    # blocks for the next turn with the same key (Scheduler).
+    keep: object = None
 
     @property
     def rows(self) -> int:
         return 1 + len(self.variants)
 
     @property
+    def prompts(self) -> list[list[int]]:
+        """Every row's prompt: the clean row's, then each variant's."""
+        own = self.variant_prompts or (None,) * len(self.variants)
+        return [list(self.prompt_ids)] + [list(self.prompt_ids if ids is None else ids) for ids in own]
+
+    @property
     def tokens(self) -> int:
-        """Cache positions the run needs: the prompt and every generated token but the last."""
-        return len(self.prompt_ids) + self.max_new_tokens - 1
+        """Cache positions the run needs: the longest prompt and every generated token but the last."""
+        return max(map(len, self.prompts)) + self.max_new_tokens - 1
 
     @property
     def capture(self) -> tuple[int, ...]:
@@ -111,6 +131,49 @@ def prepare(
 ) -> Request:
     """Validate and tokenize one request; SpecError (naming the field) when it cannot run."""
     check_generation_args(temperature, max_new_tokens, seed, top_p)
+    prompt_ids = encode_text(lm.tokenizer, prompt, chat)
+    return _request(
+        lm, sae, [prompt_ids], variants, temperature, max_new_tokens, seed, top_p, sae_layer, min_new_tokens
+    )
+
+
+def prepare_turn(
+    lm: LoadedModel,
+    sae: SAE,
+    clean_messages: list[dict],
+    steered_messages: list[dict],
+    spec: SteeringSpec,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    keep: object = None,
+    sae_layer: int | None = None,
+    min_new_tokens: int = 0,
+) -> Request:
+    """One turn of a conversation: the clean row reads clean_messages and the steered row steered_messages (its
+    own history, or the clean one), each through the chat template, ready for the assistant's reply. keep: the
+    conversation's key, so that its rows keep their KV for the next turn (Scheduler)."""
+    check_generation_args(temperature, max_new_tokens, seed, None)
+    prompts = [encode_chat(lm.tokenizer, messages) for messages in (clean_messages, steered_messages)]
+    request = _request(
+        lm, sae, prompts, (spec,), temperature, max_new_tokens, seed, None, sae_layer, min_new_tokens
+    )
+    return dataclasses.replace(request, keep=keep)
+
+
+def _request(
+    lm: LoadedModel,
+    sae: SAE,
+    prompts: list[list[int]],
+    variants: Sequence[SteeringSpec],
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    top_p: float | None,
+    sae_layer: int | None,
+    min_new_tokens: int,
+) -> Request:
+    """The Request of the clean row's prompt and, where given, each variant's own (prompts[1 + k])."""
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise SpecError("min_new_tokens", f"must be an integer >= 0, got {min_new_tokens!r}")
     variants = tuple(variants)
@@ -121,21 +184,38 @@ def prepare(
     sae_layer = resolve_sae_layer(sae, sae_layer)
     for spec in variants:
         validate(spec, lm.num_layers, sae, hidden_size=lm.hidden_size, sae_layer=sae_layer)
-    prompt_ids = encode_text(lm.tokenizer, prompt, chat)
+    for prompt_ids in prompts:
+        _check_fits_window(lm, prompt_ids, max_new_tokens)
+    clean, own = prompts[0], prompts[1:]
+    variant_prompts = None
+    if any(ids != clean for ids in own):
+        variant_prompts = tuple(None if ids == clean else tuple(ids) for ids in own)
+    return Request(
+        clean,
+        variants,
+        float(temperature),
+        max_new_tokens,
+        seed,
+        top_p,
+        sae_layer,
+        min_new_tokens,
+        variant_prompts,
+    )
+
+
+def _check_fits_window(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> None:
     if not prompt_ids:
         raise SpecError("prompt", "is empty")
     window = lm.context_window
-    if window is not None:
-        if len(prompt_ids) >= window:
-            raise SpecError("prompt", f"{len(prompt_ids)} tokens do not fit the context window of {window}")
-        if len(prompt_ids) + max_new_tokens > window:
-            raise SpecError(
-                "max_new_tokens",
-                f"{len(prompt_ids)} prompt tokens + {max_new_tokens} exceed the context window of {window}",
-            )
-    return Request(
-        prompt_ids, variants, float(temperature), max_new_tokens, seed, top_p, sae_layer, min_new_tokens
-    )
+    if window is None:
+        return
+    if len(prompt_ids) >= window:
+        raise SpecError("prompt", f"{len(prompt_ids)} tokens do not fit the context window of {window}")
+    if len(prompt_ids) + max_new_tokens > window:
+        raise SpecError(
+            "max_new_tokens",
+            f"{len(prompt_ids)} prompt tokens + {max_new_tokens} exceed the context window of {window}",
+        )
 
 
 class Generation:
@@ -172,7 +252,11 @@ class Generation:
         self.streams = [_TextStream(tokenizer) for _ in range(count)]
         self.clean_logits: list[torch.Tensor] = []
         self.variant_logits: list[list[torch.Tensor]] = [[] for _ in request.variants]
-        self.first_difference: list[int | None] = [None] * len(request.variants)
+        # The step at which each variant's context first differs from the clean row's: -1 when its prompt does.
+        prompts = request.prompts
+        self.first_difference: list[int | None] = [
+            None if prompts[1 + k] == prompts[CLEAN] else -1 for k in range(len(request.variants))
+        ]
         self.records: list[list[torch.Tensor]] = [[] for _ in range(count)]
         self.logits: torch.Tensor | None = None  # [rows, V] for the next token
         self.step = 0
@@ -180,51 +264,71 @@ class Generation:
         self._decode_started = 0.0
 
     @torch.inference_mode()
-    def prefill(self, batch: SlotBatch, rows: list[int]) -> None:
-        """The run's rows read the prompt, each as it would alone (so the clean row never depends on the
-        variants), and take their seats in the batch: in one forward where the batch's kernels make that
-        row-invariant, else one batch-of-one forward per row."""
+    def prefill(self, batch: SlotBatch, rows: list[int], kept: list[list[int]] | None = None) -> None:
+        """The run's rows read their prompts, each as it would alone (so the clean row never depends on the
+        variants), and take their seats in the batch: in one forward where the rows share their prompt and the
+        batch's kernels make that row-invariant, else one batch-of-one read per row.
+
+        kept: the prompts `rows` read at the previous turn of the same conversation, whose KV they still hold
+        (Scheduler): each row then reads only what follows the full blocks its new prompt shares with its old one.
+        """
         started = time.perf_counter()
         self.rows = rows
         # Made once: indexing each step's logits with a list would copy the list to the device every step.
         self._row_index = torch.tensor(rows, device=self.lm.device)
-        if batch.prefills_together():
+        prompts = self.request.prompts
+        self.timings = {"slots": list(rows), "prompt_tokens": [len(ids) for ids in prompts]}
+        if kept is None and self.request.variant_prompts is None and batch.prefills_together():
             _check_stop(self.should_stop)
-            self.logits = self._prefill_lean(batch, rows, self.plans, 0)
+            self.logits = self._prefill_lean(batch, rows, self.plans, 0, prompts[0])
+            self.timings["reused_tokens"] = [0] * len(rows)
         else:
-            self.logits = torch.stack(
-                [
-                    self._prefill_alone(batch, row, plan, index)
-                    for index, (plan, row) in enumerate(zip(self.plans, rows))
-                ]
-            )
-        self.timings = {"prefill": time.perf_counter() - started, "slots": list(rows)}
+            kept = kept or [None] * len(rows)
+            read = [
+                self._prefill_row(batch, row, plan, index, prompt, old)
+                for index, (plan, row, prompt, old) in enumerate(zip(self.plans, rows, prompts, kept))
+            ]
+            self.logits = torch.stack([logits for logits, _ in read])
+            self.timings["reused_tokens"] = [reused for _, reused in read]
+        self.timings["prefill"] = time.perf_counter() - started
         self._decode_started = time.perf_counter()
 
     def _prefill_lean(
-        self, batch: SlotBatch, rows: list[int], plans: list[RowPlan], first: int
+        self,
+        batch: SlotBatch,
+        rows: list[int],
+        plans: list[RowPlan],
+        first: int,
+        prompt: list[int],
+        prefix: PrefixCache | None = None,
     ) -> torch.Tensor:
-        """Rows read the prompt in one lean forward and take their seats; plans[i] is the run's row first + i."""
-        logits, records, cache = batch.prefill(self.request.prompt_ids, plans)
+        """Rows read the prompt through the lean step and take their seats; plans[i] is the run's row first + i."""
+        logits, records, cache = batch.prefill(prompt, plans, prefix)
         for offset, (plan, row) in enumerate(zip(plans, rows)):
             self._record(records, offset, plan, first + offset)
-            batch.seat(row, plan, cache, len(self.request.prompt_ids), source_row=offset)
+            batch.seat(row, plan, cache, len(prompt), source_row=offset)
         return logits
 
-    def _prefill_alone(self, batch: SlotBatch, row: int, plan: RowPlan, index: int) -> torch.Tensor:
+    def _prefill_row(
+        self, batch: SlotBatch, row: int, plan: RowPlan, index: int, prompt: list[int], kept: list[int] | None
+    ) -> tuple[torch.Tensor, int]:
+        """One row reads its prompt: its logits for the first token, and how many positions it reused from the
+        row's kept KV (the full blocks its old prompt `kept` shares with this one; the lean step only)."""
         _check_stop(self.should_stop)
         if batch.lean_usable():
-            return self._prefill_lean(batch, [row], [plan], index)[0]
-        prompt = torch.tensor([self.request.prompt_ids], device=self.lm.device)
+            reused = prefix_length(min(shared_length(kept, prompt), len(prompt) - 1)) if kept else 0
+            prefix = batch.prefix(row, reused) if reused else None
+            return self._prefill_lean(batch, [row], [plan], index, prompt, prefix)[0], reused
+        ids = torch.tensor([prompt], device=self.lm.device)
         steering = RowSteering(decoder_blocks(self.lm.model), 1)
-        steering.special_mask = torch.isin(prompt, batch.special_ids)
+        steering.special_mask = torch.isin(ids, batch.special_ids)
         steering.assign(0, plan)
         cache = new_cache(self.lm.model)
         with steering.attached():
-            logits = model_forward(self.lm.model, prompt, cache, logits_to_keep=1)[0, -1].float()
+            logits = model_forward(self.lm.model, ids, cache, logits_to_keep=1)[0, -1].float()
         self._record(steering.records(), 0, plan, index)
-        batch.seat(row, plan, cache, prompt.shape[1])
-        return logits
+        batch.seat(row, plan, cache, ids.shape[1])
+        return logits, 0
 
     def _record(self, records: dict[int, torch.Tensor], source_row: int, plan: RowPlan, index: int) -> None:
         if plan.capture:
@@ -301,11 +405,12 @@ class Generation:
             own = self.tokens[1 + k]
             first = min(len(clean), len(own)) if first is None else first
             divergence = min(first, len(clean) - 1, len(own) - 1)
+            shared = self.variant_logits[k][: divergence + 1]
             variants.append(
                 VariantOutput(
                     ids=own,
                     text=tokenizer.decode(own, skip_special_tokens=True),
-                    logits=torch.stack(self.variant_logits[k][: divergence + 1]),
+                    logits=torch.stack(shared) if shared else self.logits.new_zeros(0, self.logits.shape[-1]),
                     divergence=divergence,
                     activations=activations[1 + k],
                 )
@@ -324,7 +429,18 @@ class Generation:
             timings=timings,
             clean_logits=torch.stack(self.clean_logits),
             clean_activations=activations[CLEAN],
+            variant_prompts=None if request.variant_prompts is None else list(request.variant_prompts),
         )
+
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids a and b have in common."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 def _never() -> bool:

@@ -30,11 +30,18 @@ Interactive runs keep the shared batch (scheduler_for), which a worker steps alo
 the wide batch a comparison would pay for the cells' rows (a step of 22 rows costs about twice one of 2) and
 wait out the metrics of every cell ending meanwhile, about 3 times its time alone; stepped alone, it costs
 what it costs alone while the cells wait.
+
+A conversation's turn (Request.keep set) leaves its rows parked in the batch when it ends (done or stopped):
+they keep the KV of the prompt's full blocks (slots.PREFILL_BLOCK), so the next turn with the same key reads
+only the rest of its history and its new message, with the same bits as reading it all (slots.read_blocks).
+Parked rows are given back after STEERLAB_CHAT_KEEP_SECONDS idle (checked at each admission), and at once,
+oldest first, when a run needs rows that are not free. A turn whose rows were given back reads its whole history.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -47,7 +54,7 @@ from ..steer import SpecError
 from .generate import Comparison, Generation, Request, Stopped
 from .kernels import PACK_ROWS, step_kernels
 from .plan import AUTO, StepPolicy
-from .slots import SlotBatch
+from .slots import SlotBatch, prefix_length
 
 WIDE_ROWS = PACK_ROWS  # wide_scheduler()'s rows where steps compute only the occupied rows (below)
 
@@ -67,6 +74,15 @@ class Ended:
     error: BaseException | None = None
 
 
+@dataclass
+class Kept:
+    """A conversation's parked rows: the prompts they read at its last turn (their KV's source), and since when."""
+
+    rows: list[int]
+    prompts: list[list[int]]
+    since: float  # time.monotonic()
+
+
 class Scheduler:
     """One model's SlotBatch and the generations in it. The caller holds the model's lock around each call."""
 
@@ -74,6 +90,18 @@ class Scheduler:
         self.lm = lm
         self.batch = SlotBatch(lm, rows, length, policy)
         self.active: list[Generation] = []
+        self.kept: dict[object, Kept] = {}  # conversation key -> its parked rows, oldest first
+
+    def room(self) -> int:
+        """Rows a run may take now: the free ones and the parked ones (given back when needed)."""
+        return len(self.batch.free) + sum(len(kept.rows) for kept in self.kept.values())
+
+    def evict(self, key: object) -> bool:
+        """Give the conversation's parked rows back (its next turn reads its whole history); False if none."""
+        kept = self.kept.pop(key, None)
+        if kept is not None:
+            self.batch.give_back(kept.rows)
+        return kept is not None
 
     def check_fits(self, request: Request) -> None:
         """SpecError when the request can never run here (more rows or positions than the batch has)."""
@@ -92,18 +120,38 @@ class Scheduler:
             )
 
     def admit(self, generation: Generation) -> bool:
-        """Prefill the generation into free rows; False (nothing changed) when too few rows are free."""
-        self.check_fits(generation.request)
-        rows = self.batch.take(generation.request.rows)
-        if rows is None:
-            return False
+        """Prefill the generation into rows: its conversation's parked rows, else free ones (giving parked rows
+        back, oldest first, when too few are free); False (nothing changed) when the batch has too few."""
+        request = generation.request
+        self.check_fits(request)
+        self._expire()
+        kept = self.kept.pop(request.keep, None) if request.keep is not None else None
+        if kept is not None and len(kept.rows) == request.rows:
+            rows, prompts = kept.rows, kept.prompts
+            self.batch.resume(rows)
+        else:
+            if kept is not None:
+                self.batch.give_back(kept.rows)
+            rows, prompts = self._take(request.rows), None
+            if rows is None:
+                return False
         try:
-            generation.prefill(self.batch, rows)
+            generation.prefill(self.batch, rows, prompts)
         except BaseException:
             self.batch.give_back(rows)
             raise
         self.active.append(generation)
         return True
+
+    def _take(self, count: int) -> list[int] | None:
+        while count > len(self.batch.free) and self.kept:
+            self.evict(next(iter(self.kept)))
+        return self.batch.take(count)
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - engine_config.current.chat_keep_seconds
+        for key in [key for key, kept in self.kept.items() if kept.since <= limit]:
+            self.evict(key)
 
     def step(self) -> list[Ended]:
         """Advance every generation by one token; returns those that ended (done, cancelled or failed).
@@ -133,12 +181,21 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - any error (Stopped included) ends this run only
                 ended.append(Ended(generation, error=error))
         for item in ended:
-            self._leave(item.generation)
+            # A stopped turn's prompt was read in full: its conversation goes on from it as from a finished one.
+            self._leave(item.generation, keep=item.error is None or isinstance(item.error, Stopped))
         return ended
 
-    def _leave(self, generation: Generation) -> None:
+    def _leave(self, generation: Generation, keep: bool = False) -> None:
+        """The generation's rows back to the batch, or parked for its conversation's next turn."""
         self.active.remove(generation)
-        self.batch.give_back(generation.rows)
+        request, rows = generation.request, generation.rows
+        prompts = request.prompts
+        reusable = [prefix_length(len(prompt)) for prompt in prompts]
+        if keep and request.keep is not None and max(reusable) < self.batch.length:
+            self.batch.park(rows, reusable)
+            self.kept[request.keep] = Kept(rows, prompts, time.monotonic())
+        else:
+            self.batch.give_back(rows)
 
     def run_alone(self, generation: Generation) -> Comparison:
         """Admit one generation and step until it ends; its Comparison, or its error raised."""

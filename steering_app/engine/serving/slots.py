@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 ATTENTION = "steerlab_slots"
 SPAN_STEP = 64  # positions a step attends to, in multiples of this (when the kernels allow trimming)
+# A prompt is read in blocks of this many positions, aligned to position 0 (SlotBatch.prefill): a token's keys
+# and values then depend only on the tokens up to its block's end, never on where an earlier read stopped, so a
+# conversation's next turn may reuse the full blocks of the history it already read and get the same bits as
+# reading the whole history afresh.
+PREFILL_BLOCK = 64
 
 
 class SlotCache(Cache):
@@ -73,10 +78,10 @@ class SlotCache(Cache):
         values.scatter_(2, index, value_states)
         return keys, values
 
-    def write_prompt(self, row: int, prefilled: Cache | SlotCache, length: int, source_row: int = 0) -> None:
-        """Copy a prefill's KV (source_row of a DynamicCache or a SlotCache) into `row` at positions
-        [0, length) and clear the rest."""
-        if isinstance(prefilled, SlotCache):
+    def write_prompt(self, row: int, prefilled: Cache, length: int, source_row: int = 0) -> None:
+        """Copy a prefill's KV (source_row of a DynamicCache, a SlotCache or a PrefixCache) into `row` at
+        positions [0, length) and clear the rest."""
+        if isinstance(prefilled, SlotCache | PrefixCache):
             layers = [(prefilled.keys[layer], prefilled.values[layer]) for layer in sorted(prefilled.keys)]
         else:
             layers = [(cached.keys, cached.values) for cached in prefilled.layers]
@@ -93,6 +98,33 @@ class SlotCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+class PrefixCache(Cache):
+    """The keys and values of a prompt read so far, [rows, kv_heads, positions, head_dim] per layer, grown by
+    concatenation: each block's forward sees contiguous tensors of exactly the positions before its end, the
+    same layout whether the earlier blocks were read just now or copied from a kept row (SlotBatch.prefill)."""
+
+    def __init__(
+        self, keys: dict[int, torch.Tensor] | None = None, values: dict[int, torch.Tensor] | None = None
+    ):
+        super().__init__(layers=[])
+        self.keys = keys or {}
+        self.values = values or {}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self.keys:
+            key_states = torch.cat([self.keys[layer_idx], key_states], dim=2)
+            value_states = torch.cat([self.values[layer_idx], value_states], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
 
 
 def grouped_attention(
@@ -246,10 +278,31 @@ class SlotBatch:
         self._advancing[rows] = 0
         self.free = sorted(self.free + list(rows))
 
+    def park(self, rows: list[int], lengths: list[int]) -> None:
+        """Keep rows taken but out of the steps' work: no steering, not advancing, each row's next (discarded)
+        writes at position lengths[i], past the prefix [0, lengths[i]) that a later prefix() copies."""
+        for row, length in zip(rows, lengths):
+            self.steering.assign(row, None)
+            self.positions[row] = length
+            self.inputs[row] = 0
+        self._advancing[rows] = 0
+
+    def resume(self, rows: list[int]) -> None:
+        """Parked rows advance again (seat() gives them their new prompt)."""
+        self._advancing[rows] = 1
+
+    def prefix(self, row: int, length: int) -> PrefixCache:
+        """A copy of the row's keys and values at positions [0, length): a prompt's full blocks, to read the rest
+        of a longer prompt from (prefill)."""
+        return PrefixCache(
+            {layer: keys[row : row + 1, :, :length].clone() for layer, keys in self.cache.keys.items()},
+            {layer: values[row : row + 1, :, :length].clone() for layer, values in self.cache.values.items()},
+        )
+
     def set_input(self, row: int, token: int) -> None:
         self.inputs[row] = token
 
-    def seat(self, row: int, plan, prefilled: Cache | SlotCache, length: int, source_row: int = 0) -> None:
+    def seat(self, row: int, plan, prefilled: Cache, length: int, source_row: int = 0) -> None:
         """Put a prefilled row (its KV for `length` prompt tokens, its steering plan) into `row`."""
         self.cache.write_prompt(row, prefilled, length, source_row)
         self.positions[row] = length
@@ -265,18 +318,22 @@ class SlotBatch:
         return self.occupied_only and self.lean_usable()
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], plans: list) -> tuple[torch.Tensor, dict, SlotCache]:
-        """One lean forward over len(plans) rows (row i steered by plans[i]), each reading the whole prompt: the
-        last position's logits [rows, V], the SAE records ({row: [seq, width]}) and the SlotCache of their KV."""
+    def prefill(
+        self, prompt_ids: list[int], plans: list, prefix: PrefixCache | None = None
+    ) -> tuple[torch.Tensor, dict, PrefixCache]:
+        """The lean step over len(plans) rows (row i steered by plans[i]), each reading the prompt from the end of
+        `prefix` (the KV of its first full blocks; None: from position 0) in blocks of PREFILL_BLOCK positions:
+        the last position's logits [rows, V], the last block's SAE records ({row: [block, width]}) and the
+        PrefixCache of the whole prompt's KV."""
         rows, length = len(plans), len(prompt_ids)
         ids = torch.tensor([prompt_ids], device=self.lm.device).expand(rows, length)
         steering = RowSteering(self.steering.blocks, rows)
-        steering.special_mask = torch.isin(ids, self.special_ids)
         for row, plan in enumerate(plans):
             steering.assign(row, plan)
+        cache = prefix or PrefixCache()
         with self.kernels.applied():
-            logits, cache = teacher_forced(self.lean, ids, steering, keep=1)
-        return logits[:, -1, :].float(), steering.records(), cache
+            logits = read_blocks(self.lean, ids, steering, cache, self.special_ids)
+        return logits.float(), steering.records(), cache
 
     def step_rows(self) -> int:
         """How many rows (from row 0) the next step computes."""
@@ -424,6 +481,39 @@ def teacher_forced(
     mask = causal.view(1, 1, length, length).expand(rows, 1, length, length)
     steering.begin()
     return lean(input_ids, positions, cache, mask, steering, keep=keep), cache
+
+
+def read_blocks(
+    lean: LeanStep,
+    input_ids: torch.Tensor,
+    steering: RowSteering,
+    cache: PrefixCache,
+    special_ids: torch.Tensor,
+) -> torch.Tensor:
+    """input_ids [rows, seq] read through the lean step from position cache.length on, one PREFILL_BLOCK-aligned
+    block per forward (each attending to the cache and its own causal part): the last position's logits
+    [rows, V]. The blocks' boundaries depend only on absolute positions, so a block's numbers do not depend on
+    where the cache came from."""
+    rows, length = input_ids.shape
+    start = cache.length
+    if start >= length:
+        raise ValueError(f"nothing to read: the cache already holds {start} of {length} positions")
+    for block_start in range(start, length, PREFILL_BLOCK):
+        block_end = min(length, (block_start // PREFILL_BLOCK + 1) * PREFILL_BLOCK)
+        ids = input_ids[:, block_start:block_end]
+        positions = torch.arange(block_start, block_end, device=ids.device).expand(rows, -1)
+        keys = torch.arange(block_end, device=ids.device)
+        mask = (keys.unsqueeze(0) <= positions[0].unsqueeze(1)).view(1, 1, block_end - block_start, block_end)
+        steering.special_mask = torch.isin(ids, special_ids)
+        steering.begin()
+        logits = lean(ids, positions, cache, mask.expand(rows, 1, -1, -1), steering, keep=1)
+    return logits[:, -1, :]
+
+
+def prefix_length(read: int) -> int:
+    """Of a prompt of `read` positions, the positions in full blocks: those a longer prompt that starts with it
+    may reuse (read_blocks)."""
+    return read // PREFILL_BLOCK * PREFILL_BLOCK
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(rows, length, policy): StepPlan}
