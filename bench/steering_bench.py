@@ -20,11 +20,18 @@ one feature at layer 10 ("Amplify", coefficient 2), temperature 0.7, warm caches
   into the cells' batch at the first step where enough rows are free (it shares their steps and waits out
   the metrics of cells ending meanwhile). The experiment is cancelled once it ends.
 
+- CH1, CH6: a conversation of 6 turns (the user's messages CHAT_MESSAGES, each reply NEW_TOKENS long), in a
+  batch of the shared one's rows and CHAT_SLOT_TOKENS positions (the CPU default of 512 holds no 600-token
+  history): the generation of turn 1 and of turn 6 (about 600 tokens of history on each side), with the
+  conversation's rows kept in the batch between turns (its prefill then reads only what follows the full blocks
+  of turn 5's history). CH6e: turn 6 again after its rows were evicted (the whole history read again; its bits
+  must equal CH6's). Generation only: a turn's metrics read its whole history in one pass, timed apart.
+
 All run interleaved in one process (the order rotates each round); each reports the median of --runs
 timed runs (EX, SEQ, FAIR and FAIRs: of --experiment-runs, in the first rounds) after one untimed warm-up
 (not for these four: the others run the same code before them, and the wide batch is built before timing).
 Prints a table, the CPU and the matmul forms the batch chose, and, last, `O/F=<ratio> S/O=<ratio>
-SW/O=<ratio> C2/O=<ratio> C4/O=<ratio> EX/SEQ=<ratio> FAIR/O=<ratio>` (and `O/HFs=` on CUDA).
+SW/O=<ratio> C2/O=<ratio> C4/O=<ratio> EX/SEQ=<ratio> FAIR/O=<ratio> CH6/CH1=<ratio>` (and `O/HFs=` on CUDA).
 
     .venv/bin/python bench/steering_bench.py [--runs 7] [--experiment-runs 3] [--device cpu|cuda]
         [--model SOURCE]
@@ -56,8 +63,8 @@ from steering_app.engine.loader import (
     load_sae_cached,
 )
 from steering_app.engine.saes.sae import save_sae
-from steering_app.engine.serving.generate import Generation, prepare
-from steering_app.engine.serving.scheduler import scheduler_for, wide_scheduler
+from steering_app.engine.serving.generate import Generation, prepare, prepare_turn
+from steering_app.engine.serving.scheduler import Scheduler, scheduler_for, slot_shape, wide_scheduler
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 64
@@ -77,6 +84,33 @@ EXPERIMENT_PROMPTS = (
     "After a long day at work I like to",
 )
 FAIR_AFTER_STEPS = 4  # experiment steps before the comparison is submitted
+CHAT_SLOT_TOKENS = 1024
+CHAT_MESSAGES = (  # about 40 tokens each: with a 64-token reply, turn 6 reads about 600 tokens of history
+    (
+        "I am planning a small garden behind my house this spring, with tomatoes, beans and some herbs. "
+        "What should I plant first, and how much sun do these plants need each day?"
+    ),
+    (
+        "Thanks. The soil in my garden is heavy clay that stays wet for days after it rains. "
+        "How can I improve it before planting, and is there anything I should avoid doing?"
+    ),
+    (
+        "I also have two young children who want to help. Which jobs in the garden are safe for them, "
+        "and how can I keep them interested for the whole season?"
+    ),
+    (
+        "Our neighbour says that slugs ate all of her lettuce last year. How can I protect my plants "
+        "from slugs and snails without using chemicals that could harm birds or pets?"
+    ),
+    (
+        "In July we go away on holiday for two weeks. How can I make sure the garden gets enough water "
+        "while we are gone, without asking the neighbours to do it every day?"
+    ),
+    (
+        "Finally, when the tomatoes are ripe, what is a simple recipe that the whole family would enjoy, "
+        "and how can I store the extra tomatoes so that they last into the autumn?"
+    ),
+)
 
 
 def build_sae(lm, directory: Path):
@@ -153,6 +187,65 @@ def run_concurrent(lm, sae, spec, embedder, seeds) -> list:
                     raise ended.error
                 results.append(finish(lm, sae, ended.comparison, spec, embedder, scheduler.batch.lean))
     return results
+
+
+class Chat:
+    """CH's conversation in a batch of its own (CHAT_SLOT_TOKENS positions): six turns, each side with its own
+    history, the rows kept between turns; turn 6 once more after an eviction."""
+
+    def __init__(self, lm, sae, spec):
+        self.lm, self.sae, self.spec = lm, sae, spec
+        rows = slot_shape(lm.device)[0]
+        with lm.lock:
+            self.scheduler = Scheduler(lm, rows, CHAT_SLOT_TOKENS, scheduler_for(lm).batch.policy)
+
+    def turn(self, clean: list[dict], steered: list[dict], seed: int, key) -> tuple[float, object]:
+        request = prepare_turn(
+            self.lm,
+            self.sae,
+            clean,
+            steered,
+            self.spec,
+            TEMPERATURE,
+            NEW_TOKENS,
+            seed,
+            keep=key,
+            sae_layer=LAYER,
+            min_new_tokens=NEW_TOKENS,
+        )
+        with self.lm.lock:
+            _synchronize(self.lm.device)
+            started = time.perf_counter()
+            comparison = self.scheduler.run_alone(Generation(self.lm, self.sae, request))
+            _synchronize(self.lm.device)
+        return time.perf_counter() - started, comparison
+
+    def run(self, seed: int) -> dict:
+        """{CH1, CH6, CH6e: seconds, history: turn 6's history tokens, same: CH6e's bits equal CH6's}."""
+        key = ("bench", seed)
+        clean, steered, times = [], [], {}
+        for number, message in enumerate(CHAT_MESSAGES, start=1):
+            clean.append({"role": "user", "content": message})
+            steered.append({"role": "user", "content": message})
+            elapsed, turn = self.turn(clean, steered, seed + number, key)
+            times[f"CH{number}"] = elapsed
+            clean.append({"role": "assistant", "content": turn.unsteered_text})
+            steered.append({"role": "assistant", "content": turn.steered.text})
+        with self.lm.lock:
+            self.scheduler.evict(key)
+        evicted_time, evicted = self.turn(clean[:-1], steered[:-1], seed + len(CHAT_MESSAGES), key)
+        with self.lm.lock:
+            self.scheduler.evict(key)
+        return {
+            "CH1": times["CH1"],
+            "CH6": times[f"CH{len(CHAT_MESSAGES)}"],
+            "CH6e": evicted_time,
+            "history": turn.timings["prompt_tokens"],
+            "reused": turn.timings["reused_tokens"],
+            "same": evicted.unsteered_ids == turn.unsteered_ids
+            and evicted.steered.ids == turn.steered.ids
+            and torch.equal(evicted.clean_logits, turn.clean_logits),
+        }
 
 
 def generation(lm, sae, prompt: str, specs, seed: int, should_stop=None) -> Generation:
@@ -434,6 +527,13 @@ def main() -> None:
             comparison(sweep, seed + index, prompt) for index, prompt in enumerate(EXPERIMENT_PROMPTS)
         ]
 
+    chat = Chat(lm, sae, spec)
+
+    def chatted(seed):
+        result = details["CH"] = chat.run(seed)
+        for name in ("CH1", "CH6", "CH6e"):
+            chat_times[name].append(result[name])
+
     def interactive(same_batch):
         name = "FAIRs" if same_batch else "FAIR"
         return lambda seed: fair_times[name].append(
@@ -453,8 +553,15 @@ def main() -> None:
         "SEQ": sequential,
         "FAIR": interactive(same_batch=False),
         "FAIRs": interactive(same_batch=True),
+        "CH": chatted,
     }
-    experiments = ("EX", "SEQ", "FAIR", "FAIRs")  # warmed by the others, and timed in the first rounds only
+    experiments = (
+        "EX",
+        "SEQ",
+        "FAIR",
+        "FAIRs",
+        "CH",
+    )  # warmed by the others, and timed in the first rounds only
     labels = {
         "F": "plain generate, unsteered only (floor)",
         "S": "specification section 2 (reference)",
@@ -466,6 +573,10 @@ def main() -> None:
         "SEQ": "ours: the 8 sweeps one after another",
         "FAIR": "ours: O during the experiment, own batch",
         "FAIRs": "ours: O during the experiment, same batch",
+        "CH": "ours: a 6-turn conversation, evicted turn 6",
+        "CH1": "ours: conversation, turn 1",
+        "CH6": "ours: conversation, turn 6, rows kept",
+        "CH6e": "ours: conversation, turn 6, rows evicted",
     }
     if lm.device.type == "cuda":
         approaches["HFs"] = lambda seed: details.__setitem__(
@@ -475,6 +586,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in approaches}
     phases: list[dict] = []
     fair_times: dict[str, list[float]] = {"FAIR": [], "FAIRs": []}
+    chat_times: dict[str, list[float]] = {"CH1": [], "CH6": [], "CH6e": []}
     for name, run in approaches.items():  # warm-up
         if name not in experiments:
             run(1000)
@@ -493,6 +605,7 @@ def main() -> None:
             _synchronize(lm.device)
             times[name].append(time.perf_counter() - started)
     times.update(fair_times)  # from the comparison's submission to its end, not the whole experiment's
+    times.update(chat_times)  # each turn's own time, not the whole conversation's
     load_after = os.getloadavg()
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -513,7 +626,7 @@ def main() -> None:
     )
     print()
     print(f"{'':5} {'approach':40} {'median s':>9} {'min s':>7} {'max s':>7} {'ms/token':>9} {'x F':>6}")
-    for name in approaches:
+    for name in [*approaches, *chat_times]:
         values = times[name]
         print(
             f"{name:5} {labels[name]:40} {medians[name]:9.3f} {min(values):7.3f} {max(values):7.3f} "
@@ -538,6 +651,11 @@ def main() -> None:
         for ours, theirs in zip(details["EX"], details["SEQ"], strict=True)
     )
     print(f"EX last run: texts equal to SEQ's (same seeds): {same}")
+    chat = details["CH"]
+    print(
+        f"CH last run: turn 6 read {chat['history']} history tokens (clean, steered), reused {chat['reused']} "
+        f"kept; after the eviction, same bits: {chat['same']}; goal CH6/CH1 <= 1.3"
+    )
     ratios = {
         "O/F": medians["O"] / medians["F"],
         "S/O": medians["S"] / medians["O"],
@@ -546,6 +664,7 @@ def main() -> None:
         "C4/O": medians["C4"] / medians["O"],
         "EX/SEQ": medians["EX"] / medians["SEQ"],
         "FAIR/O": medians["FAIR"] / medians["O"],
+        "CH6/CH1": medians["CH6"] / medians["CH1"],
     }
     if "HFs" in medians:
         ratios["O/HFs"] = medians["O"] / medians["HFs"]
