@@ -22,13 +22,19 @@ PLANET_FEATURE = 1681
 PLANET_SCALE = 40.526  # its max activation in the demo's features.json
 STRENGTH = 4.0  # the demo's showcase strength (tests/steering/test_demo_steering.py): fluent, on topic
 USER_TURNS = ["Tell me about your day.", "What did you have for lunch?", "What will you do tomorrow?"]
-MAX_TOKENS = 16
+MAX_TOKENS = 12
 TEMPERATURE = 0.8
 
 
 @pytest.fixture(scope="module")
 def demo_sae(smollm2):
     return load_sae(DEMO_CHECKPOINT, dtype=smollm2.dtype)
+
+
+@pytest.fixture(scope="module")
+def planet_talk(smollm2, demo_sae) -> list:
+    """A separate-mode conversation steered toward planets, its rows kept between turns."""
+    return talk(smollm2, demo_sae, planet(STRENGTH), "separate", key="kept")
 
 
 def planet(coefficient: float) -> SteeringSpec:
@@ -71,8 +77,8 @@ def test_at_coefficient_zero_both_sides_are_identical_at_every_turn(smollm2, dem
         assert torch.equal(turn.steered.logits, turn.clean_logits[: len(turn.steered.logits)])
 
 
-def test_the_planet_feature_changes_the_steered_side_from_the_first_turn_on(smollm2, demo_sae):
-    turns = talk(smollm2, demo_sae, planet(STRENGTH), "separate", key="planet")
+def test_the_planet_feature_changes_the_steered_side_from_the_first_turn_on(smollm2, demo_sae, planet_talk):
+    turns = planet_talk
     assert all(turn.steered.ids != turn.unsteered_ids for turn in turns)
     # From turn 2 on, the steered side reads its own history: a prompt of its own.
     assert turns[0].variant_prompts is None
@@ -101,8 +107,8 @@ def test_in_shared_mode_each_unsteered_reply_is_a_fresh_run_of_that_history(smol
     assert turns[2].timings["reused_tokens"][0] > 0
 
 
-def test_a_turn_after_an_eviction_gives_the_bits_of_the_kept_cache(smollm2, demo_sae):
-    kept = talk(smollm2, demo_sae, planet(STRENGTH), "separate", key="kept")
+def test_a_turn_after_an_eviction_gives_the_bits_of_the_kept_cache(smollm2, demo_sae, planet_talk):
+    kept = planet_talk
     evicted = talk(smollm2, demo_sae, planet(STRENGTH), "separate", key="evicted", evict_before=3)
     assert min(kept[2].timings["reused_tokens"]) > 0
     assert evicted[2].timings["reused_tokens"] == [0, 0]
@@ -120,9 +126,9 @@ def test_a_turn_stopped_midway_keeps_its_text_and_the_conversation_goes_on(smoll
         streamed[0] += clean
         streamed[1] += variants[0]
 
-    def stop_after_four() -> bool:
+    def stop_midway() -> bool:
         steps.append(1)
-        return len(steps) > 5  # asked once before the prefill, then before every step
+        return len(steps) > 5  # asked before each row reads its prompt, then after every step
 
     history = [{"role": "user", "content": USER_TURNS[0]}]
     spec = planet(STRENGTH)
@@ -138,7 +144,7 @@ def test_a_turn_stopped_midway_keeps_its_text_and_the_conversation_goes_on(smoll
             1,
             keep="stopped",
             on_step=on_step,
-            should_stop=stop_after_four,
+            should_stop=stop_midway,
         )
     assert streamed[0] and streamed[1]
     clean = [
