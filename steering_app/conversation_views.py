@@ -95,7 +95,7 @@ def visibility(request, pk):
 @login_required
 @require_POST
 def delete_conversation(request, pk):
-    return delete_then_go(request, _visible(request, pk), _render_notice, reverse("steering-conversations"))
+    return delete_then_go(request, _visible(request, pk), _render, reverse("steering-conversations"))
 
 
 @login_required
@@ -124,20 +124,24 @@ def _change(request, pk, action):
         action(conversation)
     except Forbidden as error:
         raise PermissionDenied(error.message) from error
-    except (Conflict, SteeringError) as error:
-        return _render(request, conversation, notice=error.message, status=409)
+    except SteeringError as error:
+        return _render(
+            request, conversation, notice=error.message, status=409 if isinstance(error, Conflict) else 400
+        )
     return redirect("steering-conversation", pk=conversation.pk)
 
 
-def _render_notice(request, conversation: Conversation, notice: str, status: int):
-    return _render(request, conversation, notice=notice, status=status)
-
-
 def _render(
-    request, conversation: Conversation, form: MessageForm | None = None, notice: str = "", status=200
+    request, conversation: Conversation, notice: str = "", status: int = 200, form: MessageForm | None = None
 ):
+    """The page; delete_then_go's refusal passes (notice, status) in that order."""
     turns = conversation.turns()
-    labels = dict(Feature.objects.filter(training=conversation.training).values_list("index", "label"))
+    indices = [item["feature_id"] for item in conversation.features]
+    labels = dict(
+        Feature.objects.filter(training=conversation.training, index__in=indices).values_list(
+            "index", "label"
+        )
+    )
     rows = []
     previous = None
     for run in turns:

@@ -13,7 +13,7 @@ from django.db import transaction
 from steering_app import runs, services
 from steering_app.conversation_history import row_messages
 from steering_app.errors import Conflict, InvalidInput
-from steering_app.limits import MAX_PROMPT_CHARS, MAX_SEED
+from steering_app.limits import MAX_PROMPT_CHARS
 from steering_app.models import Conversation, SteeringRun, Training
 from steering_app.models.steering_config import STEERING_FIELDS
 from steering_app.steering_settings import SteeringSettings, is_integer
@@ -193,8 +193,6 @@ def _add_turn(
     conversation: Conversation, turn: int, content: str, steering: SteeringSettings, seed: int | None
 ) -> SteeringRun:
     """The turn's run, queued and not yet submitted, once its history fits the worker's slots."""
-    if seed is not None and (not is_integer(seed) or not 0 <= seed <= MAX_SEED):
-        raise InvalidInput("seed must be a non-negative 63-bit integer.", "seed")
     draft = SteeringRun(conversation=conversation, turn=turn, prompt=content)
     check_history_fits(conversation.training, row_messages(draft), steering.max_tokens)
     run = runs.create(

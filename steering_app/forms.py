@@ -187,10 +187,9 @@ class MessageForm(forms.Form):
         }
 
     def add_steering_error(self, error: SteeringError) -> None:
-        self.add_error(MESSAGE_ERROR_FIELDS.get(error.field), error.message)
-
-
-MESSAGE_ERROR_FIELDS = {**ERROR_FIELDS, "content": "content", "conversation_id": None, "prompt": "content"}
+        """Beside the input it names; above the form when it names none of this form's (a turn in progress)."""
+        name = {**ERROR_FIELDS, "content": "content", "prompt": "content"}.get(error.field)
+        self.add_error(name if name in self.fields else None, error.message)
 
 
 class RunFilterForm(forms.Form):

@@ -295,3 +295,16 @@ def test_loading_a_preset_sets_the_chat_system_prompt(client, owner, training, t
 
     assert ">Talk like a pirate.</textarea>" in html
     assert SteeringPreset.objects.get().system_prompt == "Talk like a pirate."
+
+
+def test_a_message_or_a_delete_during_a_turn_shows_why_and_changes_nothing(client, owner, conversation, turn):
+    turn(1, status="running", unsteered_output="", steered_output="")
+    client.force_login(owner)
+    form = {"content": "hi", "feature_id": ["3"], "coefficient": ["2"], "layers": "2", "method": "additive"}
+
+    response = client.post(page(conversation) + "send/", {**form, "temperature": "0", "max_tokens": "8"})
+
+    assert response.status_code == 422 and "Turn 1 of conversation" in response.text
+    deleted = client.post(page(conversation) + "delete/")
+    assert deleted.status_code == 409 and "stop it before deleting" in deleted.text
+    assert SteeringRun.objects.count() == 1 and Conversation.objects.exists()
