@@ -87,6 +87,7 @@ class SteeringPresetAdmin(admin.ModelAdmin):
             "owner",
             *STEERING_FIELDS,
             "prompt",
+            "system_prompt",
             "seed",
             "is_favorite",
         ]

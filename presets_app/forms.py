@@ -19,6 +19,7 @@ class PresetForm(SteeringForm):
 
     preset_name = forms.CharField(required=False, strip=False)
     preset_description = forms.CharField(required=False, strip=False)
+    system_prompt = forms.CharField(required=False, strip=False)  # chat mode's, when the panel offers it
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -37,6 +38,7 @@ class PresetForm(SteeringForm):
             "temperature": settings.temperature,
             "max_tokens": settings.max_tokens,
             "prompt": self.cleaned_data["prompt"],
+            "system_prompt": self.cleaned_data["system_prompt"],
             "seed": self.cleaned_data["seed"],
             "chat": self.cleaned_data["chat"],
             "sweep": settings.sweep,

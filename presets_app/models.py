@@ -19,6 +19,8 @@ class SteeringPreset(SteeringConfig):
     # Optional: what a run adds to the settings. Loading the preset fills them in when it has them.
     prompt = models.TextField(blank=True)
     seed = models.BigIntegerField(null=True, blank=True, help_text="Empty: a random seed per run")
+    # Chat mode's system prompt: loading the preset into the panel sets the chat's system prompt field.
+    system_prompt = models.TextField(blank=True)
     is_favorite = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)

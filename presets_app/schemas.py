@@ -41,6 +41,9 @@ class PresetIn(Schema):
     prompt: str = Field(
         "", max_length=MAX_PROMPT_CHARS, pattern=NO_NUL, description="Optional; blank: the preset keeps none."
     )
+    system_prompt: str = Field(
+        "", max_length=MAX_PROMPT_CHARS, pattern=NO_NUL, description="Chat mode's system prompt; blank: none."
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Optional; null: a random seed per run.")
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
     sweep: Sweep | None = Field(None, description="Optional strength sweep (the generate body's `sweep`).")
@@ -60,6 +63,7 @@ class PresetPatch(Schema):
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
     max_tokens: int | None = Field(None, ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
+    system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: forget the seed (random per run).")
     chat: bool | None = None
     sweep: Sweep | None = Field(None, description="null: no sweep.")
@@ -77,6 +81,7 @@ class PresetSettingsOut(Schema):
     temperature: float
     max_tokens: int
     prompt: str
+    system_prompt: str
     seed: int | None
     chat: bool
     sweep: list[float] | None

@@ -32,10 +32,10 @@ MAX_EXPORT_IDS = 1000
 IMPORT_BATCH_SIZE = 200
 MAX_NAME_CHARS = SteeringPreset._meta.get_field("name").max_length
 MAX_DESCRIPTION_CHARS = 2000
-SETTINGS = ("name", "description", *STEERING_FIELDS, "prompt", "seed", "is_favorite")
+SETTINGS = ("name", "description", *STEERING_FIELDS, "prompt", "system_prompt", "seed", "is_favorite")
 # The steering fields' defaults are SteeringSettings.from_fields'. A preset without a seed (null) leaves each
 # run its own random one.
-DEFAULTS = {"description": "", "prompt": "", "chat": False, "is_favorite": False}
+DEFAULTS = {"description": "", "prompt": "", "system_prompt": "", "chat": False, "is_favorite": False}
 
 
 def clean_preset(training: Training, data: dict, known_features: Container[int] | None = None) -> dict:
@@ -52,6 +52,7 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
     name = _text(values.get("name") or "", "name", MAX_NAME_CHARS)
     description = _text(values["description"], "description", MAX_DESCRIPTION_CHARS)
     prompt = _text(values["prompt"], "prompt", MAX_PROMPT_CHARS)
+    system_prompt = _text(values["system_prompt"], "system_prompt", MAX_PROMPT_CHARS)
     seed = values.get("seed")
     if seed is not None and (not is_integer(seed) or not 0 <= seed <= MAX_SEED):
         raise InvalidInput("seed must be a non-negative 63-bit integer, or null for a random one.", "seed")
@@ -63,6 +64,7 @@ def clean_preset(training: Training, data: dict, known_features: Container[int] 
         "name": name.strip() or auto_name(len(steering.features), steering.layers),
         "description": description.strip(),
         "prompt": prompt if prompt.strip() else "",
+        "system_prompt": system_prompt if system_prompt.strip() else "",
         "seed": seed,
         "chat": values["chat"],
         "is_favorite": values["is_favorite"],
@@ -214,6 +216,7 @@ def export_document(presets: Iterable[SteeringPreset]) -> dict:
                 "temperature": preset.temperature,
                 "max_tokens": preset.max_tokens,
                 "prompt": preset.prompt,
+                "system_prompt": preset.system_prompt,
                 "seed": preset.seed,
                 "chat": preset.chat,
                 "sweep": preset.sweep,

@@ -13,6 +13,7 @@ from steering_app.errors import InvalidInput
 from steering_app.models import (
     ApiToken,
     Calibration,
+    Conversation,
     Dataset,
     Experiment,
     ExperimentResult,
@@ -348,6 +349,56 @@ class ExperimentAdmin(FinishedRecordAdmin):
         # Its results go with it, though admin deletes none of them one by one (ExperimentResultAdmin).
         deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
         perms_needed.discard(ExperimentResult._meta.verbose_name)
+        return deleted, counts, perms_needed, protected
+
+
+class TurnInline(admin.TabularInline):
+    """A conversation's turns, each run in order (a regenerated turn shows all its runs, the latest current)."""
+
+    model = SteeringRun
+    fields = ["turn", "run_link", "status", "prompt", "unsteered_output", "steered_output", "seed"]
+    readonly_fields = fields
+    ordering = ["turn", "id"]
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="run")
+    def run_link(self, run):
+        return format_html('<a href="{}">#{}</a>', reverse("steering-run", args=[run.pk]), run.pk)
+
+
+@admin.register(Conversation)
+class ConversationAdmin(FinishedRecordAdmin):
+    """Like runs: staff read conversations and delete them with their turns, never add or edit one."""
+
+    list_display = ["id", "owner", "training", "history_mode", "private", "created_at", "updated_at"]
+    list_filter = ["history_mode", "private", "training"]
+    search_fields = ["system_prompt", "owner__username"]
+    list_select_related = ["owner", "training__model", "training__dataset"]
+    readonly_fields = ["conversation_page"]
+    inlines = [TurnInline]
+
+    def has_delete_permission(self, request, obj=None):
+        # A turn in progress is still being written by a worker: stop it first (as the API says).
+        allowed = admin.ModelAdmin.has_delete_permission(self, request, obj)
+        return allowed and (obj is None or obj.turn_in_progress() is None)
+
+    @admin.display(description="page")
+    def conversation_page(self, conversation):
+        url = reverse("steering-conversation", args=[conversation.pk])
+        return format_html('<a href="{}">Conversation #{} as members see it</a>', url, conversation.pk)
+
+    def get_deleted_objects(self, objs, request):
+        # Its turns go with it, whatever the staff member may do to runs one by one.
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        perms_needed.discard(SteeringRun._meta.verbose_name)
         return deleted, counts, perms_needed, protected
 
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from steering_app import (
     analysis,
+    conversations,
     experiment_results,
     experiments,
     exports,
@@ -21,14 +22,27 @@ from steering_app import (
     vector_jobs,
 )
 from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
-from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS
-from steering_app.models import Experiment, Feature, LanguageModel, PromptSet, SteeringRun, Training
+from steering_app.limits import MAX_ID, MAX_INDEX, MAX_PAGE, MAX_SEARCH_CHARS, MAX_SEED
+from steering_app.models import (
+    Conversation,
+    Experiment,
+    Feature,
+    LanguageModel,
+    PromptSet,
+    SteeringRun,
+    Training,
+)
 from steering_app.schemas import (
     NO_NUL,
     ActiveFeaturesIn,
     ActiveFeaturesOut,
     CompletedTrainingPage,
+    ContinueIn,
     ControlVectorIn,
+    ConversationCreated,
+    ConversationIn,
+    ConversationOut,
+    ConversationPage,
     ExperimentAccepted,
     ExperimentIn,
     ExperimentOut,
@@ -38,6 +52,7 @@ from steering_app.schemas import (
     GenerateAccepted,
     GenerateIn,
     GenerateOut,
+    MessageIn,
     ModelOut,
     PrivacyPatch,
     PromptSetIn,
@@ -46,6 +61,8 @@ from steering_app.schemas import (
     RunOut,
     RunPage,
     TrainingOut,
+    TurnAccepted,
+    TurnResultOut,
     VectorAccepted,
     VectorIn,
     error_responses,
@@ -242,6 +259,20 @@ async def generate(
     if run_async:
         return Status(202, {"run_id": run.pk})
 
+    run = await finished(run)
+    return {
+        "run_id": run.pk,
+        "unsteered_output": run.unsteered_output,
+        "steered_output": run.steered_output,
+        "seed": run.seed,
+        "metrics": run.metrics,
+        "variants": run.variants,
+    }
+
+
+async def finished(run: SteeringRun) -> SteeringRun:
+    """The run once completed; its other endings as the errors generate documents (the turns of a conversation
+    answer the same)."""
     timeout = settings.STEERLAB_RUN_TIMEOUT
     run = await runs.wait(run.pk, timeout)
     if not run.is_finished:
@@ -259,14 +290,7 @@ async def generate(
         if run.started_at is None:
             raise HttpError(503, f"Run {run.pk} was not picked up by a worker: {run.error}")
         raise HttpError(500, f"Run {run.pk} failed: {run.error}")
-    return {
-        "run_id": run.pk,
-        "unsteered_output": run.unsteered_output,
-        "steered_output": run.steered_output,
-        "seed": run.seed,
-        "metrics": run.metrics,
-        "variants": run.variants,
-    }
+    return run
 
 
 def run_out(run: SteeringRun) -> dict:
@@ -397,6 +421,178 @@ def cancel_run(request, run_id: int = Id):
     runs.cancel(run.pk, f"cancelled by {request.auth.get_username()}")
     run.refresh_from_db()
     return run_out(run)
+
+
+def visible_conversations(user):
+    return Conversation.objects.visible_to(user).select_related("owner", "training")
+
+
+def get_visible_conversation(user, conversation_id: int) -> Conversation:
+    """As for runs: another member's private conversation is a 404, like an unknown one."""
+    conversation = visible_conversations(user).filter(pk=conversation_id).first()
+    if conversation is None:
+        raise NotFound(f"Conversation {conversation_id} does not exist.", "conversation_id")
+    return conversation
+
+
+def conversation_item(conversation: Conversation) -> dict:
+    return {
+        "id": conversation.pk,
+        "owner": conversation.owner.get_username(),
+        "private": conversation.private,
+        "history_mode": conversation.history_mode,
+        "system_prompt": conversation.system_prompt,
+        "training_id": conversation.training_id,
+        "model_id": conversation.training.model_id,
+        "created_at": conversation.created_at,
+        "updated_at": conversation.updated_at,
+    }
+
+
+def conversation_out(conversation: Conversation) -> dict:
+    return {
+        **conversation_item(conversation),
+        "turns": [
+            {
+                "turn": run.turn,
+                "user": run.prompt,
+                "unsteered_output": run.unsteered_output,
+                "steered_output": run.steered_output,
+                "run_id": run.pk,
+                "status": run.status,
+                "settings": {
+                    "features": run.features,
+                    "intervention_layers": run.intervention_layers,
+                    "method": run.method,
+                    "temperature": run.temperature,
+                    "max_tokens": run.max_tokens,
+                    "seed": run.seed,
+                },
+            }
+            for run in conversation.turns()
+        ],
+    }
+
+
+@router.post("/conversations", response={201: ConversationCreated, **error_responses(404, 409)})
+def create_conversation(request, payload: ConversationIn):
+    """Start a conversation (chat mode) with the settings of its first turn; the training's model must have a
+    chat template (else a 400 naming training_id). Nothing is generated until the first message."""
+    fields = payload.model_dump()
+    conversation = conversations.create(
+        request.auth,
+        conversations.ConversationRequest(
+            training_id=payload.training_id,
+            model_id=payload.model_id,
+            system_prompt=payload.system_prompt,
+            history_mode=payload.history_mode,
+            private=payload.private,
+            settings=SteeringSettings.from_fields(fields),
+        ),
+    )
+    return Status(201, {"id": conversation.pk})
+
+
+@router.get("/conversations", response={200: ConversationPage, **error_responses()})
+def list_conversations(request, limit: int = Query(20, ge=1, le=MAX_PAGE), offset: int = Offset):
+    """Every conversation the caller may read (the lab's shared ones and their own), latest activity first."""
+    found, total = page(visible_conversations(request.auth), limit, offset)
+    return {
+        "conversations": [conversation_item(conversation) for conversation in found],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.get("/conversations/{conversation_id}", response={200: ConversationOut, **error_responses(404)})
+def get_conversation(request, conversation_id: int = Id):
+    """Its system prompt, history mode and every turn: the user's message, both replies, the run and the
+    settings it used. Every member reads the shared ones; a private one only its owner and staff."""
+    return conversation_out(get_visible_conversation(request.auth, conversation_id))
+
+
+shared_record_routes(
+    "/conversations/{conversation_id}",
+    fetch=get_visible_conversation,
+    out=(ConversationOut, conversation_out),
+    update_doc="Make a conversation private (it and every turn: only its owner and staff read them) or share "
+    "it with the lab; owner or staff only.",
+    delete_doc="Delete a conversation with every turn (owner or staff only); stop a turn in progress first.",
+)
+
+TURN_RESPONSES = {200: TurnResultOut, 202: TurnAccepted, **error_responses(403, 404, 409, 429, 503, 507)}
+RunAsync = Query(False, alias="async", description="Answer 202 {turn, run_id} at once instead of waiting.")
+
+
+async def turn_answer(run: SteeringRun, run_async: bool):
+    """A turn's run at once (202), or once it completed, with generate's errors otherwise."""
+    if run_async:
+        return Status(202, {"turn": run.turn, "run_id": run.pk})
+    run = await finished(run)
+    return {
+        "turn": run.turn,
+        "run_id": run.pk,
+        "unsteered_output": run.unsteered_output,
+        "steered_output": run.steered_output,
+        "metrics": run.metrics,
+    }
+
+
+@router.post("/conversations/{conversation_id}/messages", response=TURN_RESPONSES)
+async def send_message(request, payload: MessageIn, conversation_id: int = Id, run_async: bool = RunAsync):
+    """The next turn: both assistants answer the message, each reading its history (the conversation's
+    history_mode). Steering fields given here change the settings from this turn on. One turn at a time (409
+    while one is queued or running); a history that with max_tokens does not fit the worker's slots is a 400
+    naming content. Waits as /api/steering/generate does; its run streams over the run websocket."""
+    changes = payload.model_dump(exclude={"content", "seed"}, exclude_none=True)
+
+    def send():
+        conversation = get_visible_conversation(request.auth, conversation_id)
+        return conversations.send(conversation, request.auth, payload.content, payload.seed, changes)
+
+    return await turn_answer(await sync_to_async(send)(), run_async)
+
+
+@router.post("/conversations/{conversation_id}/regenerate", response=TURN_RESPONSES)
+async def regenerate_turn(
+    request,
+    conversation_id: int = Id,
+    seed: int | None = Query(
+        None, ge=0, le=MAX_SEED, description="Random when omitted; never the last one's."
+    ),
+    run_async: bool = RunAsync,
+):
+    """The last turn again with its message and settings and another seed; the new run becomes the turn's
+    current one, the one later turns read."""
+
+    def regenerate():
+        conversation = get_visible_conversation(request.auth, conversation_id)
+        return conversations.regenerate(conversation, request.auth, seed)
+
+    return await turn_answer(await sync_to_async(regenerate)(), run_async)
+
+
+@router.post(
+    "/conversations/{conversation_id}/continue",
+    response={201: ConversationCreated, **error_responses(404)},
+)
+def continue_conversation(request, payload: ContinueIn, conversation_id: int = Id):
+    """Copy the conversation up to `turn` (its finished turns) into a new one of yours, to go on from there
+    with that turn's settings; any member who reads it may."""
+    conversation = get_visible_conversation(request.auth, conversation_id)
+    return Status(201, {"id": conversations.continue_from(conversation, request.auth, payload.turn).pk})
+
+
+@router.post(
+    "/conversations/{conversation_id}/cancel",
+    response={200: ConversationOut, **error_responses(403, 404, 409)},
+)
+def cancel_turn(request, conversation_id: int = Id):
+    """Stop the turn in progress (owner or staff); it keeps the text so far and the conversation goes on."""
+    conversation = get_visible_conversation(request.auth, conversation_id)
+    conversations.cancel(conversation, request.auth)
+    return conversation_out(conversation)
 
 
 def visible_experiments(user):

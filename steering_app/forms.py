@@ -9,11 +9,19 @@ job, so the panel, presets and the JSON API reject the same requests with the sa
 from django import forms
 
 from steering_app import prompt_sets, vector_jobs
+from steering_app.conversations import ConversationRequest
 from steering_app.errors import InvalidInput, SteeringError
 from steering_app.experiments import ExperimentRequest
 from steering_app.form_integers import storable_int
 from steering_app.limits import MAX_ID, MAX_INDEX
-from steering_app.models import LanguageModel, PromptSet, SteeringRun, SteeringRunQuerySet, Training
+from steering_app.models import (
+    Conversation,
+    LanguageModel,
+    PromptSet,
+    SteeringRun,
+    SteeringRunQuerySet,
+    Training,
+)
 from steering_app.steering_settings import RunRequest, SteeringSettings
 
 # SteeringError.field -> the form field that shows the message
@@ -30,6 +38,8 @@ ERROR_FIELDS = {
     "chat": "chat",
     "sweep": "sweep",
     "private": "private",
+    "system_prompt": "system_prompt",
+    "history_mode": "history_mode",
 }
 
 
@@ -126,6 +136,60 @@ class SteeringForm(forms.Form):
 
     def error_list(self) -> list[tuple[str, str]]:
         return form_errors(self)
+
+
+class ChatForm(SteeringForm):
+    """The panel's Start chat: its steering settings as a conversation's first turn's, with a system prompt and
+    a history mode (the prompt box is not used: the conversation's page takes the messages)."""
+
+    system_prompt = forms.CharField(label="System prompt", required=False, strip=False, widget=forms.Textarea)
+    history_mode = forms.ChoiceField(label="History", choices=Conversation.HistoryMode.choices)
+
+    def conversation_request(self) -> ConversationRequest:
+        data = self.cleaned_data
+        return ConversationRequest(
+            training_id=data["training"],
+            settings=self.steering_settings(),
+            system_prompt=data["system_prompt"],
+            history_mode=data["history_mode"],
+            private=data["private"],
+        )
+
+
+class MessageForm(forms.Form):
+    """A conversation's next message, with the steering of its turn: each feature's coefficient, the layers
+    (comma-separated), the method, temperature and max tokens, prefilled from the conversation's settings."""
+
+    content = forms.CharField(label="Message", strip=False, widget=forms.Textarea)
+    seed = forms.IntegerField(label="Seed", required=False, min_value=0, max_value=MAX_ID)
+    method = forms.ChoiceField(label="Method", choices=SteeringRun.Method.choices)
+    layers = forms.CharField(label="Intervention Layers")
+    temperature = forms.FloatField(label="Temperature")
+    max_tokens = forms.IntegerField(label="Max Tokens", max_value=MAX_INDEX)
+    features = forms.Field(label="Features", required=False)  # repeated feature_id / coefficient inputs
+
+    def clean(self):
+        cleaned = super().clean()
+        cleaned["features"] = _parsed(self, "features", parse_features, self.data)
+        raw = [item for item in cleaned.get("layers", "").replace(" ", "").split(",") if item]
+        cleaned["layers"] = _parsed(self, "layers", parse_integers, raw)
+        return cleaned
+
+    def changes(self) -> dict:
+        """The steering fields this turn uses, by the names conversations.send takes."""
+        data = self.cleaned_data
+        return {
+            "features": data["features"],
+            "intervention_layers": data["layers"],
+            "method": data["method"],
+            "temperature": data["temperature"],
+            "max_tokens": data["max_tokens"],
+        }
+
+    def add_steering_error(self, error: SteeringError) -> None:
+        """Beside the input it names; above the form when it names none of this form's (a turn in progress)."""
+        name = {**ERROR_FIELDS, "content": "content", "prompt": "content"}.get(error.field)
+        self.add_error(name if name in self.fields else None, error.message)
 
 
 class RunFilterForm(forms.Form):

@@ -107,6 +107,8 @@ class PanelState:
     chat: bool = False
     private: bool = False
     sweep: list[float] | None = None
+    # Chat mode's system prompt: a loaded preset's, or what a refused Start chat sent.
+    system_prompt: str = ""
     # Where it came from, for the note above the form: the preset loaded or the run copied (restored: the
     # user's last run, reopened because the URL named nothing), whether the URL changed it since, and what
     # the URL asked for that the panel cannot use.
@@ -178,7 +180,7 @@ def state_from_run(run: SteeringRun) -> PanelState:
 
 def state_from_preset(preset) -> PanelState:
     training = get_object_or_404(Training.objects.completed(), pk=preset.training_id)
-    return _state_from_saved(training, preset, preset=preset)
+    return _state_from_saved(training, preset, preset=preset, system_prompt=preset.system_prompt)
 
 
 def _state_from_saved(training: Training, saved, **origin) -> PanelState:
@@ -216,6 +218,7 @@ def state_from_form(form: SteeringForm) -> PanelState:
     state.chat = bool(data.get("chat"))
     state.sweep = data.get("sweep")
     state.private = bool(data.get("private"))
+    state.system_prompt = form.data.get("system_prompt", "")
     return state
 
 

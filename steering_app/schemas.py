@@ -189,30 +189,37 @@ SWEEP_LIMITS = (
 )
 
 
+# The steering fields of a generate body, with their limits, as a conversation and its messages take them too.
+Features = Annotated[list[FeatureCoefficient], Field(min_length=1, max_length=MAX_FEATURES)]
+InterventionLayers = Annotated[
+    Layers,
+    Field(
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="Decoder blocks to steer, each below the model's layer count.",
+    ),
+]
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding.")]
+MaxTokens = Annotated[int, Field(ge=1, le=settings.STEERLAB_MAX_NEW_TOKENS)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class GenerateIn(Schema):
     model_config = STRICT
 
     training_id: int = Field(ge=1, le=MAX_ID)
     model_id: int = Field(ge=1, le=MAX_ID, description="Must be the training's model.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
-    features: list[FeatureCoefficient] = Field(min_length=1, max_length=MAX_FEATURES)
-    intervention_layers: Layers = Field(
-        min_length=1,
-        max_length=MAX_LAYERS,
-        description="Decoder blocks to steer, each below the model's layer count.",
-    )
-    temperature: float = Field(
-        DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, description="0 is greedy decoding."
-    )
-    max_tokens: int = Field(
+    features: Features
+    intervention_layers: InterventionLayers
+    temperature: Temperature = DEFAULT_TEMPERATURE
+    max_tokens: MaxTokens = Field(
         DEFAULT_MAX_TOKENS,
-        ge=1,
-        le=settings.STEERLAB_MAX_NEW_TOKENS,
         description="New tokens per output. The worker's slots (STEERLAB_SLOT_TOKENS) hold the prompt too: at "
         "most slot tokens - prompt tokens + 1; beyond that the answer is a 400 naming max_tokens and the maximum "
         "for this prompt, and no run is created.",
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; returned either way.")
+    seed: Seed | None = Field(None, description="Random when omitted; returned either way.")
     method: Method = "additive"
     chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
     private: bool = Field(
@@ -574,3 +581,110 @@ class PromptSetOut(Schema):
 
 class PromptSetPage(Page):
     prompt_sets: list[PromptSetOut]
+
+
+# Conversations (chat mode): the generate body's steering fields and limits; each message may change them.
+HistoryMode = Literal["separate", "shared"]
+
+
+class ConversationIn(Schema):
+    model_config = STRICT
+
+    training_id: int = Field(ge=1, le=MAX_ID, description="Its model must have a chat template.")
+    model_id: int | None = Field(None, ge=1, le=MAX_ID, description="Must be the training's model.")
+    system_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
+    history_mode: HistoryMode = Field(
+        "separate",
+        description="separate: each side reads its own earlier replies (the steered side its steered ones); "
+        "shared: both read the unsteered replies, isolating the steering's effect on each turn.",
+    )
+    features: Features
+    intervention_layers: InterventionLayers
+    temperature: Temperature = DEFAULT_TEMPERATURE
+    max_tokens: MaxTokens = Field(
+        DEFAULT_MAX_TOKENS,
+        description="New tokens per reply. The history read before a turn and max_tokens must fit the worker's "
+        "slots (STEERLAB_SLOT_TOKENS): else the message is a 400 naming content.",
+    )
+    method: Method = "additive"
+    private: bool = Field(
+        False, description="Readable only by you and staff; by default every lab member can read it."
+    )
+
+
+class ConversationCreated(Schema):
+    id: int
+
+
+class MessageIn(Schema):
+    model_config = STRICT
+
+    content: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
+    seed: Seed | None = Field(None, description="Random when omitted.")
+    features: Features | None = Field(None, description="Changes the steering from this turn on.")
+    intervention_layers: InterventionLayers | None = None
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+    method: Method | None = None
+
+
+class RegenerateIn(Schema):
+    model_config = STRICT
+
+    seed: Seed | None = Field(None, description="Random when omitted; never the last run's seed.")
+
+
+class ContinueIn(Schema):
+    model_config = STRICT
+
+    turn: int = Field(ge=1, le=MAX_INDEX, description="Copy the turns up to this one.")
+
+
+class TurnAccepted(Schema):
+    turn: int
+    run_id: int = Field(description="The turn's run: GET /api/steering/runs/{run_id}, or its websocket.")
+
+
+class TurnResultOut(TurnAccepted):
+    unsteered_output: str
+    steered_output: str
+    metrics: MetricsOut
+
+
+class TurnSettingsOut(Schema):
+    features: list[FeatureCoefficient]
+    intervention_layers: list[int]
+    method: str
+    temperature: float
+    max_tokens: int
+    seed: int
+
+
+class TurnOut(Schema):
+    turn: int
+    user: str = Field(description="The user's message.")
+    unsteered_output: str
+    steered_output: str
+    run_id: int = Field(description="The turn's current run (the latest, when it was regenerated).")
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    settings: TurnSettingsOut
+
+
+class ConversationItemOut(Schema):
+    id: int
+    owner: str
+    private: bool = Field(description="Readable only by its owner and staff; otherwise by every lab member.")
+    history_mode: HistoryMode
+    system_prompt: str
+    training_id: int
+    model_id: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConversationOut(ConversationItemOut):
+    turns: list[TurnOut]
+
+
+class ConversationPage(Page):
+    conversations: list[ConversationItemOut]

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from steering_app import experiment_views, token_views, vector_views, views
+from steering_app import conversation_views, experiment_views, token_views, vector_views, views
 
 urlpatterns = [
     path("", views.panel_page, name="steering-panel"),
@@ -23,6 +23,30 @@ urlpatterns = [
     path("runs/<int:pk>/cancel/", views.cancel_run, name="steering-run-cancel"),
     path("runs/<int:pk>/visibility/", views.run_visibility, name="steering-run-visibility"),
     path("runs/<int:pk>/delete/", views.delete_run, name="steering-run-delete"),
+    path("conversations/", conversation_views.conversation_list, name="steering-conversations"),
+    path("conversations/new/", conversation_views.new_conversation, name="steering-conversation-new"),
+    path("conversations/<int:pk>/", conversation_views.conversation_detail, name="steering-conversation"),
+    path("conversations/<int:pk>/send/", conversation_views.send_message, name="steering-conversation-send"),
+    path(
+        "conversations/<int:pk>/regenerate/",
+        conversation_views.regenerate,
+        name="steering-conversation-regenerate",
+    ),
+    path(
+        "conversations/<int:pk>/visibility/",
+        conversation_views.visibility,
+        name="steering-conversation-visibility",
+    ),
+    path(
+        "conversations/<int:pk>/delete/",
+        conversation_views.delete_conversation,
+        name="steering-conversation-delete",
+    ),
+    path(
+        "conversations/<int:pk>/continue/",
+        conversation_views.continue_from,
+        name="steering-conversation-continue",
+    ),
     path("experiments/", experiment_views.experiment_list, name="steering-experiments"),
     path("experiments/new/", experiment_views.new_experiment, name="steering-experiment-new"),
     path("experiments/<int:pk>/", experiment_views.experiment_detail, name="steering-experiment"),

@@ -121,18 +121,18 @@ def generate(request):
     """Create and submit a run; the HTMX page then streams it, a plain form post goes to the run's page."""
     form = SteeringForm(request.POST)
     if not form.is_valid():
-        return _refused(request, form, status=422)
+        return refused(request, form, status=422)
     try:
         run = runs.create(request.user, form.run_request())
     except SteeringError as error:
         form.add_steering_error(error)
-        return _refused(request, form, status=422)
+        return refused(request, form, status=422)
     ws_url = streaming.open_mailbox(run.pk)
     try:
         runs.submit(run)
     except WorkerUnavailable as error:  # the run is failed already; say why where the user looks
         form.add_steering_error(error)
-        return _refused(request, form, status=503)
+        return refused(request, form, status=503)
     if not request.htmx:
         return redirect("steering-run", pk=run.pk)
     context = {
@@ -143,7 +143,7 @@ def generate(request):
     return render(request, "steering/_result.html#submitted", context)
 
 
-def _refused(request, form: SteeringForm, status: int):
+def refused(request, form: SteeringForm, status: int):
     """The form again with its errors: only the error area for HTMX, the whole panel otherwise."""
     if request.htmx:
         response = render(

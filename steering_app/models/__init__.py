@@ -406,6 +406,12 @@ class SteeringRun(SteeringConfig, Job):
     )
     cell_condition = models.PositiveIntegerField(null=True, blank=True)
     cell_prompt = models.PositiveIntegerField(null=True, blank=True)
+    # A turn of a conversation (models/conversations.py): its prompt is the user's message of that turn (1-based);
+    # a regenerated turn has several runs with the same number, the latest one current.
+    conversation = models.ForeignKey(
+        "Conversation", on_delete=models.CASCADE, null=True, blank=True, related_name="runs"
+    )
+    turn = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta(Job.Meta):
         indexes = [
@@ -442,6 +448,12 @@ class SteeringRun(SteeringConfig, Job):
                 f"Run {self.pk} is a cell of experiment {self.experiment_id}: who reads it follows the experiment.",
                 "run_id",
             )
+        if self.conversation_id is not None:  # a private conversation must not leak through one of its turns
+            raise Conflict(
+                f"Run {self.pk} is a turn of conversation {self.conversation_id}: who reads it follows the "
+                "conversation.",
+                "run_id",
+            )
         # One column: a worker may be writing the run's outputs meanwhile.
         SteeringRun.objects.filter(pk=self.pk).update(private=private)
         self.private = private
@@ -458,6 +470,11 @@ class SteeringRun(SteeringConfig, Job):
         self._check_can_change(user, "delete it")
         if not self.is_finished:
             raise Conflict(f"Run {self.pk} is {self.status}: stop it before deleting it.", "run_id")
+        if self.conversation_id is not None:  # later turns read its replies as their history
+            raise Conflict(
+                f"Run {self.pk} is a turn of conversation {self.conversation_id}: delete the conversation.",
+                "run_id",
+            )
         self.delete()
 
     def _check_can_change(self, user, action: str) -> None:
@@ -558,5 +575,6 @@ class AnalysisJob(Job):
         return f"Analysis {self.pk} ({self.kind}, {self.status})"
 
 
+from steering_app.models.conversations import Conversation  # noqa: F401
 from steering_app.models.experiments import Experiment, ExperimentResult, PromptSet  # noqa: F401
 from steering_app.models.vectors import VectorJob  # noqa: F401

@@ -13,6 +13,7 @@ def test_it_downloads_a_versioned_document_in_the_order_asked(login, stranger, m
         method="multiplicative",
         intervention_layers=[2],
         prompt="It rains",
+        system_prompt="You are a sailor.",
         seed=5,
         chat=True,
     )
@@ -36,6 +37,7 @@ def test_it_downloads_a_versioned_document_in_the_order_asked(login, stranger, m
         "temperature": 0.5,
         "max_tokens": 40,
         "prompt": "It rains",
+        "system_prompt": "You are a sailor.",
         "seed": 5,
         "chat": True,
         "sweep": None,
