@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from django.utils.timezone import now
 
-from steering_app import model_loading
+from steering_app import conversation_history, model_loading
 from steering_app.errors import InvalidInput
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.steering_settings import SteeringSettings, slot_shape
@@ -183,20 +183,48 @@ def start(run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> "Genera
     lm = loader.load_model(training.model.source)
     sae = loader.load_sae_cached(training.checkpoint_path, lm)
     try:
-        request = prepare(
-            lm,
-            sae,
-            prompt=run.prompt,
-            variants=variant_specs(run),
-            temperature=run.temperature,
-            max_new_tokens=run.max_tokens,
-            seed=run.seed,
-            chat=run.chat,
-            sae_layer=training.hook_layer,
-        )
+        if run.conversation_id is not None:
+            request = _turn_request(run, lm, sae)
+        else:
+            request = prepare(
+                lm,
+                sae,
+                prompt=run.prompt,
+                variants=variant_specs(run),
+                temperature=run.temperature,
+                max_new_tokens=run.max_tokens,
+                seed=run.seed,
+                chat=run.chat,
+                sae_layer=training.hook_layer,
+            )
     except SpecError as error:
         raise InvalidInput(str(error), error.field) from error
     return Generation(lm, sae, request, on_step, should_stop)
+
+
+def _turn_request(run: SteeringRun, lm, sae):
+    """A conversation turn's request: each side's history (conversation_history.row_messages), and the key under
+    which the worker's batch keeps the conversation's rows for its next turn."""
+    from steering_app.engine.serving.generate import prepare_turn
+
+    clean, steered = conversation_history.row_messages(run)
+    return prepare_turn(
+        lm,
+        sae,
+        clean,
+        steered,
+        variant_specs(run)[0],
+        run.temperature,
+        run.max_tokens,
+        run.seed,
+        keep=keep_key(run),
+        sae_layer=run.training.hook_layer,
+    )
+
+
+def keep_key(run: SteeringRun) -> tuple[str, int] | None:
+    """The key a conversation's rows are kept under in a worker's batch between its turns (None: not a turn)."""
+    return None if run.conversation_id is None else ("conversation", run.conversation_id)
 
 
 def conclude(
@@ -296,9 +324,9 @@ class EngineBatch:
         return bool(self.runs)
 
     def accepts(self, run: SteeringRun) -> bool:
-        """True when the run can join now: the same model, and enough free rows."""
+        """True when the run can join now: the same model, and enough rows free or parked by conversations."""
         rows = 1 + len(multipliers(run))
-        return run.training.model_id == self.model_id and rows <= len(self.scheduler.batch.free)
+        return run.training.model_id == self.model_id and rows <= self.scheduler.room()
 
     def admit(self, run: SteeringRun, on_step: OnStep, should_stop: ShouldStop) -> bool:
         """Prefill the run into free rows; False when too few are free. Cancelled when its cancel flag stops
@@ -359,6 +387,19 @@ def room_for_new_tokens(prompt_tokens: int) -> int:
     """How many tokens a run may generate after a prompt of that many tokens: its cache holds the prompt and
     every generated token but the last (engine Request.tokens)."""
     return slot_tokens() - prompt_tokens + 1
+
+
+def history_token_count(training: Training, messages: list[dict]) -> int:
+    """How many tokens the model reads for a conversation's history through its chat template (a side's
+    row_messages); InvalidInput naming `chat` when the model's tokenizer has no chat template."""
+    from steering_app.engine import loader
+    from steering_app.engine.steer import SpecError
+    from steering_app.engine.tokens import encode_chat
+
+    try:
+        return len(encode_chat(loader.load_tokenizer(training.model.source), messages))
+    except SpecError as error:
+        raise InvalidInput(str(error), error.field) from error
 
 
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:

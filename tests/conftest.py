@@ -38,15 +38,14 @@ def fake_model_counts_words_as_tokens(monkeypatch):
         return count_tokens(training, prompt, chat)
 
     monkeypatch.setattr(services, "prompt_token_count", count)
-    # The engine side's history_token_count (issue 21) may not have landed in this branch yet: raising=False.
-    count_history = getattr(services, "history_token_count", None)
+    count_history = services.history_token_count
 
     def count_conversation(training, messages):
         if training.model.source == FAKE_MODEL_SOURCE:
             return sum(len(message["content"].split()) for message in messages)
         return count_history(training, messages)
 
-    monkeypatch.setattr(services, "history_token_count", count_conversation, raising=False)
+    monkeypatch.setattr(services, "history_token_count", count_conversation)
 
 
 @pytest.fixture
