@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from django.utils.timezone import now
 
 from steering_app import conversation_history, model_loading
-from steering_app.errors import InvalidInput
+from steering_app.errors import Conflict, InvalidInput
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.steering_settings import SteeringSettings, slot_shape
 
@@ -111,7 +111,7 @@ def control_vector_of(
     time, so no fixed vector can stand for it; features and layers are checked as a run's are."""
     import torch
 
-    from steering_app.engine.saes.sae import load_sae
+    from steering_app.engine.saes.sae import SAEFormatError, load_sae
     from steering_app.engine.steer import SteeringSpec
     from steering_app.engine.vectors import control_vector
 
@@ -129,8 +129,14 @@ def control_vector_of(
         feature_scales=steering_scales(training, cleaned.features),
     )
     check_steering_scales(training, cleaned.features)
-    # Float32 whatever the checkpoint's dtype: a control vector file holds float32.
-    return control_vector(load_sae(training.checkpoint_path, dtype=torch.float32), spec)
+    try:
+        # Float32 whatever the checkpoint's dtype: a control vector file holds float32.
+        sae = load_sae(training.checkpoint_path, dtype=torch.float32)
+    except (
+        SAEFormatError
+    ) as error:  # moved or damaged on disk since the training completed: staff must fix it
+        raise Conflict(f"Training {training.pk}'s SAE cannot be read: {error}", "training_id") from error
+    return control_vector(sae, spec)
 
 
 CONTROL_VECTOR_MEDIA_TYPE = "application/octet-stream"

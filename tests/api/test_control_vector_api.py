@@ -101,6 +101,17 @@ def test_it_refuses_multiplicative_sae_steering(export, training):
     assert "cannot be exported" in body["detail"]
 
 
+def test_it_answers_409_naming_the_training_when_its_sae_cannot_be_read(export, training):
+    body = {
+        "training_id": training.pk,
+        "model_id": training.model_id,
+        "features": [{"feature_id": 3, "coefficient": 1.0}],
+        "intervention_layers": [training.hook_layer],
+    }
+    body = assert_error(export(body), 409, "training_id")
+    assert "/nonexistent/sae" in body["detail"]
+
+
 def test_it_answers_401_without_a_token(client, vector_space):
     response = client.post(URL, {}, content_type="application/json")
     assert response.status_code == 401
