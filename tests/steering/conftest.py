@@ -7,6 +7,20 @@ from tests.migrations import migrate_to_latest
 
 
 @pytest.fixture
+def in_memory_channel_layer(settings):
+    """Channels' in-memory layer: websocket tests run without Redis (use with pytest.mark.usefixtures)."""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+@pytest.fixture
+def application():
+    """The project's ASGI application, for WebsocketCommunicator."""
+    from steerproject.asgi import application
+
+    return application
+
+
+@pytest.fixture
 def make_run(training):
     """make_run(owner, **fields) -> a stored run, queued unless fields say otherwise."""
 

@@ -12,22 +12,10 @@ from django.utils import timezone
 from steering_app import consumers, streaming, wake
 from steering_app.models import SteeringRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("in_memory_channel_layer")]
 
 ORIGIN = (b"origin", b"http://127.0.0.1")
 TIMEOUT = 5
-
-
-@pytest.fixture(autouse=True)
-def in_memory_layer(settings):
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-
-
-@pytest.fixture
-def application():
-    from steerproject.asgi import application
-
-    return application
 
 
 def cookie_for(user) -> tuple[bytes, bytes]:

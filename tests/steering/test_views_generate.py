@@ -11,15 +11,10 @@ from steering_app import services, streaming, wake
 from steering_app.models import SteeringRun, Training
 from tests.fake_engine import use_engine
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("in_memory_channel_layer")]
 
 GENERATE = "/steering/generate/"
 HTMX = {"HTTP_HX_REQUEST": "true"}
-
-
-@pytest.fixture(autouse=True)
-def in_memory_layer(settings):
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 
 @pytest.fixture
