@@ -119,45 +119,49 @@ def test_a_turn_after_an_eviction_gives_the_bits_of_the_kept_cache(smollm2, demo
         assert torch.equal(a.steered.activations, b.steered.activations)
 
 
-def test_a_turn_stopped_midway_keeps_its_text_and_the_conversation_goes_on(smollm2, demo_sae):
-    streamed, steps = ["", ""], []
+def test_turn_2_stopped_midway_keeps_its_text_and_turn_3_runs(smollm2, demo_sae, planet_talk):
+    """Turn 1 as planet_talk's; turn 2 stopped after a few tokens; turn 3 reads the partial replies."""
+    streamed, asked = ["", ""], []
 
     def on_step(clean: str, variants: list[str]) -> None:
         streamed[0] += clean
         streamed[1] += variants[0]
 
     def stop_midway() -> bool:
-        steps.append(1)
-        return len(steps) > 5  # asked before each row reads its prompt, then after every step
+        asked.append(1)
+        return len(asked) > 5  # asked before each row reads its prompt, then after every step
 
-    history = [{"role": "user", "content": USER_TURNS[0]}]
+    first = planet_talk[0]
+    clean = [user(USER_TURNS[0]), assistant(first.unsteered_text), user(USER_TURNS[1])]
+    steered = [user(USER_TURNS[0]), assistant(first.steered.text), user(USER_TURNS[1])]
     spec = planet(STRENGTH)
     with pytest.raises(Stopped):
         converse(
             smollm2,
             demo_sae,
-            history,
-            history,
+            clean,
+            steered,
             spec,
             TEMPERATURE,
             MAX_TOKENS,
-            1,
+            2,
             keep="stopped",
             on_step=on_step,
             should_stop=stop_midway,
         )
     assert streamed[0] and streamed[1]
-    clean = [
-        *history,
-        {"role": "assistant", "content": streamed[0]},
-        {"role": "user", "content": USER_TURNS[1]},
-    ]
-    steered = [
-        *history,
-        {"role": "assistant", "content": streamed[1]},
-        {"role": "user", "content": USER_TURNS[1]},
-    ]
-    turn = converse(smollm2, demo_sae, clean, steered, spec, TEMPERATURE, MAX_TOKENS, 2, keep="stopped")
-    assert turn.unsteered_ids and turn.steered.ids
+    clean += [assistant(streamed[0]), user(USER_TURNS[2])]
+    steered += [assistant(streamed[1]), user(USER_TURNS[2])]
+    third = converse(smollm2, demo_sae, clean, steered, spec, TEMPERATURE, MAX_TOKENS, 3, keep="stopped")
+    assert third.unsteered_ids and third.steered.ids
+    assert min(third.timings["reused_tokens"]) > 0  # the stopped turn's rows were kept
     with smollm2.lock:
         assert scheduler_for(smollm2).evict("stopped")
+
+
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
