@@ -45,26 +45,31 @@ def turn(scheduler, lm, sae, messages, key, seed=0):
         return scheduler.run_alone(Generation(lm, sae, request))
 
 
-def test_reading_from_a_kept_prefix_gives_the_bits_of_reading_it_all(llama):
+def test_reading_from_a_kept_prefix_reads_only_the_rest_and_gives_the_bits_of_reading_it_all(llama):
     scheduler = Scheduler(llama, ROWS, LENGTH)
-    lean = scheduler.batch.lean
-    ids = torch.randint(
-        llama.tokenizer.vocab_size, (1, 3 * PREFILL_BLOCK + 17), generator=torch.Generator().manual_seed(1)
-    )
-    special = scheduler.batch.special_ids
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(llama.tokenizer.vocab_size, (1, 3 * PREFILL_BLOCK + 17), generator=generator)
+    blocks = []  # the positions each forward read
+
+    def counting_lean(block_ids, *args, **kwargs):
+        blocks.append(block_ids.shape[1])
+        return scheduler.batch.lean(block_ids, *args, **kwargs)
 
     def read(cache: PrefixCache):
+        blocks.clear()
         steering = RowSteering(scheduler.batch.steering.blocks, 1)
         steering.assign(0, None)
-        return read_blocks(lean, ids, steering, cache, special), cache
+        return read_blocks(counting_lean, ids, steering, cache, scheduler.batch.special_ids), cache
 
     whole_logits, whole = read(PrefixCache())
+    assert blocks == [PREFILL_BLOCK] * 3 + [17]
     kept = 2 * PREFILL_BLOCK
     prefix = PrefixCache(
-        {k: v[:, :, :kept].clone() for k, v in whole.keys.items()},
-        {k: v[:, :, :kept].clone() for k, v in whole.values.items()},
+        {layer: keys[:, :, :kept].clone() for layer, keys in whole.keys.items()},
+        {layer: values[:, :, :kept].clone() for layer, values in whole.values.items()},
     )
     rest_logits, rest = read(prefix)
+    assert blocks == [PREFILL_BLOCK, 17]
     assert torch.equal(rest_logits, whole_logits)
     assert all(torch.equal(rest.keys[layer], whole.keys[layer]) for layer in whole.keys)
 
@@ -73,10 +78,19 @@ def test_the_next_turn_reuses_the_full_blocks_and_gives_the_bits_of_a_fresh_read
     kept = Scheduler(llama, ROWS, LENGTH)
     turn(kept, llama, sae, history(1), "chat")
     assert len(kept.batch.free) == ROWS - 2 and kept.room() == ROWS
+    lean, read = kept.batch.lean, []
+
+    def counting_lean(ids, positions, *args, **kwargs):
+        if ids.shape[1] > 1:  # a prompt block, not a decode step
+            read.append(int(positions[0, 0]))
+        return lean(ids, positions, *args, **kwargs)
+
+    kept.batch.lean = counting_lean
     again = turn(kept, llama, sae, history(2), "chat", seed=1)
     fresh = turn(Scheduler(llama, ROWS, LENGTH), llama, sae, history(2), None, seed=1)
     reused = again.timings["reused_tokens"]
     assert reused[0] > 0 and reused[0] % PREFILL_BLOCK == 0 and fresh.timings["reused_tokens"] == [0, 0]
+    assert min(read) == reused[0]  # each row's first block starts where its kept prefix ends
     assert again.unsteered_ids == fresh.unsteered_ids and again.steered.ids == fresh.steered.ids
     assert torch.equal(again.clean_logits, fresh.clean_logits)
 

@@ -330,7 +330,7 @@ class SlotBatch:
         steering = RowSteering(self.steering.blocks, rows)
         for row, plan in enumerate(plans):
             steering.assign(row, plan)
-        cache = prefix or PrefixCache()
+        cache = PrefixCache() if prefix is None else prefix  # a Cache is falsy while it has no layer list
         with self.kernels.applied():
             logits = read_blocks(self.lean, ids, steering, cache, self.special_ids)
         return logits.float(), steering.records(), cache
