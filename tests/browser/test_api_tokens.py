@@ -46,7 +46,8 @@ def test_a_token_is_made_shown_once_used_and_revoked(page, server):
     finally:
         script.close()
 
-    # On a phone the top bar stays one line: the footer carries the tokens link there.
+    # On a phone the top bar stays one line: the footer carries the conversations and tokens links there.
     page.set_viewport_size({"width": 390, "height": 800})
     assert page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
     expect(page.locator("footer a[href='/steering/tokens/']")).to_be_visible()
+    expect(page.locator("footer a[href='/steering/conversations/']")).to_be_visible()

@@ -113,3 +113,7 @@ def test_three_turns_a_marked_steering_change_and_a_member_continuing_from_turn_
         copy,
     )
     assert owner == CAROL
+
+    # On a phone the turns stack and nothing runs off the side.
+    page.set_viewport_size({"width": 390, "height": 800})
+    assert page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
