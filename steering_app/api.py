@@ -733,12 +733,7 @@ def export_control_vector(request, payload: ControlVectorIn):
     """The steering as a llama.cpp control vector (GGUF): for each chosen layer, the sum of c × a_i × direction
     (an SAE feature's decoder row, or a vector's own vector for the layer). Apply it with
     `llama-cli --control-vector-scaled FILE 1.0`; multiplicative steering cannot be exported (400 naming method)."""
-    training = Training.objects.get_completed(payload.training_id)
-    if payload.model_id != training.model_id:
-        raise InvalidInput(
-            f"model_id {payload.model_id} is not the model of training {training.pk} ({training.model_id}).",
-            "model_id",
-        )
+    training = Training.objects.get_completed(payload.training_id, payload.model_id)
     fields = payload.model_dump()
     content = services.control_vector_gguf(
         training, fields["features"], fields["intervention_layers"], fields["method"]

@@ -38,12 +38,7 @@ class ConversationRequest:
 def create(owner: "User", request: ConversationRequest) -> Conversation:
     """Validate a request and store the conversation with the settings of its first turn; nothing is written
     when it is invalid."""
-    training = Training.objects.get_completed(request.training_id)
-    if request.model_id is not None and request.model_id != training.model_id:
-        raise InvalidInput(
-            f"model_id {request.model_id} is not the model of training {training.pk} ({training.model_id}).",
-            "model_id",
-        )
+    training = Training.objects.get_completed(request.training_id, request.model_id)
     if request.history_mode not in Conversation.HistoryMode.values:
         raise InvalidInput("history_mode must be separate or shared.", "history_mode")
     if not isinstance(request.system_prompt, str) or len(request.system_prompt) > MAX_PROMPT_CHARS:

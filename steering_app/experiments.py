@@ -56,12 +56,7 @@ def create(owner, request: ExperimentRequest, wake: bool = True) -> Experiment:
     """Validate the whole request, store the experiment and its cells as queued runs, and wake the workers
     (unless the caller processes the queue itself: `manage.py run_experiment`). InvalidInput (naming the
     field) writes nothing; WorkerUnavailable when no worker can be told."""
-    training = Training.objects.get_completed(request.training_id)
-    if request.model_id is not None and request.model_id != training.model_id:
-        raise InvalidInput(
-            f"model_id {request.model_id} is not the model of training {training.pk} ({training.model_id}).",
-            "model_id",
-        )
+    training = Training.objects.get_completed(request.training_id, request.model_id)
     name = request.name or ""
     if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
         raise InvalidInput(f"name must be text of at most {MAX_NAME_CHARS} characters.", "name")

@@ -68,12 +68,7 @@ RETRY_AFTER_SECONDS = 10
 
 def create(owner: "User", request: RunRequest) -> SteeringRun:
     """Validate a request and store it as a queued run; nothing is written when it is invalid."""
-    training = Training.objects.get_completed(request.training_id)
-    if request.model_id is not None and request.model_id != training.model_id:
-        raise InvalidInput(
-            f"model_id {request.model_id} is not the model of training {training.pk} ({training.model_id}).",
-            "model_id",
-        )
+    training = Training.objects.get_completed(request.training_id, request.model_id)
     prompt = request.prompt.strip() if isinstance(request.prompt, str) else ""
     if not prompt:
         raise InvalidInput("Enter a prompt.", "prompt")

@@ -11,7 +11,7 @@ from django.db.models import Case, Q, When
 from django.utils import timezone
 
 from steering_app import streaming
-from steering_app.errors import Conflict, Forbidden, NotFound
+from steering_app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from steering_app.limits import (
     MAX_ABS_COEFFICIENT,
     MAX_ABS_COEFFICIENT_HARD,
@@ -95,8 +95,9 @@ class TrainingQuerySet(models.QuerySet):
         """The trainings one can steer with: completed ones define a feature space."""
         return self.filter(status=Training.Status.COMPLETED).select_related("model", "dataset")
 
-    def get_completed(self, pk: int) -> "Training":
-        """The training with this id when it is completed; NotFound or Conflict naming training_id."""
+    def get_completed(self, pk: int, model_id: int | None = None) -> "Training":
+        """The training with this id when it is completed; NotFound or Conflict naming training_id, and
+        InvalidInput naming model_id when one is given that is not the training's model."""
         training = (
             self.select_related("model", "dataset").filter(pk=pk).first() if 1 <= pk <= MAX_ID else None
         )
@@ -105,6 +106,11 @@ class TrainingQuerySet(models.QuerySet):
         if not training.is_completed:
             raise Conflict(
                 f"Training {pk} is {training.status}; steering needs a completed training.", "training_id"
+            )
+        if model_id is not None and model_id != training.model_id:
+            raise InvalidInput(
+                f"model_id {model_id} is not the model of training {training.pk} ({training.model_id}).",
+                "model_id",
             )
         return training
 
