@@ -433,8 +433,8 @@ class Generation:
         )
 
 
-def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids a and b have in common."""
+def shared_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items (token ids, characters) a and b have in common."""
     length = 0
     for x, y in zip(a, b):
         if x != y:
@@ -498,11 +498,7 @@ class _TextStream:
             return ""
         if not text.startswith(self.sent):
             # Decoding more tokens rewrote earlier text (rare); send only what extends it.
-            common = 0
-            for a, b in zip(text, self.sent):
-                if a != b:
-                    break
-                common += 1
+            common = shared_length(text, self.sent)
             self.sent = text[:common] + self.sent[common:]
             return ""
         out, self.sent = text[len(self.sent) :], text
