@@ -398,24 +398,25 @@ def room_for_new_tokens(prompt_tokens: int) -> int:
 def history_token_count(training: Training, messages: list[dict]) -> int:
     """How many tokens the model reads for a conversation's history through its chat template (a side's
     row_messages); InvalidInput naming `chat` when the model's tokenizer has no chat template."""
-    from steering_app.engine import loader
-    from steering_app.engine.steer import SpecError
     from steering_app.engine.tokens import encode_chat
 
-    try:
-        return len(encode_chat(loader.load_tokenizer(training.model.source), messages))
-    except SpecError as error:
-        raise InvalidInput(str(error), error.field) from error
+    return _token_count(training, lambda tokenizer: encode_chat(tokenizer, messages))
 
 
 def prompt_token_count(training: Training, prompt: str, chat: bool) -> int:
     """How many tokens the model reads for the prompt (the seam tests replace with a fake engine)."""
-    from steering_app.engine import loader
-    from steering_app.engine.steer import SpecError
     from steering_app.engine.tokens import encode_text
 
+    return _token_count(training, lambda tokenizer: encode_text(tokenizer, prompt, chat))
+
+
+def _token_count(training: Training, encode: Callable) -> int:
+    """len(encode(the training's tokenizer)); the engine's refusal (no chat template) as InvalidInput."""
+    from steering_app.engine import loader
+    from steering_app.engine.steer import SpecError
+
     try:
-        return len(encode_text(loader.load_tokenizer(training.model.source), prompt, chat))
+        return len(encode(loader.load_tokenizer(training.model.source)))
     except SpecError as error:
         raise InvalidInput(str(error), error.field) from error
 
