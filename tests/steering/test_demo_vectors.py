@@ -95,7 +95,13 @@ def test_make_vector_reproduces_the_shipped_space_from_the_shipped_pairs(
             theirs.description,
             theirs.best_layer,
         )
-        assert torch.allclose(ours.vectors, theirs.vectors, rtol=1e-4, atol=1e-5)
-        assert torch.allclose(ours.offsets, theirs.offsets, rtol=1e-4, atol=1e-4)
+        # Rebuilt on another CPU the activations differ in their last bits (the shipped space was made on an AMD
+        # EPYC; on an AMX Xeon entries move by up to 9e-5): each layer's vector within 1e-4 of its length, each
+        # offset within 1e-4 of itself plus 1e-5 of the largest (they reach 134).
+        layer_error = torch.linalg.vector_norm(ours.vectors - theirs.vectors, dim=1)
+        assert (layer_error <= 1e-4 * torch.linalg.vector_norm(theirs.vectors, dim=1)).all(), layer_error
+        offset_error = (ours.offsets - theirs.offsets).abs()
+        offset_bound = 1e-4 * theirs.offsets.abs() + 1e-5 * theirs.offsets.abs().max()
+        assert (offset_error <= offset_bound).all(), offset_error
         assert ours.separation[ours.best_layer] >= 0.9
     print(out.getvalue())

@@ -11,7 +11,7 @@ way SAELens splits its trainer, one job a module:
 - describe: describe_features, the feature table (max activation, frequency, top tokens, label);
 - stop: the stop() callback every step checks, and TrainingInterrupted;
 - corpus: text sources, the demo corpus's builder and its token ids;
-- reproducible: run_reproducibly, a process whose kernels give the same bits on every x86-64 CPU.
+- reproducible: run_reproducibly, a process with pinned kernels: the same bits on every machine of one CPU kind.
 
 Reproduce the demo SAE shipped in steering_app/demo:  python manage.py train_sae --demo
 """

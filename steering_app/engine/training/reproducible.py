@@ -1,4 +1,4 @@
-"""Bit-identical work on any x86-64 CPU: a fresh process whose math kernels do not depend on the CPU.
+"""Bit-identical work on every machine of one CPU kind: a fresh process whose math kernels are pinned.
 
 A float32 result depends on the order of its additions, and two libraries pick that order by the CPU
 they find: MKL (every matmul) takes another code path on an AVX-512 or AMX Xeon than on an AMD EPYC,
@@ -7,10 +7,14 @@ AVX-512 CPU and 8-wide on an AVX2 one. Both read their choice from the environme
 start, so the work runs in a spawned Python process started with the choice pinned:
 
 - MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility with its one SSE2 code path, the only
-  branch besides AUTO that MKL offers on non-Intel processors, so the same on an Intel Xeon and an AMD
-  EPYC (AUTO picks a branch per CPU); MKL_DYNAMIC/OMP_DYNAMIC=FALSE, which MKL's reproducibility needs;
+  branch besides AUTO that MKL offers on non-Intel processors (AUTO picks a branch per CPU);
+  MKL_DYNAMIC/OMP_DYNAMIC=FALSE, which MKL's reproducibility needs;
 - ATEN_CPU_CAPABILITY=avx2: the AVX2 kernels, which every such CPU runs (AVX-512 ones are left unused);
 - REPRODUCIBLE_THREADS threads: how a reduction is split between threads changes its bits too.
+
+The bits are then the same from run to run and whatever the parent's settings, but an Intel Xeon with AMX
+and an AMD EPYC still write different ones (steering_app/demo/README.md); bench/reproducible_kernels.py
+fingerprints each kernel in this process to find which.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ rescaled to mean squared norm d_in and folds the result back to raw units.
 
 train_from_texts runs the three steps (collect_activations, train_sae, describe_features) and writes a
 SAELens-layout checkpoint; train_demo runs them on the demo's model and corpus ids (in
-reproducible.run_reproducibly, the same bits on every CPU). Every step raises on failure or interruption (KeyboardInterrupt passes
+reproducible.run_reproducibly: the same bits on every machine with one CPU kind). Every step raises on failure or interruption (KeyboardInterrupt passes
 through untouched, and a stop() callback that returns True raises TrainingInterrupted); nothing is
 written before training has finished, so a caller can mark its job failed in an except clause and never
 sees a half-written checkpoint.
