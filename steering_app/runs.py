@@ -62,8 +62,12 @@ HEARTBEAT_SECONDS = 1.0
 CLAIM_CANDIDATES = 20
 # A worker that has not beaten for this long is gone: six missed sweeps (worker.SWEEP_SECONDS is 5).
 WORKER_SILENT_SECONDS = 30.0
-# What a member over the queue cap is told to wait: about one short run.
+# What a member over the queue cap is told to wait: about one run, measured as the median start-to-end time of
+# the RECENT_RUNS latest completed runs (a run's end frees its rows for the next in turn), within these bounds;
+# RETRY_AFTER_SECONDS before any run has completed.
 RETRY_AFTER_SECONDS = 10
+RETRY_AFTER_BOUNDS = (1, 60)
+RECENT_RUNS = 20
 
 
 def create(owner: "User", request: RunRequest) -> SteeringRun:
@@ -98,8 +102,25 @@ def _check_queue_share(owner: "User") -> None:
         raise TooManyRuns(
             f"You have {cap} runs waiting in the queue, the most one member may have "
             "(STEERLAB_MAX_QUEUED_PER_MEMBER); send more once one has started.",
-            RETRY_AFTER_SECONDS,
+            retry_after_seconds(),
         )
+
+
+def retry_after_seconds() -> int:
+    """About one run on this deployment: the median time the latest completed runs took, in whole seconds
+    within RETRY_AFTER_BOUNDS (a GPU lab's runs end in a second, a CPU's in several)."""
+    recent = (
+        SteeringRun.objects.filter(
+            status=Status.COMPLETED, started_at__isnull=False, finished_at__isnull=False
+        )
+        .order_by("-finished_at")
+        .values_list("started_at", "finished_at")[:RECENT_RUNS]
+    )
+    durations = sorted((finished - started).total_seconds() for started, finished in recent)
+    if not durations:
+        return RETRY_AFTER_SECONDS
+    low, high = RETRY_AFTER_BOUNDS
+    return min(high, max(low, math.ceil(durations[len(durations) // 2])))
 
 
 def submit(run: SteeringRun) -> None:

@@ -5,9 +5,11 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.utils import timezone
 
 from steering_app import runs, services, wake, worker
 from steering_app.errors import Conflict, InvalidInput, NotFound, TooManyRuns, WorkerUnavailable
@@ -220,6 +222,34 @@ def test_it_refuses_a_run_beyond_the_members_queue_share_and_stores_nothing(
     assert runs.create(teammate, request_for(training)).status == SteeringRun.Status.QUEUED
     runs.claim()  # one of the member's runs starts: there is room again
     assert runs.create(owner, request_for(training)).status == SteeringRun.Status.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("seconds", "retry_after"),
+    [([], runs.RETRY_AFTER_SECONDS), ([2.2, 3.5, 40.0], 4), ([0.0, 0.0], 1), ([300.0], 60)],
+    ids=["no-run-yet", "median-rounded-up", "at-least-one-second", "at-most-a-minute"],
+)
+def test_retry_after_is_about_one_of_the_latest_runs(owner, training, settings, seconds, retry_after):
+    """The 429's Retry-After: the median start-to-end time of the latest completed runs (a failed one is left
+    out), in whole seconds between 1 and 60; 10 before any run has completed."""
+    settings.STEERLAB_MAX_QUEUED_PER_MEMBER = 1
+    end = timezone.now()
+    for index, duration in enumerate(seconds):
+        make_finished_run(owner, training, end - timedelta(seconds=duration), end, index)
+    make_finished_run(
+        owner, training, end - timedelta(seconds=500), end, -1, status=SteeringRun.Status.FAILED
+    )
+    queue_of(owner, training, 1)
+
+    with pytest.raises(TooManyRuns) as refused:
+        runs.create(owner, request_for(training))
+
+    assert refused.value.retry_after == retry_after
+
+
+def make_finished_run(owner, training, started, finished, index, status=SteeringRun.Status.COMPLETED):
+    run = runs.create(owner, request_for(training, prompt=f"finished {index}"))
+    SteeringRun.objects.filter(pk=run.pk).update(status=status, started_at=started, finished_at=finished)
 
 
 @pytest.mark.parametrize(
