@@ -4,7 +4,8 @@
 so that its weights would be the same on every CPU; on this machine kind they are not (an Intel Xeon with AMX and
 an AMD EPYC write different bytes, see steering_app/demo/README.md). This script runs, in that same process, each
 kind of kernel the demo's training calls on fixed inputs (MKL's sgemm, batched sgemm, sgemv and sdot; ATen's
-softmax, norms, reductions and random fills; embedding_bag; topk), then the demo model's blocks on one packed batch
+softmax, norms, reductions and random fills; embedding_bag; topk), then the demo model's weights (each machine
+dequantizes the GGUF itself) and its blocks on one packed batch
 of the shipped corpus and three steps of the small demo training, and prints a sha256 prefix of each result.
 
     .venv/bin/python bench/reproducible_kernels.py > fingerprints.json
@@ -76,7 +77,10 @@ def model_prints() -> dict:
     documents = token_documents(read_token_ids(demo.DEMO_IDS), lm.tokenizer.eos_token_id)
     sequences = _packed_sequences(lm.tokenizer, documents, 128, lm.tokenizer.eos_token_id)
     ids = torch.tensor([next(sequences) for _ in range(SEQUENCES)])
-    prints, handles = {}, []
+    weights = hashlib.sha256()  # the dequantized GGUF as loaded: each machine makes its own copy
+    for tensor in lm.model.state_dict().values():
+        weights.update(tensor.contiguous().numpy().tobytes())
+    prints, handles = {"model weights": weights.hexdigest()[:16]}, []
     blocks = decoder_blocks(lm.model)
     for layer in range(demo.DEMO_LAYER + 1):
 
