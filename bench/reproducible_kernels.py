@@ -126,7 +126,12 @@ def training_prints(work: Path) -> dict:
 def all_prints(work: Path) -> dict:
     import torch
 
+    mkl = next(
+        (line.strip(" -") for line in torch.__config__.show().splitlines() if "Math Kernel" in line), ""
+    )
     return {
+        "torch": f"{torch.__version__} ({torch.version.git_version[:12]})",
+        "mkl": mkl,
         "threads": torch.get_num_threads(),
         "environment": {name: os.environ.get(name) for name in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")},
         **kernel_prints(),
