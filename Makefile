@@ -109,7 +109,8 @@ DEMO_MODEL_STAMP := $(DATA_DIR)/models/.demo-model-ready
 demo-model: $(DEMO_MODEL_STAMP)
 $(DEMO_MODEL_STAMP): $(STAMP)
 	$(PY) -c 'from pathlib import Path; from steering_app import engine_config; from steering_app.engine import loader; \
-	  engine_config.configure(data_dir=Path("$(DATA_DIR)")); loader.dequantized(Path(loader.resolve_source(loader.SMOLLM2_DEMO)))'
+	  from steering_app.model_files import DEMO_MODEL, resolve_source; \
+	  engine_config.configure(data_dir=Path("$(DATA_DIR)")); loader.dequantized(Path(resolve_source(DEMO_MODEL)))'
 	touch $@
 
 # pytest exits 5 when it collects no test: make then fails, so an empty run never passes.

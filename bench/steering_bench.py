@@ -56,7 +56,6 @@ from steering_app.engine import SteeringSpec, compare, finish
 from steering_app.engine.demo import DEMO_LAYER, DEMO_MODEL_NAME
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import (
-    SMOLLM2_DEMO,
     embedder_source,
     get_embedder,
     load_model,
@@ -65,6 +64,7 @@ from steering_app.engine.loader import (
 from steering_app.engine.saes.sae import save_sae
 from steering_app.engine.serving.generate import Generation, prepare, prepare_turn
 from steering_app.engine.serving.scheduler import Scheduler, scheduler_for, slot_shape, wide_scheduler
+from steering_app.model_files import DEMO_MODEL
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 64
@@ -457,7 +457,7 @@ def main() -> None:
         "--experiment-runs", type=int, default=3, help="timed runs of EX, SEQ, FAIR and FAIRs (at least 3)"
     )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--model", default=SMOLLM2_DEMO, help="model source (default: the demo SmolLM2)")
+    parser.add_argument("--model", default=DEMO_MODEL, help="model source (default: the demo SmolLM2)")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error("--runs must be at least 5")

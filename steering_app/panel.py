@@ -12,6 +12,7 @@ from django.shortcuts import get_object_or_404
 from steering_app import limits, services
 from steering_app.errors import InvalidInput
 from steering_app.forms import SteeringForm
+from steering_app.model_files import has_chat_template
 from steering_app.models import Feature, SteeringRun, Training
 from steering_app.steering_settings import (
     DEFAULT_MAX_TOKENS,
@@ -431,9 +432,6 @@ def max_tokens_hint(training: Training, prompt: str = "", chat: bool = False) ->
 
 
 def panel_context(state: PanelState, form: SteeringForm | None = None) -> dict:
-    # Imported here: the engine brings torch, which a web process that only enqueues runs never needs.
-    from steering_app.engine.loader import has_chat_template
-
     training = state.training
     return {
         **error_context(form),

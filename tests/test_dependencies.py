@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("steering_app", "presets_app", "steerproject")
 # The plain-constant modules the engine may read: they import nothing from Django (checked below).
-ENGINE_MAY_IMPORT = {"steering_app.limits", "steering_app.json_checks"}
+ENGINE_MAY_IMPORT = {"steering_app.limits", "steering_app.json_checks", "steering_app.model_files"}
 # The domain: what entry layers call, and what calls the engine (DESIGN.md, "Conventions").
 DOMAIN = {
     "steering_app.runs",
@@ -198,11 +198,10 @@ def test_it_keeps_runs_and_services_below_the_entry_layers():
     assert not wrong, f"the domain imports an entry layer: {wrong}"
 
 
-@pytest.mark.parametrize("module", ["steering_app.forms", "steering_app.steering_settings"])
-def test_it_imports_forms_and_settings_without_torch(module):
+def imported_heavy_modules(statements: str) -> str:
+    """What of torch and the engine a fresh Django process has imported after running statements."""
     code = (
-        "import sys, django; django.setup(); "
-        f"import {module}; "
+        f"import sys, django; django.setup(); {statements}; "
         "print(sorted(name for name in sys.modules if name in ('torch', 'steering_app.engine')))"
     )
     done = subprocess.run(
@@ -215,4 +214,24 @@ def test_it_imports_forms_and_settings_without_torch(module):
         env={**os.environ, "DJANGO_SETTINGS_MODULE": "steerproject.settings"},
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["steering_app.forms", "steering_app.steering_settings", "steering_app.panel", "steering_app.views"],
+)
+def test_it_imports_forms_and_settings_without_torch(module):
+    assert imported_heavy_modules(f"import {module}") == "[]"
+
+
+def test_the_panel_reads_a_models_chat_template_without_the_engine():
+    """Every panel render asks whether the model has a chat template: from its files, never by importing the
+    engine, which in the embedded deployment waited on the worker's own import of torch while it loaded the model
+    (the first panel after a start took 8 s)."""
+    assert (
+        imported_heavy_modules(
+            "from steering_app import panel; assert panel.has_chat_template('smollm2-demo')"
+        )
+        == "[]"
+    )

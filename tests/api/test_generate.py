@@ -8,6 +8,7 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from steering_app.errors import InvalidInput
+from steering_app.model_files import DEMO_MODEL
 from steering_app.models import Feature, LanguageModel, SteeringRun, Training
 from steering_app.runs import OOM_MESSAGE
 from tests.api.conftest import FAKE_METRICS
@@ -370,7 +371,7 @@ def smollm2_training(db, tmp_path):
     from steering_app.engine import loader
     from steering_app.engine.saes.sae import save_sae
 
-    lm = loader.load_model(loader.SMOLLM2_DEMO)  # cached in the data dir after the first load
+    lm = loader.load_model(DEMO_MODEL)  # cached in the data dir after the first load
     hidden = lm.model.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     checkpoint = save_sae(
@@ -388,7 +389,7 @@ def smollm2_training(db, tmp_path):
     )
     model = LanguageModel.objects.create(
         name="SmolLM2-135M-Instruct",
-        source=loader.SMOLLM2_DEMO,
+        source=DEMO_MODEL,
         architecture="LlamaForCausalLM",
         num_layers=lm.model.config.num_hidden_layers,
         hidden_size=hidden,

@@ -97,7 +97,7 @@ def loading_model(root: Path) -> dict:
     from steering_app.engine.saes.sae import save_sae
     from steering_app.engine.training import hook_name_for
 
-    tokenizer = loader.load_tokenizer(loader.SMOLLM2_DEMO)
+    tokenizer = loader.load_tokenizer(DEMO_MODEL)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -10,6 +10,7 @@ from steering_app.engine import loader
 from steering_app.engine.layers import decoder_blocks
 from steering_app.engine.loader import LoadedModel
 from steering_app.engine.saes.sae import load_sae, save_sae
+from steering_app.model_files import DEMO_MODEL
 
 SAE_LAYER = 10
 CAT_TEXTS = [
@@ -48,7 +49,7 @@ def block_outputs_of_ids(lm: LoadedModel, rows: list[list[int]], layer: int) -> 
 
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
-    return loader.load_model(loader.SMOLLM2_DEMO, device="cpu")
+    return loader.load_model(DEMO_MODEL, device="cpu")
 
 
 @pytest.fixture(scope="session")

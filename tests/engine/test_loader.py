@@ -8,7 +8,6 @@ import torch
 from steering_app import engine_config
 from steering_app.engine import loader
 from steering_app.engine.loader import (
-    SMOLLM2_DEMO,
     data_dir,
     describe_model,
     get_embedder,
@@ -16,14 +15,14 @@ from steering_app.engine.loader import (
     load_sae_cached,
     resolve_device,
     resolve_dtype,
-    resolve_source,
 )
+from steering_app.model_files import DEMO_MODEL, resolve_source
 
 from .conftest import random_sae
 
 
 def test_it_resolves_the_demo_model_to_the_bundled_gguf():
-    path = Path(resolve_source(SMOLLM2_DEMO))
+    path = Path(resolve_source(DEMO_MODEL))
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert resolve_source("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
@@ -91,12 +90,12 @@ def test_it_reports_a_loads_progress_from_0_to_1_and_nothing_for_a_cached_model(
 
 
 def test_it_caches_the_dequantized_gguf_as_safetensors(smollm2):
-    assert load_model(SMOLLM2_DEMO, device="cpu") is smollm2
+    assert load_model(DEMO_MODEL, device="cpu") is smollm2
     assert (smollm2.architecture, smollm2.num_layers, smollm2.hidden_size) == ("LlamaForCausalLM", 30, 576)
     cached = data_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1"
     assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
     assert "quantization_config" not in json.loads((cached / "config.json").read_text())
-    assert describe_model(SMOLLM2_DEMO) == {
+    assert describe_model(DEMO_MODEL) == {
         "architecture": "LlamaForCausalLM",
         "num_layers": 30,
         "hidden_size": 576,

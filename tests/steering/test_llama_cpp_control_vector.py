@@ -31,6 +31,7 @@ from steering_app.engine.layers import block_output
 from steering_app.engine.steer import SteeringSpec
 from steering_app.engine.tokens import encode_text, eos_token_ids
 from steering_app.engine.vectors import control_vector
+from steering_app.model_files import DEMO_MODEL, resolve_source
 
 try:
     import llama_cpp
@@ -53,7 +54,7 @@ TEMPERATURE = 0.8
 
 @pytest.fixture(scope="module")
 def lm():
-    return loader.load_model(loader.SMOLLM2_DEMO, device="cpu")
+    return loader.load_model(DEMO_MODEL, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def llama():
         pytest.skip("llama-cpp-python is not installed (`make llama-cpp`)")
     # The GGUF the engine itself loads the demo model from (its Q4_1 weights, dequantized for PyTorch).
     return llama_cpp.Llama(
-        model_path=loader.resolve_source(loader.SMOLLM2_DEMO),
+        model_path=resolve_source(DEMO_MODEL),
         n_ctx=128,
         n_threads=1,
         n_threads_batch=1,

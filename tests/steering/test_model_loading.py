@@ -4,6 +4,7 @@ import pytest
 
 from steering_app import model_loading, services, streaming
 from steering_app.engine import loader
+from steering_app.model_files import DEMO_MODEL
 from tests.engine.conftest import tiny_lm
 
 pytestmark = pytest.mark.django_db
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.django_db
 def test_a_models_first_batch_reports_its_step_plan_then_ready_and_later_batches_nothing(
     make_run, owner, monkeypatch
 ):
-    lm = tiny_lm("llama", loader.load_tokenizer(loader.SMOLLM2_DEMO))
+    lm = tiny_lm("llama", loader.load_tokenizer(DEMO_MODEL))
     monkeypatch.setattr(loader, "load_model", lambda source, **options: lm)  # weights already loaded
     published = []
     monkeypatch.setattr(streaming, "publish_loading", lambda *report: published.append(report[:4]))

@@ -6,6 +6,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from steering_app import engine_config, services
 from steering_app.engine import loader
+from steering_app.model_files import DEMO_MODEL
 from steering_app.models import LanguageModel
 from steerproject import env
 from tests.engine.conftest import tiny_lm
@@ -24,7 +25,7 @@ def test_it_refuses_an_unknown_step_choice_naming_the_variable(name):
 
 
 def test_the_worker_stores_its_step_plan_on_the_models_row(make_run, owner, monkeypatch):
-    tokenizer = loader.load_tokenizer(loader.SMOLLM2_DEMO)
+    tokenizer = loader.load_tokenizer(DEMO_MODEL)
     monkeypatch.setattr(loader, "load_model", lambda source, **options: tiny_lm("llama", tokenizer))
     monkeypatch.setattr(
         engine_config.current, "step_policy", {"lean": "off", "kernel": "linear", "rows": "auto"}

@@ -8,6 +8,7 @@ from steering_app.engine import loader
 from steering_app.engine.analysis.scale import residual_norm
 from steering_app.errors import InvalidInput
 from steering_app.limits import MAX_PROMPT_CHARS
+from steering_app.model_files import DEMO_MODEL
 from steering_app.models import AnalysisJob, LanguageModel, Training
 
 pytestmark = pytest.mark.django_db
@@ -39,14 +40,14 @@ def test_it_refuses_a_post_without_the_csrf_token(owner, training):
 
 @pytest.mark.slow
 def test_it_measures_the_residual_norm_at_the_trainings_layer_on_the_prompt(client, owner, training):
-    LanguageModel.objects.filter(pk=training.model_id).update(source=loader.SMOLLM2_DEMO)
+    LanguageModel.objects.filter(pk=training.model_id).update(source=DEMO_MODEL)
     client.force_login(owner)
 
     response = scale(client, training, "The weather today is")
 
     assert response.status_code == 200
     body = response.json()
-    lm = loader.load_model(loader.SMOLLM2_DEMO)
+    lm = loader.load_model(DEMO_MODEL)
     assert body == {"residual_norm": residual_norm(lm, "The weather today is", 2), "layer": 2}
     assert body["residual_norm"] > 0
 
