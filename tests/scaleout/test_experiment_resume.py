@@ -49,7 +49,7 @@ EXPERIMENT = {
     "prompts": PROMPTS,
     "seeds": 1,
     # Long enough that a cell claimed after another completed is still generating a poll later.
-    "max_tokens": 40,
+    "max_tokens": 24,
     "temperature": 0.7,
 }
 OUTPUTS = len(PROMPTS) * len(STRENGTHS)  # one condition, one seed
