@@ -113,9 +113,12 @@ $(DEMO_MODEL_STAMP): $(STAMP)
 	  engine_config.configure(data_dir=Path("$(DATA_DIR)")); loader.dequantized(Path(resolve_source(DEMO_MODEL)))'
 	touch $@
 
-# pytest exits 5 when it collects no test: make then fails, so an empty run never passes.
+# pytest exits 5 when it collects no test: make then fails, so an empty run never passes. TEST_WORKERS pytest-xdist
+# processes share the tests (tests/pytest_defaults.py: whole modules to a worker, every test that starts servers to
+# one of them); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: migrate chromium llama-cpp demo-model
-	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/pytest $(PYTEST_ARGS)
+	SECRET_KEY=$${SECRET_KEY:-$$(cat $(SECRET_FILE))} $(VENV)/bin/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The quick loop while editing: no browser, no Redis, no real model (the `slow` marker). CI runs `make test`.
 test-fast: migrate

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from tests.processes import seed
+from tests.pytest_defaults import worker_redis_db
 from tests.scaleout.support import POSTGRES, environment, redis_client
 
 USER, PASSWORD = "alice", "pw-alice-123"
@@ -27,10 +28,13 @@ def redis_db():
         print(f"\nSKIP scale-out test: {reason}")
         pytest.skip(reason)
     databases = int(client.config_get("databases").get("databases", 16))
+    # Never a pytest-xdist worker's own database (tests/pytest_defaults.py): its cache may be empty right now.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    taken = {worker_redis_db(f"gw{index}") for index in range(workers)}
     start = os.getpid() % (databases - 1)
     for offset in range(databases - 1):
         number = 1 + (start + offset) % (databases - 1)
-        if not redis_client(number)[0].dbsize():
+        if number not in taken and not redis_client(number)[0].dbsize():
             return number
     pytest.fail("no empty Redis database to run the scale-out test in")
 
