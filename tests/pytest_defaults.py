@@ -32,13 +32,12 @@ def _isolate_xdist_worker() -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:
         return
-    root = Path(__file__).resolve().parents[1]
-    base = Path(os.environ.get("STEERLAB_DATA_DIR") or root / "var").resolve()
+    from tests.processes import share_model_cache
+
+    base = Path(os.environ.get("STEERLAB_DATA_DIR") or Path(__file__).resolve().parents[1] / "var").resolve()
     own = base / "xdist" / worker
-    own.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (base / "models").mkdir(parents=True, exist_ok=True)
-    if not (own / "models").exists():  # the dequantized models, shared as tests/processes.py shares them
-        (own / "models").symlink_to(base / "models", target_is_directory=True)
+    if not (own / "models").exists():  # the dequantized models, linked as the servers' data dirs link them
+        share_model_cache(own)
     os.environ["STEERLAB_DATA_DIR"] = str(own)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
